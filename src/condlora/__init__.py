@@ -1,0 +1,3 @@
+"""condlora: conditional LoRA for diffusion models."""
+
+__version__ = "0.1.0"
