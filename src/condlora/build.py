@@ -1,0 +1,133 @@
+"""Composition: turn a Config into data, a backbone with LoRA injected, and a denoiser.
+
+This is the one place where the ground-floor packages (lora, nets, diffusion,
+data) meet. The backbone never learns about LoRA: `ConditionedNet` sets the
+LoRA condition around each backbone call, from the arguments the denoiser
+already passes (noise label and class label).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from condlora.config import Config
+from condlora.data import load_digits_images, split_digits
+from condlora.diffusion import Denoiser, Preconditioner, make_precond
+from condlora.errors import ConfigError, DataError
+from condlora.lora import conditioning, inject
+from condlora.nets import SmallUNet
+
+NUM_DIGIT_CLASSES = 10
+COND_MODES = ("scale_shift", "lora_only", "both")
+LORA_METHODS_SEEING_CLASS = ("class", "time+class", "uc")
+
+
+class ConditionedNet(nn.Module):
+    """Calls the backbone inside `conditioning(...)`, deriving t from its noise label."""
+
+    def __init__(self, net: nn.Module, precond: Preconditioner, pass_labels: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.precond = precond
+        self.pass_labels = pass_labels  # does the backbone itself take class labels?
+
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Backbone output with the LoRA condition (t, y) set for this call."""
+        t = self.precond.time_of_label(noise_labels)
+        with conditioning(self.net, t=t, y=class_labels):
+            labels = class_labels if self.pass_labels else None
+            return self.net(x, noise_labels, labels)
+
+
+def num_classes(cfg: Config) -> int:
+    """Number of classes the model is conditioned on (0: unconditional)."""
+    return NUM_DIGIT_CLASSES if cfg.net.class_conditional else 0
+
+
+def _check(cfg: Config) -> None:
+    if cfg.net.arch != "small_unet":
+        raise ConfigError(f"unknown net.arch '{cfg.net.arch}'; valid: small_unet")
+    if cfg.net.cond_mode not in COND_MODES:
+        raise ConfigError(
+            f"unknown net.cond_mode '{cfg.net.cond_mode}'; valid: {', '.join(COND_MODES)}"
+        )
+    if cfg.data.name != "digits":
+        raise ConfigError(f"unknown data.name '{cfg.data.name}'; valid: digits")
+    method = cfg.lora.method
+    if cfg.net.cond_mode != "scale_shift" and method == "none":
+        raise ConfigError(
+            f"net.cond_mode '{cfg.net.cond_mode}' adds LoRA conditioning: set lora.method "
+            "(time, class, uc, time+class)"
+        )
+    lora_only = cfg.net.cond_mode == "lora_only"
+    if lora_only and cfg.net.class_conditional and method not in LORA_METHODS_SEEING_CLASS:
+        raise ConfigError(
+            f"with net.cond_mode lora_only the class reaches the model only through LoRA, "
+            f"but lora.method '{method}' does not see it: use one of "
+            f"{', '.join(LORA_METHODS_SEEING_CLASS)}"
+        )
+
+
+def lora_config(cfg: Config):  # noqa: ANN201 - returns condlora.lora.LoRAConfig
+    """The LoRA config with the fields that follow from the rest of the config filled in."""
+    lcfg = cfg.lora
+    fills = {}
+    if "uc" in lcfg.method.split("+") and lcfg.emb_module is None:
+        fills["emb_module"] = "embed"
+    if "class" in lcfg.method.split("+"):
+        fills["num_classes"] = max(num_classes(cfg), 1)
+    if cfg.diffusion.objective in ("ddpm", "v"):
+        fills["num_time_rows"] = cfg.diffusion.num_timesteps
+    return dataclasses.replace(lcfg, **fills)
+
+
+def build_net(cfg: Config) -> nn.Module:
+    """The backbone alone, exactly as configured (no LoRA)."""
+    _check(cfg)
+    n = cfg.net
+    lora_only = n.cond_mode == "lora_only"
+    uses_embedding = not lora_only or "uc" in cfg.lora.method.split("+")
+    labels_in_net = cfg.net.class_conditional and uses_embedding
+    return SmallUNet(
+        img_resolution=cfg.data.resolution,
+        in_channels=1,
+        out_channels=1,
+        model_channels=n.model_channels,
+        channel_mult=tuple(n.channel_mult),
+        num_blocks=n.num_blocks,
+        attn_resolutions=tuple(n.attn_resolutions),
+        num_heads=n.num_heads,
+        num_classes=num_classes(cfg) if labels_in_net else 0,
+        cond_mode=n.cond_mode,
+        keep_embedding=uses_embedding,
+        dropout=n.dropout,
+    )
+
+
+def build_denoiser(cfg: Config) -> Denoiser:
+    """Backbone + injected LoRA + objective, as one denoiser D(x, sigma, class_labels=...)."""
+    net = build_net(cfg)
+    precond = make_precond(
+        cfg.diffusion.objective,
+        schedule=cfg.diffusion.schedule,
+        num_timesteps=cfg.diffusion.num_timesteps,
+    )
+    if cfg.lora.method != "none":
+        inject(net, lora_config(cfg))
+    pass_labels = getattr(net, "num_classes", 0) > 0
+    return Denoiser(ConditionedNet(net, precond, pass_labels), precond)
+
+
+def build_data(
+    cfg: Config,
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(train images, labels), (held-out images, labels) for the configured data set."""
+    if cfg.data.name != "digits":
+        raise DataError(f"unknown data set '{cfg.data.name}'")
+    images, labels = load_digits_images(cfg.data.resolution)
+    return split_digits(images, labels, holdout=cfg.data.holdout, seed=cfg.data.split_seed)

@@ -1,0 +1,197 @@
+"""Preconditioners: the scalings of EDM Table 1 for each training objective.
+
+Everything is in the VE parametrisation x = x0 + sigma * n. A preconditioner turns
+a noise level sigma into the scalings (c_skip, c_out, c_in) and the noise label
+c_noise that wrap a backbone F into a denoiser D (EDM eq. 7):
+
+    D(x, sigma) = c_skip * x + c_out * F(c_in * x, c_noise)
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+from condlora.diffusion.schedules import alphas_cumprod, cosine_betas, karras_sigmas, linear_betas
+from condlora.errors import ConfigError
+
+
+def _as_tensor(sigma: Tensor | float, device: torch.device | None = None) -> Tensor:
+    """sigma as a float32 tensor (any shape) on device."""
+    return torch.as_tensor(sigma, dtype=torch.float32, device=device)
+
+
+def _randn(shape: tuple, generator: torch.Generator | None, device: torch.device | None) -> Tensor:
+    """Standard normal noise; drawn on the generator's device, then moved to device."""
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+class Preconditioner:
+    """Base class: sigma -> scalings, noise label, normalised time, training and sampling sigmas."""
+
+    sigma_min: float
+    sigma_max: float
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in) for sigma, same shape as sigma."""
+        raise NotImplementedError
+
+    def noise_label(self, sigma: Tensor) -> Tensor:
+        """c_noise fed to the net, same shape as sigma."""
+        raise NotImplementedError
+
+    def time_of_label(self, noise_labels: Tensor) -> Tensor:
+        """Normalised time in [0, 1] (0 = least noise) from the net's noise label."""
+        raise NotImplementedError
+
+    def sample_sigma(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
+    ) -> Tensor:
+        """n training noise levels, shape (n,)."""
+        raise NotImplementedError
+
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        """Decreasing sigmas for a sampler, with a final 0 (length num_steps + 1)."""
+        raise NotImplementedError
+
+
+class EDMPrecond(Preconditioner):
+    """EDM preconditioning (Karras et al. 2022, Table 1, "Ours" column)."""
+
+    def __init__(
+        self,
+        sigma_data: float = 0.5,  # std of the data
+        P_mean: float = -1.2,  # mean of ln(sigma) at training
+        P_std: float = 1.2,  # std of ln(sigma) at training
+        sigma_min: float = 0.002,  # smallest sampling sigma
+        sigma_max: float = 80.0,  # largest sampling sigma
+        rho: float = 7.0,  # sampling-grid exponent (EDM eq. 5)
+    ) -> None:
+        self.sigma_data = sigma_data
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+        self.rho = rho
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """EDM Table 1: c_skip, c_out, c_in."""
+        sd2, s2 = self.sigma_data**2, sigma**2
+        c_skip = sd2 / (s2 + sd2)
+        c_out = sigma * self.sigma_data / (s2 + sd2).sqrt()
+        c_in = 1 / (s2 + sd2).sqrt()
+        return c_skip, c_out, c_in
+
+    def noise_label(self, sigma: Tensor) -> Tensor:
+        """EDM Table 1: c_noise = ln(sigma) / 4."""
+        return _as_tensor(sigma).log() / 4
+
+    def time_of_label(self, noise_labels: Tensor) -> Tensor:
+        """ln(sigma) = 4 c_noise, normalised over [ln sigma_min, ln sigma_max] and clamped."""
+        lo, hi = math.log(self.sigma_min), math.log(self.sigma_max)
+        return ((4 * noise_labels - lo) / (hi - lo)).clamp(0, 1)
+
+    def sample_sigma(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
+    ) -> Tensor:
+        """EDM Table 1: ln(sigma) ~ N(P_mean, P_std^2)."""
+        return (_randn((n,), generator, device) * self.P_std + self.P_mean).exp()
+
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        """EDM eq. 5 with rho = 7, final 0 appended."""
+        return karras_sigmas(num_steps, self.sigma_min, self.sigma_max, self.rho)
+
+
+class DiscretePrecond(Preconditioner):
+    """Shared part of the DDPM-style objectives on T discrete timesteps (abar given)."""
+
+    def __init__(self, alphas_cumprod: Tensor) -> None:
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        # VP -> VE: x_t / sqrt(abar) = x0 + sigma_t * eps with sigma_t = sqrt((1 - abar) / abar)
+        self.sigmas = ((1 - abar) / abar).sqrt()  # increasing in t, float64 on CPU
+        self.num_timesteps = len(self.sigmas)
+        self.sigma_min = float(self.sigmas[0])
+        self.sigma_max = float(self.sigmas[-1])
+        self._log_sigmas: dict[torch.device, Tensor] = {}
+
+    def _log_table(self, device: torch.device) -> Tensor:
+        """log sigma_t on device (float64 where supported), cached per device."""
+        if device not in self._log_sigmas:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self._log_sigmas[device] = self.sigmas.log().to(device=device, dtype=dtype)
+        return self._log_sigmas[device]
+
+    def noise_label(self, sigma: Tensor) -> Tensor:
+        """Fractional timestep in [0, T-1]: log sigma interpolated over the discrete log sigmas."""
+        sigma = torch.as_tensor(sigma)
+        table = self._log_table(sigma.device)
+        log_s = sigma.to(table.dtype).log().clamp(table[0], table[-1])
+        hi = torch.searchsorted(table, log_s).clamp(1, self.num_timesteps - 1)
+        lo = hi - 1
+        w = (log_s - table[lo]) / (table[hi] - table[lo])
+        return (lo + w).float()
+
+    def time_of_label(self, noise_labels: Tensor) -> Tensor:
+        """t / (T - 1)."""
+        return (noise_labels / (self.num_timesteps - 1)).clamp(0, 1)
+
+    def sample_sigma(
+        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
+    ) -> Tensor:
+        """t ~ U{0, ..., T-1} (DDPM Algorithm 1), returned as sigma_t."""
+        gen_device = generator.device if generator is not None else None
+        t = torch.randint(0, self.num_timesteps, (n,), generator=generator, device=gen_device)
+        return self.sigmas[t.cpu()].float().to(device)
+
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        """num_steps evenly spaced discrete sigmas (incl. both ends), decreasing, final 0."""
+        num_steps = max(1, min(num_steps, self.num_timesteps))
+        idx = torch.linspace(self.num_timesteps - 1, 0, num_steps, dtype=torch.float64).round()
+        sigmas = self.sigmas[idx.long()]
+        return torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+
+
+class EpsPrecond(DiscretePrecond):
+    """DDPM epsilon prediction (Ho et al. 2020), written as EDM Table 1 "VP" scalings."""
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x0 = x - sigma * eps, and the net sees the VP input x / sqrt(sigma^2 + 1)."""
+        c_skip = torch.ones_like(sigma)
+        c_out = -sigma
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        return c_skip, c_out, c_in
+
+
+class VPrecond(DiscretePrecond):
+    """v-prediction (Salimans & Ho 2022, sec. 4): v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x0 = sqrt(abar) x_vp - sqrt(1 - abar) v in VE terms."""
+        s2p1 = sigma**2 + 1
+        c_skip = 1 / s2p1
+        c_out = -sigma / s2p1.sqrt()
+        c_in = 1 / s2p1.sqrt()
+        return c_skip, c_out, c_in
+
+
+OBJECTIVES = {"ddpm": EpsPrecond, "edm": EDMPrecond, "v": VPrecond}
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+
+
+def make_precond(
+    objective: str, schedule: str = "linear", num_timesteps: int = 1000, **kwargs: float
+) -> Preconditioner:
+    """Build a preconditioner by name; kwargs go to EDMPrecond or to the beta schedule."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVES)}")
+    try:
+        if objective == "edm":
+            return EDMPrecond(**kwargs)
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+        betas = SCHEDULES[schedule](num_timesteps, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad option for objective {objective!r}: {e}") from e
+    return OBJECTIVES[objective](alphas_cumprod(betas))

@@ -1,0 +1,74 @@
+"""Sampling from a denoiser or a finished run (EMA weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from condlora.build import build_denoiser, num_classes
+from condlora.config import Config
+from condlora.diffusion import Denoiser, sample
+from condlora.errors import CondloraError
+from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+
+
+def labels_for(cfg: Config, num: int, label: int | None = None) -> torch.Tensor | None:
+    """Class labels for `num` samples: all `label`, or 0..K-1 cycled (None if unconditional)."""
+    classes = num_classes(cfg)
+    if classes == 0:
+        if label is not None:
+            raise CondloraError("this model is unconditional: --label does not apply")
+        return None
+    if label is not None:
+        if not 0 <= label < classes:
+            raise CondloraError(f"--label must be in 0..{classes - 1}, got {label}")
+        return torch.full((num,), label, dtype=torch.long)
+    return torch.arange(num) % classes
+
+
+@torch.no_grad()
+def generate(
+    denoiser: Denoiser,
+    cfg: Config,
+    num: int,
+    labels: torch.Tensor | None = None,
+    steps: int | None = None,
+    sampler: str | None = None,
+    seed: int = 0,
+    batch_size: int = 500,
+    progress: bool = False,
+) -> torch.Tensor:
+    """`num` images in [-1, 1] (N, 1, R, R), sampled in batches with a seeded generator."""
+    device = next(denoiser.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    res = cfg.data.resolution
+    out = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        cond = {} if labels is None else {"class_labels": labels[start : start + n].to(device)}
+        x = sample(
+            denoiser,
+            (n, 1, res, res),
+            sampler=sampler or cfg.diffusion.sampler,
+            steps=steps or cfg.diffusion.sample_steps,
+            generator=generator,
+            device=device,
+            progress=progress,
+            **cond,
+        )
+        out.append(x.clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Config, Denoiser, int]:
+    """(config, denoiser with the EMA weights, step) of a training run folder."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CondloraError(f"no {CHECKPOINT_NAME} in {run_dir}: is it a `condlora train` folder?")
+    cfg, step, parts = read_checkpoint(path)
+    denoiser = build_denoiser(cfg)
+    denoiser.load_state_dict(parts["ema"])
+    return cfg, denoiser.to(device).eval(), step

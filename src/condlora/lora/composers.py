@@ -1,0 +1,194 @@
+"""Composers: map a condition (t, y, emb) to the basis weights w(c) of shape (batch, m).
+
+Every composer has the same call, `forward(t=None, y=None, emb=None) -> (batch, m)`, reads
+only the inputs it needs, and exposes `num_weights` (= m).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from condlora.errors import LoRAError
+from condlora.lora.config import LoRAConfig
+
+
+def _missing(method: str, arg: str, extra: str = "") -> LoRAError:
+    return LoRAError(
+        f"{method} needs {arg}: wrap the call in `with conditioning(model, {arg}=...)`{extra}"
+    )
+
+
+def time_input(t: Tensor | float) -> Tensor:
+    """Normalised diffusion time as a float tensor of shape (batch,), clamped to [0, 1]."""
+    t = torch.as_tensor(t)
+    if t.dim() == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.dim() > 1:
+        raise LoRAError(f"t must be a scalar or of shape (batch,), got shape {tuple(t.shape)}")
+    return t.reshape(-1).float().clamp(0.0, 1.0)
+
+
+def class_weights(y: Tensor | int, num_classes: int) -> Tensor:
+    """Class indices (batch,) -> one-hot (batch, num_classes); float weights pass as given."""
+    y = torch.as_tensor(y)
+    if y.is_floating_point():
+        if y.dim() == 1:
+            y = y[None]
+        if y.dim() != 2 or y.shape[1] != num_classes:
+            raise LoRAError(
+                f"float class weights y must have shape (batch, {num_classes}), "
+                f"got {tuple(y.shape)}"
+            )
+        return y
+    if y.dim() > 1:
+        raise LoRAError(f"class indices y must have shape (batch,), got {tuple(y.shape)}")
+    y = y.reshape(-1).long()
+    # scatter instead of F.one_hot: no host sync per layer (the range is checked once,
+    # by `conditioning`, through `check_class_range`).
+    return torch.zeros(len(y), num_classes, device=y.device).scatter_(1, y[:, None], 1.0)
+
+
+def check_class_range(y: Tensor | int, num_classes: int) -> None:
+    """Raise LoRAError if integer class indices fall outside [0, num_classes)."""
+    y = torch.as_tensor(y)
+    if not y.is_floating_point() and y.numel() and (y.min() < 0 or y.max() >= num_classes):
+        raise LoRAError(
+            f"class index out of range [0, {num_classes}): got min {int(y.min())}, "
+            f"max {int(y.max())}"
+        )
+
+
+def hat_table(num_rows: int, num_bases: int) -> Tensor:
+    """(T, m) table, row k = linear interpolation between one-hot rows at m evenly spaced knots.
+
+    Basis j is a hat function that is 1 at knot row c_j and 0 at the neighbouring knots, so
+    every row sums to 1 and neighbouring rows are nearly equal.
+    """
+    if num_bases == 1 or num_rows == 1:
+        return torch.full((num_rows, num_bases), 1.0 / num_bases)
+    if num_rows < num_bases:
+        raise LoRAError(f"TimeLoRA needs num_time_rows >= num_bases, got {num_rows} < {num_bases}")
+    knots = torch.linspace(0, num_rows - 1, num_bases, dtype=torch.float64).round()
+    rows = torch.arange(num_rows, dtype=torch.float64)
+    left = (torch.searchsorted(knots, rows, right=True) - 1).clamp(0, num_bases - 2)
+    frac = (rows - knots[left]) / (knots[left + 1] - knots[left])
+    table = torch.zeros(num_rows, num_bases, dtype=torch.float64)
+    table[torch.arange(num_rows), left] = 1 - frac
+    table[torch.arange(num_rows), left + 1] = frac
+    return table.float()
+
+
+class TimeComposer(nn.Module):
+    """TimeLoRA: w(t) = Omega[t*(T-1)], linearly interpolated between neighbouring rows."""
+
+    def __init__(self, num_rows: int, num_bases: int) -> None:
+        super().__init__()
+        self.num_weights = num_bases
+        self.omega = nn.Parameter(hat_table(num_rows, num_bases))  # (T, m)
+
+    def forward(
+        self, t: Tensor | float | None = None, y: object = None, emb: object = None
+    ) -> Tensor:
+        """Interpolated table rows for normalised times t in [0, 1]."""
+        if t is None:
+            raise _missing("TimeLoRA", "t")
+        rows = self.omega.shape[0]
+        pos = time_input(t).to(self.omega.device) * (rows - 1)
+        # Snap positions within 1e-3 of an integer, so t = k/(T-1) in float32 hits row k exactly.
+        near = pos.round()
+        pos = torch.where((pos - near).abs() < 1e-3, near, pos)
+        i0 = pos.floor().long().clamp(0, max(rows - 2, 0))
+        i1 = (i0 + 1).clamp(max=rows - 1)
+        frac = (pos - i0).clamp(0, 1)[:, None].to(self.omega.dtype)
+        return self.omega[i0] * (1 - frac) + self.omega[i1] * frac
+
+
+class ClassComposer(nn.Module):
+    """ClassLoRA: w = class weights (one-hot), or weights @ C with learned C (compositional)."""
+
+    def __init__(self, num_classes: int, class_bases: int = 0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_weights = class_bases or num_classes
+        self.mix = None
+        if class_bases:
+            # rows of norm ~1: every class starts with a comparable, generic mixture
+            self.mix = nn.Parameter(torch.randn(num_classes, class_bases) / math.sqrt(class_bases))
+
+    def forward(
+        self, t: object = None, y: Tensor | int | None = None, emb: object = None
+    ) -> Tensor:
+        """Basis weights for class indices (batch,) or class weights (batch, num_classes)."""
+        if y is None:
+            raise _missing("ClassLoRA", "y")
+        w = class_weights(y, self.num_classes)
+        if self.mix is None:
+            return w
+        return w.to(self.mix.device, self.mix.dtype) @ self.mix
+
+
+class UCComposer(nn.Module):
+    """UC-LoRA: MLP on the host's condition embedding, (Linear-GroupNorm-SiLU)* then Linear."""
+
+    def __init__(self, emb_dim: int, widths: list[int], groups: int, num_bases: int) -> None:
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.num_weights = num_bases
+        layers: list[nn.Module] = []
+        width_in = emb_dim
+        for width in widths:
+            layers += [nn.Linear(width_in, width), nn.GroupNorm(groups, width), nn.SiLU()]
+            width_in = width
+        layers.append(nn.Linear(width_in, num_bases))
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, t: object = None, y: object = None, emb: Tensor | None = None) -> Tensor:
+        """MLP output (batch, m) for an embedding of shape (batch, emb_dim)."""
+        if emb is None:
+            hint = " or set LoRAConfig.emb_module so the host's embedding is captured"
+            raise _missing("UC-LoRA", "emb", hint)
+        if emb.dim() != 2 or emb.shape[1] != self.emb_dim:
+            raise LoRAError(
+                f"UC-LoRA emb must have shape (batch, {self.emb_dim}), got {tuple(emb.shape)}"
+            )
+        first = self.mlp[0].weight
+        return self.mlp(emb.to(first.device, first.dtype))
+
+
+class ConcatComposer(nn.Module):
+    """Several banks fused into one: w = cat(w_1, w_2, ...), batch 1 broadcast to batch B."""
+
+    def __init__(self, **parts: nn.Module) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict(parts)
+        self.num_weights = sum(p.num_weights for p in parts.values())
+
+    def forward(self, t: object = None, y: object = None, emb: object = None) -> Tensor:
+        """Concatenated basis weights of every part."""
+        ws = [part(t=t, y=y, emb=emb) for part in self.parts.values()]
+        batch = max(w.shape[0] for w in ws)
+        if any(w.shape[0] not in (1, batch) for w in ws):
+            sizes = [w.shape[0] for w in ws]
+            raise LoRAError(f"condition batch sizes {sizes} do not broadcast")
+        return torch.cat([w.to(ws[0].device).expand(batch, -1) for w in ws], dim=1)
+
+
+def build_composer(config: LoRAConfig, emb_dim: int | None = None) -> nn.Module:
+    """A fresh composer for one wrapped layer, as the config's method asks."""
+    if config.method == "time":
+        return TimeComposer(config.num_time_rows, config.num_bases)
+    if config.method == "class":
+        return ClassComposer(config.num_classes, config.class_bases)
+    if config.method == "uc":
+        if emb_dim is None:
+            raise LoRAError("UC-LoRA needs emb_dim (or emb_module to infer it from)")
+        return UCComposer(emb_dim, config.mlp_widths, config.mlp_groups, config.num_bases)
+    if config.method == "time+class":
+        return ConcatComposer(
+            time=TimeComposer(config.num_time_rows, config.num_bases),
+            cls=ClassComposer(config.num_classes, config.class_bases),
+        )
+    raise LoRAError(f"method {config.method!r} has no composer")

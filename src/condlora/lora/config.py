@@ -1,0 +1,71 @@
+"""LoRAConfig: which layers get a conditional LoRA, and how its bases are mixed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from condlora.errors import LoRAError
+
+METHODS = ("none", "time", "class", "uc", "time+class")
+
+
+@dataclass
+class LoRAConfig:
+    """Conditional LoRA settings; stored as JSON in every saved LoRA file."""
+
+    method: str = "none"  # "none" | "time" | "class" | "uc" | "time+class"
+    rank: int = 4  # r, rank of each basis
+    num_bases: int = 8  # m for TimeLoRA and UC-LoRA
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])  # name, suffix or regex
+    scale: float = 1.0  # s, multiplies the whole update
+    bias: bool = False  # per-basis bias E
+    num_time_rows: int = 1000  # rows T of the TimeLoRA table
+    num_classes: int = 10  # ClassLoRA classes
+    class_bases: int = 0  # 0: one LoRA per class; >0: learned (classes x class_bases) mixing
+    mlp_widths: list[int] = field(default_factory=lambda: [128, 64])  # UC-LoRA MLP hidden widths
+    mlp_groups: int = 8  # GroupNorm groups in the UC-LoRA MLP
+    emb_module: str | None = None  # host module whose output is UC-LoRA's input (forward hook)
+    emb_dim: int | None = None  # UC-LoRA input width; None: emb_module's last Linear out_features
+
+    def validate(self) -> None:
+        """Raise LoRAError on a setting that cannot work."""
+        if self.method not in METHODS:
+            raise LoRAError(f"unknown LoRA method {self.method!r}; valid: {', '.join(METHODS)}")
+        for name in ("rank", "num_bases", "num_time_rows", "num_classes", "mlp_groups"):
+            if getattr(self, name) < 1:
+                raise LoRAError(f"LoRAConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.class_bases < 0:
+            raise LoRAError(f"LoRAConfig.class_bases must be >= 0, got {self.class_bases}")
+        if isinstance(self.targets, str) or not self.targets:
+            raise LoRAError(f"LoRAConfig.targets must be a non-empty list, got {self.targets!r}")
+        if self.method == "uc":
+            bad = [w for w in self.mlp_widths if w < 1 or w % self.mlp_groups]
+            if bad:
+                raise LoRAError(
+                    f"UC-LoRA MLP widths {bad} are not positive multiples of "
+                    f"mlp_groups={self.mlp_groups} (GroupNorm needs that)"
+                )
+
+    @property
+    def num_class_weights(self) -> int:
+        """Width m of the ClassLoRA bank: num_classes, or class_bases if compositional."""
+        return self.class_bases or self.num_classes
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string (sorted keys)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LoRAConfig:
+        """Rebuild from `to_json` output; unknown keys are an error."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise LoRAError(f"LoRA config is not valid JSON: {err}") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise LoRAError(f"unknown LoRA config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)

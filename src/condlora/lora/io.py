@@ -1,0 +1,73 @@
+"""LoRA files: safetensors with only the LoRA tensors, the LoRAConfig as JSON metadata."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from condlora.errors import LoRAError
+from condlora.lora.config import LoRAConfig
+from condlora.lora.context import lora_layers
+from condlora.lora.inject import inject, lora_state_dict, remove
+
+CONFIG_KEY = "condlora.lora_config"
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write the model's LoRA tensors and its LoRAConfig to a safetensors file."""
+    layers = lora_layers(model)
+    if not layers:
+        raise LoRAError("model has no LoRA layers to save; call inject(model, config) first")
+    config = next(iter(layers.values())).state.config
+    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
+    save_file(tensors, str(path), metadata={CONFIG_KEY: config.to_json(), "format": "pt"})
+
+
+def read_lora_config(path: str | os.PathLike) -> LoRAConfig:
+    """The LoRAConfig stored in a LoRA file's metadata."""
+    if not Path(path).is_file():
+        raise LoRAError(f"LoRA file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if CONFIG_KEY not in meta:
+        raise LoRAError(f"{path} holds no {CONFIG_KEY!r} metadata; not a condlora LoRA file")
+    return LoRAConfig.from_json(meta[CONFIG_KEY])
+
+
+def _copy_strict(model: nn.Module, tensors: dict[str, Tensor], path: str) -> None:
+    """Copy file tensors into the LoRA parameters; every key and shape must match."""
+    targets = lora_state_dict(model, keep_vars=True)
+    missing = sorted(set(targets) - set(tensors))
+    unexpected = sorted(set(tensors) - set(targets))
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(targets[k].shape)}"
+        for k in sorted(set(targets) & set(tensors))
+        if tensors[k].shape != targets[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise LoRAError(
+            f"LoRA file {path} does not fit the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
+        )
+    with torch.no_grad():
+        for key, value in tensors.items():
+            targets[key].copy_(value)
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Inject from the file's config if needed, then load its tensors strictly; wrapped names."""
+    config = read_lora_config(path)
+    fresh = not lora_layers(model)
+    names = inject(model, config) if fresh else sorted(lora_layers(model))
+    try:
+        _copy_strict(model, load_file(str(path)), str(path))
+    except LoRAError:
+        if fresh:
+            remove(model)  # leave the model as we found it
+        raise
+    return names

@@ -1,0 +1,136 @@
+"""A small CNN digit classifier: judges class accuracy and gives features for the FD.
+
+Trained on the real digits (`condlora.data`), it scores generated digits: are they the
+requested class, and how far is their feature distribution from the real one.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from condlora.errors import DataError
+
+FEATURE_DIM = 128
+FORMAT = "condlora.digits_classifier"
+
+
+class DigitsClassifier(nn.Module):
+    """Conv-Pool, Conv-Conv-Pool, pool to 4x4, Linear -> 128 features, Linear -> 10 logits."""
+
+    def __init__(
+        self,
+        resolution: int = 16,  # input H = W, a multiple of 8
+        width: int = 16,  # channels of the first conv (second stage: 2x)
+        num_classes: int = 10,  # logits
+    ) -> None:
+        super().__init__()
+        if resolution < 8 or resolution % 8:
+            raise DataError(f"classifier resolution must be a multiple of 8, got {resolution}")
+        self.resolution = resolution
+        self.config = {"resolution": resolution, "width": width, "num_classes": num_classes}
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.SiLU(),
+            nn.MaxPool2d(2),  # R/2
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.SiLU(),
+            nn.MaxPool2d(2),  # R/4
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(2 * width * 16, FEATURE_DIM),
+            nn.SiLU(),
+        )
+        self.head = nn.Linear(FEATURE_DIM, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, R, R) images in [-1, 1] -> (B, 128) penultimate features."""
+        if x.ndim != 4 or x.shape[1] != 1 or x.shape[-2:] != (self.resolution,) * 2:
+            raise DataError(
+                f"classifier expects (B, 1, {self.resolution}, {self.resolution}), "
+                f"got {tuple(x.shape)}"
+            )
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, R, R) images in [-1, 1] -> (B, 10) logits."""
+        return self.head(self.features(x))
+
+
+def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    """Shift each image by a random whole number of pixels in [-max_shift, max_shift]^2."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)  # background is -1
+    dy, dx = torch.randint(0, 2 * max_shift + 1, (2, b), generator=generator)
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, :]  # (B, 1, W)
+    batch = torch.arange(b)[:, None, None]
+    return padded[:, 0][batch, rows, cols][:, None]
+
+
+def train_digits_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int = 600,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> DigitsClassifier:
+    """Train a DigitsClassifier (AdamW, linear LR decay, 1-px shifts); returns it in eval mode.
+
+    Seeded: same data, seed and thread count give the same weights. The global RNG is left
+    as it was. The wall time of the loop is kept in `model.train_seconds`.
+    """
+    if images.ndim != 4 or images.shape[1] != 1 or images.shape[-1] != images.shape[-2]:
+        raise DataError(f"expected (N, 1, R, R) images, got {tuple(images.shape)}")
+    if len(images) != len(labels):
+        raise DataError(f"{len(images)} images but {len(labels)} labels")
+    images = images.detach().to("cpu", torch.float32)
+    labels = labels.detach().to("cpu", torch.long)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DigitsClassifier(resolution=images.shape[-1])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        index = torch.randint(0, len(images), (batch_size,), generator=generator)
+        x = random_shift(images[index], generator)
+        loss = F.cross_entropy(model(x), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.train_seconds = time.perf_counter() - start
+    return model.eval()
+
+
+def save_classifier(model: DigitsClassifier, path: str | Path) -> None:
+    """Write weights to a safetensors file; the constructor config goes in its metadata."""
+    metadata = {"format": FORMAT, "config": json.dumps(model.config)}
+    metadata["resolution"] = str(model.resolution)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
+
+
+def load_classifier(path: str | Path) -> DigitsClassifier:
+    """Rebuild a DigitsClassifier from a file written by save_classifier (eval mode, CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"classifier file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise DataError(f"{path} is not a digits classifier file")
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    model = DigitsClassifier(**json.loads(metadata["config"]))
+    model.load_state_dict(state)
+    return model.eval()

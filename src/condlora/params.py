@@ -1,0 +1,23 @@
+"""Parameter counts: total, LoRA, and the conditioning path."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from condlora.lora import count_lora_parameters
+
+# Module-name parts that make up the backbone's conditioning path: the noise / class
+# embedding and the residual blocks' embedding projections (scale-and-shift).
+CONDITIONING_MODULES = ("embed", "emb_proj")
+
+
+def _is_conditioning(name: str) -> bool:
+    return any(part in CONDITIONING_MODULES for part in name.split("."))
+
+
+def parameter_summary(model: nn.Module) -> dict[str, int]:
+    """{"parameters": total, "lora parameters": ..., "conditioning parameters": ...}."""
+    total = sum(p.numel() for p in model.parameters())
+    lora = count_lora_parameters(model)
+    cond = sum(p.numel() for n, p in model.named_parameters() if _is_conditioning(n))
+    return {"parameters": total, "lora parameters": lora, "conditioning parameters": cond}

@@ -1,0 +1,84 @@
+"""Checkpoints in safetensors: model, EMA and optimizer tensors, config and step in metadata.
+
+No pickle: the optimizer's non-tensor state (param groups) is stored as JSON in
+the metadata, its tensors under ``optim.<param index>.<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from condlora.config import Config, config_from_json, to_dict
+from condlora.errors import CondloraError
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+FORMAT = "condlora-checkpoint-1"
+
+
+def _flat_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], str]:
+    tensors = {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            value = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{index}.{name}"] = value
+    return tensors, json.dumps(state["param_groups"])
+
+
+def _unflat_optimizer(tensors: dict[str, torch.Tensor], groups: str) -> dict:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": json.loads(groups)}
+
+
+def save_checkpoint(
+    path: Path,
+    cfg: Config,
+    step: int,
+    model: torch.nn.Module,
+    ema: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """Write the checkpoint atomically (temporary file, then rename: no half-written file)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    optim_tensors, groups = _flat_optimizer(optimizer.state_dict())
+    tensors.update(optim_tensors)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {
+        "format": FORMAT,
+        "config": json.dumps(to_dict(cfg)),
+        "step": str(step),
+        "optim_param_groups": groups,
+    }
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: Path) -> tuple[Config, int, dict[str, dict]]:
+    """(config, step, {"model": sd, "ema": sd, "optim": optimizer state dict})."""
+    if not path.is_file():
+        raise CondloraError(f"no checkpoint at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise CondloraError(f"{path} is not a condlora checkpoint")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    parts: dict[str, dict] = {"model": {}, "ema": {}}
+    optim = {}
+    for key, value in tensors.items():
+        head, rest = key.split(".", 1)
+        if head == "optim":
+            optim[key] = value
+        else:
+            parts[head][rest] = value
+    parts["optim"] = _unflat_optimizer(optim, meta["optim_param_groups"])
+    return config_from_json(meta["config"]), int(meta["step"]), parts

@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny digits config so training tests take seconds."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# Overrides that shrink any digits config to a model that trains in seconds on a CPU.
+TINY = [
+    "net.model_channels=8",
+    "net.channel_mult=[1, 2]",
+    "net.num_blocks=1",
+    "net.attn_resolutions=[8]",
+    "train.batch_size=16",
+    "train.warmup_steps=5",
+    "train.log_every=5",
+    "train.sample_every=0",
+    "train.ckpt_every=0",
+    "diffusion.sample_steps=3",
+]
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY)

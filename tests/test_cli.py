@@ -1,0 +1,89 @@
+"""The `condlora` command: train / resume / sample / info, and one-line errors."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from condlora.build import build_denoiser
+from condlora.cli import main
+from condlora.config import load_config
+from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+
+from .conftest import CONFIGS, REPO
+
+
+def test_train_resume_sample(tmp_path, tiny_overrides, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--config", str(CONFIGS / "digits-uclora.yaml"), "--out", str(run)]
+    assert main(args + ["--max-steps", "30", "--quiet", *tiny_overrides]) == 0
+    assert read_checkpoint(run / CHECKPOINT_NAME)[1] == 30
+    assert (run / "samples" / "step_0000030.png").is_file()
+
+    assert main(args + ["--max-steps", "40", "--resume", "--quiet", *tiny_overrides]) == 0
+    assert read_checkpoint(run / CHECKPOINT_NAME)[1] == 40
+
+    out = tmp_path / "grid.png"
+    assert (
+        main(["sample", "--run", str(run), "--num", "12", "--out", str(out), "--label", "3"]) == 0
+    )
+    width, height = Image.open(out).size
+    # 12 images of 16 px in rows of 10 with 1-px borders, drawn 4x larger: 10 columns, 2 rows.
+    assert (width, height) == (4 * (10 * 17 + 1), 4 * (2 * 17 + 1))
+    assert "wrote 12 samples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["digits-baseline", "digits-uclora", "digits-onlylora"])
+def test_info_prints_the_exact_parameter_count(name, capsys):
+    assert main(["info", "--config", str(CONFIGS / f"{name}.yaml")]) == 0
+    lines = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
+    model = build_denoiser(load_config(CONFIGS / f"{name}.yaml"))
+    assert int(lines["parameters"]) == sum(p.numel() for p in model.parameters())
+    assert (int(lines["lora parameters"]) > 0) == (name != "digits-baseline")
+    if name == "digits-baseline":
+        assert int(lines["conditioning parameters"]) > 0
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "condlora.cli", *args], capture_output=True, text=True, cwd=cwd
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["net.model_chanels=8"], "valid keys"),
+        (["lora.method=magic"], "magic"),
+        (["lora.targets=[nothing_here]"], "nothing_here"),
+    ],
+)
+def test_user_mistakes_get_one_line_and_exit_2(extra, fragment):
+    result = run_cli("info", "--config", "configs/digits-uclora.yaml", *extra)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_missing_config_and_run_folder(tmp_path, capsys):
+    assert main(["info", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert main(["sample", "--run", str(tmp_path), "--num", "4", "--out", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert "config file not found" in err and "checkpoint.safetensors" in err
+
+
+def test_lora_only_without_a_class_path_is_refused(capsys):
+    args = ["info", "--config", str(CONFIGS / "digits-onlylora.yaml"), "lora.method=time"]
+    assert main(args) == 2
+    assert "does not see it" in capsys.readouterr().err
+
+
+def test_sampled_labels_follow_the_request(tmp_path, tiny_overrides):
+    from condlora.generate import labels_for
+
+    cfg = load_config(CONFIGS / "digits-baseline.yaml", tiny_overrides)
+    assert labels_for(cfg, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+    assert torch.equal(labels_for(cfg, 3, label=7), torch.tensor([7, 7, 7]))

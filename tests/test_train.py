@@ -1,0 +1,94 @@
+"""Training loop: checkpoints, exact resume, EMA, data order."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from condlora.config import load_config
+from condlora.errors import CondloraError
+from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from condlora.train.ema import EMA
+from condlora.train.trainer import Trainer, batch_indices, train
+
+from .conftest import CONFIGS
+
+
+def tiny(name, overrides):
+    return load_config(CONFIGS / name, overrides)
+
+
+def test_batches_cover_each_epoch_once_and_are_deterministic():
+    n, batch = 50, 16
+    epoch = torch.cat([batch_indices(k, n, batch, seed=3) for k in range(3)])
+    assert len(set(epoch.tolist())) == 48  # 3 full batches, no repeats within an epoch
+    assert torch.equal(batch_indices(4, n, batch, 3), batch_indices(4, n, batch, 3))
+    assert not torch.equal(batch_indices(3, n, batch, 3), batch_indices(0, n, batch, 3))
+    with pytest.raises(CondloraError, match="larger than the data set"):
+        batch_indices(0, 10, 16, 0)
+
+
+def test_ema_matches_plain_formula():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    before = ema.model.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=100)  # ramp (101/110) > 0.9, so decay is 0.9
+    expected = 0.9 * before + 0.1 * model.weight
+    assert torch.allclose(ema.model.weight, expected, atol=1e-6)
+    assert ema.decay_at(0) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("name", ["digits-uclora.yaml", "digits-classlora.yaml"])
+def test_resume_continues_exactly(tmp_path, tiny_overrides, name):
+    cfg = tiny(name, tiny_overrides)
+    train(cfg, tmp_path / "straight", max_steps=8, progress=False)
+    train(cfg, tmp_path / "split", max_steps=4, progress=False)
+    train(cfg, tmp_path / "split", resume=True, max_steps=8, progress=False)
+    _, step_a, a = read_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
+    _, step_b, b = read_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
+    assert step_a == step_b == 8
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert a["optim"]["param_groups"] == b["optim"]["param_groups"]
+
+
+def test_run_folder_contents(tmp_path, tiny_overrides):
+    cfg = tiny("digits-baseline.yaml", tiny_overrides + ["train.sample_every=5"])
+    trainer = Trainer(cfg, tmp_path)
+    first = trainer.denoiser.state_dict()
+    first = {k: v.clone() for k, v in first.items()}
+    trainer.run(max_steps=10, progress=False)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
+        "step_0000005.png",
+        "step_0000010.png",
+    ]
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10]
+    assert all(r["loss"] > 0 for r in lines)
+    changed = [k for k, v in trainer.denoiser.state_dict().items() if not torch.equal(v, first[k])]
+    assert changed, "training did not change any weight"
+    with safe_open(str(tmp_path / CHECKPOINT_NAME), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["config"])["name"] == "digits-baseline"
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, tiny_overrides):
+    cfg = tiny("digits-baseline.yaml", tiny_overrides)
+    with pytest.raises(CondloraError, match="no checkpoint"):
+        Trainer(cfg, tmp_path / "empty", resume=True)
+    train(cfg, tmp_path / "run", max_steps=2, progress=False)
+    with pytest.raises(CondloraError, match="--resume"):
+        Trainer(cfg, tmp_path / "run")
+
+
+def test_loss_falls_on_digits(tmp_path, tiny_overrides):
+    cfg = tiny("digits-baseline.yaml", tiny_overrides + ["train.lr=3e-3", "train.log_every=20"])
+    train(cfg, tmp_path, max_steps=80, progress=False)
+    losses = [json.loads(s)["loss"] for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.7 * losses[0], losses
