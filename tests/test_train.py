@@ -1,6 +1,7 @@
 """Training loop: checkpoints, exact resume, EMA, data order."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -43,10 +44,13 @@ def test_ema_matches_plain_formula():
 
 @pytest.mark.parametrize("name", ["digits-uclora.yaml", "digits-classlora.yaml"])
 def test_resume_continues_exactly(tmp_path, tiny_overrides, name):
-    cfg = tiny(name, tiny_overrides)
-    train(cfg, tmp_path / "straight", max_steps=8, progress=False)
-    train(cfg, tmp_path / "split", max_steps=4, progress=False)
-    train(cfg, tmp_path / "split", resume=True, max_steps=8, progress=False)
+    cfg = tiny(name, tiny_overrides + ["train.max_steps=8"])
+    train(cfg, tmp_path / "straight", progress=False)
+    interrupted = Trainer(cfg, tmp_path / "split")
+    for _ in range(4):  # a run that stops half-way (crash after a checkpoint)
+        interrupted.train_step()
+    interrupted.save()
+    train(cfg, tmp_path / "split", resume=True, progress=False)
     _, step_a, a = read_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)
     _, step_b, b = read_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
     assert step_a == step_b == 8
@@ -58,11 +62,13 @@ def test_resume_continues_exactly(tmp_path, tiny_overrides, name):
 
 
 def test_run_folder_contents(tmp_path, tiny_overrides):
-    cfg = tiny("digits-baseline.yaml", tiny_overrides + ["train.sample_every=5"])
+    cfg = tiny(
+        "digits-baseline.yaml", tiny_overrides + ["train.sample_every=5", "train.max_steps=10"]
+    )
     trainer = Trainer(cfg, tmp_path)
     first = trainer.denoiser.state_dict()
     first = {k: v.clone() for k, v in first.items()}
-    trainer.run(max_steps=10, progress=False)
+    trainer.run(progress=False)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "step_0000005.png",
         "step_0000010.png",
@@ -92,3 +98,17 @@ def test_loss_falls_on_digits(tmp_path, tiny_overrides):
     train(cfg, tmp_path, max_steps=80, progress=False)
     losses = [json.loads(s)["loss"] for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_learning_rate_schedule(tiny_overrides):
+    cfg = tiny("digits-baseline.yaml", tiny_overrides + ["train.max_steps=105", "train.lr=1.0"])
+    trainer = Trainer.__new__(Trainer)  # lr_at only reads the config
+    trainer.cfg = cfg
+    assert trainer.lr_at(0) == pytest.approx(0.2)  # warm-up over 5 steps
+    assert trainer.lr_at(4) == pytest.approx(1.0)
+    assert trainer.lr_at(55) == pytest.approx(0.5)  # half-way through the cosine
+    assert trainer.lr_at(104) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    trainer.cfg = tiny(
+        "digits-baseline.yaml", tiny_overrides + ["train.lr_schedule=constant", "train.lr=1.0"]
+    )
+    assert trainer.lr_at(1000) == 1.0

@@ -60,11 +60,13 @@ class TrainConfig:
     lr: float = 2e-3  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 200  # linear learning-rate warm-up
-    max_steps: int = 4000  # optimizer steps
+    lr_schedule: str = "cosine"  # after warm-up: "cosine" (decay to 0 at max_steps) | "constant"
+    max_steps: int = 4000  # optimizer steps (also the horizon of the lr schedule)
     grad_clip: float = 1.0  # max gradient norm (0 disables)
     grad_accum: int = 1  # micro-batches per optimizer step
     ema_decay: float = 0.999  # EMA decay (ramped up over the first steps)
     mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
+    channels_last: bool = True  # NHWC memory layout (about 20% faster convs on CPU and GPU)
     seed: int = 0  # seeds init, data order and noise
     log_every: int = 50  # steps between metrics-log lines
     sample_every: int = 1000  # steps between sample grids (0: only at the end)

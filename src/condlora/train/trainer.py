@@ -7,6 +7,7 @@ uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -29,6 +30,7 @@ from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_che
 from condlora.train.ema import EMA
 
 GRID_SAMPLES = 100
+LR_SCHEDULES = ("cosine", "constant")
 
 
 class DenoisingLoss(nn.Module):
@@ -64,6 +66,10 @@ class Trainer:
     def __init__(self, cfg: Config, out_dir: Path, resume: bool = False) -> None:
         self.cfg, self.out = cfg, Path(out_dir)
         t = cfg.train
+        if t.lr_schedule not in LR_SCHEDULES:
+            raise CondloraError(
+                f"unknown train.lr_schedule '{t.lr_schedule}'; valid: {', '.join(LR_SCHEDULES)}"
+            )
         self.acc = Accelerator(mixed_precision=t.mixed_precision)
         world = self.acc.num_processes
         if t.batch_size % world:
@@ -74,6 +80,8 @@ class Trainer:
         (self.train_x, self.train_y), _ = build_data(cfg)
         torch.manual_seed(t.seed)
         denoiser = build_denoiser(cfg)
+        if t.channels_last:
+            denoiser.to(memory_format=torch.channels_last)
         self.ema = EMA(denoiser, t.ema_decay)
         params = [p for p in denoiser.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -108,9 +116,13 @@ class Trainer:
         opt.load_state_dict(parts["optim"])
 
     def lr_at(self, step: int) -> float:
-        """Linear warm-up to the peak learning rate, then constant."""
+        """Linear warm-up to the peak learning rate, then constant or cosine decay to 0."""
         t = self.cfg.train
-        return t.lr * min(1.0, (step + 1) / max(1, t.warmup_steps))
+        warm = min(1.0, (step + 1) / max(1, t.warmup_steps))
+        if t.lr_schedule == "constant" or step < t.warmup_steps:
+            return t.lr * warm
+        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        return t.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum micro-batches; returns (loss, grad norm)."""
@@ -124,6 +136,8 @@ class Trainer:
             idx = batch_indices(k, len(self.train_x), t.batch_size, t.seed)
             idx = idx[acc.process_index :: acc.num_processes]
             x0, y = self.train_x[idx].to(acc.device), self.train_y[idx].to(acc.device)
+            if t.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
             labels = y if self.cfg.net.class_conditional else None
             sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(self.loss_fn)
             with sync:
@@ -155,10 +169,10 @@ class Trainer:
         images = generate(self.ema.model, self.cfg, GRID_SAMPLES, labels, seed=self.cfg.train.seed)
         return save_grid(images, self.out / "samples" / f"step_{self.step:07d}.png")
 
-    def run(self, max_steps: int | None = None, progress: bool = True) -> dict:
-        """Train until `max_steps` (default: the config's); returns the last logged metrics."""
+    def run(self, progress: bool = True) -> dict:
+        """Train until train.max_steps; returns the last logged metrics."""
         t = self.cfg.train
-        end = max_steps if max_steps is not None else t.max_steps
+        end = t.max_steps
         bar = tqdm(
             total=end, initial=self.step, disable=not (progress and self.acc.is_main_process)
         )
@@ -208,5 +222,7 @@ def train(
     max_steps: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train a config into `out_dir` (or continue it with resume=True)."""
-    return Trainer(cfg, Path(out_dir), resume=resume).run(max_steps, progress=progress)
+    """Train a config into `out_dir` (or continue it); max_steps replaces train.max_steps."""
+    if max_steps is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
+    return Trainer(cfg, Path(out_dir), resume=resume).run(progress=progress)
