@@ -209,15 +209,6 @@ def small_unet() -> nn.Module:
     ).eval()
 
 
-@pytest.fixture
-def one_thread():
-    # tiny convs gain nothing from threads, and on a busy machine OpenMP waits dominate
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_diffusers_unet(method, one_thread):
     unet = small_unet()

@@ -112,10 +112,13 @@ def build_net(cfg: Config) -> nn.Module:
 def build_denoiser(cfg: Config) -> Denoiser:
     """Backbone + injected LoRA + objective, as one denoiser D(x, sigma, class_labels=...)."""
     net = build_net(cfg)
+    d = cfg.diffusion
+    edm = {"sigma_data": d.sigma_data, "P_mean": d.p_mean, "P_std": d.p_std}
     precond = make_precond(
-        cfg.diffusion.objective,
-        schedule=cfg.diffusion.schedule,
-        num_timesteps=cfg.diffusion.num_timesteps,
+        d.objective,
+        schedule=d.schedule,
+        num_timesteps=d.num_timesteps,
+        **(edm if d.objective == "edm" else {}),
     )
     if cfg.lora.method != "none":
         inject(net, lora_config(cfg))

@@ -75,11 +75,13 @@ def run_quickstart(out: Path, steps: int | None = None) -> Path:
 
     cfg = load_config(find_config(MODELS["baseline"]))
     (train_x, train_y), (hold_x, _) = build_data(cfg)
+    print("[quickstart] training the digits classifier that judges the samples")
     classifier = _classifier(out, train_x, train_y)
     floor = digits_metrics(classifier, train_x[:EVAL_SAMPLES], None, hold_x)["frechet_distance"]
 
     for row in rows:
         cfg, denoiser, _ = load_run(out / row["name"])
+        print(f"[quickstart] sampling {EVAL_SAMPLES} digits from {row['name']}")
         labels = labels_for(cfg, EVAL_SAMPLES)
         start = time.time()
         samples = generate(denoiser, cfg, EVAL_SAMPLES, labels, seed=1)
