@@ -73,8 +73,10 @@ def main() -> None:
     rows = {n: measure(n, args.batch, args.repeats, args.device) for n in NAMES}
     base = rows["baseline"]
     print(f"device {args.device}, batch {args.batch}, torch {torch.__version__}")
-    print("| config | parameters | x baseline | train step (ms) | x baseline "
-          "| denoiser call (ms) | x baseline |")
+    print(
+        "| config | parameters | x baseline | train step (ms) | x baseline "
+        "| denoiser call (ms) | x baseline |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
         print(

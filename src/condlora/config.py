@@ -35,9 +35,9 @@ class DataConfig:
 @dataclass
 class NetConfig:
     arch: str = "small_unet"  # backbone: "small_unet"
-    model_channels: int = 16  # base width (16: ~0.44M parameters at digits defaults)
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])  # width per level
-    num_blocks: int = 2  # residual blocks per level
+    model_channels: int = 16  # base width
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])  # width per level
+    num_blocks: int = 1  # residual blocks per level (decoder: one more)
     attn_resolutions: list[int] = field(default_factory=lambda: [8])  # where attention sits
     num_heads: int = 1  # attention heads
     class_conditional: bool = True  # condition on the class label
@@ -64,7 +64,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 200  # linear learning-rate warm-up
     lr_schedule: str = "cosine"  # after warm-up: "cosine" (decay to 0 at max_steps) | "constant"
-    max_steps: int = 4000  # optimizer steps (also the horizon of the lr schedule)
+    max_steps: int = 1100  # optimizer steps (also the horizon of the lr schedule)
     grad_clip: float = 1.0  # max gradient norm (0 disables)
     grad_accum: int = 1  # micro-batches per optimizer step
     ema_decay: float = 0.999  # EMA decay (ramped up over the first steps)
@@ -72,8 +72,8 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory layout (about 20% faster convs on CPU and GPU)
     seed: int = 0  # seeds init, data order and noise
     log_every: int = 50  # steps between metrics-log lines
-    sample_every: int = 1000  # steps between sample grids (0: only at the end)
-    ckpt_every: int = 1000  # steps between checkpoints (always one at the end)
+    sample_every: int = 500  # steps between sample grids (0: only at the end)
+    ckpt_every: int = 500  # steps between checkpoints (always one at the end)
 
 
 @dataclass
