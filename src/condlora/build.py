@@ -93,6 +93,14 @@ def build_net(cfg: Config) -> nn.Module:
     lora_only = n.cond_mode == "lora_only"
     uses_embedding = not lora_only or "uc" in cfg.lora.method.split("+")
     labels_in_net = cfg.net.class_conditional and uses_embedding
+    try:
+        return _small_unet(cfg, uses_embedding, labels_in_net)
+    except ValueError as err:  # the net's own checks (sizes that do not divide, ...)
+        raise ConfigError(f"net: {err}") from None
+
+
+def _small_unet(cfg: Config, uses_embedding: bool, labels_in_net: bool) -> nn.Module:
+    n = cfg.net
     return SmallUNet(
         img_resolution=cfg.data.resolution,
         in_channels=1,
@@ -106,6 +114,7 @@ def build_net(cfg: Config) -> nn.Module:
         cond_mode=n.cond_mode,
         keep_embedding=uses_embedding,
         dropout=n.dropout,
+        noise_channels=n.noise_channels,
     )
 
 

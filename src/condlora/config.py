@@ -40,6 +40,7 @@ class NetConfig:
     num_blocks: int = 1  # residual blocks per level (decoder: one more)
     attn_resolutions: list[int] = field(default_factory=lambda: [8])  # where attention sits
     num_heads: int = 1  # attention heads
+    noise_channels: int | None = None  # sinusoidal noise-embedding width (None: embedding width)
     class_conditional: bool = True  # condition on the class label
     cond_mode: str = "scale_shift"  # residual blocks: "scale_shift" | "lora_only" | "both"
     dropout: float = 0.0  # dropout in residual blocks

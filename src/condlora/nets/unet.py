@@ -64,14 +64,14 @@ class Embedding(nn.Module):
 
     def __init__(
         self,
-        model_channels: int,  # width of the sinusoidal noise embedding
+        noise_channels: int,  # width of the sinusoidal noise embedding
         emb_dim: int,  # output width
         num_classes: int = 0,  # 0: no class input
     ) -> None:
         super().__init__()
-        self.model_channels = model_channels
+        self.noise_channels = noise_channels
         self.num_classes = num_classes
-        self.noise_fc = nn.Linear(model_channels, emb_dim)
+        self.noise_fc = nn.Linear(noise_channels, emb_dim)
         # Bias-free Linear on a one-hot, so float class weights (mixtures, a zero row for the
         # null class of classifier-free guidance) work the same way as integer labels.
         self.class_fc = nn.Linear(num_classes, emb_dim, bias=False) if num_classes else None
@@ -81,7 +81,7 @@ class Embedding(nn.Module):
         self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B,) noise labels and optional (B,) long / (B, num_classes) float classes -> (B, E)."""
-        emb = self.noise_fc(sinusoidal_embedding(noise_labels, self.model_channels))
+        emb = self.noise_fc(sinusoidal_embedding(noise_labels, self.noise_channels))
         if self.class_fc is not None and class_labels is not None:
             if class_labels.dtype in (torch.int32, torch.int64):
                 class_labels = F.one_hot(class_labels.long(), self.num_classes)
@@ -197,6 +197,7 @@ class SmallUNet(nn.Module):
         keep_embedding: bool = True,  # lora_only: still run `embed` (UC-LoRA hooks it)
         dropout: float = 0.0,  # residual-block dropout
         emb_mult: int = 4,  # embedding width = model_channels * emb_mult
+        noise_channels: int | None = None,  # sinusoid width (None: the embedding width)
     ) -> None:
         super().__init__()
         if cond_mode not in COND_MODES:
@@ -212,7 +213,10 @@ class SmallUNet(nn.Module):
 
         use_embed = cond_mode != "lora_only" or keep_embedding
         block_emb = self.emb_dim if cond_mode != "lora_only" else 0  # 0: no projection
-        self.embed = Embedding(model_channels, self.emb_dim, num_classes) if use_embed else None
+        # A wide sinusoid resolves EDM's small labels (ln(sigma)/4 in about [-1.6, 1.1]):
+        # only frequencies near 1 vary over that range, so width buys resolution.
+        noise_channels = noise_channels or self.emb_dim
+        self.embed = Embedding(noise_channels, self.emb_dim, num_classes) if use_embed else None
 
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim=block_emb, dropout=dropout)
