@@ -55,6 +55,7 @@ class DiffusionConfig:
     p_mean: float = -1.2  # edm: mean of log sigma during training
     p_std: float = 1.2  # edm: std of log sigma during training
     sampler: str = "heun"  # "heun" | "ddim" | "ddpm"
+    guidance: float = 1.0  # classifier-free guidance scale at sampling (1: none)
     sample_steps: int = 18  # sampling steps
 
 
@@ -68,6 +69,7 @@ class TrainConfig:
     max_steps: int = 1100  # optimizer steps (also the horizon of the lr schedule)
     grad_clip: float = 1.0  # max gradient norm (0 disables)
     grad_accum: int = 1  # micro-batches per optimizer step
+    label_dropout: float = 0.0  # fraction of labels replaced by the null class (for guidance)
     ema_decay: float = 0.999  # EMA decay (ramped up over the first steps)
     mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
     channels_last: bool = True  # NHWC memory layout (about 20% faster convs on CPU and GPU)

@@ -8,7 +8,7 @@ import torch
 
 from condlora.build import build_denoiser, num_classes
 from condlora.config import Config
-from condlora.diffusion import Denoiser, sample
+from condlora.diffusion import Denoiser, GuidedDenoiser, sample
 from condlora.errors import CondloraError
 from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 
@@ -41,6 +41,8 @@ def generate(
 ) -> torch.Tensor:
     """`num` images in [-1, 1] (N, 1, R, R), sampled in batches with a seeded generator."""
     device = next(denoiser.parameters()).device
+    if labels is not None and cfg.diffusion.guidance != 1.0:
+        denoiser = GuidedDenoiser(denoiser, cfg.diffusion.guidance, num_classes(cfg))
     generator = torch.Generator(device=device).manual_seed(seed)
     res = cfg.data.resolution
     out = []

@@ -1,5 +1,6 @@
 """condlora.diffusion: schedules, preconditioners (objectives) and samplers, all in VE form."""
 
+from condlora.diffusion.guidance import GuidedDenoiser, one_hot_labels
 from condlora.diffusion.objectives import Denoiser
 from condlora.diffusion.precond import (
     DiscretePrecond,
@@ -18,6 +19,7 @@ __all__ = [
     "DiscretePrecond",
     "EDMPrecond",
     "EpsPrecond",
+    "GuidedDenoiser",
     "Preconditioner",
     "VPrecond",
     "alphas_cumprod",
@@ -25,6 +27,7 @@ __all__ = [
     "karras_sigmas",
     "linear_betas",
     "make_precond",
+    "one_hot_labels",
     "sample",
     "sample_ddim",
     "sample_ddpm",

@@ -20,9 +20,9 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from condlora.build import build_data, build_denoiser
+from condlora.build import build_data, build_denoiser, num_classes
 from condlora.config import Config, to_dict
-from condlora.diffusion import Denoiser
+from condlora.diffusion import Denoiser, one_hot_labels
 from condlora.errors import CondloraError
 from condlora.generate import generate, labels_for
 from condlora.images import save_grid
@@ -138,7 +138,7 @@ class Trainer:
             x0, y = self.train_x[idx].to(acc.device), self.train_y[idx].to(acc.device)
             if t.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            labels = y if self.cfg.net.class_conditional else None
+            labels = self._labels(y)
             sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(self.loss_fn)
             with sync:
                 loss = self.loss_fn(x0, labels) / t.grad_accum
@@ -150,6 +150,16 @@ class Trainer:
         self.step += 1
         self.ema.update(self.denoiser, self.step)
         return total, float(norm)
+
+    def _labels(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Training labels: None if unconditional; some rows nulled for classifier-free guidance."""
+        if not self.cfg.net.class_conditional:
+            return None
+        p = self.cfg.train.label_dropout
+        if p <= 0:
+            return y
+        keep = torch.rand(len(y), device=y.device) >= p  # the step-seeded generator
+        return one_hot_labels(y, num_classes(self.cfg)) * keep[:, None]
 
     def save(self) -> None:
         """Checkpoint (main process only; others wait)."""
