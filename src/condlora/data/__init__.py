@@ -1,5 +1,15 @@
-"""condlora.data: the embedded digits data set (and, later, real-scale loaders)."""
+"""condlora.data: the embedded digits, CIFAR-10 (python format) and image folders."""
 
+from condlora.data.cifar import CIFAR10_CLASSES, load_cifar10
 from condlora.data.digits import NUM_CLASSES, NUM_DIGITS, load_digits_images, split_digits
+from condlora.data.folder import load_image_folder
 
-__all__ = ["NUM_CLASSES", "NUM_DIGITS", "load_digits_images", "split_digits"]
+__all__ = [
+    "CIFAR10_CLASSES",
+    "NUM_CLASSES",
+    "NUM_DIGITS",
+    "load_cifar10",
+    "load_digits_images",
+    "load_image_folder",
+    "split_digits",
+]

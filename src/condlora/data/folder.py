@@ -1,0 +1,92 @@
+"""A folder of images, flat (unlabelled) or with one subfolder per class."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from condlora.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files directly inside `folder` (not hidden), sorted by name."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def _load_image(file: Path, resolution: int, mode: str) -> np.ndarray:
+    """One image: convert, center-crop to a square, bicubic-resize -> uint8 (R, R[, C])."""
+    try:
+        with Image.open(file) as img:
+            img = img.convert(mode)
+            w, h = img.size
+            side = min(w, h)
+            left, top = (w - side) // 2, (h - side) // 2
+            img = img.crop((left, top, left + side, top + side))
+            img = img.resize((resolution, resolution), Image.Resampling.BICUBIC)
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {file}: {exc}") from None
+
+
+def load_image_folder(
+    path: str | Path, resolution: int, channels: int = 3
+) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """Images as (N, C, R, R) float32 in [-1, 1], labels (N,) long or None, class names.
+
+    A flat folder gives labels None and no class names; a folder of class subfolders gives
+    each image the index of its subfolder among the sorted names. Images (png, jpg, jpeg,
+    bmp, webp) are converted to RGB or L, center-cropped to a square, bicubic-resized.
+    """
+    try:
+        ok = not isinstance(resolution, bool) and int(resolution) == resolution >= 1
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DataError(f"image folder resolution must be a positive integer, got {resolution!r}")
+    resolution = int(resolution)
+    if channels not in (1, 3):
+        raise DataError(f"image folder channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    mode = "L" if channels == 1 else "RGB"
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(
+            f"image folder not found at {path}: give a folder of images "
+            "(flat, or one subfolder per class)"
+        )
+
+    top = _images_in(path)
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_files = {d.name: _images_in(d) for d in subdirs}
+    class_files = {name: files for name, files in class_files.items() if files}
+    if top and class_files:
+        raise DataError(
+            f"{path} mixes images at the top level with class subfolders "
+            f"({', '.join(sorted(class_files))}): put every image in a class subfolder, "
+            "or use a flat folder"
+        )
+    if not top and not class_files:
+        raise DataError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path} or its subfolders: put the "
+            "images there (flat, or one subfolder per class)"
+        )
+
+    if top:
+        files, labels, classes = top, None, []
+    else:
+        classes = sorted(class_files)
+        files = [f for name in classes for f in class_files[name]]
+        index = [i for i, name in enumerate(classes) for _ in class_files[name]]
+        labels = torch.tensor(index, dtype=torch.long)
+
+    pixels = np.stack([_load_image(f, resolution, mode) for f in files])
+    if pixels.ndim == 3:  # grayscale: (N, R, R) -> (N, R, R, 1)
+        pixels = pixels[..., None]
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+    return images.contiguous(), labels, classes
