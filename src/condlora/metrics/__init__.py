@@ -19,3 +19,14 @@ __all__ = [
     "save_classifier",
     "train_digits_classifier",
 ]
+
+from condlora.metrics.fid import FeatureAdapter, frechet_distance_of, frechet_metric  # noqa: E402
+from condlora.metrics.inception import FIDInception, load_fid_inception  # noqa: E402
+
+__all__ += [
+    "FIDInception",
+    "FeatureAdapter",
+    "frechet_distance_of",
+    "frechet_metric",
+    "load_fid_inception",
+]
