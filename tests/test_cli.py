@@ -29,6 +29,12 @@ def test_train_resume_sample(tmp_path, tiny_overrides, capsys):
     assert (
         main(["sample", "--run", str(run), "--num", "12", "--out", str(out), "--label", "3"]) == 0
     )
+    guided = tmp_path / "guided.png"
+    assert (
+        main(["sample", "--run", str(run), "--num", "4", "--out", str(guided), "--guidance", "2"])
+        == 0
+    )
+    assert guided.is_file()
     width, height = Image.open(out).size
     # 12 images of 16 px in rows of 10 with 1-px borders, drawn 4x larger: 10 columns, 2 rows.
     assert (width, height) == (4 * (10 * 17 + 1), 4 * (2 * 17 + 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,6 +29,9 @@ def _sample(args: argparse.Namespace) -> None:
     if args.num < 1:
         raise CondloraError(f"--num must be at least 1, got {args.num}")
     cfg, denoiser, step = load_run(args.run)
+    if args.guidance is not None:
+        diffusion = dataclasses.replace(cfg.diffusion, guidance=args.guidance)
+        cfg = dataclasses.replace(cfg, diffusion=diffusion)
     labels = labels_for(cfg, args.num, args.label)
     images = generate(
         denoiser,
@@ -84,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="sampling steps (default: the config's)")
     p.add_argument("--sampler", choices=["heun", "ddim", "ddpm"], help="default: the config's")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (needs train.label_dropout)"
+    )
     p.add_argument("--nrow", type=int, default=10, help="images per grid row")
     p.set_defaults(func=_sample)
 
