@@ -93,3 +93,18 @@ def test_sampled_labels_follow_the_request(tmp_path, tiny_overrides):
     cfg = load_config(CONFIGS / "digits-baseline.yaml", tiny_overrides)
     assert labels_for(cfg, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     assert torch.equal(labels_for(cfg, 3, label=7), torch.tensor([7, 7, 7]))
+
+
+def test_overrides_may_follow_options(capsys):
+    args = ["info", "--config", str(CONFIGS / "digits-baseline.yaml")]
+    assert main([*args, "net.model_channels=8"]) == 0
+    first = capsys.readouterr().out
+    assert (
+        main(["info", "net.model_channels=8", "--config", str(CONFIGS / "digits-baseline.yaml")])
+        == 0
+    )
+    assert capsys.readouterr().out == first
+    with pytest.raises(SystemExit):
+        main([*args, "--bogus"])
+    with pytest.raises(SystemExit):
+        main(["sample", "--run", "x", "--num", "1", "--out", "y.png", "train.lr=1"])

@@ -14,13 +14,19 @@ import torch
 from torch import nn
 
 from condlora.config import Config
-from condlora.data import load_digits_images, split_digits
+from condlora.data import (
+    folder_layout,
+    load_cifar10,
+    load_digits_images,
+    load_image_folder,
+    split_digits,
+)
 from condlora.diffusion import Denoiser, Preconditioner, make_precond
 from condlora.errors import ConfigError, DataError
 from condlora.lora import conditioning, inject
 from condlora.nets import SmallUNet
 
-NUM_DIGIT_CLASSES = 10
+DATA_SETS = {"digits": (1, 10), "cifar10": (3, 10), "folder": (3, None)}  # channels, classes
 COND_MODES = ("scale_shift", "lora_only", "both")
 LORA_METHODS_SEEING_CLASS = ("class", "time+class", "uc")
 
@@ -44,9 +50,43 @@ class ConditionedNet(nn.Module):
             return self.net(x, noise_labels, labels)
 
 
+def resolve_data(cfg: Config) -> Config:
+    """The config with data.channels and data.num_classes filled in from the data set.
+
+    A folder's classes are its subfolders; the trainer stores the resolved config, so a
+    finished run rebuilds without the data.
+    """
+    d = cfg.data
+    if d.name not in DATA_SETS:
+        raise ConfigError(f"unknown data.name '{d.name}'; valid: {', '.join(DATA_SETS)}")
+    if d.name != "digits" and not d.path:
+        raise ConfigError(f"data.name {d.name} needs data.path (where the data lies)")
+    if d.name == "cifar10" and d.resolution != 32:
+        raise ConfigError("cifar10 images are 32x32: set data.resolution: 32")
+    channels, classes = DATA_SETS[d.name]
+    if d.num_classes < 0 and classes is None:
+        classes = len(folder_layout(d.path)[2])
+    fills = {"channels": d.channels or channels}
+    if d.num_classes < 0:
+        fills["num_classes"] = classes
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, **fills))
+
+
 def num_classes(cfg: Config) -> int:
     """Number of classes the model is conditioned on (0: unconditional)."""
-    return NUM_DIGIT_CLASSES if cfg.net.class_conditional else 0
+    if not cfg.net.class_conditional:
+        return 0
+    classes = resolve_data(cfg).data.num_classes
+    if classes == 0:
+        raise ConfigError(
+            f"{cfg.data.path} has no class subfolders: set net.class_conditional: false"
+        )
+    return classes
+
+
+def image_channels(cfg: Config) -> int:
+    """Channels of the configured images."""
+    return resolve_data(cfg).data.channels
 
 
 def _check(cfg: Config) -> None:
@@ -56,8 +96,6 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"unknown net.cond_mode '{cfg.net.cond_mode}'; valid: {', '.join(COND_MODES)}"
         )
-    if cfg.data.name != "digits":
-        raise ConfigError(f"unknown data.name '{cfg.data.name}'; valid: digits")
     method = cfg.lora.method
     if cfg.net.cond_mode != "scale_shift" and method == "none":
         raise ConfigError(
@@ -103,8 +141,8 @@ def _small_unet(cfg: Config, uses_embedding: bool, labels_in_net: bool) -> nn.Mo
     n = cfg.net
     return SmallUNet(
         img_resolution=cfg.data.resolution,
-        in_channels=1,
-        out_channels=1,
+        in_channels=image_channels(cfg),
+        out_channels=image_channels(cfg),
         model_channels=n.model_channels,
         channel_mult=tuple(n.channel_mult),
         num_blocks=n.num_blocks,
@@ -139,7 +177,14 @@ def build_data(
     cfg: Config,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train images, labels), (held-out images, labels) for the configured data set."""
-    if cfg.data.name != "digits":
-        raise DataError(f"unknown data set '{cfg.data.name}'")
-    images, labels = load_digits_images(cfg.data.resolution)
-    return split_digits(images, labels, holdout=cfg.data.holdout, seed=cfg.data.split_seed)
+    d = resolve_data(cfg).data
+    if d.name == "cifar10":
+        return load_cifar10(d.path, "train"), load_cifar10(d.path, "test")
+    if d.name == "digits":
+        images, labels = load_digits_images(d.resolution)
+    else:
+        images, labels, _ = load_image_folder(d.path, d.resolution, d.channels)
+        labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels
+    if not 0 <= d.holdout < len(images):
+        raise DataError(f"data.holdout {d.holdout} must be below the {len(images)} images")
+    return split_digits(images, labels, holdout=d.holdout, seed=d.split_seed)

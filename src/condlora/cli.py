@@ -110,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run one subcommand; a user mistake prints one line and exits 2."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may stand anywhere, also after options: collect the leftovers
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         args.func(args)
     except CondloraError as err:

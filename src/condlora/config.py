@@ -25,11 +25,13 @@ from condlora.lora import LoRAConfig
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # data set: "digits" (embedded, scikit-learn's handwritten digits)
-    resolution: int = 16  # image side after upsampling (multiple of 8)
-    holdout: int = 297  # images kept out of training, used for evaluation
+    name: str = "digits"  # "digits" (embedded) | "cifar10" (python format) | "folder" (images)
+    path: str | None = None  # cifar10: cifar-10-batches-py or the .tar.gz; folder: the folder
+    resolution: int = 16  # image side (digits: upsampled from 8; cifar10: 32; folder: resized)
+    channels: int = 0  # image channels (0: the data set's own: digits 1, cifar10 3, folder 3)
+    num_classes: int = -1  # classes (-1: the data set's own: 10, or a folder's class subfolders)
+    holdout: int = 297  # digits / folder: images kept out of training (cifar10: its test split)
     split_seed: int = 0  # seed of the train / held-out split
-    path: str | None = None  # local data path (data sets that are not embedded)
 
 
 @dataclass

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from condlora.build import build_denoiser, num_classes
+from condlora.build import build_denoiser, image_channels, num_classes
 from condlora.config import Config
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
 from condlora.errors import CondloraError
@@ -51,7 +51,7 @@ def generate(
         cond = {} if labels is None else {"class_labels": labels[start : start + n].to(device)}
         x = sample(
             denoiser,
-            (n, 1, res, res),
+            (n, image_channels(cfg), res, res),
             sampler=sampler or cfg.diffusion.sampler,
             steps=steps or cfg.diffusion.sample_steps,
             generator=generator,

@@ -2,12 +2,13 @@
 
 from condlora.data.cifar import CIFAR10_CLASSES, load_cifar10
 from condlora.data.digits import NUM_CLASSES, NUM_DIGITS, load_digits_images, split_digits
-from condlora.data.folder import load_image_folder
+from condlora.data.folder import folder_layout, load_image_folder
 
 __all__ = [
     "CIFAR10_CLASSES",
     "NUM_CLASSES",
     "NUM_DIGITS",
+    "folder_layout",
     "load_cifar10",
     "load_digits_images",
     "load_image_folder",

@@ -35,6 +35,37 @@ def _load_image(file: Path, resolution: int, mode: str) -> np.ndarray:
         raise DataError(f"cannot read image {file}: {exc}") from None
 
 
+def folder_layout(path: str | Path) -> tuple[list[Path], torch.Tensor | None, list[str]]:
+    """(image files, labels or None, class names) of a flat or class-subfolder image folder."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DataError(
+            f"image folder not found at {path}: give a folder of images "
+            "(flat, or one subfolder per class)"
+        )
+    top = _images_in(path)
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_files = {d.name: _images_in(d) for d in subdirs}
+    class_files = {name: files for name, files in class_files.items() if files}
+    if top and class_files:
+        raise DataError(
+            f"{path} mixes images at the top level with class subfolders "
+            f"({', '.join(sorted(class_files))}): put every image in a class subfolder, "
+            "or use a flat folder"
+        )
+    if not top and not class_files:
+        raise DataError(
+            f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path} or its subfolders: put the "
+            "images there (flat, or one subfolder per class)"
+        )
+    if top:
+        return top, None, []
+    classes = sorted(class_files)
+    files = [f for name in classes for f in class_files[name]]
+    index = [i for i, name in enumerate(classes) for _ in class_files[name]]
+    return files, torch.tensor(index, dtype=torch.long), classes
+
+
 def load_image_folder(
     path: str | Path, resolution: int, channels: int = 3
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
@@ -54,37 +85,7 @@ def load_image_folder(
     if channels not in (1, 3):
         raise DataError(f"image folder channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     mode = "L" if channels == 1 else "RGB"
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise DataError(
-            f"image folder not found at {path}: give a folder of images "
-            "(flat, or one subfolder per class)"
-        )
-
-    top = _images_in(path)
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_files = {d.name: _images_in(d) for d in subdirs}
-    class_files = {name: files for name, files in class_files.items() if files}
-    if top and class_files:
-        raise DataError(
-            f"{path} mixes images at the top level with class subfolders "
-            f"({', '.join(sorted(class_files))}): put every image in a class subfolder, "
-            "or use a flat folder"
-        )
-    if not top and not class_files:
-        raise DataError(
-            f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path} or its subfolders: put the "
-            "images there (flat, or one subfolder per class)"
-        )
-
-    if top:
-        files, labels, classes = top, None, []
-    else:
-        classes = sorted(class_files)
-        files = [f for name in classes for f in class_files[name]]
-        index = [i for i, name in enumerate(classes) for _ in class_files[name]]
-        labels = torch.tensor(index, dtype=torch.long)
-
+    files, labels, classes = folder_layout(path)
     pixels = np.stack([_load_image(f, resolution, mode) for f in files])
     if pixels.ndim == 3:  # grayscale: (N, R, R) -> (N, R, R, 1)
         pixels = pixels[..., None]

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from condlora.build import build_data, build_denoiser, num_classes
+from condlora.build import build_data, build_denoiser, num_classes, resolve_data
 from condlora.config import Config, to_dict
 from condlora.diffusion import Denoiser, one_hot_labels
 from condlora.errors import CondloraError
@@ -64,7 +64,7 @@ class Trainer:
     """Holds the run's state; `run()` trains to `max_steps`, checkpointing on the way."""
 
     def __init__(self, cfg: Config, out_dir: Path, resume: bool = False) -> None:
-        self.cfg, self.out = cfg, Path(out_dir)
+        self.cfg, self.out = resolve_data(cfg), Path(out_dir)
         t = cfg.train
         if t.lr_schedule not in LR_SCHEDULES:
             raise CondloraError(
