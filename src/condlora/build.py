@@ -126,6 +126,7 @@ def lora_config(cfg: Config):  # noqa: ANN201 - returns condlora.lora.LoRAConfig
 
 def build_net(cfg: Config) -> nn.Module:
     """The backbone alone, exactly as configured (no LoRA)."""
+    cfg = resolve_data(cfg)
     _check(cfg)
     n = cfg.net
     lora_only = n.cond_mode == "lora_only"
@@ -158,6 +159,7 @@ def _small_unet(cfg: Config, uses_embedding: bool, labels_in_net: bool) -> nn.Mo
 
 def build_denoiser(cfg: Config) -> Denoiser:
     """Backbone + injected LoRA + objective, as one denoiser D(x, sigma, class_labels=...)."""
+    cfg = resolve_data(cfg)
     net = build_net(cfg)
     d = cfg.diffusion
     edm = {"sigma_data": d.sigma_data, "P_mean": d.p_mean, "P_std": d.p_std}

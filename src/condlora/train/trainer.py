@@ -64,7 +64,8 @@ class Trainer:
     """Holds the run's state; `run()` trains to `max_steps`, checkpointing on the way."""
 
     def __init__(self, cfg: Config, out_dir: Path, resume: bool = False) -> None:
-        self.cfg, self.out = resolve_data(cfg), Path(out_dir)
+        cfg = resolve_data(cfg)  # once: a folder's classes are counted here, then stored
+        self.cfg, self.out = cfg, Path(out_dir)
         t = cfg.train
         if t.lr_schedule not in LR_SCHEDULES:
             raise CondloraError(
