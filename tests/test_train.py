@@ -112,3 +112,36 @@ def test_learning_rate_schedule(tiny_overrides):
         "digits-baseline.yaml", tiny_overrides + ["train.lr_schedule=constant", "train.lr=1.0"]
     )
     assert trainer.lr_at(1000) == 1.0
+
+
+def test_two_processes_split_the_global_batch(tmp_path, tiny_overrides):
+    """Two CPU processes under accelerate (gloo DDP): one checkpoint, half the batch each.
+
+    accelerate 1.15 runs `launch --cpu --num_processes 2` as ONE process (several CPU
+    processes need mpirun); its torchrun launcher with ACCELERATE_USE_CPU starts two.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    train_args = ["-m", "condlora.cli", "train", "--config", str(CONFIGS / "digits-uclora.yaml")]
+    train_args += ["--out", str(tmp_path), "--max-steps", "4", "--quiet", *tiny_overrides]
+    result = subprocess.run(
+        [*launch, *train_args, "train.log_every=2"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_checkpoint(tmp_path / CHECKPOINT_NAME)[1] == 4
+    records = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]  # one writer: the main process
+    assert all(r["processes"] == 2 and r["local_batch"] == 8 for r in records)  # 16 / 2

@@ -136,6 +136,7 @@ class Trainer:
             k = self.step * t.grad_accum + micro
             idx = batch_indices(k, len(self.train_x), t.batch_size, t.seed)
             idx = idx[acc.process_index :: acc.num_processes]
+            self.local_batch = len(idx)
             x0, y = self.train_x[idx].to(acc.device), self.train_y[idx].to(acc.device)
             if t.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -201,6 +202,8 @@ class Trainer:
                         "grad_norm": norm,
                         "lr": self.lr_at(self.step - 1),
                         "time": round(time.time() - start, 2),
+                        "processes": self.acc.num_processes,
+                        "local_batch": self.local_batch,  # per process, per micro-batch
                     }
                     self._log(log)
                     window = []
