@@ -26,7 +26,7 @@ from condlora.metrics import (
     train_digits_classifier,
 )
 from condlora.params import parameter_summary
-from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_step
 from condlora.train.trainer import train
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -45,7 +45,7 @@ def find_config(name: str) -> Path:
 def _train_or_reuse(cfg: Config, out: Path, steps: int) -> float:
     """Train to `steps` (resuming a partial run in `out`); returns the seconds spent now."""
     ckpt = out / CHECKPOINT_NAME
-    done = read_checkpoint(ckpt)[1] if ckpt.is_file() else 0
+    done = checkpoint_step(ckpt) if ckpt.is_file() else 0
     if done >= steps:
         return 0.0
     start = time.time()

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from condlora.errors import DataError
+from condlora.weights_file import read_weights, write_weights
 
 FEATURE_DIM = 128
 FORMAT = "condlora.digits_classifier"
@@ -117,20 +116,12 @@ def save_classifier(model: DigitsClassifier, path: str | Path) -> None:
     """Write weights to a safetensors file; the constructor config goes in its metadata."""
     metadata = {"format": FORMAT, "config": json.dumps(model.config)}
     metadata["resolution"] = str(model.resolution)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata=metadata)
+    write_weights(path, model.state_dict(), metadata)
 
 
 def load_classifier(path: str | Path) -> DigitsClassifier:
     """Rebuild a DigitsClassifier from a file written by save_classifier (eval mode, CPU)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"classifier file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise DataError(f"{path} is not a digits classifier file")
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    metadata, state = read_weights(path, FORMAT, "digits classifier file", DataError)
     model = DigitsClassifier(**json.loads(metadata["config"]))
     model.load_state_dict(state)
     return model.eval()

@@ -7,15 +7,13 @@ the metadata, its tensors under ``optim.<param index>.<name>``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from condlora.config import Config, config_from_json, to_dict
 from condlora.errors import CondloraError
+from condlora.weights_file import read_weights, write_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "condlora-checkpoint-1"
@@ -51,27 +49,24 @@ def save_checkpoint(
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     optim_tensors, groups = _flat_optimizer(optimizer.state_dict())
     tensors.update(optim_tensors)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     metadata = {
         "format": FORMAT,
         "config": json.dumps(to_dict(cfg)),
         "step": str(step),
         "optim_param_groups": groups,
     }
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    write_weights(path, tensors, metadata)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was saved at, read from its metadata alone."""
+    meta, _ = read_weights(path, FORMAT, "condlora checkpoint", CondloraError, tensors=False)
+    return int(meta["step"])
 
 
 def read_checkpoint(path: Path) -> tuple[Config, int, dict[str, dict]]:
     """(config, step, {"model": sd, "ema": sd, "optim": optimizer state dict})."""
-    if not path.is_file():
-        raise CondloraError(f"no checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise CondloraError(f"{path} is not a condlora checkpoint")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta, tensors = read_weights(path, FORMAT, "condlora checkpoint", CondloraError)
     parts: dict[str, dict] = {"model": {}, "ema": {}}
     optim = {}
     for key, value in tensors.items():
