@@ -26,3 +26,18 @@ def test_missing_file_and_wrong_format(tmp_path):
     write_weights(path, {"a": torch.zeros(1)}, {"format": "other"})
     with pytest.raises(DataError, match="is not a demo file"):
         read_weights(path, "demo-1", "demo file", DataError)
+
+
+def test_describe_mismatch():
+    from condlora.weights_file import describe_mismatch
+
+    expected = {f"k{i}": torch.zeros(2) for i in range(5)} | {"opt": torch.zeros(())}
+    assert describe_mismatch(expected, dict(expected)) == ""
+    given = {"k0": torch.zeros(3), "x": torch.zeros(1)}
+    assert describe_mismatch(expected, given, optional=["opt"]) == (
+        "missing (4): k1, k2, k3, ...; unexpected (1): x; shape mismatches (1): k0 (3,) != (2,)"
+    )
+    assert (
+        describe_mismatch(expected, {k: v for k, v in expected.items() if k != "opt"}, ["opt"])
+        == ""
+    )

@@ -1,8 +1,9 @@
-"""safetensors files tagged with a format name: atomic writes, checked reads, metadata alone."""
+"""Weights files: tagged safetensors (atomic writes, checked reads) and state-dict checks."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -34,3 +35,28 @@ def read_weights(
         if metadata.get("format") != fmt:
             raise error(f"{path} is not a {kind}")
         return metadata, ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
+
+
+def describe_mismatch(
+    expected: Mapping[str, torch.Tensor],
+    given: Mapping[str, torch.Tensor],
+    optional: Iterable[str] = (),
+) -> str:
+    """'' if `given` has exactly the keys and shapes of `expected`, else what differs.
+
+    Keys in `optional` may be absent. At most three keys are named per kind of problem.
+    """
+    optional = set(optional)
+    missing = [k for k in expected if k not in given and k not in optional]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [
+        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
+        for k, v in given.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    groups = (("missing", missing), ("unexpected", unexpected), ("shape mismatches", shapes))
+    return "; ".join(
+        f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+        for label, keys in groups
+        if keys
+    )

@@ -14,6 +14,7 @@ from condlora.errors import LoRAError
 from condlora.lora.config import LoRAConfig
 from condlora.lora.context import lora_layers
 from condlora.lora.inject import inject, lora_state_dict, remove
+from condlora.weights_file import describe_mismatch
 
 CONFIG_KEY = "condlora.lora_config"
 
@@ -42,18 +43,9 @@ def read_lora_config(path: str | os.PathLike) -> LoRAConfig:
 def _copy_strict(model: nn.Module, tensors: dict[str, Tensor], path: str) -> None:
     """Copy file tensors into the LoRA parameters; every key and shape must match."""
     targets = lora_state_dict(model, keep_vars=True)
-    missing = sorted(set(targets) - set(tensors))
-    unexpected = sorted(set(tensors) - set(targets))
-    shapes = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(targets[k].shape)}"
-        for k in sorted(set(targets) & set(tensors))
-        if tensors[k].shape != targets[k].shape
-    ]
-    if missing or unexpected or shapes:
-        raise LoRAError(
-            f"LoRA file {path} does not fit the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
-        )
+    problems = describe_mismatch(targets, tensors)
+    if problems:
+        raise LoRAError(f"LoRA file {path} does not fit the model: {problems}")
     with torch.no_grad():
         for key, value in tensors.items():
             targets[key].copy_(value)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.errors import DataError
+from condlora.weights_file import describe_mismatch
 
 WEIGHTS_HINT = (
     "download pt_inception-2015-12-05-6726825d.pth (the pytorch-fid release) "
@@ -222,21 +223,9 @@ def load_fid_inception(path: str | Path) -> FIDInception:
         model = FIDInception()
     expected = model.state_dict()
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
-    missing = [k for k in expected if k not in state and k not in optional]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [
-        f"{k} {tuple(v.shape)} != {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    problems = [
-        f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
-        if keys
-    ]
+    problems = describe_mismatch(expected, state, optional)
     if problems:
-        raise DataError(f"FID Inception weights {path} do not fit: {'; '.join(problems)}")
-    state = {k: v for k, v in state.items()}
+        raise DataError(f"FID Inception weights {path} do not fit: {problems}")
     for k in optional:
         state.setdefault(k, torch.zeros((), dtype=torch.long))
     model.to_empty(device="cpu").load_state_dict(state, strict=True)
