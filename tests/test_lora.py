@@ -39,7 +39,10 @@ def make_layer(kind: str, method: str, bias: bool = True, **cfg) -> CondLoRALaye
     config.num_time_rows, config.num_classes, config.mlp_widths, config.mlp_groups = 9, 4, [8], 4
     base = make_base(kind.replace("3d", ""))
     composer = build_composer(config, EMB if method == "uc" else None)
-    return CondLoRALayer(base, config.rank, composer, ConditionState(config), config.scale, bias)
+    state = ConditionState(config)
+    return CondLoRALayer(
+        base, config.rank, composer, state, config.scale, bias, config.bias_per_rank
+    )
 
 
 def randomize(layer: nn.Module, seed: int = 1) -> None:
@@ -67,7 +70,10 @@ def reference(layer: CondLoRALayer, x: torch.Tensor, w: torch.Tensor) -> torch.T
         for i in range(layer.num_bases):
             a_i = layer.lora_A[i * r : (i + 1) * r]
             b_i = layer.lora_B[:, i * r : (i + 1) * r]
-            e_i = layer.lora_E[i] if layer.lora_E is not None else 0
+            e_i = 0
+            if layer.lora_E is not None:  # one row per basis, or r rows per basis summed
+                per_rank = layer.lora_E.shape[0] > layer.num_bases
+                e_i = layer.lora_E[i * r : (i + 1) * r].sum(0) if per_rank else layer.lora_E[i]
             y = y + layer.scale * wn[i] * (xc[n] @ a_i.T @ b_i.T + e_i)
         out.append(y)
     out = torch.stack(out)
@@ -100,6 +106,21 @@ def test_wrapper_matches_per_basis_loop(kind, method, per_sample):
     assert w.shape == (BATCH if per_sample else 1, layer.num_bases)
     assert not torch.allclose(out, layer.base_layer(x), atol=1e-3)  # the LoRA path is live
     torch.testing.assert_close(out, reference(layer, x, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear3d", "conv2d"])
+def test_per_rank_bias_matches_loop_and_merges(kind):
+    layer = make_layer(kind, "uc", bias_per_rank=True)
+    assert layer.lora_E.shape == (layer.num_bases * layer.rank, D_OUT)
+    randomize(layer)
+    x = make_input(kind)
+    cond = make_condition(per_sample=False)
+    with conditioning(layer, **cond):
+        w = layer.composer(**layer.state.inputs())
+        out = layer(x)
+    torch.testing.assert_close(out, reference(layer, x, w), atol=1e-5, rtol=1e-5)
+    layer.merge(w)
+    torch.testing.assert_close(layer(x), out, atol=1e-5, rtol=1e-5)
 
 
 def test_class_float_weights_interpolate_and_extrapolate():

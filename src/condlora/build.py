@@ -24,10 +24,13 @@ from condlora.data import (
 from condlora.diffusion import Denoiser, Preconditioner, make_precond
 from condlora.errors import ConfigError, DataError
 from condlora.lora import conditioning, inject
-from condlora.nets import SmallUNet
+from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
 
 DATA_SETS = {"digits": (1, 10), "cifar10": (3, 10), "folder": (3, None)}  # channels, classes
 COND_MODES = ("scale_shift", "lora_only", "both")
+ARCHS = ("small_unet", "adm", "ddpmpp")
+# The module whose output is the backbone's condition embedding (UC-LoRA's input).
+EMB_MODULES = {"small_unet": "embed", "adm": "time_embed", "ddpmpp": "map_act"}
 LORA_METHODS_SEEING_CLASS = ("class", "time+class", "uc")
 
 
@@ -90,8 +93,8 @@ def image_channels(cfg: Config) -> int:
 
 
 def _check(cfg: Config) -> None:
-    if cfg.net.arch != "small_unet":
-        raise ConfigError(f"unknown net.arch '{cfg.net.arch}'; valid: small_unet")
+    if cfg.net.arch not in ARCHS:
+        raise ConfigError(f"unknown net.arch '{cfg.net.arch}'; valid: {', '.join(ARCHS)}")
     if cfg.net.cond_mode not in COND_MODES:
         raise ConfigError(
             f"unknown net.cond_mode '{cfg.net.cond_mode}'; valid: {', '.join(COND_MODES)}"
@@ -103,6 +106,11 @@ def _check(cfg: Config) -> None:
             "(time, class, uc, time+class)"
         )
     lora_only = cfg.net.cond_mode == "lora_only"
+    if lora_only and cfg.net.arch == "adm" and "uc" in method.split("+"):
+        raise ConfigError(
+            "net.arch adm in cond_mode lora_only has no embedding MLP for UC-LoRA to read: "
+            "use lora.method time, class or time+class"
+        )
     if lora_only and cfg.net.class_conditional and method not in LORA_METHODS_SEEING_CLASS:
         raise ConfigError(
             f"with net.cond_mode lora_only the class reaches the model only through LoRA, "
@@ -116,11 +124,11 @@ def lora_config(cfg: Config):  # noqa: ANN201 - returns condlora.lora.LoRAConfig
     lcfg = cfg.lora
     fills = {}
     if "uc" in lcfg.method.split("+") and lcfg.emb_module is None:
-        fills["emb_module"] = "embed"
+        fills["emb_module"] = EMB_MODULES[cfg.net.arch]
+        if cfg.net.arch == "ddpmpp":  # the hook sits on a SiLU: no Linear to read the width from
+            fills["emb_dim"] = cfg.net.model_channels * 4
     if "class" in lcfg.method.split("+"):
         fills["num_classes"] = max(num_classes(cfg), 1)
-    if cfg.diffusion.objective in ("ddpm", "v"):
-        fills["num_time_rows"] = cfg.diffusion.num_timesteps
     return dataclasses.replace(lcfg, **fills)
 
 
@@ -133,6 +141,10 @@ def build_net(cfg: Config) -> nn.Module:
     uses_embedding = not lora_only or "uc" in cfg.lora.method.split("+")
     labels_in_net = cfg.net.class_conditional and uses_embedding
     try:
+        if n.arch == "adm":
+            return _adm(cfg)
+        if n.arch == "ddpmpp":
+            return _ddpmpp(cfg)
         return _small_unet(cfg, uses_embedding, labels_in_net)
     except ValueError as err:  # the net's own checks (sizes that do not divide, ...)
         raise ConfigError(f"net: {err}") from None
@@ -152,6 +164,42 @@ def _small_unet(cfg: Config, uses_embedding: bool, labels_in_net: bool) -> nn.Mo
         num_classes=num_classes(cfg) if labels_in_net else 0,
         cond_mode=n.cond_mode,
         keep_embedding=uses_embedding,
+        dropout=n.dropout,
+        noise_channels=n.noise_channels,
+    )
+
+
+def _adm(cfg: Config) -> nn.Module:
+    n, channels = cfg.net, image_channels(cfg)
+    learned_variance = cfg.diffusion.objective == "iddpm"
+    return ADMUNet(
+        img_resolution=cfg.data.resolution,
+        in_channels=channels,
+        out_channels=2 * channels if learned_variance else channels,
+        model_channels=n.model_channels,
+        channel_mult=tuple(n.channel_mult),
+        num_blocks=n.num_blocks,
+        attn_resolutions=tuple(n.attn_resolutions),
+        num_heads=n.num_heads,
+        num_classes=num_classes(cfg) if n.cond_mode != "lora_only" else 0,
+        cond_mode=n.cond_mode,
+        dropout=n.dropout,
+    )
+
+
+def _ddpmpp(cfg: Config) -> nn.Module:
+    n, channels = cfg.net, image_channels(cfg)
+    return DDPMppUNet(
+        img_resolution=cfg.data.resolution,
+        in_channels=channels,
+        out_channels=channels,
+        model_channels=n.model_channels,
+        channel_mult=tuple(n.channel_mult),
+        num_blocks=n.num_blocks,
+        attn_resolutions=tuple(n.attn_resolutions),
+        num_classes=num_classes(cfg),
+        augment_dim=n.augment_dim,
+        cond_mode=n.cond_mode,
         dropout=n.dropout,
         noise_channels=n.noise_channels,
     )

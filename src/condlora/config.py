@@ -36,13 +36,14 @@ class DataConfig:
 
 @dataclass
 class NetConfig:
-    arch: str = "small_unet"  # backbone: "small_unet"
+    arch: str = "small_unet"  # backbone: "small_unet" | "adm" (IDDPM) | "ddpmpp" (EDM DDPM++)
     model_channels: int = 16  # base width
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])  # width per level
     num_blocks: int = 1  # residual blocks per level (decoder: one more)
     attn_resolutions: list[int] = field(default_factory=lambda: [8])  # where attention sits
     num_heads: int = 1  # attention heads
-    noise_channels: int | None = None  # sinusoidal noise-embedding width (None: embedding width)
+    noise_channels: int | None = None  # noise-embedding width (None: the arch's own default)
+    augment_dim: int = 0  # ddpmpp: width of the augmentation label (9 with EDM's augmentation)
     class_conditional: bool = True  # condition on the class label
     cond_mode: str = "scale_shift"  # residual blocks: "scale_shift" | "lora_only" | "both"
     dropout: float = 0.0  # dropout in residual blocks
@@ -71,6 +72,7 @@ class TrainConfig:
     max_steps: int = 1100  # optimizer steps (also the horizon of the lr schedule)
     grad_clip: float = 1.0  # max gradient norm (0 disables)
     grad_accum: int = 1  # micro-batches per optimizer step
+    augment_p: float = 0.0  # EDM geometric augmentation probability (net.augment_dim: 9)
     label_dropout: float = 0.0  # fraction of labels replaced by the null class (for guidance)
     ema_decay: float = 0.999  # EMA decay (ramped up over the first steps)
     mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
@@ -180,16 +182,27 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (overrides on the defaults), then apply key=value overrides."""
-    path = Path(path)
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config as a dict, with its `base:` file (relative to it) merged underneath."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config {path} includes itself through 'base:'")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    data = _merge(data, parse_overrides(overrides or []))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {data!r}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (on its `base:` file and the defaults), then key=value overrides."""
+    data = _merge(_read_yaml(Path(path)), parse_overrides(overrides or []))
     return from_dict(Config, data)
 
 

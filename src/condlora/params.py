@@ -7,8 +7,13 @@ from torch import nn
 from condlora.lora import count_lora_parameters
 
 # Module-name parts that make up the backbone's conditioning path: the noise / class
-# embedding and the residual blocks' embedding projections (scale-and-shift).
-CONDITIONING_MODULES = ("embed", "emb_proj")
+# embedding and the residual blocks' embedding projections (scale-and-shift), for
+# SmallUNet, ADMUNet and DDPMppUNet.
+CONDITIONING_MODULES = (
+    *("embed", "emb_proj"),
+    *("time_embed", "label_emb", "emb_layers"),
+    *("map_label", "map_augment", "map_layer0", "map_layer1", "affine"),
+)
 
 
 def _is_conditioning(name: str) -> bool:

@@ -21,7 +21,8 @@ class LoRAConfig:
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj"])  # name, suffix or regex
     scale: float = 1.0  # s, multiplies the whole update
     bias: bool = False  # per-basis bias E
-    num_time_rows: int = 1000  # rows T of the TimeLoRA table
+    bias_per_rank: bool = False  # E with one row per rank-1 component (m*r rows, paper's code)
+    num_time_rows: int = 1000  # rows of the TimeLoRA table; time in [0, 1] spans them linearly
     num_classes: int = 10  # ClassLoRA classes
     class_bases: int = 0  # 0: one LoRA per class; >0: learned (classes x class_bases) mixing
     mlp_widths: list[int] = field(default_factory=lambda: [128, 64])  # UC-LoRA MLP hidden widths

@@ -80,7 +80,13 @@ def inject(model: nn.Module, config: LoRAConfig) -> list[str]:
     for name in names:
         composer = build_composer(config, config.emb_dim)
         layer = CondLoRALayer(
-            modules[name], config.rank, composer, state, config.scale, config.bias
+            modules[name],
+            config.rank,
+            composer,
+            state,
+            config.scale,
+            config.bias,
+            config.bias_per_rank,
         )
         _replace(model, name, layer)
     if config.method == "uc" and config.emb_module is not None:

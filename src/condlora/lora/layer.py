@@ -5,6 +5,10 @@
 A: (m*r, d_in), B: (d_out, m*r), E: (m, d_out). Rows i*r:(i+1)*r of A (and the same
 columns of B) are basis i, so all m bases are one rank m*r update: one A and one B matmul.
 Linear and 1x1 convs differ only in the axis that holds channels (last vs 1).
+
+With `bias_per_rank` E has m*r rows and the bias term is (w ⊗ 1_r) E, as the paper's code
+parametrises it: the same functions (basis i's bias is the sum of its r rows), with r
+times the parameters.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class CondLoRALayer(nn.Module):
         state: ConditionState,  # where the current condition is read from
         scale: float = 1.0,  # s
         bias: bool = False,  # learn a per-basis bias E
+        bias_per_rank: bool = False,  # E of shape (m*r, d_out) instead of (m, d_out)
     ) -> None:
         super().__init__()
         check_target(type(base_layer).__name__, base_layer)
@@ -62,7 +67,8 @@ class CondLoRALayer(nn.Module):
         # A ~ N(0, (1/r)^2), B = 0, E = 0: a fresh wrapper computes exactly the base layer
         self.lora_A = nn.Parameter(torch.randn(m * rank, d_in, **kw) / rank)
         self.lora_B = nn.Parameter(torch.zeros(d_out, m * rank, **kw))
-        self.lora_E = nn.Parameter(torch.zeros(m, d_out, **kw)) if bias else None
+        e_rows = m * rank if bias_per_rank else m
+        self.lora_E = nn.Parameter(torch.zeros(e_rows, d_out, **kw)) if bias else None
         self.merged = False
         self._merged: tuple[Tensor, Tensor | None, bool] | None = None  # (dW, db, created bias)
 
@@ -101,7 +107,7 @@ class CondLoRALayer(nn.Module):
         h = h * w.repeat_interleave(self.rank, dim=1).view(shape)  # (w ⊗ 1_r) ⊙ A x
         delta = F.linear(h, self.lora_B)
         if self.lora_E is not None:
-            delta = delta + (w @ self.lora_E).view(shape)
+            delta = delta + (self._bias_weights(w) @ self.lora_E).view(shape)
         delta = self.scale * delta
         return delta.movedim(-1, 1) if self.is_conv else delta
 
@@ -126,7 +132,13 @@ class CondLoRALayer(nn.Module):
         """db = s * w E at one condition (None without per-basis bias)."""
         if self.lora_E is None:
             return None
-        return self.scale * (self._single(w).to(self.lora_E) @ self.lora_E)
+        return self.scale * (self._bias_weights(self._single(w).to(self.lora_E)) @ self.lora_E)
+
+    def _bias_weights(self, w: Tensor) -> Tensor:
+        """w, or w ⊗ 1_r when E has one row per rank-1 component."""
+        if self.lora_E.shape[0] == self.num_bases:
+            return w
+        return w.repeat_interleave(self.rank, dim=-1)
 
     @torch.no_grad()
     def merge(self, w: Tensor) -> None:
