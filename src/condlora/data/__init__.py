@@ -1,10 +1,13 @@
-"""condlora.data: the embedded digits, CIFAR-10 (python format) and image folders."""
+"""condlora.data: the embedded digits, CIFAR-10 (python format), image folders, EDM augmentation."""
 
+from condlora.data.augment import AUGMENT_DIM, AugmentPipe
 from condlora.data.cifar import CIFAR10_CLASSES, load_cifar10
 from condlora.data.digits import NUM_CLASSES, NUM_DIGITS, load_digits_images, split_digits
 from condlora.data.folder import folder_layout, load_image_folder
 
 __all__ = [
+    "AUGMENT_DIM",
+    "AugmentPipe",
     "CIFAR10_CLASSES",
     "NUM_CLASSES",
     "NUM_DIGITS",

@@ -1,6 +1,13 @@
 """condlora.diffusion: schedules, preconditioners (objectives) and samplers, all in VE form."""
 
 from condlora.diffusion.guidance import GuidedDenoiser, one_hot_labels
+from condlora.diffusion.iddpm import (
+    IDDPMDenoiser,
+    IDDPMPrecond,
+    iddpm_precond,
+    sample_iddpm,
+    space_timesteps,
+)
 from condlora.diffusion.objectives import Denoiser
 from condlora.diffusion.precond import (
     DiscretePrecond,
@@ -10,20 +17,31 @@ from condlora.diffusion.precond import (
     VPrecond,
     make_precond,
 )
-from condlora.diffusion.samplers import SAMPLERS, sample, sample_ddim, sample_ddpm, sample_heun
+from condlora.diffusion.samplers import (
+    LEARNED_VARIANCE_SAMPLERS,
+    SAMPLERS,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_heun,
+)
 from condlora.diffusion.schedules import alphas_cumprod, cosine_betas, karras_sigmas, linear_betas
 
 __all__ = [
+    "LEARNED_VARIANCE_SAMPLERS",
     "SAMPLERS",
     "Denoiser",
     "DiscretePrecond",
     "EDMPrecond",
     "EpsPrecond",
     "GuidedDenoiser",
+    "IDDPMDenoiser",
+    "IDDPMPrecond",
     "Preconditioner",
     "VPrecond",
     "alphas_cumprod",
     "cosine_betas",
+    "iddpm_precond",
     "karras_sigmas",
     "linear_betas",
     "make_precond",
@@ -32,4 +50,6 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_heun",
+    "sample_iddpm",
+    "space_timesteps",
 ]

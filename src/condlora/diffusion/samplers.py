@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from condlora.diffusion.iddpm import sample_iddpm
 from condlora.diffusion.objectives import Denoiser
 from condlora.diffusion.precond import _randn
 from condlora.errors import ConfigError
@@ -96,7 +97,9 @@ def sample_heun(
     return x
 
 
+# samplers of any denoiser D(x, sigma), and those that need the net's learned variance too
 SAMPLERS: dict[str, Callable] = {"ddpm": sample_ddpm, "ddim": sample_ddim, "heun": sample_heun}
+LEARNED_VARIANCE_SAMPLERS: dict[str, Callable] = {"iddpm": sample_iddpm}
 
 
 def sample(
@@ -110,8 +113,9 @@ def sample(
     **cond: Tensor,
 ) -> Tensor:
     """Draw samples: start from N(0, sigma_max^2) on the preconditioner's grid and run a sampler."""
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}")
+    samplers = SAMPLERS | LEARNED_VARIANCE_SAMPLERS
+    if sampler not in samplers:
+        raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(samplers)}")
     sigmas = denoiser.precond.sampling_sigmas(steps)
     x = _randn(tuple(shape), generator, device) * float(sigmas[0])
-    return SAMPLERS[sampler](denoiser, x, sigmas, generator=generator, progress=progress, **cond)
+    return samplers[sampler](denoiser, x, sigmas, generator=generator, progress=progress, **cond)

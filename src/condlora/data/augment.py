@@ -1,0 +1,148 @@
+"""EDM's geometric augmentation (Karras et al. 2022, App. F.2) and its 9 augment labels.
+
+Each augmentation is applied to each image independently, with probability
+min(multiplier * p, 1): x and y flips (exact pixel flips, each a coin flip when applied),
+then one affine map per image made of isotropic scaling, rotation, anisotropic scaling and
+fractional translation, in that order. The network is conditioned on what was done, so that
+at sampling time it can be asked for no augmentation (all-zero labels) (EDM App. F.2):
+
+    [xflip, yflip, scale, cos(angle) - 1, sin(angle), aniso * cos(axis), aniso * sin(axis),
+     translate_x, translate_y]
+
+scale, aniso and translate_* are the standard-normal draws behind the transform (the scale
+is 2^(scale_std * draw)); an entry is 0 where its augmentation was not applied.
+
+The affine map is resampled with bilinear `grid_sample` and reflection padding. This
+approximates EDM's resampling, which pads by reflection, upsamples 2x with a wavelet
+low-pass filter, samples bilinearly and filters down again (less aliasing than ours).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from condlora.errors import ConfigError, DataError
+
+AUGMENT_DIM = 9  # length of the augment label vector
+
+
+# --- affine maps in pixel coordinates (x right, y down, origin at the image centre) ------------
+
+
+def rotation(angle: Tensor) -> Tensor:
+    """(N, 3, 3) rotations; a positive angle turns the content clockwise as displayed."""
+    c, s = angle.cos(), angle.sin()
+    z, o = torch.zeros_like(c), torch.ones_like(c)
+    return torch.stack([c, -s, z, s, c, z, z, z, o], dim=1).reshape(-1, 3, 3)
+
+
+def scaling(sx: Tensor, sy: Tensor) -> Tensor:
+    """(N, 3, 3) scalings by sx along x and sy along y."""
+    z, o = torch.zeros_like(sx), torch.ones_like(sx)
+    return torch.stack([sx, z, z, z, sy, z, z, z, o], dim=1).reshape(-1, 3, 3)
+
+
+def translation(tx: Tensor, ty: Tensor) -> Tensor:
+    """(N, 3, 3) translations by (tx, ty) pixels."""
+    z, o = torch.zeros_like(tx), torch.ones_like(tx)
+    return torch.stack([o, z, tx, z, o, ty, z, z, o], dim=1).reshape(-1, 3, 3)
+
+
+def affine_warp(images: Tensor, matrices: Tensor) -> Tensor:
+    """Move each image's content by its (N, 3, 3) pixel-space map; bilinear, reflection padding."""
+    _, _, h, w = images.shape
+    # output pixel q shows input pixel G^-1 q; affine_grid wants that map in [-1, 1] units,
+    # whose scale is half the image size (align_corners=False: +-1 are the outer pixel edges)
+    to_unit = scaling(matrices.new_full((1,), 2 / w), matrices.new_full((1,), 2 / h))
+    theta = to_unit @ torch.linalg.inv(matrices) @ torch.linalg.inv(to_unit)
+    grid = F.affine_grid(theta[:, :2].to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(
+        images, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AugmentPipe:
+    """EDM augmentation; the defaults are EDM's CIFAR-10 setting (p = 0.12, App. F.2).
+
+    pipe(images, generator) -> (augmented images, augment labels (N, 9)); images are
+    (N, C, H, W) in [-1, 1]. The same generator state gives the same output.
+    """
+
+    p: float = 0.12  # overall strength: each augmentation applies with min(multiplier * p, 1)
+    xflip: float = 1e8  # multipliers per augmentation (1e8: always, so xflip is a plain coin)
+    yflip: float = 1.0
+    scale: float = 1.0
+    rotate_frac: float = 1.0
+    aniso: float = 1.0
+    translate_frac: float = 1.0
+    scale_std: float = 0.2  # std of log2 of the isotropic scale
+    rotate_frac_max: float = 1.0  # largest |angle|, as a fraction of pi
+    aniso_std: float = 0.2  # std of log2 of the anisotropic scale
+    aniso_rotate_prob: float = 0.5  # probability that the anisotropy axis is turned at random
+    translate_frac_std: float = 0.125  # std of the translation, as a fraction of the image size
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not getattr(self, f.name) >= 0:
+                raise ConfigError(f"augment.{f.name} must be >= 0, got {getattr(self, f.name)}")
+
+    def probabilities(self) -> Tensor:
+        """(6,) probability that each of xflip, yflip, scale, rotate, aniso, translate applies."""
+        mult = [self.xflip, self.yflip, self.scale, self.rotate_frac, self.aniso]
+        mult.append(self.translate_frac)
+        return (torch.tensor(mult, dtype=torch.float64) * self.p).clamp(max=1).float()
+
+    def __call__(
+        self, images: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(augmented images, augment labels (N, 9)), labels zero where nothing was applied."""
+        if images.ndim != 4:
+            raise DataError(f"AugmentPipe takes images (N, C, H, W), got {tuple(images.shape)}")
+        n, _, h, w = images.shape
+        # 1. every random number, drawn whatever is enabled (the generator always advances alike)
+        dev = generator.device if generator is not None else images.device
+        applied = torch.rand(n, 6, generator=generator, device=dev) < self.probabilities().to(dev)
+        coins = torch.randint(0, 2, (n, 2), generator=generator, device=dev)
+        normal = torch.randn(n, 4, generator=generator, device=dev)
+        uniform = torch.rand(n, 3, generator=generator, device=dev)
+        applied, coins = applied.to(images.device), coins.to(images.device)
+        normal, uniform = normal.to(images.device), uniform.to(images.device)
+        # 2. exact pixel flips (EDM: "pixel blitting")
+        flip = coins * applied[:, :2]
+        out = torch.where(flip[:, 0, None, None, None] == 1, images.flip(3), images)
+        out = torch.where(flip[:, 1, None, None, None] == 1, out.flip(2), out)
+        # 3. the geometric draws, zero where not applied
+        s = normal[:, 0] * applied[:, 2]
+        angle = (2 * uniform[:, 0] - 1) * math.pi * self.rotate_frac_max * applied[:, 3]
+        a = normal[:, 1] * applied[:, 4]
+        axis = (2 * uniform[:, 1] - 1) * math.pi * (uniform[:, 2] < self.aniso_rotate_prob)
+        shift = normal[:, 2:] * applied[:, 5:]
+        # 4. one map per image: scale, then rotate, then stretch along axis, then translate
+        iso = 2 ** (self.scale_std * s)
+        ani = 2 ** (self.aniso_std * a)
+        size = torch.tensor([w, h], device=images.device) * self.translate_frac_std
+        tx, ty = (shift * size).unbind(1)
+        G = (
+            translation(tx, ty)
+            @ rotation(axis)
+            @ scaling(ani, 1 / ani)
+            @ rotation(-axis)
+            @ rotation(angle)
+            @ scaling(iso, iso)
+        )
+        moved = applied[:, 2:].any(dim=1)  # leave untouched images exactly as they were
+        if moved.any():
+            out = out.clone()
+            out[moved] = affine_warp(out[moved], G[moved])
+        labels = [flip[:, 0], flip[:, 1], s, angle.cos() - 1, angle.sin()]
+        labels += [a * axis.cos(), a * axis.sin(), shift[:, 0], shift[:, 1]]
+        return out, torch.stack(labels, dim=1).float()
