@@ -82,3 +82,23 @@ def test_json_round_trip(tmp_path):
 
     cfg = load_config(CONFIGS / "digits-classlora.yaml", ["train.seed=7"])
     assert config_from_json(json.dumps(to_dict(cfg))) == cfg
+
+
+def test_base_file_is_merged_underneath(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "base.yaml").write_text("train:\n  lr: 0.5\n  batch_size: 8\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: shared/base.yaml\ntrain:\n  batch_size: 4\n")
+    cfg = load_config(child, ["train.max_steps=7"])
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.max_steps) == (0.5, 4, 7)
+
+
+def test_base_cycle_and_missing_base_are_config_errors(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(a)
+    b.write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(a)

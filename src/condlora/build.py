@@ -21,7 +21,14 @@ from condlora.data import (
     load_image_folder,
     split_digits,
 )
-from condlora.diffusion import Denoiser, Preconditioner, make_precond
+from condlora.data.augment import AUGMENT_DIM
+from condlora.diffusion import (
+    Denoiser,
+    IDDPMDenoiser,
+    Preconditioner,
+    iddpm_precond,
+    make_precond,
+)
 from condlora.errors import ConfigError, DataError
 from condlora.lora import conditioning, inject
 from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
@@ -44,13 +51,18 @@ class ConditionedNet(nn.Module):
         self.pass_labels = pass_labels  # does the backbone itself take class labels?
 
     def forward(
-        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Backbone output with the LoRA condition (t, y) set for this call."""
         t = self.precond.time_of_label(noise_labels)
+        extra = {} if augment_labels is None else {"augment_labels": augment_labels}
         with conditioning(self.net, t=t, y=class_labels):
             labels = class_labels if self.pass_labels else None
-            return self.net(x, noise_labels, labels)
+            return self.net(x, noise_labels, labels, **extra)
 
 
 def resolve_data(cfg: Config) -> Config:
@@ -106,6 +118,13 @@ def _check(cfg: Config) -> None:
             "(time, class, uc, time+class)"
         )
     lora_only = cfg.net.cond_mode == "lora_only"
+    if cfg.net.augment_dim and cfg.net.arch != "ddpmpp":
+        raise ConfigError("net.augment_dim needs net.arch ddpmpp (the net with that label)")
+    if cfg.train.augment_p > 0 and cfg.net.augment_dim != AUGMENT_DIM:
+        raise ConfigError(
+            f"train.augment_p > 0 feeds {AUGMENT_DIM}-d augmentation labels to the net: "
+            f"set net.arch ddpmpp and net.augment_dim {AUGMENT_DIM}"
+        )
     if lora_only and cfg.net.arch == "adm" and "uc" in method.split("+"):
         raise ConfigError(
             "net.arch adm in cond_mode lora_only has no embedding MLP for UC-LoRA to read: "
@@ -210,6 +229,12 @@ def build_denoiser(cfg: Config) -> Denoiser:
     cfg = resolve_data(cfg)
     net = build_net(cfg)
     d = cfg.diffusion
+    if cfg.lora.method != "none":
+        inject(net, lora_config(cfg))
+    pass_labels = getattr(net, "num_classes", 0) > 0
+    if d.objective == "iddpm":  # epsilon + learned variance: the net has 2x the channels
+        precond = iddpm_precond(d.num_timesteps, d.schedule)
+        return IDDPMDenoiser(ConditionedNet(net, precond, pass_labels), precond)
     edm = {"sigma_data": d.sigma_data, "P_mean": d.p_mean, "P_std": d.p_std}
     precond = make_precond(
         d.objective,
@@ -217,9 +242,6 @@ def build_denoiser(cfg: Config) -> Denoiser:
         num_timesteps=d.num_timesteps,
         **(edm if d.objective == "edm" else {}),
     )
-    if cfg.lora.method != "none":
-        inject(net, lora_config(cfg))
-    pass_labels = getattr(net, "num_classes", 0) > 0
     return Denoiser(ConditionedNet(net, precond, pass_labels), precond)
 
 

@@ -51,13 +51,13 @@ class NetConfig:
 
 @dataclass
 class DiffusionConfig:
-    objective: str = "edm"  # "edm" | "ddpm" (epsilon) | "v" (v-prediction)
+    objective: str = "edm"  # "edm" | "ddpm" (epsilon) | "v" (v-prediction) | "iddpm" (learned var.)
     schedule: str = "linear"  # discrete schedule for ddpm / v: "linear" | "cosine"
     num_timesteps: int = 1000  # discrete steps T for ddpm / v
     sigma_data: float = 0.5  # edm: data standard deviation in the preconditioning
     p_mean: float = -1.2  # edm: mean of log sigma during training
     p_std: float = 1.2  # edm: std of log sigma during training
-    sampler: str = "heun"  # "heun" | "ddim" | "ddpm"
+    sampler: str = "heun"  # "heun" | "ddim" | "ddpm" | "iddpm" (learned variance, respaced)
     guidance: float = 1.0  # classifier-free guidance scale at sampling (1: none)
     sample_steps: int = 18  # sampling steps
 

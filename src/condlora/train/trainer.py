@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from condlora.build import build_data, build_denoiser, num_classes, resolve_data
 from condlora.config import Config, to_dict
+from condlora.data.augment import AugmentPipe
 from condlora.diffusion import Denoiser, one_hot_labels
 from condlora.errors import CondloraError
 from condlora.generate import generate, labels_for
@@ -40,10 +41,15 @@ class DenoisingLoss(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, x0: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x0: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Scalar denoising loss of the objective on a clean batch."""
-        cond = {} if class_labels is None else {"class_labels": class_labels}
-        return self.denoiser.loss(x0, **cond)
+        cond = {"class_labels": class_labels, "augment_labels": augment_labels}
+        return self.denoiser.loss(x0, **{k: v for k, v in cond.items() if v is not None})
 
 
 def batch_indices(k: int, n: int, batch: int, seed: int) -> torch.Tensor:
@@ -84,6 +90,7 @@ class Trainer:
         if t.channels_last:
             denoiser.to(memory_format=torch.channels_last)
         self.ema = EMA(denoiser, t.ema_decay)
+        self.augment = AugmentPipe(p=t.augment_p) if t.augment_p > 0 else None
         params = [p for p in denoiser.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         self.step = 0
@@ -141,9 +148,12 @@ class Trainer:
             if t.channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             labels = self._labels(y)
+            augment_labels = None
+            if self.augment is not None:  # draws from the step-seeded generator
+                x0, augment_labels = self.augment(x0)
             sync = nullcontext() if micro == t.grad_accum - 1 else acc.no_sync(self.loss_fn)
             with sync:
-                loss = self.loss_fn(x0, labels) / t.grad_accum
+                loss = self.loss_fn(x0, labels, augment_labels) / t.grad_accum
                 acc.backward(loss)
             total += loss.item()
         norm = acc.clip_grad_norm_(self.loss_fn.parameters(), t.grad_clip or math.inf)
