@@ -114,6 +114,16 @@ def test_learning_rate_schedule(tiny_overrides):
     assert trainer.lr_at(1000) == 1.0
 
 
+def test_compile_option_compiles_the_loss_module(tmp_path, tiny_overrides):
+    compiled = Trainer(
+        tiny("digits-baseline.yaml", [*tiny_overrides, "train.compile=true"]), tmp_path / "c"
+    )
+    plain = Trainer(tiny("digits-baseline.yaml", tiny_overrides), tmp_path / "p")
+    optimized = torch._dynamo.eval_frame.OptimizedModule
+    assert isinstance(compiled.loss_fn, optimized) and not isinstance(plain.loss_fn, optimized)
+    assert compiled.loss_fn._orig_mod.denoiser is compiled.denoiser  # checkpoints: plain keys
+
+
 def test_two_processes_split_the_global_batch(tmp_path, tiny_overrides):
     """Two CPU processes under accelerate (gloo DDP): one checkpoint, half the batch each.
 

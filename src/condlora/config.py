@@ -77,6 +77,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA decay (ramped up over the first steps)
     mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
     channels_last: bool = True  # NHWC memory layout (about 20% faster convs on CPU and GPU)
+    compile: bool = False  # torch.compile the training loss (accelerate's inductor backend)
     seed: int = 0  # seeds init, data order and noise
     log_every: int = 50  # steps between metrics-log lines
     sample_every: int = 500  # steps between sample grids (0: only at the end)

@@ -98,6 +98,9 @@ class Trainer:
             self._load(denoiser, opt)
         self.ema.model.to(self.acc.device)
         self.loss_fn, self.opt = self.acc.prepare(DenoisingLoss(denoiser), opt)
+        if t.compile:  # here, not via Accelerator(dynamo_backend=...): that setting is
+            # process-wide state and would stick to every later run in this process
+            self.loss_fn = torch.compile(self.loss_fn)
         self.denoiser = denoiser
 
     def _prepare_folder(self, resume: bool) -> None:
