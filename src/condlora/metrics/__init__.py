@@ -1,4 +1,4 @@
-"""condlora.metrics: a digits classifier, Frechet distance on its features, class accuracy."""
+"""condlora.metrics: digits classifier, Frechet distance, FID Inception, KID, cached real stats."""
 
 from condlora.metrics.classifier import (
     DigitsClassifier,
@@ -29,4 +29,23 @@ __all__ += [
     "frechet_distance_of",
     "frechet_metric",
     "load_fid_inception",
+]
+
+from condlora.metrics.kid import kid_from_features, kid_gamma  # noqa: E402
+from condlora.metrics.reference import (  # noqa: E402
+    Reference,
+    floor_at_sizes,
+    load_reference,
+    reference_from_features,
+    save_reference,
+)
+
+__all__ += [
+    "Reference",
+    "floor_at_sizes",
+    "kid_from_features",
+    "kid_gamma",
+    "load_reference",
+    "reference_from_features",
+    "save_reference",
 ]

@@ -1,0 +1,133 @@
+"""Reference statistics of real features, cached in a safetensors file.
+
+One file per (data set, feature network, resolution): the Gaussian statistics that FD needs,
+the raw features that KID needs (a seeded subset when there are very many), and the
+real-to-real floor (FD and KID between disjoint random halves of the real set). A `key`
+stored beside them says what they were computed from; a file whose key differs is stale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from condlora.errors import DataError
+from condlora.metrics.frechet import frechet_distance, gaussian_stats
+from condlora.metrics.kid import kid_from_features, kid_gamma
+from condlora.weights_file import read_weights, write_weights
+
+FORMAT = "condlora.reference_stats"
+KID_MAX_REAL = 10_000  # real features kept for KID (a seeded subset beyond this)
+FLOOR_SPLITS = 20  # random halvings averaged for the FD floor (features of <= 256 dims)
+FLOOR_SPLITS_WIDE = 2  # the same for wider features (a 2048-d sqrtm takes many seconds)
+FLOOR_KID_SUBSETS = 10  # KID subsets for the floor (a half is about one subset: few are enough)
+
+
+@dataclass
+class Reference:
+    """Real-data statistics for one feature network."""
+
+    mu: np.ndarray  # (D,) float64 mean of all real features
+    sigma: np.ndarray  # (D, D) float64 covariance of all real features
+    kid_features: torch.Tensor  # (M, D) float32 real features for KID (M <= KID_MAX_REAL)
+    num_real: int  # real images behind mu and sigma
+    floor: dict  # real-to-real FD / KID between disjoint halves (see `real_floor`)
+    key: dict  # what the statistics were computed from (data set, feature, resolution, ...)
+    kid_gamma: float | None = None  # KID kernel scale (None: 1 / D)
+
+
+def real_floor(
+    features: torch.Tensor,
+    splits: int | None = None,
+    seed: int = 0,
+    gamma: float | None = None,
+) -> dict:
+    """Real vs real: FD over `splits` random halvings (default by width), KID on the first."""
+    splits = splits or (FLOOR_SPLITS if features.shape[1] <= 256 else FLOOR_SPLITS_WIDE)
+    n = len(features)
+    if n < 4:
+        raise DataError(f"the real-to-real floor needs at least 4 real images, got {n}")
+    half = n // 2
+    generator = torch.Generator().manual_seed(seed)
+    fds, halves = [], None
+    for _ in range(splits):
+        perm = torch.randperm(n, generator=generator)
+        a, b = features[perm[:half]], features[perm[half:]]
+        if halves is None:
+            halves = (a, b)
+        fds.append(frechet_distance(*gaussian_stats(a), *gaussian_stats(b)))
+    kid_mean, kid_std, _ = kid_from_features(
+        *halves, subsets=FLOOR_KID_SUBSETS, seed=seed, gamma=gamma
+    )
+    return {
+        "fd_floor": float(np.mean(fds)),
+        "fd_floor_std": float(np.std(fds)),
+        "fd_floor_sizes": [half, n - half],
+        "fd_floor_splits": splits,
+        "kid_floor_mean": kid_mean,
+        "kid_floor_std": kid_std,
+    }
+
+
+def floor_at_sizes(floor: dict, num_a: int, num_b: int) -> float:
+    """The FD floor rescaled to set sizes (num_a, num_b), taking FD's bias as ~ 1/Na + 1/Nb.
+
+    An estimate: FD between two samples of one distribution shrinks about like 1/N, so the
+    halves' value is scaled by (1/Na + 1/Nb) / (1/h1 + 1/h2).
+    """
+    h1, h2 = floor["fd_floor_sizes"]
+    return floor["fd_floor"] * (1 / num_a + 1 / num_b) / (1 / h1 + 1 / h2)
+
+
+def reference_from_features(
+    features: torch.Tensor, key: dict, seed: int = 0, scale_kid: bool = False
+) -> Reference:
+    """Statistics, KID subset and floor of all real features (N, D).
+
+    scale_kid: KID's gamma from the real features' scale (`kid_gamma`) instead of 1 / D.
+    """
+    features = features.detach().cpu().double()
+    mu, sigma = gaussian_stats(features)
+    kid = features
+    if len(features) > KID_MAX_REAL:
+        generator = torch.Generator().manual_seed(seed)
+        kid = features[torch.randperm(len(features), generator=generator)[:KID_MAX_REAL]]
+    gamma = kid_gamma(features) if scale_kid else None
+    floor = real_floor(features, seed=seed, gamma=gamma)
+    return Reference(mu, sigma, kid.float(), len(features), floor, dict(key), gamma)
+
+
+def save_reference(path: str | Path, ref: Reference) -> None:
+    """Write a Reference as safetensors (arrays as tensors, key and floor as JSON metadata)."""
+    tensors = {
+        "mu": torch.from_numpy(ref.mu),
+        "sigma": torch.from_numpy(ref.sigma),
+        "kid_features": ref.kid_features,
+    }
+    metadata = {
+        "format": FORMAT,
+        "num_real": str(ref.num_real),
+        "floor": json.dumps(ref.floor),
+        "key": json.dumps(ref.key, sort_keys=True),
+        "kid_gamma": json.dumps(ref.kid_gamma),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_weights(path, tensors, metadata)
+
+
+def load_reference(path: str | Path) -> Reference:
+    """Read a file written by save_reference."""
+    meta, t = read_weights(path, FORMAT, "reference statistics file", DataError)
+    return Reference(
+        mu=t["mu"].numpy(),
+        sigma=t["sigma"].numpy(),
+        kid_features=t["kid_features"],
+        num_real=int(meta["num_real"]),
+        floor=json.loads(meta["floor"]),
+        key=json.loads(meta["key"]),
+        kid_gamma=json.loads(meta.get("kid_gamma", "null")),
+    )
