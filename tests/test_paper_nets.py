@@ -130,3 +130,18 @@ def test_float_class_weights_equal_integer_labels(net_cls):
     one_hot = torch.nn.functional.one_hot(y, 5).float()
     with torch.no_grad():
         torch.testing.assert_close(net(x, noise, one_hot), net(x, noise, y))
+
+
+def test_adm_embeds_rescaled_timesteps():
+    net = randomize(ADMUNet(model_channels=32, channel_mult=(1, 2), num_blocks=1)).eval()
+    scaled = copy.deepcopy(net)
+    scaled.timestep_scale = 0.25  # IDDPM feeds t * 1000 / T: T = 4000
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([100.0, 3999.0])
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(x, t), net(x, t * 0.25))
+        assert not torch.allclose(scaled(x, t), net(x, t))
+
+
+def test_adm_config_rescales_timesteps_like_iddpm():
+    cfg = load_config(CONFIGS / "cifar10-iddpm-uncond-baseline.yaml", TINY_ADM)
+    assert build_net(cfg).timestep_scale == 1000 / 4000

@@ -203,6 +203,7 @@ def _adm(cfg: Config) -> nn.Module:
         num_classes=num_classes(cfg) if n.cond_mode != "lora_only" else 0,
         cond_mode=n.cond_mode,
         dropout=n.dropout,
+        timestep_scale=1000 / cfg.diffusion.num_timesteps,  # as IDDPM's rescale_timesteps
     )
 
 

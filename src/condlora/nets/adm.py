@@ -161,6 +161,7 @@ class ADMUNet(nn.Module):
         num_classes: int = 0,  # 0: unconditional
         cond_mode: str = "scale_shift",  # "scale_shift" | "lora_only" | "both"
         dropout: float = 0.3,  # residual-block dropout
+        timestep_scale: float = 1.0,  # embed t * scale (IDDPM: 1000 / T, rescale_timesteps)
     ) -> None:
         super().__init__()
         if cond_mode not in COND_MODES:
@@ -169,6 +170,7 @@ class ADMUNet(nn.Module):
         if img_resolution % 2 ** (levels - 1):
             raise ValueError(f"img_resolution {img_resolution} not divisible by 2^{levels - 1}")
         self.model_channels = model_channels
+        self.timestep_scale = timestep_scale
         self.num_classes = num_classes
         self.cond_mode = cond_mode
         lora_only = cond_mode == "lora_only"
@@ -224,7 +226,8 @@ class ADMUNet(nn.Module):
         """(B, 4 * model_channels) timestep (+ class) embedding; None in lora_only mode."""
         if self.time_embed is None:
             return None
-        emb = self.time_embed(timestep_embedding(noise_labels.reshape(-1), self.model_channels))
+        t = noise_labels.reshape(-1) * self.timestep_scale
+        emb = self.time_embed(timestep_embedding(t, self.model_channels))
         if self.label_emb is not None and class_labels is not None:
             if class_labels.is_floating_point():  # class weights: a mixture of label rows
                 emb = emb + class_labels.to(emb.dtype) @ self.label_emb.weight
