@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from condlora.data import load_digits_images, split_digits
+from condlora.data import load_digits_images, stratified_split
 from condlora.errors import DataError
 
 
@@ -32,7 +32,7 @@ def test_bad_resolution(res):
 
 def test_split_sizes_disjoint_stratified():
     images, labels = load_digits_images(16)
-    (tx, ty), (hx, hy) = split_digits(images, labels)
+    (tx, ty), (hx, hy) = stratified_split(images, labels)
     assert tx.shape == (1500, 1, 16, 16) and ty.shape == (1500,)
     assert hx.shape == (297, 1, 16, 16) and hy.shape == (297,)
     # disjoint and complete: every image lands in exactly one part
@@ -47,9 +47,9 @@ def test_split_sizes_disjoint_stratified():
 
 def test_split_deterministic_per_seed():
     images, labels = load_digits_images(8)
-    (a, _), (b, _) = split_digits(images, labels, seed=3)
-    (c, _), (d, _) = split_digits(images, labels, seed=3)
-    (_, _), (e, _) = split_digits(images, labels, seed=4)
+    (a, _), (b, _) = stratified_split(images, labels, seed=3)
+    (c, _), (d, _) = stratified_split(images, labels, seed=3)
+    (_, _), (e, _) = stratified_split(images, labels, seed=4)
     assert torch.equal(a, c) and torch.equal(b, d)
     assert not torch.equal(b, e)
 
@@ -57,8 +57,8 @@ def test_split_deterministic_per_seed():
 def test_split_bad_input():
     images, labels = load_digits_images(8)
     with pytest.raises(DataError):
-        split_digits(images, labels[:-1])
+        stratified_split(images, labels[:-1])
     with pytest.raises(DataError):
-        split_digits(images, labels, holdout=5000)
-    (tx, _), (hx, _) = split_digits(images, labels, holdout=0)
+        stratified_split(images, labels, holdout=5000)
+    (tx, _), (hx, _) = stratified_split(images, labels, holdout=0)
     assert len(tx) == 1797 and len(hx) == 0

@@ -1,10 +1,13 @@
 """Classifier-free guidance: the guided denoiser and label dropout in training."""
 
+import pytest
 import torch
 
 from condlora.build import build_denoiser
 from condlora.config import load_config
-from condlora.diffusion import GuidedDenoiser, one_hot_labels
+from condlora.diffusion import GuidedDenoiser
+from condlora.errors import CondloraError
+from condlora.labels import class_weights
 from condlora.train.trainer import Trainer
 
 from .conftest import CONFIGS
@@ -31,12 +34,17 @@ def test_guided_output_follows_the_formula(tiny_overrides):
         assert torch.allclose(guided, uncond + scale * (cond - uncond), atol=1e-5)
 
 
-def test_one_hot_labels():
+def test_class_weights_one_hot_and_pass_through():
     assert torch.equal(
-        one_hot_labels(torch.tensor([2, 0]), 3), torch.tensor([[0, 0, 1], [1, 0, 0.0]])
+        class_weights(torch.tensor([2, 0]), 3), torch.tensor([[0, 0, 1], [1, 0, 0.0]])
     )
     w = torch.tensor([[0.5, 0.5, 0.0]])
-    assert one_hot_labels(w, 3) is w
+    assert class_weights(w, 3) is w
+    assert class_weights(torch.tensor([0.0, 2.0, 0.0]), 3).shape == (1, 3)  # one row of weights
+    with pytest.raises(CondloraError, match=r"shape \(batch, 3\)"):
+        class_weights(torch.rand(2, 4), 3)
+    with pytest.raises(CondloraError, match=r"shape \(batch,\)"):
+        class_weights(torch.zeros(2, 2, dtype=torch.long), 3)
 
 
 def test_label_dropout_nulls_about_that_fraction(tiny_overrides, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from condlora.data import load_digits_images, split_digits
+from condlora.data import load_digits_images, stratified_split
 from condlora.errors import DataError
 from condlora.metrics import (
     DigitsClassifier,
@@ -56,7 +56,7 @@ def test_frechet_survives_singular_covariances():
 @pytest.fixture(scope="module")
 def digits_setup():
     images, labels = load_digits_images(16)
-    (tx, ty), (hx, hy) = split_digits(images, labels)
+    (tx, ty), (hx, hy) = stratified_split(images, labels)
     start = time.perf_counter()
     model = train_digits_classifier(tx, ty)
     seconds = time.perf_counter() - start

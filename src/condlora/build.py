@@ -19,7 +19,7 @@ from condlora.data import (
     load_cifar10,
     load_digits_images,
     load_image_folder,
-    split_digits,
+    stratified_split,
 )
 from condlora.data.augment import AUGMENT_DIM
 from condlora.diffusion import (
@@ -260,4 +260,4 @@ def build_data(
         labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels
     if not 0 <= d.holdout < len(images):
         raise DataError(f"data.holdout {d.holdout} must be below the {len(images)} images")
-    return split_digits(images, labels, holdout=d.holdout, seed=d.split_seed)
+    return stratified_split(images, labels, holdout=d.holdout, seed=d.split_seed)

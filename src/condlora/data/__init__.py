@@ -2,8 +2,9 @@
 
 from condlora.data.augment import AUGMENT_DIM, AugmentPipe
 from condlora.data.cifar import CIFAR10_CLASSES, load_cifar10
-from condlora.data.digits import NUM_CLASSES, NUM_DIGITS, load_digits_images, split_digits
+from condlora.data.digits import NUM_CLASSES, NUM_DIGITS, load_digits_images
 from condlora.data.folder import folder_layout, load_image_folder
+from condlora.data.split import stratified_split
 
 __all__ = [
     "AUGMENT_DIM",
@@ -15,5 +16,5 @@ __all__ = [
     "load_cifar10",
     "load_digits_images",
     "load_image_folder",
-    "split_digits",
+    "stratified_split",
 ]

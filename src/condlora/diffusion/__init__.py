@@ -1,6 +1,6 @@
 """condlora.diffusion: schedules, preconditioners (objectives) and samplers, all in VE form."""
 
-from condlora.diffusion.guidance import GuidedDenoiser, one_hot_labels
+from condlora.diffusion.guidance import GuidedDenoiser
 from condlora.diffusion.iddpm import (
     IDDPMDenoiser,
     IDDPMPrecond,
@@ -45,7 +45,6 @@ __all__ = [
     "karras_sigmas",
     "linear_betas",
     "make_precond",
-    "one_hot_labels",
     "sample",
     "sample_ddim",
     "sample_ddpm",

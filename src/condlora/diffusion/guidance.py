@@ -4,13 +4,7 @@ import torch
 from torch import Tensor, nn
 
 from condlora.diffusion.objectives import Denoiser
-
-
-def one_hot_labels(labels: Tensor, num_classes: int) -> Tensor:
-    """Long labels (B,) -> float class weights (B, K); float weights pass unchanged."""
-    if labels.is_floating_point():
-        return labels
-    return torch.nn.functional.one_hot(labels.long(), num_classes).float()
+from condlora.labels import class_weights
 
 
 class GuidedDenoiser(nn.Module):
@@ -25,7 +19,7 @@ class GuidedDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor) -> Tensor:
         """Guided x0 estimate: the conditional and unconditional halves run as one batch."""
-        y = one_hot_labels(class_labels, self.num_classes)
+        y = class_weights(class_labels, self.num_classes).to(x.device)
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
         both = self.denoiser(
             torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=torch.cat([y, 0 * y])

@@ -11,7 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from condlora.errors import LoRAError
+from condlora import labels
+from condlora.errors import CondloraError, LoRAError
 from condlora.lora.config import LoRAConfig
 
 
@@ -32,23 +33,11 @@ def time_input(t: Tensor | float) -> Tensor:
 
 
 def class_weights(y: Tensor | int, num_classes: int) -> Tensor:
-    """Class indices (batch,) -> one-hot (batch, num_classes); float weights pass as given."""
-    y = torch.as_tensor(y)
-    if y.is_floating_point():
-        if y.dim() == 1:
-            y = y[None]
-        if y.dim() != 2 or y.shape[1] != num_classes:
-            raise LoRAError(
-                f"float class weights y must have shape (batch, {num_classes}), "
-                f"got {tuple(y.shape)}"
-            )
-        return y
-    if y.dim() > 1:
-        raise LoRAError(f"class indices y must have shape (batch,), got {tuple(y.shape)}")
-    y = y.reshape(-1).long()
-    # scatter instead of F.one_hot: no host sync per layer (the range is checked once,
-    # by `conditioning`, through `check_class_range`).
-    return torch.zeros(len(y), num_classes, device=y.device).scatter_(1, y[:, None], 1.0)
+    """`condlora.labels.class_weights`, with a bad shape reported as a LoRAError."""
+    try:
+        return labels.class_weights(y, num_classes)
+    except CondloraError as err:
+        raise LoRAError(str(err)) from None
 
 
 def check_class_range(y: Tensor | int, num_classes: int) -> None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condlora.labels import class_weights
 from condlora.nets.unet import COND_MODES
 
 
@@ -229,10 +230,8 @@ class ADMUNet(nn.Module):
         t = noise_labels.reshape(-1) * self.timestep_scale
         emb = self.time_embed(timestep_embedding(t, self.model_channels))
         if self.label_emb is not None and class_labels is not None:
-            if class_labels.is_floating_point():  # class weights: a mixture of label rows
-                emb = emb + class_labels.to(emb.dtype) @ self.label_emb.weight
-            else:
-                emb = emb + self.label_emb(class_labels.long())
+            weights = class_weights(class_labels, self.num_classes)  # a mixture of label rows
+            emb = emb + weights.to(emb.dtype) @ self.label_emb.weight
         return emb
 
     def forward(

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condlora.labels import class_weights
 from condlora.nets.unet import COND_MODES
 
 
@@ -198,10 +199,8 @@ class DDPMppUNet(nn.Module):
         """(B, emb_dim) embedding of the noise level, class and augmentation labels."""
         emb = positional_embedding(noise_labels.reshape(-1), self.noise_channels)
         if self.map_label is not None and class_labels is not None:
-            if not class_labels.is_floating_point():
-                class_labels = F.one_hot(class_labels.long(), self.num_classes)
-            # EDM scales the one-hot by sqrt(num_classes)
-            emb = emb + self.map_label(class_labels.to(emb.dtype) * math.sqrt(self.num_classes))
+            weights = class_weights(class_labels, self.num_classes).to(emb.dtype)
+            emb = emb + self.map_label(weights * math.sqrt(self.num_classes))  # EDM's scaling
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
         return self.map_act(self.map_layer1(F.silu(self.map_layer0(emb))))

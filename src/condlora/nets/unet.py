@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from condlora.labels import class_weights
+
 COND_MODES = ("scale_shift", "lora_only", "both")
 
 
@@ -83,9 +85,8 @@ class Embedding(nn.Module):
         """(B,) noise labels and optional (B,) long / (B, num_classes) float classes -> (B, E)."""
         emb = self.noise_fc(sinusoidal_embedding(noise_labels, self.noise_channels))
         if self.class_fc is not None and class_labels is not None:
-            if class_labels.dtype in (torch.int32, torch.int64):
-                class_labels = F.one_hot(class_labels.long(), self.num_classes)
-            emb = emb + self.class_fc(class_labels.to(emb.dtype))
+            weights = class_weights(class_labels, self.num_classes)
+            emb = emb + self.class_fc(weights.to(emb.dtype))
         return self.out_fc(F.silu(emb))
 
 

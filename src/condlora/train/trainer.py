@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from condlora.build import build_data, build_denoiser, num_classes, resolve_data
 from condlora.config import Config, to_dict
 from condlora.data.augment import AugmentPipe
-from condlora.diffusion import Denoiser, one_hot_labels
+from condlora.diffusion import Denoiser
 from condlora.errors import CondloraError
 from condlora.generate import generate, labels_for
 from condlora.images import save_grid
+from condlora.labels import class_weights
 from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from condlora.train.ema import EMA
 
@@ -174,7 +175,7 @@ class Trainer:
         if p <= 0:
             return y
         keep = torch.rand(len(y), device=y.device) >= p  # the step-seeded generator
-        return one_hot_labels(y, num_classes(self.cfg)) * keep[:, None]
+        return class_weights(y, num_classes(self.cfg)) * keep[:, None]
 
     def save(self) -> None:
         """Checkpoint (main process only; others wait)."""
