@@ -7,7 +7,7 @@ from condlora.build import build_denoiser, build_net
 from condlora.config import load_config
 from condlora.diffusion import EDMPrecond, EpsPrecond
 from condlora.errors import ConfigError
-from condlora.lora import lora_layers
+from condlora.lora import lora_layers, merged
 
 from .conftest import CONFIGS
 
@@ -72,3 +72,35 @@ def test_unknown_choices_are_config_errors():
         build_denoiser(cfg_of("digits-baseline", "net.cond_mode=both"))
     with pytest.raises(ConfigError, match="objective"):
         build_denoiser(cfg_of("digits-baseline", "diffusion.objective=flow"))
+
+
+@pytest.mark.parametrize("name", ["digits-timelora.yaml", "digits-classlora.yaml"])
+def test_sampling_fast_path_merges_and_restores_exactly(name, tiny_overrides, monkeypatch):
+    denoiser = build_denoiser(load_config(CONFIGS / name, tiny_overrides)).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in denoiser.named_parameters():
+            if "lora_" in n or "omega" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    weights = {n: p.clone() for n, p in denoiser.state_dict().items()}
+    x = torch.randn(4, 1, 16, 16, generator=g)
+    same, mixed = torch.full((4,), 3), torch.tensor([0, 3, 3, 7])
+    merges = []
+
+    def counting_merged(*args, **kwargs):
+        merges.append(1)
+        return merged(*args, **kwargs)
+
+    monkeypatch.setattr("condlora.build.merged", counting_merged)
+    with torch.no_grad():
+        fast = denoiser(x, 0.8, class_labels=same)
+        assert len(merges) == 1  # one shared condition: merged
+        denoiser(x, 0.8, class_labels=mixed)
+        reads_class = "class" in name  # TimeLoRA ignores the class: it still merges
+        assert len(merges) == (1 if reads_class else 2)
+    calls = len(merges)
+    with torch.enable_grad():
+        slow = denoiser(x, 0.8, class_labels=same)  # gradients on: never merged
+    assert len(merges) == calls
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(p, weights[n]) for n, p in denoiser.state_dict().items())

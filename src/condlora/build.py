@@ -30,7 +30,7 @@ from condlora.diffusion import (
     make_precond,
 )
 from condlora.errors import ConfigError, DataError
-from condlora.lora import conditioning, inject
+from condlora.lora import conditioning, inject, lora_layers, merged
 from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
 
 DATA_SETS = {"digits": (1, 10), "cifar10": (3, 10), "folder": (3, None)}  # channels, classes
@@ -41,14 +41,31 @@ EMB_MODULES = {"small_unet": "embed", "adm": "time_embed", "ddpmpp": "map_act"}
 LORA_METHODS_SEEING_CLASS = ("class", "time+class", "uc")
 
 
+MERGEABLE_METHODS = ("time", "class", "time+class")  # w(c) known before the forward pass
+
+
+def _shared(x: torch.Tensor | None) -> bool:
+    """True if every row of x equals the first (None counts as shared)."""
+    return x is None or bool((x == x[:1]).all())
+
+
 class ConditionedNet(nn.Module):
-    """Calls the backbone inside `conditioning(...)`, deriving t from its noise label."""
+    """Calls the backbone inside `conditioning(...)`, deriving t from its noise label.
+
+    Sampling fast path: in eval mode without gradients, when the whole batch shares its
+    noise level and class, TimeLoRA / ClassLoRA updates are merged into the weights for the
+    call (and restored exactly after), so the adapters cost nothing per position.
+    """
 
     def __init__(self, net: nn.Module, precond: Preconditioner, pass_labels: bool) -> None:
         super().__init__()
         self.net = net
         self.precond = precond
         self.pass_labels = pass_labels  # does the backbone itself take class labels?
+        self.lora = list(lora_layers(net).values())
+        method = self.lora[0].state.config.method if self.lora else "none"
+        self.mergeable = method in MERGEABLE_METHODS
+        self.lora_reads_class = "class" in method
 
     def forward(
         self,
@@ -60,8 +77,14 @@ class ConditionedNet(nn.Module):
         """Backbone output with the LoRA condition (t, y) set for this call."""
         t = self.precond.time_of_label(noise_labels)
         extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+        labels = class_labels if self.pass_labels else None
+        fast = self.mergeable and not self.training and not torch.is_grad_enabled()
+        fast = fast and not any(layer.merged for layer in self.lora)  # merged by the user
+        if fast and _shared(t) and (not self.lora_reads_class or _shared(class_labels)):
+            y = None if class_labels is None else class_labels[:1]
+            with merged(self.net, t=t[:1], y=y):
+                return self.net(x, noise_labels, labels, **extra)
         with conditioning(self.net, t=t, y=class_labels):
-            labels = class_labels if self.pass_labels else None
             return self.net(x, noise_labels, labels, **extra)
 
 

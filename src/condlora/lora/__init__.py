@@ -18,7 +18,7 @@ from condlora.lora.composers import (
     hat_table,
 )
 from condlora.lora.config import METHODS, LoRAConfig
-from condlora.lora.context import conditioning, lora_layers, merge, unmerge
+from condlora.lora.context import conditioning, lora_layers, merge, merged, unmerge
 from condlora.lora.inject import (
     count_lora_parameters,
     inject,
@@ -48,6 +48,7 @@ __all__ = [
     "lora_parameters",
     "lora_state_dict",
     "merge",
+    "merged",
     "read_lora_config",
     "remove",
     "save_lora",

@@ -62,9 +62,19 @@ def merge(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None) -> No
 
 
 def unmerge(model: nn.Module) -> None:
-    """Exact inverse of `merge`."""
+    """Exact inverse of `merge` (the saved weights are restored, not the deltas subtracted)."""
     layers = list(lora_layers(model).values())
     if layers and not all(layer.merged for layer in layers):
         raise LoRAError("LoRA is not merged; nothing to unmerge")
     for layer in layers:
         layer.unmerge()
+
+
+@contextmanager
+def merged(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None) -> Iterator[None]:
+    """Fold the update at one condition into the weights for the block; undone exactly on exit."""
+    merge(model, t=t, y=y, emb=emb)
+    try:
+        yield
+    finally:
+        unmerge(model)

@@ -70,7 +70,9 @@ class CondLoRALayer(nn.Module):
         e_rows = m * rank if bias_per_rank else m
         self.lora_E = nn.Parameter(torch.zeros(e_rows, d_out, **kw)) if bias else None
         self.merged = False
-        self._merged: tuple[Tensor, Tensor | None, bool] | None = None  # (dW, db, created bias)
+        # while merged: copies of the base weight and bias to restore (exact, no rounding
+        # drift) and whether merge created the bias
+        self._merged: tuple[Tensor, Tensor | None, bool] | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -146,27 +148,31 @@ class CondLoRALayer(nn.Module):
         if self.merged:
             raise LoRAError("LoRA is already merged; call unmerge first")
         dw, db = self.get_delta_weight(w), self.get_delta_bias(w)
-        self.base_layer.weight.add_(dw)
-        created = db is not None and self.base_layer.bias is None
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        created = db is not None and bias is None
+        self._merged = (
+            weight.detach().clone(),
+            None if bias is None else bias.detach().clone(),
+            created,
+        )
+        weight.add_(dw)
         if created:
             self.base_layer.bias = nn.Parameter(db.clone(), requires_grad=False)
         elif db is not None:
-            self.base_layer.bias.add_(db)
-        self._merged = (dw, db, created)
+            bias.add_(db)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo `merge`: subtract the stored deltas, drop a bias that merge created."""
+        """Undo `merge` exactly: restore the saved weight and bias, drop a bias merge created."""
         if not self.merged:
             raise LoRAError("LoRA is not merged; nothing to unmerge")
-        dw, db, created = self._merged
-        weight = self.base_layer.weight
-        weight.sub_(dw.to(weight))
+        weight, bias, created = self._merged
+        self.base_layer.weight.copy_(weight)
         if created:
             self.base_layer.bias = None
-        elif db is not None:
-            self.base_layer.bias.sub_(db.to(self.base_layer.bias))
+        elif bias is not None:
+            self.base_layer.bias.copy_(bias)
         self._merged = None
         self.merged = False
 
