@@ -141,3 +141,20 @@ def test_lora_only_kept_embedding_is_only_read_by_hooks():
     net(x, noise, labels).square().mean().backward()
     for name, p in net.named_parameters():
         assert (p.grad is None) == name.startswith("embed."), name
+
+
+def test_patch_size_runs_levels_on_pixel_patches():
+    net = randomize(
+        SmallUNet(model_channels=8, channel_mult=(1, 2), attn_resolutions=(4,), patch_size=2)
+    )
+    x, noise, labels = inputs()
+    assert net(x, noise, labels).shape == x.shape
+    assert net.conv_in.in_channels == 4 and net.conv_out.out_channels == 4  # 2x2 patches
+    attn = [m for m in net.modules() if m.__class__.__name__ == "AttnBlock"]
+    assert attn  # attention sits at the 4x4 feature maps of a 16x16 input
+    # moving one pixel inside its 2x2 patch changes the output: patches are not averaged
+    x2 = x.clone()
+    x2[:, :, 0, 0], x2[:, :, 0, 1] = x[:, :, 0, 1], x[:, :, 0, 0]
+    assert not torch.allclose(net(x2, noise, labels), net(x, noise, labels))
+    with pytest.raises(ValueError, match="divisible"):
+        SmallUNet(img_resolution=12, channel_mult=(1, 2, 2), patch_size=2)

@@ -208,6 +208,7 @@ def _small_unet(cfg: Config, uses_embedding: bool, labels_in_net: bool) -> nn.Mo
         keep_embedding=uses_embedding,
         dropout=n.dropout,
         noise_channels=n.noise_channels,
+        patch_size=n.patch_size,
     )
 
 

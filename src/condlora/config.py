@@ -42,6 +42,7 @@ class NetConfig:
     num_blocks: int = 1  # residual blocks per level (decoder: one more)
     attn_resolutions: list[int] = field(default_factory=lambda: [8])  # where attention sits
     num_heads: int = 1  # attention heads
+    patch_size: int = 1  # small_unet: run on p x p pixel patches (1: on pixels)
     noise_channels: int | None = None  # noise-embedding width (None: the arch's own default)
     augment_dim: int = 0  # ddpmpp: width of the augmentation label (9 with EDM's augmentation)
     class_conditional: bool = True  # condition on the class label

@@ -199,15 +199,23 @@ class SmallUNet(nn.Module):
         dropout: float = 0.0,  # residual-block dropout
         emb_mult: int = 4,  # embedding width = model_channels * emb_mult
         noise_channels: int | None = None,  # sinusoid width (None: the embedding width)
+        patch_size: int = 1,  # p: the net runs on p x p pixel patches (pixel unshuffle)
     ) -> None:
         super().__init__()
         if cond_mode not in COND_MODES:
             raise ValueError(f"cond_mode must be one of {COND_MODES}, got {cond_mode!r}")
         levels = len(channel_mult)
-        if img_resolution % 2 ** (levels - 1):
-            raise ValueError(f"img_resolution {img_resolution} not divisible by 2^{levels - 1}")
+        if img_resolution % (patch_size * 2 ** (levels - 1)):
+            raise ValueError(
+                f"img_resolution {img_resolution} not divisible by patch_size x 2^{levels - 1}"
+            )
         self.img_resolution = img_resolution
         self.num_levels = levels
+        self.patch_size = patch_size
+        # Pixel unshuffle: p x p patches become channels, so every level runs at 1/p the
+        # resolution (attn_resolutions count feature-map sizes, after the unshuffle).
+        in_channels, out_channels = in_channels * patch_size**2, out_channels * patch_size**2
+        img_resolution //= patch_size
         self.num_classes = num_classes
         self.cond_mode = cond_mode
         self.emb_dim = model_channels * emb_mult
@@ -271,8 +279,10 @@ class SmallUNet(nn.Module):
         class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, Cin, H, W), noise_labels (B,), class_labels None/(B,)/(B, K) -> (B, Cout, H, W)."""
-        if x.shape[-1] % 2 ** (self.num_levels - 1) or x.shape[-2] % 2 ** (self.num_levels - 1):
-            raise ValueError(f"input {tuple(x.shape)} not divisible by 2^{self.num_levels - 1}")
+        size = self.patch_size * 2 ** (self.num_levels - 1)
+        if x.shape[-1] % size or x.shape[-2] % size:
+            raise ValueError(f"input {tuple(x.shape)} not divisible by {size}")
+        x = F.pixel_unshuffle(x, self.patch_size) if self.patch_size > 1 else x
         emb = None
         if self.embed is not None:
             emb = self.embed(noise_labels.reshape(-1), class_labels)
@@ -299,4 +309,5 @@ class SmallUNet(nn.Module):
             if "up" in layer:
                 h = layer["up"](h)
 
-        return self.conv_out(F.silu(self.norm_out(h)))
+        out = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(out, self.patch_size) if self.patch_size > 1 else out
