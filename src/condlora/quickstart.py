@@ -9,6 +9,7 @@ the held-out real digits, next to the same distance for real training digits
 
 from __future__ import annotations
 
+import sysconfig
 import time
 from pathlib import Path
 
@@ -34,12 +35,21 @@ MODELS = {"baseline": "digits-baseline.yaml", "uclora": "digits-uclora.yaml"}
 EVAL_SAMPLES = 1500  # as many as real training digits, so the real-to-real floor matches
 
 
+def config_dirs() -> list[Path]:
+    """Where shipped configs live: the checkout, ./configs, and an install's data folder."""
+    installed = Path(sysconfig.get_path("data")) / "share" / "condlora" / "configs"
+    return [CONFIG_DIR, Path.cwd() / "configs", installed]
+
+
 def find_config(name: str) -> Path:
-    """A shipped config by file name (repository checkout or installed package data)."""
-    for folder in (CONFIG_DIR, Path.cwd() / "configs"):
+    """A shipped config by file name (repository checkout or installed data files)."""
+    for folder in config_dirs():
         if (folder / name).is_file():
             return folder / name
-    raise CondloraError(f"cannot find configs/{name}: run quickstart from the repository root")
+    raise CondloraError(
+        f"cannot find configs/{name} (looked in {', '.join(map(str, config_dirs()))}): "
+        "run quickstart from the repository root"
+    )
 
 
 def _train_or_reuse(cfg: Config, out: Path, steps: int) -> float:
