@@ -23,6 +23,14 @@ TINY = [
 ]
 
 
+# Overrides that shrink the paper's CIFAR-10 configs (ADM: GroupNorm32 needs widths of 32).
+TINY_ADM = ["net.model_channels=32", "net.num_blocks=1", "net.channel_mult=[1, 2]"]
+TINY_ADM += ["net.attn_resolutions=[16]", "net.dropout=0"]
+TINY_EDM = ["net.model_channels=16", "net.num_blocks=1", "net.channel_mult=[1, 2]"]
+TINY_EDM += ["net.attn_resolutions=[16]", "net.dropout=0", "lora.mlp_widths=[16, 8]"]
+TINY_EDM += ["lora.mlp_groups=4"]
+
+
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)

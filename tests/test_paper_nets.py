@@ -14,7 +14,7 @@ from condlora.lora import conditioning, inject
 from condlora.nets import ADMUNet, DDPMppUNet
 from condlora.nets.adm import AttentionBlock
 from condlora.nets.ddpmpp import UNetBlock
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, TINY_ADM, TINY_EDM
 
 TABLE_1 = {  # the paper's Table 1: baseline, only LoRA, with LoRA
     "iddpm-uncond": (52546438, 47591440, 54880528),
@@ -72,13 +72,6 @@ def test_ddpmpp_block_matches_plain_reference():
     attn = (weights @ v.transpose(1, 2)).transpose(1, 2).reshape(2, 16, 4, 4)
     expected = (block.proj(attn) + h) / math.sqrt(2)
     torch.testing.assert_close(block(x, emb), expected, atol=1e-5, rtol=1e-5)
-
-
-TINY_ADM = ["net.model_channels=32", "net.num_blocks=1", "net.channel_mult=[1, 2]"]
-TINY_ADM += ["net.attn_resolutions=[16]", "net.dropout=0"]
-TINY_EDM = ["net.model_channels=16", "net.num_blocks=1", "net.channel_mult=[1, 2]"]
-TINY_EDM += ["net.attn_resolutions=[16]", "net.dropout=0", "lora.mlp_widths=[16, 8]"]
-TINY_EDM += ["lora.mlp_groups=4"]
 
 
 @pytest.mark.parametrize(

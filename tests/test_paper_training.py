@@ -11,14 +11,12 @@ from condlora.cli import main
 from condlora.config import load_config
 from condlora.data import load_digits_images
 from condlora.diffusion import IDDPMDenoiser, sample
+from tests import conftest
 from tests.conftest import CONFIGS
 
 DIGITS_32 = ["data.name=digits", "data.resolution=32", "data.path=null"]
-TINY_ADM = ["net.model_channels=32", "net.num_blocks=1", "net.channel_mult=[1, 2]"]
-TINY_ADM += ["net.attn_resolutions=[16]", "net.dropout=0", *DIGITS_32]
-TINY_EDM = ["net.model_channels=16", "net.num_blocks=1", "net.channel_mult=[1, 2]"]
-TINY_EDM += ["net.attn_resolutions=[16]", "net.dropout=0", "lora.mlp_widths=[16, 8]"]
-TINY_EDM += ["lora.mlp_groups=4", *DIGITS_32]
+TINY_ADM = [*conftest.TINY_ADM, *DIGITS_32]  # the paper nets, tiny, on 32x32 digits
+TINY_EDM = [*conftest.TINY_EDM, *DIGITS_32]
 
 
 @torch.no_grad()

@@ -32,9 +32,9 @@ from condlora.diffusion import (
 from condlora.errors import ConfigError, DataError
 from condlora.lora import conditioning, inject, lora_layers, merged
 from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
+from condlora.nets.unet import COND_MODES
 
 DATA_SETS = {"digits": (1, 10), "cifar10": (3, 10), "folder": (3, None)}  # channels, classes
-COND_MODES = ("scale_shift", "lora_only", "both")
 ARCHS = ("small_unet", "adm", "ddpmpp")
 # The module whose output is the backbone's condition embedding (UC-LoRA's input).
 EMB_MODULES = {"small_unet": "embed", "adm": "time_embed", "ddpmpp": "map_act"}

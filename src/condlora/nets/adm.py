@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.labels import class_weights
-from condlora.nets.unet import COND_MODES
+from condlora.nets.unet import check_unet_args
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -165,11 +165,8 @@ class ADMUNet(nn.Module):
         timestep_scale: float = 1.0,  # embed t * scale (IDDPM: 1000 / T, rescale_timesteps)
     ) -> None:
         super().__init__()
-        if cond_mode not in COND_MODES:
-            raise ValueError(f"cond_mode must be one of {COND_MODES}, got {cond_mode!r}")
         levels = len(channel_mult)
-        if img_resolution % 2 ** (levels - 1):
-            raise ValueError(f"img_resolution {img_resolution} not divisible by 2^{levels - 1}")
+        check_unet_args(cond_mode, img_resolution, levels)
         self.model_channels = model_channels
         self.timestep_scale = timestep_scale
         self.num_classes = num_classes

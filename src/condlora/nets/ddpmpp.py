@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.labels import class_weights
-from condlora.nets.unet import COND_MODES
+from condlora.nets.unet import check_unet_args
 
 
 def edm_group_norm(channels: int) -> nn.GroupNorm:
@@ -135,11 +135,8 @@ class DDPMppUNet(nn.Module):
         emb_mult: int = 4,  # embedding width = model_channels * emb_mult
     ) -> None:
         super().__init__()
-        if cond_mode not in COND_MODES:
-            raise ValueError(f"cond_mode must be one of {COND_MODES}, got {cond_mode!r}")
         levels = len(channel_mult)
-        if img_resolution % 2 ** (levels - 1):
-            raise ValueError(f"img_resolution {img_resolution} not divisible by 2^{levels - 1}")
+        check_unet_args(cond_mode, img_resolution, levels)
         self.num_classes = num_classes
         self.cond_mode = cond_mode
         self.noise_channels = noise_channels or model_channels

@@ -29,6 +29,20 @@ from condlora.labels import class_weights
 COND_MODES = ("scale_shift", "lora_only", "both")
 
 
+def check_unet_args(
+    cond_mode: str, img_resolution: int, num_levels: int, patch_size: int = 1
+) -> None:
+    """Raise ValueError for an unknown cond_mode or a size the levels cannot halve evenly."""
+    if cond_mode not in COND_MODES:
+        raise ValueError(f"cond_mode must be one of {COND_MODES}, got {cond_mode!r}")
+    factor = patch_size * 2 ** (num_levels - 1)
+    if img_resolution % factor:
+        patch = f"patch_size {patch_size} x " if patch_size > 1 else ""
+        raise ValueError(
+            f"img_resolution {img_resolution} not divisible by {patch}2^{num_levels - 1}"
+        )
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters of `module`."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -202,13 +216,8 @@ class SmallUNet(nn.Module):
         patch_size: int = 1,  # p: the net runs on p x p pixel patches (pixel unshuffle)
     ) -> None:
         super().__init__()
-        if cond_mode not in COND_MODES:
-            raise ValueError(f"cond_mode must be one of {COND_MODES}, got {cond_mode!r}")
         levels = len(channel_mult)
-        if img_resolution % (patch_size * 2 ** (levels - 1)):
-            raise ValueError(
-                f"img_resolution {img_resolution} not divisible by patch_size x 2^{levels - 1}"
-            )
+        check_unet_args(cond_mode, img_resolution, levels, patch_size)
         self.img_resolution = img_resolution
         self.num_levels = levels
         self.patch_size = patch_size
