@@ -13,19 +13,13 @@ import sysconfig
 import time
 from pathlib import Path
 
-import torch
-
 from condlora.build import build_data
 from condlora.config import Config, load_config
 from condlora.errors import CondloraError
+from condlora.evaluate import digits_classifier
 from condlora.generate import generate, labels_for, load_run
 from condlora.images import save_grid
-from condlora.metrics import (
-    digits_metrics,
-    load_classifier,
-    save_classifier,
-    train_digits_classifier,
-)
+from condlora.metrics import digits_metrics
 from condlora.params import parameter_summary
 from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_step
 from condlora.train.trainer import train
@@ -63,15 +57,6 @@ def _train_or_reuse(cfg: Config, out: Path, steps: int) -> float:
     return time.time() - start
 
 
-def _classifier(out: Path, train_x: torch.Tensor, train_y: torch.Tensor) -> torch.nn.Module:
-    path = out / "classifier.safetensors"
-    if path.is_file():
-        return load_classifier(path)
-    model = train_digits_classifier(train_x, train_y)
-    save_classifier(model, path)
-    return model
-
-
 def run_quickstart(out: Path, steps: int | None = None) -> Path:
     """Train, sample and evaluate both models; write `report.md` in `out`; return its path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -84,9 +69,9 @@ def run_quickstart(out: Path, steps: int | None = None) -> Path:
         rows.append({"name": name, "config": file, "steps": n_steps, "train_seconds": seconds})
 
     cfg = load_config(find_config(MODELS["baseline"]))
-    (train_x, train_y), (hold_x, _) = build_data(cfg)
-    print("[quickstart] training the digits classifier that judges the samples")
-    classifier = _classifier(out, train_x, train_y)
+    (train_x, _), (hold_x, _) = build_data(cfg)
+    print("[quickstart] the digits classifier that judges the samples")
+    classifier = digits_classifier(cfg, out)  # trained once (seeded), cached in `out`
     floor = digits_metrics(classifier, train_x[:EVAL_SAMPLES], None, hold_x)["frechet_distance"]
 
     for row in rows:
