@@ -15,6 +15,8 @@ from condlora.metrics import (
     frechet_distance,
     frechet_distance_of,
     frechet_metric,
+    frechet_of_features,
+    frechet_to_stats,
     gaussian_stats,
     load_fid_inception,
 )
@@ -189,6 +191,17 @@ def test_frechet_with_digits_classifier_features():
     with torch.no_grad():
         ref = frechet_distance(*gaussian_stats(clf.features(a)), *gaussian_stats(clf.features(b)))
     assert fd == pytest.approx(ref, rel=1e-3, abs=1e-5)
+
+
+def test_frechet_of_features_and_of_cached_stats_match_the_plain_formula():
+    gen = torch.Generator().manual_seed(1)
+    real = torch.randn(300, 6, generator=gen).double() * 2
+    fake = torch.randn(250, 6, generator=gen).double() + 0.3
+    expected = frechet_distance(*gaussian_stats(fake), *gaussian_stats(real))
+    assert frechet_of_features(real, fake) == pytest.approx(expected, rel=1e-9)
+    mu, sigma = gaussian_stats(real)  # what the reference cache keeps
+    assert frechet_to_stats(fake, mu, sigma, len(real)) == pytest.approx(expected, rel=1e-9)
+    assert abs(frechet_of_features(real, real)) < 1e-6
 
 
 def test_adapter_handles_torchmetrics_inputs():

@@ -34,9 +34,9 @@ from condlora.errors import CondloraError
 from condlora.generate import generate, labels_for, load_run
 from condlora.metrics import (
     DigitsClassifier,
+    class_accuracy,
     classifier_outputs,
-    frechet_distance,
-    gaussian_stats,
+    frechet_to_stats,
     load_classifier,
     load_fid_inception,
     save_classifier,
@@ -189,15 +189,14 @@ def score(judge: Judge, samples: torch.Tensor, labels: torch.Tensor | None, seed
     """FD, KID, class accuracy and the floor of `samples` (labels: the requested classes)."""
     features = extract_features(judge.feature, samples)
     ref = judge.reference
-    fd = frechet_distance(*gaussian_stats(features), ref.mu, ref.sigma)
+    fd = frechet_to_stats(features, ref.mu, ref.sigma, ref.num_real)
     kid_mean, kid_std, subset = kid_from_features(
         ref.kid_features, features, seed=seed, gamma=ref.kid_gamma
     )
     accuracy = None
     if judge.classifier is not None and labels is not None:
         _, logits = classifier_outputs(judge.classifier, samples)
-        wanted = labels.argmax(dim=1) if labels.ndim == 2 else labels
-        accuracy = (logits.argmax(dim=1) == wanted.long()).double().mean().item()
+        accuracy = class_accuracy(logits, labels)
     floor = floor_at_sizes(ref.floor, len(samples), ref.num_real)
     out = {"fd": fd, "kid_mean": kid_mean, "kid_std": kid_std}
     if judge.feature.name == "inception":

@@ -6,11 +6,12 @@ from condlora.metrics.classifier import (
     save_classifier,
     train_digits_classifier,
 )
-from condlora.metrics.digits import classifier_outputs, digits_metrics
+from condlora.metrics.digits import class_accuracy, classifier_outputs, digits_metrics
 from condlora.metrics.frechet import frechet_distance, gaussian_stats
 
 __all__ = [
     "DigitsClassifier",
+    "class_accuracy",
     "classifier_outputs",
     "digits_metrics",
     "frechet_distance",
@@ -20,7 +21,13 @@ __all__ = [
     "train_digits_classifier",
 ]
 
-from condlora.metrics.fid import FeatureAdapter, frechet_distance_of, frechet_metric  # noqa: E402
+from condlora.metrics.fid import (  # noqa: E402
+    FeatureAdapter,
+    frechet_distance_of,
+    frechet_metric,
+    frechet_of_features,
+    frechet_to_stats,
+)
 from condlora.metrics.inception import FIDInception, load_fid_inception  # noqa: E402
 
 __all__ += [
@@ -28,6 +35,8 @@ __all__ += [
     "FeatureAdapter",
     "frechet_distance_of",
     "frechet_metric",
+    "frechet_of_features",
+    "frechet_to_stats",
     "load_fid_inception",
 ]
 

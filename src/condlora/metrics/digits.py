@@ -4,7 +4,7 @@ import torch
 
 from condlora.errors import DataError
 from condlora.metrics.classifier import DigitsClassifier
-from condlora.metrics.frechet import frechet_distance, gaussian_stats
+from condlora.metrics.fid import frechet_of_features
 
 
 @torch.no_grad()
@@ -41,9 +41,12 @@ def digits_metrics(
         raise DataError(f"{len(samples)} samples but {len(labels)} labels")
     sample_features, logits = classifier_outputs(classifier, samples)
     reference_features, _ = classifier_outputs(classifier, reference)
-    accuracy = None
-    if labels is not None:
-        wanted = labels.argmax(dim=1) if labels.ndim == 2 else labels
-        accuracy = (logits.argmax(dim=1) == wanted.cpu().long()).double().mean().item()
-    fd = frechet_distance(*gaussian_stats(sample_features), *gaussian_stats(reference_features))
+    accuracy = None if labels is None else class_accuracy(logits, labels)
+    fd = frechet_of_features(reference_features, sample_features)
     return {"class_accuracy": accuracy, "frechet_distance": fd}
+
+
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose argmax is the requested class (long (N,) or (N, K) weights)."""
+    wanted = labels.argmax(dim=1) if labels.ndim == 2 else labels
+    return (logits.argmax(dim=1) == wanted.cpu().long()).double().mean().item()

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from condlora.errors import DataError
-from condlora.metrics.frechet import frechet_distance, gaussian_stats
+from condlora.metrics.fid import frechet_of_features
+from condlora.metrics.frechet import gaussian_stats
 from condlora.metrics.kid import kid_from_features, kid_gamma
 from condlora.weights_file import read_weights, write_weights
 
@@ -59,7 +60,7 @@ def real_floor(
         a, b = features[perm[:half]], features[perm[half:]]
         if halves is None:
             halves = (a, b)
-        fds.append(frechet_distance(*gaussian_stats(a), *gaussian_stats(b)))
+        fds.append(frechet_of_features(a, b))
     kid_mean, kid_std, _ = kid_from_features(
         *halves, subsets=FLOOR_KID_SUBSETS, seed=seed, gamma=gamma
     )
