@@ -192,60 +192,52 @@ def build_net(cfg: Config) -> nn.Module:
         raise ConfigError(f"net: {err}") from None
 
 
+def _shared_net_args(cfg: Config) -> dict:
+    """Constructor arguments that every U-Net takes from the config in the same way."""
+    n = cfg.net
+    return {
+        "img_resolution": cfg.data.resolution,
+        "in_channels": image_channels(cfg),
+        "model_channels": n.model_channels,
+        "channel_mult": tuple(n.channel_mult),
+        "num_blocks": n.num_blocks,
+        "attn_resolutions": tuple(n.attn_resolutions),
+        "cond_mode": n.cond_mode,
+        "dropout": n.dropout,
+    }
+
+
 def _small_unet(cfg: Config, uses_embedding: bool, labels_in_net: bool) -> nn.Module:
     n = cfg.net
     return SmallUNet(
-        img_resolution=cfg.data.resolution,
-        in_channels=image_channels(cfg),
+        **_shared_net_args(cfg),
         out_channels=image_channels(cfg),
-        model_channels=n.model_channels,
-        channel_mult=tuple(n.channel_mult),
-        num_blocks=n.num_blocks,
-        attn_resolutions=tuple(n.attn_resolutions),
         num_heads=n.num_heads,
         num_classes=num_classes(cfg) if labels_in_net else 0,
-        cond_mode=n.cond_mode,
         keep_embedding=uses_embedding,
-        dropout=n.dropout,
         noise_channels=n.noise_channels,
         patch_size=n.patch_size,
     )
 
 
 def _adm(cfg: Config) -> nn.Module:
-    n, channels = cfg.net, image_channels(cfg)
-    learned_variance = cfg.diffusion.objective == "iddpm"
+    learned_variance = cfg.diffusion.objective == "iddpm"  # epsilon and variance channels
     return ADMUNet(
-        img_resolution=cfg.data.resolution,
-        in_channels=channels,
-        out_channels=2 * channels if learned_variance else channels,
-        model_channels=n.model_channels,
-        channel_mult=tuple(n.channel_mult),
-        num_blocks=n.num_blocks,
-        attn_resolutions=tuple(n.attn_resolutions),
-        num_heads=n.num_heads,
-        num_classes=num_classes(cfg) if n.cond_mode != "lora_only" else 0,
-        cond_mode=n.cond_mode,
-        dropout=n.dropout,
+        **_shared_net_args(cfg),
+        out_channels=image_channels(cfg) * (2 if learned_variance else 1),
+        num_heads=cfg.net.num_heads,
+        num_classes=num_classes(cfg) if cfg.net.cond_mode != "lora_only" else 0,
         timestep_scale=1000 / cfg.diffusion.num_timesteps,  # as IDDPM's rescale_timesteps
     )
 
 
 def _ddpmpp(cfg: Config) -> nn.Module:
-    n, channels = cfg.net, image_channels(cfg)
     return DDPMppUNet(
-        img_resolution=cfg.data.resolution,
-        in_channels=channels,
-        out_channels=channels,
-        model_channels=n.model_channels,
-        channel_mult=tuple(n.channel_mult),
-        num_blocks=n.num_blocks,
-        attn_resolutions=tuple(n.attn_resolutions),
+        **_shared_net_args(cfg),
+        out_channels=image_channels(cfg),
         num_classes=num_classes(cfg),
-        augment_dim=n.augment_dim,
-        cond_mode=n.cond_mode,
-        dropout=n.dropout,
-        noise_channels=n.noise_channels,
+        augment_dim=cfg.net.augment_dim,
+        noise_channels=cfg.net.noise_channels,
     )
 
 
