@@ -11,7 +11,7 @@ from condlora.config import load_config
 from condlora.errors import CondloraError
 from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from condlora.train.ema import EMA
-from condlora.train.trainer import Trainer, batch_indices, train
+from condlora.train.trainer import Trainer, adamw, batch_indices, train
 
 from .conftest import CONFIGS
 
@@ -40,6 +40,36 @@ def test_ema_matches_plain_formula():
     expected = 0.9 * before + 0.1 * model.weight
     assert torch.allclose(ema.model.weight, expected, atol=1e-6)
     assert ema.decay_at(0) == pytest.approx(0.1)
+
+
+def test_adamw_is_fused_and_matches_the_update_written_out():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(5, 3))
+    opt = adamw([param], lr=1e-2, weight_decay=0.1)
+    assert opt.defaults["fused"]  # this torch build fuses AdamW on the CPU
+    p, m, v = param.detach().clone(), torch.zeros(5, 3), torch.zeros(5, 3)
+    b1, b2, eps, lr, wd = 0.9, 0.999, 1e-8, 1e-2, 0.1
+    for step in range(1, 4):
+        grad = torch.randn(5, 3)
+        param.grad = grad.clone()
+        opt.step()
+        # AdamW (Loshchilov & Hutter): decoupled decay, then the bias-corrected Adam step
+        m, v = b1 * m + (1 - b1) * grad, b2 * v + (1 - b2) * grad**2
+        p = p * (1 - lr * wd)
+        p = p - lr * (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps)
+    assert torch.allclose(param.detach(), p, atol=1e-6)
+
+
+def test_adamw_falls_back_where_fused_is_refused(monkeypatch):
+    class OldAdamW(torch.optim.AdamW):  # as torch < 2.4 answers fused=True for CPU tensors
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires ... supported devices: ['cuda']")
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", OldAdamW)
+    opt = adamw([torch.nn.Parameter(torch.ones(2))], lr=1e-3, weight_decay=0.0)
+    assert isinstance(opt, OldAdamW) and not opt.defaults["fused"]
 
 
 @pytest.mark.parametrize("name", ["digits-uclora.yaml", "digits-classlora.yaml"])
