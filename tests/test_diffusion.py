@@ -20,6 +20,8 @@ from condlora.diffusion import (
 )
 from condlora.errors import ConfigError
 
+from .conftest import FixedOutput
+
 PRECONDS = {
     "edm": lambda: make_precond("edm"),
     "ddpm": lambda: make_precond("ddpm", "linear"),
@@ -179,17 +181,6 @@ def test_sample_sigma(name):
     torch.testing.assert_close(p.sample_sigma(20000, generator=g2), s)
 
 
-class TrueTarget(nn.Module):
-    """A "net" that returns a fixed tensor (the true eps or v)."""
-
-    def __init__(self, out):
-        super().__init__()
-        self.out = out
-
-    def forward(self, x, noise_labels):
-        return self.out
-
-
 @pytest.mark.parametrize("name", ["ddpm", "v"])
 def test_true_target_recovers_x0(name):
     p = PRECONDS[name]()
@@ -202,7 +193,7 @@ def test_true_target_recovers_x0(name):
     else:
         target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
     sigma = p.sigmas[t].float()
-    d = Denoiser(TrueTarget(target), p)
+    d = Denoiser(FixedOutput(target), p)
     torch.testing.assert_close(d(x0 + sigma[:, None] * eps, sigma), x0, atol=1e-5, rtol=0)
 
 

@@ -27,6 +27,8 @@ from condlora.diffusion.iddpm import (
 )
 from condlora.errors import ConfigError
 
+from .conftest import FixedOutput
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 T = 4000
@@ -55,17 +57,6 @@ def reference_abar(num_timesteps):
     return betas, torch.cumprod(1 - betas, 0)
 
 
-class Fixed(nn.Module):
-    """A "net" that returns a fixed tensor (eps and v channels)."""
-
-    def __init__(self, out):
-        super().__init__()
-        self.out = out
-
-    def forward(self, x, noise_labels):
-        return self.out
-
-
 # --- schedule and respacing --------------------------------------------------------------------
 
 
@@ -90,7 +81,7 @@ def test_space_timesteps_edges(precond):
 def test_cosine_schedule_matches_reference_and_diffusers(precond):
     assert isinstance(precond, IDDPMPrecond) and precond.num_timesteps == T
     betas, abar = reference_abar(T)
-    chain = IDDPMDenoiser(Fixed(None), precond).chain
+    chain = IDDPMDenoiser(FixedOutput(None), precond).chain
     torch.testing.assert_close(chain.abar, abar, rtol=1e-9, atol=1e-15)
     torch.testing.assert_close(chain.betas, betas, rtol=1e-6, atol=0)
     torch.testing.assert_close(alphas_cumprod(cosine_betas(T)), abar, rtol=1e-12, atol=0)
@@ -124,7 +115,7 @@ def test_respaced_chain_tables(precond, k):
 
 
 def test_learned_range_endpoints(precond):
-    chain = IDDPMDenoiser(Fixed(None), precond).chain
+    chain = IDDPMDenoiser(FixedOutput(None), precond).chain
     t = torch.tensor([0, 1, 7, 2000, 3999])
     x = torch.randn(5, 2, 3, 3)
     eps = torch.randn_like(x)
@@ -174,7 +165,7 @@ def test_vb_terms_match_reference(precond):
     noise = torch.randn(x0.shape, generator=g)
     eps, v = torch.randn(x0.shape, generator=g), torch.rand(x0.shape, generator=g) * 2 - 1
     t = torch.tensor([0, 1, 500, 3999])
-    d = IDDPMDenoiser(Fixed(torch.cat([eps, v], dim=1)), precond)
+    d = IDDPMDenoiser(FixedOutput(torch.cat([eps, v], dim=1)), precond)
     terms = d.loss_terms(x0, noise=noise, timesteps=t)
     for i, ti in enumerate(t.tolist()):
         a, b = abar[ti].item(), betas[ti].item()
@@ -202,7 +193,7 @@ def test_loss_sigma_timesteps_and_errors(precond):
     g = torch.Generator().manual_seed(3)
     x0 = torch.rand(4, 2, 3, 3, generator=g) * 2 - 1
     noise = torch.randn(x0.shape, generator=g)
-    d = IDDPMDenoiser(Fixed(torch.randn(4, 4, 3, 3, generator=g)), precond)
+    d = IDDPMDenoiser(FixedOutput(torch.randn(4, 4, 3, 3, generator=g)), precond)
     t = torch.tensor([0, 3, 900, 3999])
     by_t = d.loss(x0, noise=noise, timesteps=t)
     by_sigma = d.loss(x0, noise=noise, sigma=precond.sigmas[t].float())
@@ -216,9 +207,9 @@ def test_loss_sigma_timesteps_and_errors(precond):
     with pytest.raises(ConfigError, match="0..3999"):
         d.loss(x0, timesteps=4000)
     with pytest.raises(ConfigError, match="2 x 2 output channels"):
-        IDDPMDenoiser(Fixed(x0), precond).loss(x0)
+        IDDPMDenoiser(FixedOutput(x0), precond).loss(x0)
     with pytest.raises(ConfigError, match="EpsPrecond"):
-        IDDPMDenoiser(Fixed(x0), make_precond("v"))
+        IDDPMDenoiser(FixedOutput(x0), make_precond("v"))
 
 
 class TwoHeads(nn.Module):
@@ -387,7 +378,7 @@ def test_eps_channels_drive_the_other_samplers(precond):
 
 
 def test_iddpm_sampler_errors(precond):
-    plain = Denoiser(Fixed(None), precond)
+    plain = Denoiser(FixedOutput(None), precond)
     with pytest.raises(ConfigError, match="IDDPMDenoiser"):
         sample(plain, (2, 3), sampler="iddpm", steps=3)
     d = IDDPMDenoiser(Oracle(precond, space_timesteps(T, 3)), precond)
