@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from condlora.build import build_denoiser
-from condlora.config import load_config
+from condlora.conditioning.build import build_denoiser
+from condlora.conditioning.config import load_config
 from condlora.data import load_cifar10
 from condlora.diffusion import sample
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from condlora.build import build_data, build_denoiser
-from condlora.config import load_config
+from condlora.conditioning.build import build_data, build_denoiser
+from condlora.conditioning.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NAMES = ["baseline", "timelora", "classlora", "uclora", "onlylora"]

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from condlora.core.errors import ConfigError, DataError
 from condlora.data import AUGMENT_DIM, AugmentPipe
 from condlora.data.augment import affine_warp, rotation, scaling, translation
-from condlora.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

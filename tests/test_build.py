@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from condlora.build import build_denoiser, build_net
-from condlora.config import load_config
+from condlora.conditioning.build import build_denoiser, build_net
+from condlora.conditioning.config import load_config
+from condlora.core.errors import ConfigError
 from condlora.diffusion import EDMPrecond, EpsPrecond
-from condlora.errors import ConfigError
 from condlora.lora import lora_layers, merged
 
 from .conftest import CONFIGS
@@ -91,7 +91,7 @@ def test_sampling_fast_path_merges_and_restores_exactly(name, tiny_overrides, mo
         merges.append(1)
         return merged(*args, **kwargs)
 
-    monkeypatch.setattr("condlora.build.merged", counting_merged)
+    monkeypatch.setattr("condlora.conditioning.build.merged", counting_merged)
     with torch.no_grad():
         fast = denoiser(x, 0.8, class_labels=same)
         assert len(merges) == 1  # one shared condition: merged

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from condlora.build import build_denoiser
 from condlora.cli import main
-from condlora.config import load_config
+from condlora.conditioning.build import build_denoiser
+from condlora.conditioning.config import load_config
 from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 
 from .conftest import CONFIGS, REPO
@@ -88,7 +88,7 @@ def test_lora_only_without_a_class_path_is_refused(capsys):
 
 
 def test_sampled_labels_follow_the_request(tmp_path, tiny_overrides):
-    from condlora.generate import labels_for
+    from condlora.conditioning.generate import labels_for
 
     cfg = load_config(CONFIGS / "digits-baseline.yaml", tiny_overrides)
     assert labels_for(cfg, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from condlora.core.errors import DataError
 from condlora.data import load_digits_images, stratified_split
-from condlora.errors import DataError
 
 
 @pytest.mark.parametrize("res", [8, 16, 32])

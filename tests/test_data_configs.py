@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from condlora.build import build_data, num_classes, resolve_data
 from condlora.cli import main
-from condlora.config import load_config
-from condlora.errors import ConfigError
+from condlora.conditioning.build import build_data, num_classes, resolve_data
+from condlora.conditioning.config import load_config
+from condlora.core.errors import ConfigError
 
 from .conftest import CONFIGS
 from .test_data_files import _write_cifar

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from condlora.core.errors import DataError
 from condlora.data import CIFAR10_CLASSES, load_cifar10, load_image_folder
-from condlora.errors import DataError
 
 PER_BATCH = 4
 BATCHES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"]

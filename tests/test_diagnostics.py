@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from condlora.build import build_denoiser
-from condlora.config import load_config
-from condlora.diagnostics import (
+from condlora.conditioning.build import build_denoiser
+from condlora.conditioning.config import load_config
+from condlora.conditioning.generate import generate
+from condlora.evaluation.diagnostics import (
     class_mix_weights,
     class_scale_weights,
     has_class_lora,
@@ -16,7 +17,6 @@ from condlora.diagnostics import (
     time_similarity,
     time_tables,
 )
-from condlora.generate import generate
 from condlora.lora import TimeComposer, hat_table
 
 from .conftest import CONFIGS, TINY

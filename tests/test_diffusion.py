@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from condlora.core.errors import ConfigError
 from condlora.diffusion import (
     Denoiser,
     EDMPrecond,
@@ -18,7 +19,6 @@ from condlora.diffusion import (
     make_precond,
     sample,
 )
-from condlora.errors import ConfigError
 
 from .conftest import FixedOutput
 

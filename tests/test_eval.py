@@ -8,13 +8,13 @@ import pytest
 import torch
 from scipy import linalg
 
-import condlora.evaluate as evaluate
+import condlora.evaluation.evaluate as evaluate
 import condlora.metrics.reference as reference
-from condlora.build import build_data
 from condlora.cli import main
-from condlora.config import load_config
+from condlora.conditioning.build import build_data
+from condlora.conditioning.config import load_config
+from condlora.conditioning.generate import generate, labels_for, load_run
 from condlora.data import load_digits_images
-from condlora.generate import generate, labels_for, load_run
 from condlora.metrics import load_classifier, save_classifier, train_digits_classifier
 from condlora.metrics.kid import kid_from_features
 from condlora.metrics.reference import floor_at_sizes

@@ -7,14 +7,14 @@ import pytest
 import yaml
 from PIL import Image
 
-import condlora.experiment as experiment
+import condlora.evaluation.experiment as experiment
 import condlora.metrics.reference as reference
-from condlora.build import build_data, build_denoiser
 from condlora.cli import main
-from condlora.config import load_config
-from condlora.evaluate import CLASSIFIER_FILE
+from condlora.conditioning.build import build_data, build_denoiser
+from condlora.conditioning.config import load_config
+from condlora.evaluation.evaluate import CLASSIFIER_FILE
+from condlora.evaluation.report import mean_std, read_jsonl
 from condlora.metrics import save_classifier, train_digits_classifier
-from condlora.report import mean_std, read_jsonl
 from condlora.train.checkpoint import checkpoint_step
 
 from .conftest import CONFIGS, REPO, TINY

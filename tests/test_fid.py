@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from scipy import linalg
 from torch import nn
 
-from condlora.errors import DataError
+from condlora.core.errors import DataError
 from condlora.metrics import (
     DigitsClassifier,
     FeatureAdapter,

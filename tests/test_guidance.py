@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from condlora.build import build_denoiser
-from condlora.config import load_config
+from condlora.conditioning.build import build_denoiser
+from condlora.conditioning.config import load_config
+from condlora.core.errors import CondloraError
+from condlora.core.labels import class_weights
 from condlora.diffusion import GuidedDenoiser
-from condlora.errors import CondloraError
-from condlora.labels import class_weights
 from condlora.train.trainer import Trainer
 
 from .conftest import CONFIGS

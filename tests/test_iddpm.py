@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
+from condlora.core.errors import ConfigError
 from condlora.diffusion import (
     Denoiser,
     IDDPMDenoiser,
@@ -25,7 +26,6 @@ from condlora.diffusion.iddpm import (
     learned_log_variance,
     normal_kl,
 )
-from condlora.errors import ConfigError
 
 from .conftest import FixedOutput
 

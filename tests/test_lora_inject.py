@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from condlora.errors import LoRAError
+from condlora.core.errors import LoRAError
 from condlora.lora import (
     METHODS,
     CondLoRALayer,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from condlora.core.errors import DataError
 from condlora.data import load_digits_images, stratified_split
-from condlora.errors import DataError
 from condlora.metrics import (
     DigitsClassifier,
     digits_metrics,

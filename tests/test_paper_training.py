@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from condlora.build import build_denoiser
 from condlora.cli import main
-from condlora.config import load_config
+from condlora.conditioning.build import build_denoiser
+from condlora.conditioning.config import load_config
 from condlora.data import load_digits_images
 from condlora.diffusion import IDDPMDenoiser, sample
 from tests import conftest

@@ -4,8 +4,8 @@ import sysconfig
 
 import pytest
 
-from condlora import quickstart
-from condlora.errors import CondloraError
+from condlora.core.errors import CondloraError
+from condlora.evaluation import quickstart
 
 from .conftest import CONFIGS
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from condlora.config import load_config
-from condlora.errors import CondloraError
+from condlora.conditioning.config import load_config
+from condlora.core.errors import CondloraError
 from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from condlora.train.ema import EMA
 from condlora.train.trainer import Trainer, adamw, batch_indices, train

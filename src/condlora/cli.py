@@ -7,13 +7,13 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from condlora.errors import CondloraError
+from condlora.core.errors import CondloraError
 
 # Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
 
 
 def _train(args: argparse.Namespace) -> None:
-    from condlora.config import load_config
+    from condlora.conditioning.config import load_config
     from condlora.train.trainer import train
 
     cfg = load_config(args.config, args.overrides)
@@ -23,8 +23,8 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from condlora.generate import generate, labels_for, load_run
-    from condlora.images import save_grid
+    from condlora.conditioning.generate import generate, labels_for, load_run
+    from condlora.core.images import save_grid
 
     if args.num < 1:
         raise CondloraError(f"--num must be at least 1, got {args.num}")
@@ -48,9 +48,9 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from condlora.build import build_denoiser
-    from condlora.config import load_config
-    from condlora.params import parameter_summary
+    from condlora.conditioning.build import build_denoiser
+    from condlora.conditioning.config import load_config
+    from condlora.conditioning.param_counts import parameter_summary
 
     cfg = load_config(args.config, args.overrides)
     for key, value in parameter_summary(build_denoiser(cfg)).items():
@@ -58,14 +58,14 @@ def _info(args: argparse.Namespace) -> None:
 
 
 def _quickstart(args: argparse.Namespace) -> None:
-    from condlora.quickstart import run_quickstart
+    from condlora.evaluation.quickstart import run_quickstart
 
     report = run_quickstart(Path(args.out), steps=args.steps)
     print(f"report: {report}")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from condlora.evaluate import evaluate_run, summary_line
+    from condlora.evaluation.evaluate import evaluate_run, summary_line
 
     metrics = evaluate_run(
         args.run,
@@ -93,7 +93,7 @@ def _seed_list(text: str) -> list[int]:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    from condlora.experiment import load_experiment, run_experiment
+    from condlora.evaluation.experiment import load_experiment, run_experiment
 
     seeds = _seed_list(args.seeds) if args.seeds else None
     exp, variants = load_experiment(args.file, steps=args.steps, seeds=seeds, num=args.num)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from condlora.errors import ConfigError, DataError
+from condlora.core.errors import ConfigError, DataError
 
 AUGMENT_DIM = 9  # length of the augment label vector
 

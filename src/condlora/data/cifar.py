@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from condlora.errors import DataError
+from condlora.core.errors import DataError
 
 CIFAR10_CLASSES = (
     "airplane",

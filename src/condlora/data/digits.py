@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from condlora.errors import DataError
+from condlora.core.errors import DataError
 
 NUM_DIGITS = 1797
 NUM_CLASSES = 10

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from condlora.errors import DataError
+from condlora.core.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from condlora.errors import DataError
+from condlora.core.errors import DataError
 
 
 def stratified_split(

@@ -3,8 +3,8 @@
 import torch
 from torch import Tensor, nn
 
+from condlora.core.labels import class_weights
 from condlora.diffusion.objectives import Denoiser
-from condlora.labels import class_weights
 
 
 class GuidedDenoiser(nn.Module):

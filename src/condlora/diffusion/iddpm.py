@@ -24,10 +24,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from condlora.core.errors import ConfigError
 from condlora.diffusion.objectives import Denoiser, _bcast, _sigma_like
 from condlora.diffusion.precond import SCHEDULES, DiscretePrecond, EpsPrecond, _randn
 from condlora.diffusion.schedules import alphas_cumprod
-from condlora.errors import ConfigError
 
 IDDPM_TIMESTEPS = 4000  # T of the paper's CIFAR-10 / ImageNet runs
 LN2 = math.log(2.0)

@@ -12,8 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from condlora.core.errors import ConfigError
 from condlora.diffusion.schedules import alphas_cumprod, cosine_betas, karras_sigmas, linear_betas
-from condlora.errors import ConfigError
 
 
 def _as_tensor(sigma: Tensor | float, device: torch.device | None = None) -> Tensor:

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from condlora.core.errors import ConfigError
 from condlora.diffusion.iddpm import sample_iddpm
 from condlora.diffusion.objectives import Denoiser
 from condlora.diffusion.precond import _randn
-from condlora.errors import ConfigError
 
 
 def _floats(sigmas: Tensor) -> list[float]:

@@ -11,8 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from condlora import labels
-from condlora.errors import CondloraError, LoRAError
+from condlora.core import labels
+from condlora.core.errors import CondloraError, LoRAError
 from condlora.lora.config import LoRAConfig
 
 
@@ -33,7 +33,7 @@ def time_input(t: Tensor | float) -> Tensor:
 
 
 def class_weights(y: Tensor | int, num_classes: int) -> Tensor:
-    """`condlora.labels.class_weights`, with a bad shape reported as a LoRAError."""
+    """`condlora.core.labels.class_weights`, with a bad shape reported as a LoRAError."""
     try:
         return labels.class_weights(y, num_classes)
     except CondloraError as err:

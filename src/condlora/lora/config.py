@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
-from condlora.errors import LoRAError
+from condlora.core.errors import LoRAError
 
 METHODS = ("none", "time", "class", "uc", "time+class")
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from condlora.errors import LoRAError
+from condlora.core.errors import LoRAError
 from condlora.lora.layer import CondLoRALayer
 from condlora.lora.state import ConditionState
 

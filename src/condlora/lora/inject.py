@@ -8,7 +8,7 @@ import re
 
 from torch import Tensor, nn
 
-from condlora.errors import LoRAError
+from condlora.core.errors import LoRAError
 from condlora.lora.composers import build_composer
 from condlora.lora.config import LoRAConfig
 from condlora.lora.context import lora_layers

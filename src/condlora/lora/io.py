@@ -10,11 +10,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from condlora.errors import LoRAError
+from condlora.core.errors import LoRAError
+from condlora.core.safetensors_io import describe_mismatch
 from condlora.lora.config import LoRAConfig
 from condlora.lora.context import lora_layers
 from condlora.lora.inject import inject, lora_state_dict, remove
-from condlora.weights_file import describe_mismatch
 
 CONFIG_KEY = "condlora.lora_config"
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from condlora.errors import LoRAError
+from condlora.core.errors import LoRAError
 from condlora.lora.state import ConditionState
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from condlora.errors import LoRAError
+from condlora.core.errors import LoRAError
 from condlora.lora.composers import check_class_range, class_weights, time_input
 from condlora.lora.config import LoRAConfig
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora.errors import DataError
-from condlora.weights_file import read_weights, write_weights
+from condlora.core.errors import DataError
+from condlora.core.safetensors_io import read_weights, write_weights
 
 FEATURE_DIM = 128
 FORMAT = "condlora.digits_classifier"

@@ -2,7 +2,7 @@
 
 import torch
 
-from condlora.errors import DataError
+from condlora.core.errors import DataError
 from condlora.metrics.classifier import DigitsClassifier
 from condlora.metrics.fid import frechet_of_features
 

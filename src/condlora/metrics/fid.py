@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from condlora.errors import DataError
+from condlora.core.errors import DataError
 
 
 class FeatureAdapter(nn.Module):

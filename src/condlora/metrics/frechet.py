@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from condlora.errors import DataError
+from condlora.core.errors import DataError
 
 
 def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora.errors import DataError
-from condlora.weights_file import describe_mismatch
+from condlora.core.errors import DataError
+from condlora.core.safetensors_io import describe_mismatch
 
 WEIGHTS_HINT = (
     "download pt_inception-2015-12-05-6726825d.pth (the pytorch-fid release) "

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from condlora.errors import DataError
+from condlora.core.errors import DataError
 
 DEFAULT_SUBSET_SIZE = 1000
 DEFAULT_SUBSETS = 100

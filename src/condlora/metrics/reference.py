@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from condlora.errors import DataError
+from condlora.core.errors import DataError
+from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.metrics.fid import frechet_of_features
 from condlora.metrics.frechet import gaussian_stats
 from condlora.metrics.kid import kid_from_features, kid_gamma
-from condlora.weights_file import read_weights, write_weights
 
 FORMAT = "condlora.reference_stats"
 KID_MAX_REAL = 10_000  # real features kept for KID (a seeded subset beyond this)

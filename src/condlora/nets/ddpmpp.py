@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora.labels import class_weights
+from condlora.core.labels import class_weights
 from condlora.nets.unet import check_unet_args
 
 

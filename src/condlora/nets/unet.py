@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora.labels import class_weights
+from condlora.core.labels import class_weights
 
 COND_MODES = ("scale_shift", "lora_only", "both")
 

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from condlora.config import Config, config_from_json, to_dict
-from condlora.errors import CondloraError
-from condlora.weights_file import read_weights, write_weights
+from condlora.conditioning.config import Config, config_from_json
+from condlora.core.config import to_dict
+from condlora.core.errors import CondloraError
+from condlora.core.safetensors_io import read_weights, write_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "condlora-checkpoint-1"

@@ -20,14 +20,15 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from condlora.build import build_data, build_denoiser, num_classes, resolve_data
-from condlora.config import Config, to_dict
+from condlora.conditioning.build import build_data, build_denoiser, num_classes, resolve_data
+from condlora.conditioning.config import Config
+from condlora.conditioning.generate import generate, labels_for
+from condlora.core.config import to_dict
+from condlora.core.errors import CondloraError
+from condlora.core.images import save_grid
+from condlora.core.labels import class_weights
 from condlora.data.augment import AugmentPipe
 from condlora.diffusion import Denoiser
-from condlora.errors import CondloraError
-from condlora.generate import generate, labels_for
-from condlora.images import save_grid
-from condlora.labels import class_weights
 from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from condlora.train.ema import EMA
 

@@ -1,9 +1,10 @@
-"""Experiment configuration: dataclasses with defaults, YAML files that override them.
+"""Config loading for any config dataclass: YAML files that override its defaults.
 
-A YAML config holds only what differs from the defaults below. Keys are checked
+A YAML config holds only what differs from the dataclass defaults. Keys are checked
 against the dataclasses, so a misspelled key fails with the list of valid keys
 instead of being silently ignored. Command-line overrides use dotted paths:
-``train.lr=1e-3 lora.rank=8``.
+``train.lr=1e-3 lora.rank=8``. A file may name a ``base:`` file (relative to it)
+that it overrides.
 """
 
 from __future__ import annotations
@@ -13,86 +14,12 @@ import difflib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from condlora.errors import ConfigError
-from condlora.lora import LoRAConfig
-
-
-@dataclass
-class DataConfig:
-    name: str = "digits"  # "digits" (embedded) | "cifar10" (python format) | "folder" (images)
-    path: str | None = None  # cifar10: cifar-10-batches-py or the .tar.gz; folder: the folder
-    resolution: int = 16  # image side (digits: upsampled from 8; cifar10: 32; folder: resized)
-    channels: int = 0  # image channels (0: the data set's own: digits 1, cifar10 3, folder 3)
-    num_classes: int = -1  # classes (-1: the data set's own: 10, or a folder's class subfolders)
-    holdout: int = 297  # digits / folder: images kept out of training (cifar10: its test split)
-    split_seed: int = 0  # seed of the train / held-out split
-
-
-@dataclass
-class NetConfig:
-    arch: str = "small_unet"  # backbone: "small_unet" | "adm" (IDDPM) | "ddpmpp" (EDM DDPM++)
-    model_channels: int = 16  # base width
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])  # width per level
-    num_blocks: int = 1  # residual blocks per level (decoder: one more)
-    attn_resolutions: list[int] = field(default_factory=lambda: [8])  # where attention sits
-    num_heads: int = 1  # attention heads
-    patch_size: int = 1  # small_unet: run on p x p pixel patches (1: on pixels)
-    noise_channels: int | None = None  # noise-embedding width (None: the arch's own default)
-    augment_dim: int = 0  # ddpmpp: width of the augmentation label (9 with EDM's augmentation)
-    class_conditional: bool = True  # condition on the class label
-    cond_mode: str = "scale_shift"  # residual blocks: "scale_shift" | "lora_only" | "both"
-    dropout: float = 0.0  # dropout in residual blocks
-
-
-@dataclass
-class DiffusionConfig:
-    objective: str = "edm"  # "edm" | "ddpm" (epsilon) | "v" (v-prediction) | "iddpm" (learned var.)
-    schedule: str = "linear"  # discrete schedule for ddpm / v: "linear" | "cosine"
-    num_timesteps: int = 1000  # discrete steps T for ddpm / v
-    sigma_data: float = 0.5  # edm: data standard deviation in the preconditioning
-    p_mean: float = -1.2  # edm: mean of log sigma during training
-    p_std: float = 1.2  # edm: std of log sigma during training
-    sampler: str = "heun"  # "heun" | "ddim" | "ddpm" | "iddpm" (learned variance, respaced)
-    guidance: float = 1.0  # classifier-free guidance scale at sampling (1: none)
-    sample_steps: int = 18  # sampling steps
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 128  # global batch (split across processes)
-    lr: float = 2e-3  # AdamW peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 200  # linear learning-rate warm-up
-    lr_schedule: str = "cosine"  # after warm-up: "cosine" (decay to 0 at max_steps) | "constant"
-    max_steps: int = 1100  # optimizer steps (also the horizon of the lr schedule)
-    grad_clip: float = 1.0  # max gradient norm (0 disables)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    augment_p: float = 0.0  # EDM geometric augmentation probability (net.augment_dim: 9)
-    label_dropout: float = 0.0  # fraction of labels replaced by the null class (for guidance)
-    ema_decay: float = 0.999  # EMA decay (ramped up over the first steps)
-    mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
-    channels_last: bool = True  # NHWC memory layout (about 20% faster convs on CPU and GPU)
-    compile: bool = False  # torch.compile the training loss (accelerate's inductor backend)
-    seed: int = 0  # seeds init, data order and noise
-    log_every: int = 50  # steps between metrics-log lines
-    sample_every: int = 500  # steps between sample grids (0: only at the end)
-    ckpt_every: int = 500  # steps between checkpoints (always one at the end)
-
-
-@dataclass
-class Config:
-    name: str = "digits"  # run name, used for the default output folder
-    data: DataConfig = field(default_factory=DataConfig)
-    net: NetConfig = field(default_factory=NetConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+from condlora.core.errors import ConfigError
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -202,12 +129,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), data)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (on its `base:` file and the defaults), then key=value overrides."""
+def read_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Dataclass `cls` from a YAML file (on its `base:` file and the defaults) and overrides."""
     data = _merge(_read_yaml(Path(path)), parse_overrides(overrides or []))
-    return from_dict(Config, data)
+    return from_dict(cls, data)
 
 
-def config_from_json(text: str) -> Config:
-    """Rebuild a config stored as JSON (checkpoint metadata)."""
-    return from_dict(Config, json.loads(text))
+def config_from_json(cls: type, text: str) -> Any:
+    """Rebuild a config of class `cls` stored as JSON (checkpoint metadata)."""
+    return from_dict(cls, json.loads(text))

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from condlora.errors import DataError
-from condlora.weights_file import read_weights, write_weights
+from condlora.core.errors import DataError
+from condlora.core.safetensors_io import read_weights, write_weights
 
 
 def test_round_trip_and_header_only(tmp_path):
@@ -29,7 +29,7 @@ def test_missing_file_and_wrong_format(tmp_path):
 
 
 def test_describe_mismatch():
-    from condlora.weights_file import describe_mismatch
+    from condlora.core.safetensors_io import describe_mismatch
 
     expected = {f"k{i}": torch.zeros(2) for i in range(5)} | {"opt": torch.zeros(())}
     assert describe_mismatch(expected, dict(expected)) == ""

@@ -13,7 +13,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from condlora.config import Config
+from condlora.conditioning.config import Config
+from condlora.core.errors import ConfigError, DataError
 from condlora.data import (
     folder_layout,
     load_cifar10,
@@ -29,7 +30,6 @@ from condlora.diffusion import (
     iddpm_precond,
     make_precond,
 )
-from condlora.errors import ConfigError, DataError
 from condlora.lora import conditioning, inject, lora_layers, merged
 from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
 from condlora.nets.unet import COND_MODES

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from condlora.build import build_denoiser, image_channels, num_classes
-from condlora.config import Config
+from condlora.conditioning.build import build_denoiser, image_channels, num_classes
+from condlora.conditioning.config import Config
+from condlora.core.errors import CondloraError
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
-from condlora.errors import CondloraError
 from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from condlora.build import build_data, resolve_data
-from condlora.config import Config
-from condlora.errors import CondloraError
-from condlora.generate import generate, labels_for, load_run
+from condlora.conditioning.build import build_data, resolve_data
+from condlora.conditioning.config import Config
+from condlora.conditioning.generate import generate, labels_for, load_run
+from condlora.core.errors import CondloraError
 from condlora.metrics import (
     DigitsClassifier,
     class_accuracy,

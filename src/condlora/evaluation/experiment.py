@@ -13,7 +13,7 @@ The experiment file::
         overrides: [net.cond_mode=both]   # key=value, as on the train command line
 
 Every run trains in `<out>/<variant>/seed-<k>/` (a normal run folder) and is evaluated with
-`condlora.evaluate` against one shared judge (classifier and real statistics cached in
+`condlora.evaluation.evaluate` against one shared judge (classifier and real statistics cached in
 `<out>`). With eval.every > 0 the trainer also checkpoints every `every` steps, and at each
 of those saves and at the end the EMA model is scored on `curve_num` samples (`curve.jsonl`):
 the metric-vs-step curve. A rerun reuses finished runs and evaluations and resumes partial runs.
@@ -30,11 +30,14 @@ from pathlib import Path
 
 import yaml
 
-from condlora.build import build_denoiser, resolve_data
-from condlora.config import Config, from_dict, load_config
+from condlora.conditioning.build import build_denoiser, resolve_data
+from condlora.conditioning.config import Config, load_config
+from condlora.conditioning.generate import generate, labels_for
+from condlora.conditioning.param_counts import parameter_summary
+from condlora.core.config import from_dict
+from condlora.core.errors import CondloraError, ConfigError
 from condlora.diffusion import Denoiser
-from condlora.errors import CondloraError, ConfigError
-from condlora.evaluate import (
+from condlora.evaluation.evaluate import (
     DIGITS_MIN_SAMPLES,
     FEATURES,
     METRICS_FILE,
@@ -43,12 +46,10 @@ from condlora.evaluate import (
     make_judge,
     score,
 )
-from condlora.generate import generate, labels_for
-from condlora.params import parameter_summary
 from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_step
 from condlora.train.trainer import Trainer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 CURVE_FILE = "curve.jsonl"
 RUN_FILE = "experiment-run.json"  # per run: variant, seed, accumulated training seconds
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -251,7 +252,7 @@ def run_experiment(
     exp: Experiment, variants: list[Variant], out: str | Path, progress: bool = True
 ) -> Path:
     """Train and evaluate every variant x seed in `out`, then write `out/report.md`."""
-    from condlora.report import write_report  # matplotlib only when a report is written
+    from condlora.evaluation.report import write_report  # matplotlib only when a report is written
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

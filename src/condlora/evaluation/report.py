@@ -1,8 +1,8 @@
 """The experiment report: mean +- std per variant, sample grids, plots and LoRA diagnostics.
 
-`write_report` takes the runs' results (from `condlora.experiment`), makes the figures in the
-output folder (sample grids with `save_grid`, matplotlib PNGs drawn without pyplot) and
-writes `report.md` beside them.
+`write_report` takes the runs' results (from `condlora.evaluation.experiment`), makes the
+figures in the output folder (sample grids with `save_grid`, matplotlib PNGs drawn without
+pyplot) and writes `report.md` beside them.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-from condlora.build import num_classes
-from condlora.diagnostics import (
+from condlora.conditioning.build import num_classes
+from condlora.conditioning.generate import generate, labels_for, load_run
+from condlora.core.images import save_grid
+from condlora.evaluation.diagnostics import (
     MIX,
     SCALES,
     class_mix_grid,
@@ -24,9 +26,7 @@ from condlora.diagnostics import (
     has_class_lora,
     time_similarity,
 )
-from condlora.experiment import Experiment
-from condlora.generate import generate, labels_for, load_run
-from condlora.images import save_grid
+from condlora.evaluation.experiment import Experiment
 
 GRID_SAMPLES = 100
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from condlora.errors import CondloraError
+from condlora.core.errors import CondloraError
 
 
 def class_weights(y: Tensor | int, num_classes: int) -> Tensor:

@@ -13,18 +13,18 @@ import sysconfig
 import time
 from pathlib import Path
 
-from condlora.build import build_data
-from condlora.config import Config, load_config
-from condlora.errors import CondloraError
-from condlora.evaluate import digits_classifier
-from condlora.generate import generate, labels_for, load_run
-from condlora.images import save_grid
+from condlora.conditioning.build import build_data
+from condlora.conditioning.config import Config, load_config
+from condlora.conditioning.generate import generate, labels_for, load_run
+from condlora.conditioning.param_counts import parameter_summary
+from condlora.core.errors import CondloraError
+from condlora.core.images import save_grid
+from condlora.evaluation.evaluate import digits_classifier
 from condlora.metrics import digits_metrics
-from condlora.params import parameter_summary
 from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_step
 from condlora.train.trainer import train
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 MODELS = {"baseline": "digits-baseline.yaml", "uclora": "digits-uclora.yaml"}
 EVAL_SAMPLES = 1500  # as many as real training digits, so the real-to-real floor matches
 
