@@ -1,0 +1,89 @@
+"""`condlora train`, `sample` and `info`: the conditioning half's commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from condlora.core.errors import CondloraError
+
+# Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
+
+
+def _train(args: argparse.Namespace) -> None:
+    from condlora.conditioning.config import load_config
+    from condlora.train.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    train(cfg, out, resume=args.resume, max_steps=args.max_steps, progress=not args.quiet)
+    print(f"run folder: {out}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from condlora.conditioning.generate import generate, labels_for, load_run
+    from condlora.core.images import save_grid
+
+    if args.num < 1:
+        raise CondloraError(f"--num must be at least 1, got {args.num}")
+    cfg, denoiser, step = load_run(args.run)
+    if args.guidance is not None:
+        diffusion = dataclasses.replace(cfg.diffusion, guidance=args.guidance)
+        cfg = dataclasses.replace(cfg, diffusion=diffusion)
+    labels = labels_for(cfg, args.num, args.label)
+    images = generate(
+        denoiser,
+        cfg,
+        args.num,
+        labels,
+        steps=args.steps,
+        sampler=args.sampler,
+        seed=args.seed,
+        progress=True,
+    )
+    path = save_grid(images, args.out, nrow=args.nrow)
+    print(f"wrote {args.num} samples (step {step}) to {path}")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from condlora.conditioning.build import build_denoiser
+    from condlora.conditioning.config import load_config
+    from condlora.conditioning.param_counts import parameter_summary
+
+    cfg = load_config(args.config, args.overrides)
+    for key, value in parameter_summary(build_denoiser(cfg)).items():
+        print(f"{key}: {value}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the train, sample and info subcommands."""
+    p = sub.add_parser("train", help="train a diffusion model from a YAML config")
+    p.add_argument("--config", required=True, help="YAML config (overrides on the defaults)")
+    p.add_argument("--out", help="run folder (default: runs/<name>)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-3")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sample", help="sample a PNG grid from a trained run (EMA weights)")
+    p.add_argument("--run", required=True, help="run folder written by `condlora train`")
+    p.add_argument("--num", type=int, required=True, help="number of samples")
+    p.add_argument("--out", required=True, help="output PNG file")
+    p.add_argument("--label", type=int, help="class of every sample (default: cycle 0..K-1)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the config's)")
+    p.add_argument(
+        "--sampler", choices=["heun", "ddim", "ddpm", "iddpm"], help="default: the config's"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (needs train.label_dropout)"
+    )
+    p.add_argument("--nrow", type=int, default=10, help="images per grid row")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("info", help="parameter counts of a config's network")
+    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. lora.rank=8")
+    p.set_defaults(func=_info)
