@@ -10,7 +10,8 @@ from PIL import Image
 from condlora.cli import main
 from condlora.conditioning.build import build_denoiser
 from condlora.conditioning.config import load_config
-from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from condlora.conditioning.runs import read_run_checkpoint as read_checkpoint
+from condlora.train.checkpoint import CHECKPOINT_NAME
 
 from .conftest import CONFIGS, REPO
 

@@ -8,6 +8,7 @@ import yaml
 from PIL import Image
 
 import condlora.evaluation.experiment as experiment
+import condlora.evaluation.experiment_file as experiment_file
 import condlora.metrics.reference as reference
 from condlora.cli import main
 from condlora.conditioning.build import build_data, build_denoiser
@@ -78,7 +79,7 @@ def test_tiny_grid_report_and_rerun(tmp_path, classifier_file, monkeypatch, caps
     def refuse(*args, **kwargs):
         raise AssertionError("a finished run was redone")
 
-    monkeypatch.setattr(experiment.CurveTrainer, "run", refuse)
+    monkeypatch.setattr(experiment.Trainer, "run", refuse)
     monkeypatch.setattr(experiment, "evaluate_run", refuse)
     assert main(["experiment", str(grid), "--out", str(out), "--quiet"]) == 0
     assert capsys.readouterr().out.count("reused") == 8  # training and evaluation, 4 runs
@@ -102,11 +103,11 @@ def test_experiment_file_mistakes_are_one_line(tmp_path, capsys):
 
 
 def test_shipped_paper_grid_builds():
-    exp, variants = experiment.load_experiment(REPO / "configs/experiments/digits-paper.yaml")
+    exp, variants = experiment_file.load_experiment(REPO / "configs/experiments/digits-paper.yaml")
     assert exp.seeds == [0, 1, 2] and len(variants) == 8
     modes = {}
     for v in variants:
-        cfg = experiment.run_config(exp, v, seed=1)
+        cfg = experiment_file.run_config(exp, v, seed=1)
         assert (cfg.train.max_steps, cfg.train.seed) == (exp.steps, 1)
         build_denoiser(cfg)  # every variant passes the config checks
         modes[v.name] = (cfg.net.cond_mode, cfg.lora.method, cfg.net.class_conditional)
@@ -125,7 +126,7 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path, classifier_file, monke
     spec |= {"seeds": [0], "variants": spec["variants"][1:]}
     grid = tmp_path / "one.yaml"
     grid.write_text(yaml.safe_dump(spec))
-    step = experiment.CurveTrainer.train_step
+    step = experiment.Trainer.train_step
     stopped = []
 
     def stop_at_4(self):
@@ -135,7 +136,7 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path, classifier_file, monke
             raise KeyboardInterrupt
         return result
 
-    monkeypatch.setattr(experiment.CurveTrainer, "train_step", stop_at_4)
+    monkeypatch.setattr(experiment.Trainer, "train_step", stop_at_4)
     assert main(["experiment", str(grid), "--out", str(out), "--quiet"]) == 130
     run = out / "tc" / "seed-0"
     assert checkpoint_step(run / "checkpoint.safetensors") == 4  # Ctrl-C saved it

@@ -1,17 +1,17 @@
-"""Quickstart's config lookup: checkout, working directory, and an install's data files."""
+"""Config lookup: checkout, working directory, and an install's data files."""
 
 import sysconfig
 
 import pytest
 
-from condlora.core.errors import CondloraError
-from condlora.evaluation import quickstart
+from condlora.core import config
+from condlora.core.errors import ConfigError
 
 from .conftest import CONFIGS
 
 
 def test_finds_the_checkout_config():
-    assert quickstart.find_config("digits-baseline.yaml") == CONFIGS / "digits-baseline.yaml"
+    assert config.find_config("digits-baseline.yaml") == CONFIGS / "digits-baseline.yaml"
 
 
 def test_finds_installed_data_files_outside_the_checkout(tmp_path, monkeypatch):
@@ -19,12 +19,12 @@ def test_finds_installed_data_files_outside_the_checkout(tmp_path, monkeypatch):
     shipped = data / "share" / "condlora" / "configs"
     shipped.mkdir(parents=True)
     (shipped / "digits-baseline.yaml").write_text("name: from-install\n")
-    monkeypatch.setattr(quickstart, "CONFIG_DIR", tmp_path / "no-checkout")
+    monkeypatch.setattr(config, "REPO_ROOT", tmp_path / "no-checkout")
     monkeypatch.setattr(sysconfig, "get_path", lambda name: str(data))
     monkeypatch.chdir(tmp_path)
-    assert quickstart.find_config("digits-baseline.yaml") == shipped / "digits-baseline.yaml"
-    with pytest.raises(CondloraError, match="run quickstart from the repository root"):
-        quickstart.find_config("digits-missing.yaml")
+    assert config.find_config("digits-baseline.yaml") == shipped / "digits-baseline.yaml"
+    with pytest.raises(ConfigError, match="run from the repository root"):
+        config.find_config("digits-missing.yaml")
 
 
 def test_pyproject_ships_every_config_folder():

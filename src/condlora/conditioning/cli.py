@@ -13,16 +13,26 @@ from condlora.core.errors import CondloraError
 
 def _train(args: argparse.Namespace) -> None:
     from condlora.conditioning.config import load_config
-    from condlora.train.trainer import train
+    from condlora.conditioning.task import train
 
+    if args.init_from and args.resume:
+        raise CondloraError("--init-from starts a new run: it does not combine with --resume")
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
-    train(cfg, out, resume=args.resume, max_steps=args.max_steps, progress=not args.quiet)
+    train(
+        cfg,
+        out,
+        resume=args.resume,
+        max_steps=args.max_steps,
+        progress=not args.quiet,
+        init_path=args.init_from,
+    )
     print(f"run folder: {out}")
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from condlora.conditioning.generate import generate, labels_for, load_run
+    from condlora.conditioning.generate import generate, labels_for
+    from condlora.conditioning.runs import load_run
     from condlora.core.images import save_grid
 
     if args.num < 1:
@@ -63,6 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="run folder (default: runs/<name>)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--init-from",
+        metavar="RUN_OR_CHECKPOINT",
+        help="start from these weights (by name; e.g. a baseline run, before adding LoRA)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.lr=1e-3")
     p.set_defaults(func=_train)

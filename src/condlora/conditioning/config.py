@@ -12,6 +12,7 @@ from pathlib import Path
 
 from condlora.core.config import from_dict, read_config
 from condlora.lora import LoRAConfig
+from condlora.train.config import TrainConfig
 
 
 @dataclass
@@ -55,25 +56,12 @@ class DiffusionConfig:
 
 
 @dataclass
-class TrainConfig:
-    batch_size: int = 128  # global batch (split across processes)
-    lr: float = 2e-3  # AdamW peak learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 200  # linear learning-rate warm-up
-    lr_schedule: str = "cosine"  # after warm-up: "cosine" (decay to 0 at max_steps) | "constant"
-    max_steps: int = 1100  # optimizer steps (also the horizon of the lr schedule)
-    grad_clip: float = 1.0  # max gradient norm (0 disables)
-    grad_accum: int = 1  # micro-batches per optimizer step
+class ImageTrainConfig(TrainConfig):
+    """The generic loop's settings plus what image diffusion adds."""
+
     augment_p: float = 0.0  # EDM geometric augmentation probability (net.augment_dim: 9)
     label_dropout: float = 0.0  # fraction of labels replaced by the null class (for guidance)
-    ema_decay: float = 0.999  # EMA decay (ramped up over the first steps)
-    mixed_precision: str = "no"  # accelerate: "no" | "fp16" | "bf16"
     channels_last: bool = True  # NHWC memory layout (about 20% faster convs on CPU and GPU)
-    compile: bool = False  # torch.compile the training loss (accelerate's inductor backend)
-    seed: int = 0  # seeds init, data order and noise
-    log_every: int = 50  # steps between metrics-log lines
-    sample_every: int = 500  # steps between sample grids (0: only at the end)
-    ckpt_every: int = 500  # steps between checkpoints (always one at the end)
 
 
 @dataclass
@@ -83,7 +71,7 @@ class Config:
     net: NetConfig = field(default_factory=NetConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -1,4 +1,4 @@
-"""Sampling from a denoiser or a finished run (EMA weights)."""
+"""Sampling images from a denoiser: labels, batches, and the class-sorted sample grid."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ from pathlib import Path
 
 import torch
 
-from condlora.conditioning.build import build_denoiser, image_channels, num_classes
+from condlora.conditioning.build import image_channels, num_classes
 from condlora.conditioning.config import Config
 from condlora.core.errors import CondloraError
+from condlora.core.images import save_grid
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
-from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+
+GRID_SAMPLES = 100  # a 10 x 10 grid
 
 
 def labels_for(cfg: Config, num: int, label: int | None = None) -> torch.Tensor | None:
@@ -63,14 +65,11 @@ def generate(
     return torch.cat(out)
 
 
-def load_run(
-    run_dir: str | Path, device: str | torch.device = "cpu"
-) -> tuple[Config, Denoiser, int]:
-    """(config, denoiser with the EMA weights, step) of a training run folder."""
-    path = Path(run_dir) / CHECKPOINT_NAME
-    if not path.is_file():
-        raise CondloraError(f"no {CHECKPOINT_NAME} in {run_dir}: is it a `condlora train` folder?")
-    cfg, step, parts = read_checkpoint(path)
-    denoiser = build_denoiser(cfg)
-    denoiser.load_state_dict(parts["ema"])
-    return cfg, denoiser.to(device).eval(), step
+def save_sample_grid(
+    denoiser: Denoiser, cfg: Config, path: str | Path, seed: int, num: int = GRID_SAMPLES
+) -> Path:
+    """A grid of `num` samples, one row per class when class-conditional (labels sorted)."""
+    labels = labels_for(cfg, num)
+    if labels is not None:  # row r holds class r: sort the cycled labels
+        labels = labels.sort().values
+    return save_grid(generate(denoiser, cfg, num, labels, seed=seed), path)

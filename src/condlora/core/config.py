@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import sysconfig
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,25 @@ from typing import Any
 import yaml
 
 from condlora.core.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout (src/condlora/core/..)
+
+
+def config_dirs(first: tuple[Path, ...] = ()) -> list[Path]:
+    """Where configs are looked up: `first`, the cwd, the checkout and an install's data files."""
+    installed = Path(sysconfig.get_path("data")) / "share" / "condlora" / "configs"
+    return [*first, Path.cwd(), Path.cwd() / "configs", REPO_ROOT, REPO_ROOT / "configs", installed]
+
+
+def find_config(name: str | Path, first: tuple[Path, ...] = ()) -> Path:
+    """A config file by (relative) name: in `first`, then the cwd, the checkout, an install."""
+    for folder in config_dirs(first):
+        if (folder / name).is_file():
+            return (folder / name).resolve()
+    raise ConfigError(
+        f"config '{name}' not found (looked in {', '.join(map(str, config_dirs(first)))}); "
+        "run from the repository root or give its path"
+    )
 
 
 def _suggest(key: str, valid: list[str]) -> str:

@@ -47,7 +47,8 @@ def _seed_list(text: str) -> list[int]:
 
 
 def _experiment(args: argparse.Namespace) -> None:
-    from condlora.evaluation.experiment import load_experiment, run_experiment
+    from condlora.evaluation.experiment import run_experiment
+    from condlora.evaluation.experiment_file import load_experiment
 
     seeds = _seed_list(args.seeds) if args.seeds else None
     exp, variants = load_experiment(args.file, steps=args.steps, seeds=seeds, num=args.num)

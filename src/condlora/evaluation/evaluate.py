@@ -30,7 +30,8 @@ from torch import nn
 
 from condlora.conditioning.build import build_data, resolve_data
 from condlora.conditioning.config import Config
-from condlora.conditioning.generate import generate, labels_for, load_run
+from condlora.conditioning.generate import generate, labels_for
+from condlora.conditioning.runs import load_run
 from condlora.core.errors import CondloraError
 from condlora.metrics import (
     DigitsClassifier,

@@ -23,157 +23,49 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from condlora.conditioning.build import build_denoiser, resolve_data
-from condlora.conditioning.config import Config, load_config
+from condlora.conditioning.build import build_denoiser
+from condlora.conditioning.config import Config
 from condlora.conditioning.generate import generate, labels_for
 from condlora.conditioning.param_counts import parameter_summary
-from condlora.core.config import from_dict
-from condlora.core.errors import CondloraError, ConfigError
+from condlora.conditioning.runs import saved_step, train_or_reuse
+from condlora.core.jsonl import append_jsonl, truncate_jsonl
 from condlora.diffusion import Denoiser
 from condlora.evaluation.evaluate import (
     DIGITS_MIN_SAMPLES,
-    FEATURES,
     METRICS_FILE,
     Judge,
     evaluate_run,
     make_judge,
     score,
 )
-from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_step
-from condlora.train.trainer import Trainer
+from condlora.evaluation.experiment_file import EvalSpec, Experiment, Variant, run_config
+from condlora.evaluation.report import write_report
+from condlora.train.loop import Callback, Trainer
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 CURVE_FILE = "curve.jsonl"
 RUN_FILE = "experiment-run.json"  # per run: variant, seed, accumulated training seconds
-NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-@dataclass
-class EvalSpec:
-    num: int = 2000  # samples per final evaluation
-    feature: str = "digits"  # "digits" | "inception"
-    inception_weights: str | None = None  # FID Inception weights (feature: inception)
-    seed: int = 0  # sampling seed
-    steps: int | None = None  # sampling steps (None: each config's)
-    sampler: str | None = None  # "heun" | "ddim" | "ddpm" (None: each config's)
-    every: int = 0  # training steps between metric-vs-step points (0: final step only)
-    curve_num: int = 500  # samples per metric-vs-step point
+class CurvePoints(Callback):
+    """Scores the EMA model at the saves on multiples of `every` and at the end (curve.jsonl)."""
 
-
-@dataclass
-class Variant:
-    name: str = ""  # folder name and report label
-    config: str = ""  # YAML config: relative to the experiment file, the cwd or the repository
-    overrides: list[str] = field(default_factory=list)  # key=value on top of the config
-
-
-@dataclass
-class Experiment:
-    name: str = ""  # default output folder runs/<name>
-    description: str = ""  # one paragraph for the report
-    steps: int = 0  # training steps of every run
-    seeds: list[int] = field(default_factory=lambda: [0])  # train.seed values
-    overrides: list[str] = field(default_factory=list)  # key=value applied to every variant
-    eval: EvalSpec = field(default_factory=EvalSpec)
-    variants: list[dict] = field(default_factory=list)  # Variant mappings
-    file: str = ""  # where it was read from (set by load_experiment)
-
-
-def _find_config(raw: str, base: Path) -> Path:
-    for folder in (base, Path.cwd(), REPO_ROOT):
-        if (folder / raw).is_file():
-            return (folder / raw).resolve()
-    raise ConfigError(f"variant config '{raw}' not found next to {base}, in the cwd or the repo")
-
-
-def load_experiment(
-    path: str | Path,
-    steps: int | None = None,
-    seeds: list[int] | None = None,
-    num: int | None = None,
-) -> tuple[Experiment, list[Variant]]:
-    """Read and check an experiment file; steps / seeds / num replace the file's values."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    exp = from_dict(Experiment, data)
-    exp.file = str(path)
-    exp.steps = steps or exp.steps
-    exp.seeds = seeds or exp.seeds
-    exp.eval.num = num or exp.eval.num
-    variants = [from_dict(Variant, v, f"variants[{i}]") for i, v in enumerate(exp.variants)]
-    _check(exp, variants)
-    for v in variants:
-        v.config = str(_find_config(v.config, path.parent))
-    return exp, variants
-
-
-def _check(exp: Experiment, variants: list[Variant]) -> None:
-    if not NAME.match(exp.name):
-        raise ConfigError(f"experiment name must be letters, digits, '_-.', got {exp.name!r}")
-    if exp.steps < 1:
-        raise ConfigError(f"experiment steps must be >= 1, got {exp.steps}")
-    if not exp.seeds or len(set(exp.seeds)) != len(exp.seeds):
-        raise ConfigError(
-            f"experiment seeds must be a non-empty list of distinct seeds: {exp.seeds}"
-        )
-    e = exp.eval
-    if e.feature not in FEATURES:
-        raise ConfigError(f"eval.feature must be one of {', '.join(FEATURES)}, got {e.feature!r}")
-    if e.num < 2 or e.curve_num < 2 or e.every < 0:
-        raise ConfigError("eval.num and eval.curve_num must be >= 2, eval.every >= 0")
-    if not variants:
-        raise ConfigError("an experiment needs at least one variant")
-    names = [v.name for v in variants]
-    for v in variants:
-        if not NAME.match(v.name) or names.count(v.name) > 1:
-            raise ConfigError(f"variant names must be unique folder names, got {v.name!r}")
-        if not v.config:
-            raise ConfigError(f"variant {v.name} needs a config")
-
-
-def run_config(exp: Experiment, variant: Variant, seed: int) -> Config:
-    """The config of one run: the variant's config + overrides + seed, steps and checkpoints."""
-    extra = [
-        f"name={exp.name}-{variant.name}-seed{seed}",
-        f"train.seed={seed}",
-        f"train.max_steps={exp.steps}",
-    ]
-    if exp.eval.every:
-        extra.append(f"train.ckpt_every={exp.eval.every}")
-    overrides = [*exp.overrides, *variant.overrides, *extra]
-    return resolve_data(load_config(variant.config, overrides))
-
-
-class CurveTrainer(Trainer):
-    """A Trainer that scores its EMA model at its saves on multiples of `every` and at the end."""
-
-    def __init__(
-        self, cfg: Config, out_dir: Path, resume: bool, spec: EvalSpec, judge: Judge
-    ) -> None:
-        super().__init__(cfg, out_dir, resume=resume)
+    def __init__(self, spec: EvalSpec, judge: Judge) -> None:
         self.spec, self.judge = spec, judge
 
-    def save(self) -> None:
-        """Checkpoint, then (main process, on `every` or the end) append a point to curve.jsonl."""
-        super().save()
-        every, end = self.spec.every, self.cfg.train.max_steps
-        on_time = every and (self.step % every == 0 or self.step == end)
-        if on_time and self.acc.is_main_process:
-            point = curve_point(self.ema.model, self.cfg, self.spec, self.judge)
-            with open(self.out / CURVE_FILE, "a") as f:
-                f.write(json.dumps({"step": self.step, **point}) + "\n")
+    def on_start(self, trainer: Trainer) -> None:
+        """Drop points past the checkpoint the run resumes from (they will be redone)."""
+        if trainer.acc.is_main_process:
+            truncate_jsonl(trainer.out / CURVE_FILE, trainer.step)
+
+    def after_save(self, trainer: Trainer) -> None:
+        """On `every` or the end (main process): append a point to curve.jsonl."""
+        every, end = self.spec.every, trainer.train_cfg.max_steps
+        on_time = every and (trainer.step % every == 0 or trainer.step == end)
+        if on_time and trainer.acc.is_main_process:
+            point = curve_point(trainer.ema.model, trainer.cfg, self.spec, self.judge)
+            append_jsonl(trainer.out / CURVE_FILE, {"step": trainer.step, **point})
 
 
 def curve_point(denoiser: Denoiser, cfg: Config, spec: EvalSpec, judge: Judge) -> dict:
@@ -184,22 +76,6 @@ def curve_point(denoiser: Denoiser, cfg: Config, spec: EvalSpec, judge: Judge) -
     m = score(judge, samples, labels, seed=spec.seed)
     keys = ("fd", "kid_mean", "kid_std", "class_accuracy", "num_samples", "fd_floor_at_eval_sizes")
     return {k: m[k] for k in keys}
-
-
-def _check_run_folder(run_dir: Path, cfg: Config) -> int:
-    """Step of the run's checkpoint (0: none); an error if the folder holds another config."""
-    ckpt = run_dir / CHECKPOINT_NAME
-    if not ckpt.is_file():
-        for stale in (CURVE_FILE, "metrics.jsonl", METRICS_FILE):  # logs of a run never saved
-            (run_dir / stale).unlink(missing_ok=True)
-        return 0
-    saved = load_config(run_dir / "config.yaml")
-    if saved != cfg:
-        raise CondloraError(
-            f"{run_dir} holds a run of a different config (steps, seed or overrides changed): "
-            "delete it or pass another --out"
-        )
-    return checkpoint_step(ckpt)
 
 
 def _eval_is_current(run_dir: Path, spec: EvalSpec, step: int) -> dict | None:
@@ -219,14 +95,15 @@ def train_and_evaluate(
     """One run: train (or resume, or reuse) to exp.steps, then evaluate (or reuse metrics.json)."""
     cfg = run_config(exp, variant, seed)
     run_dir = out / variant.name / f"seed-{seed}"
-    done = _check_run_folder(run_dir, cfg)
+    done = saved_step(run_dir, cfg)
+    if done == 0:  # the evaluation of a run that was never saved is stale
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
     record_path = run_dir / RUN_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record |= {"variant": variant.name, "seed": seed, "run": str(run_dir)}
     if done < exp.steps:
-        start = time.time()
-        CurveTrainer(cfg, run_dir, resume=done > 0, spec=exp.eval, judge=judge).run(progress)
-        record["train_seconds"] = record.get("train_seconds", 0.0) + time.time() - start
+        seconds = train_or_reuse(cfg, run_dir, progress, [CurvePoints(exp.eval, judge)])
+        record["train_seconds"] = record.get("train_seconds", 0.0) + seconds
         record_path.write_text(json.dumps(record, indent=2) + "\n")
     metrics = _eval_is_current(run_dir, exp.eval, exp.steps)
     record["reused_eval"] = metrics is not None
@@ -252,8 +129,6 @@ def run_experiment(
     exp: Experiment, variants: list[Variant], out: str | Path, progress: bool = True
 ) -> Path:
     """Train and evaluate every variant x seed in `out`, then write `out/report.md`."""
-    from condlora.evaluation.report import write_report  # matplotlib only when a report is written
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     configs = {v.name: run_config(exp, v, exp.seeds[0]) for v in variants}

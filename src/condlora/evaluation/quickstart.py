@@ -9,52 +9,20 @@ the held-out real digits, next to the same distance for real training digits
 
 from __future__ import annotations
 
-import sysconfig
 import time
 from pathlib import Path
 
 from condlora.conditioning.build import build_data
-from condlora.conditioning.config import Config, load_config
-from condlora.conditioning.generate import generate, labels_for, load_run
+from condlora.conditioning.config import load_config
+from condlora.conditioning.generate import generate, labels_for, save_sample_grid
 from condlora.conditioning.param_counts import parameter_summary
-from condlora.core.errors import CondloraError
-from condlora.core.images import save_grid
+from condlora.conditioning.runs import load_run, train_or_reuse
+from condlora.core.config import find_config
 from condlora.evaluation.evaluate import digits_classifier
 from condlora.metrics import digits_metrics
-from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_step
-from condlora.train.trainer import train
 
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 MODELS = {"baseline": "digits-baseline.yaml", "uclora": "digits-uclora.yaml"}
 EVAL_SAMPLES = 1500  # as many as real training digits, so the real-to-real floor matches
-
-
-def config_dirs() -> list[Path]:
-    """Where shipped configs live: the checkout, ./configs, and an install's data folder."""
-    installed = Path(sysconfig.get_path("data")) / "share" / "condlora" / "configs"
-    return [CONFIG_DIR, Path.cwd() / "configs", installed]
-
-
-def find_config(name: str) -> Path:
-    """A shipped config by file name (repository checkout or installed data files)."""
-    for folder in config_dirs():
-        if (folder / name).is_file():
-            return folder / name
-    raise CondloraError(
-        f"cannot find configs/{name} (looked in {', '.join(map(str, config_dirs()))}): "
-        "run quickstart from the repository root"
-    )
-
-
-def _train_or_reuse(cfg: Config, out: Path, steps: int) -> float:
-    """Train to `steps` (resuming a partial run in `out`); returns the seconds spent now."""
-    ckpt = out / CHECKPOINT_NAME
-    done = checkpoint_step(ckpt) if ckpt.is_file() else 0
-    if done >= steps:
-        return 0.0
-    start = time.time()
-    train(cfg, out, resume=ckpt.is_file(), max_steps=steps)
-    return time.time() - start
 
 
 def run_quickstart(out: Path, steps: int | None = None) -> Path:
@@ -62,10 +30,11 @@ def run_quickstart(out: Path, steps: int | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name, file in MODELS.items():
-        cfg = load_config(find_config(file))
-        n_steps = steps or cfg.train.max_steps
+        overrides = [f"train.max_steps={steps}"] if steps else []
+        cfg = load_config(find_config(file), overrides)
+        n_steps = cfg.train.max_steps
         print(f"[quickstart] training {name} ({file}) for {n_steps} steps")
-        seconds = _train_or_reuse(cfg, out / name, n_steps)
+        seconds = train_or_reuse(cfg, out / name)
         rows.append({"name": name, "config": file, "steps": n_steps, "train_seconds": seconds})
 
     cfg = load_config(find_config(MODELS["baseline"]))
@@ -83,8 +52,7 @@ def run_quickstart(out: Path, steps: int | None = None) -> Path:
         row["sample_seconds"] = time.time() - start
         row.update(digits_metrics(classifier, samples, labels, hold_x))
         row["parameters"] = parameter_summary(denoiser)
-        grid_labels = labels_for(cfg, 100).sort().values
-        save_grid(generate(denoiser, cfg, 100, grid_labels, seed=2), out / f"{row['name']}.png")
+        save_sample_grid(denoiser, cfg, out / f"{row['name']}.png", seed=2)
     report = out / "report.md"
     report.write_text(render_report(rows, floor, len(hold_x)))
     return report

@@ -7,7 +7,6 @@ pyplot) and writes `report.md` beside them.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,8 +15,10 @@ import torch
 from matplotlib.figure import Figure
 
 from condlora.conditioning.build import num_classes
-from condlora.conditioning.generate import generate, labels_for, load_run
+from condlora.conditioning.generate import save_sample_grid
+from condlora.conditioning.runs import load_run
 from condlora.core.images import save_grid
+from condlora.core.jsonl import read_jsonl
 from condlora.evaluation.diagnostics import (
     MIX,
     SCALES,
@@ -26,9 +27,7 @@ from condlora.evaluation.diagnostics import (
     has_class_lora,
     time_similarity,
 )
-from condlora.evaluation.experiment import Experiment
-
-GRID_SAMPLES = 100
+from condlora.evaluation.experiment_file import Experiment
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None]:
@@ -45,18 +44,6 @@ def fmt(values: Iterable[float | None], digits: int = 3, scale: float = 1.0) -> 
     if mean is None:
         return "-"
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines log, one per step (a resumed run logs steps twice: last wins)."""
-    if not path.is_file():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_step[record["step"]] = record
-    return [by_step[k] for k in sorted(by_step)]
 
 
 def _mean_by_step(series: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float]]:
@@ -116,10 +103,8 @@ def variant_figures(entry: dict, out: Path, seed: int) -> dict:
         figures["time_similarity"].append(time_similarity(denoiser))
         if i:
             continue
-        labels = labels_for(cfg, GRID_SAMPLES)
-        labels = None if labels is None else labels.sort().values  # row r holds class r
-        images = generate(denoiser, cfg, GRID_SAMPLES, labels, seed=seed)
-        figures["grid"] = save_grid(images, grids / f"{name}.png").relative_to(out)
+        path = save_sample_grid(denoiser, cfg, grids / f"{name}.png", seed=seed)
+        figures["grid"] = path.relative_to(out)
         if has_class_lora(denoiser):
             k = num_classes(cfg)
             for kind, make in (("class-scale", class_scale_grid), ("class-mix", class_mix_grid)):

@@ -1,23 +1,26 @@
-"""Checkpoints in safetensors: model, EMA and optimizer tensors, config and step in metadata.
+"""Checkpoints in safetensors: model, EMA and optimizer tensors; config, kind and step in metadata.
 
-No pickle: the optimizer's non-tensor state (param groups) is stored as JSON in
-the metadata, its tensors under ``optim.<param index>.<name>``.
+No pickle: the optimizer's non-tensor state (param groups) is stored as JSON in the
+metadata, its tensors under ``optim.<param index>.<name>``. The config is stored as JSON
+with its `kind` (which task wrote it: "image-diffusion", "synthesis-vae", ...), so a reader
+rebuilds the right config class and refuses a checkpoint of another task.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from condlora.conditioning.config import Config, config_from_json
-from condlora.core.config import to_dict
+from condlora.core.config import config_from_json, to_dict
 from condlora.core.errors import CondloraError
 from condlora.core.safetensors_io import read_weights, write_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "condlora-checkpoint-1"
+LEGACY_KIND = "image-diffusion"  # checkpoints written before kinds were recorded
 
 
 def _flat_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], str]:
@@ -39,7 +42,8 @@ def _unflat_optimizer(tensors: dict[str, torch.Tensor], groups: str) -> dict:
 
 def save_checkpoint(
     path: Path,
-    cfg: Config,
+    cfg: Any,
+    kind: str,
     step: int,
     model: torch.nn.Module,
     ema: torch.nn.Module,
@@ -52,11 +56,18 @@ def save_checkpoint(
     tensors.update(optim_tensors)
     metadata = {
         "format": FORMAT,
+        "kind": kind,
         "config": json.dumps(to_dict(cfg)),
         "step": str(step),
         "optim_param_groups": groups,
     }
     write_weights(path, tensors, metadata)
+
+
+def _check_kind(path: Path, meta: dict, kind: str) -> None:
+    found = meta.get("kind", LEGACY_KIND)
+    if found != kind:
+        raise CondloraError(f"{path} is a {found} checkpoint, not a {kind} one")
 
 
 def checkpoint_step(path: Path) -> int:
@@ -65,9 +76,17 @@ def checkpoint_step(path: Path) -> int:
     return int(meta["step"])
 
 
-def read_checkpoint(path: Path) -> tuple[Config, int, dict[str, dict]]:
-    """(config, step, {"model": sd, "ema": sd, "optim": optimizer state dict})."""
+def checkpoint_config(path: Path, cls: type, kind: str) -> tuple[Any, int]:
+    """(config, step) of a checkpoint, read from its metadata alone."""
+    meta, _ = read_weights(path, FORMAT, "condlora checkpoint", CondloraError, tensors=False)
+    _check_kind(path, meta, kind)
+    return config_from_json(cls, meta["config"]), int(meta["step"])
+
+
+def read_checkpoint(path: Path, cls: type, kind: str) -> tuple[Any, int, dict[str, dict]]:
+    """(config of class `cls`, step, {"model": sd, "ema": sd, "optim": optimizer state dict})."""
     meta, tensors = read_weights(path, FORMAT, "condlora checkpoint", CondloraError)
+    _check_kind(path, meta, kind)
     parts: dict[str, dict] = {"model": {}, "ema": {}}
     optim = {}
     for key, value in tensors.items():
@@ -77,4 +96,4 @@ def read_checkpoint(path: Path) -> tuple[Config, int, dict[str, dict]]:
         else:
             parts[head][rest] = value
     parts["optim"] = _unflat_optimizer(optim, meta["optim_param_groups"])
-    return config_from_json(meta["config"]), int(meta["step"]), parts
+    return config_from_json(cls, meta["config"]), int(meta["step"]), parts
