@@ -174,7 +174,9 @@ class VectorDenoiser(nn.Module):
             )
         embedding = embedding.to(null.dtype)
         if drop is None:
-            return embedding
+            # no row dropped; still through torch.where, so the null embedding takes part in
+            # every graph (DDP without find_unused_parameters needs every parameter used)
+            drop = torch.zeros(batch, dtype=torch.bool, device=embedding.device)
         if drop.shape != (batch,):
             raise ConfigError(f"drop must be a ({batch},) bool mask, got {tuple(drop.shape)}")
         return torch.where(drop.to(embedding.device, torch.bool)[:, None], null, embedding)
