@@ -2,6 +2,19 @@
 
 from condlora.nets.adm import ADMUNet
 from condlora.nets.ddpmpp import DDPMppUNet
+from condlora.nets.mlp import AdaLoRA, AdaNorm, ResMLP, ResMLPBlock
 from condlora.nets.unet import SmallUNet, count_parameters
+from condlora.nets.vector import VectorDenoiser, VectorNetConfig
 
-__all__ = ["ADMUNet", "DDPMppUNet", "SmallUNet", "count_parameters"]
+__all__ = [
+    "ADMUNet",
+    "AdaLoRA",
+    "AdaNorm",
+    "DDPMppUNet",
+    "ResMLP",
+    "ResMLPBlock",
+    "SmallUNet",
+    "VectorDenoiser",
+    "VectorNetConfig",
+    "count_parameters",
+]
