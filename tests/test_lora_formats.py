@@ -52,6 +52,15 @@ def assert_same_deltas(got, expected, rel=1e-6):
         assert err < rel, (name, float(err))
 
 
+def test_module_lora_delta_and_its_norm():
+    for name, module in make_lora(1).modules.items():
+        a, b = module.A.reshape(module.rank, -1), module.B.reshape(-1, module.rank)
+        plain = module.scale * (b @ a)  # reference: dW by hand on the flattened kernels
+        assert torch.equal(module.delta(), plain.reshape(module.delta_shape))
+        assert module.delta_norm() == pytest.approx(float(plain.norm()), rel=1e-5), name
+        assert torch.allclose(module.folded().delta(), module.delta(), rtol=1e-6, atol=1e-6)
+
+
 def test_round_trip_peft_diffusers_kohya_peft_keeps_alpha(tmp_path):
     original = make_lora()
     write_lora(original, tmp_path / "a", "peft")
@@ -181,10 +190,15 @@ def test_cli_info_and_convert_with_rank(tmp_path, capsys):
     write_lora(make_lora(), tmp_path / "a", "peft")
     assert main(["lora", "info", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
-    assert "layout: peft" in out and "alpha: 5, 27" in out and "rank(s): 1, 2, 4" in out
+    assert "layout: peft" in out and "alpha (scale x r): 5, 27" in out
+    assert "rank(s): 1, 2, 4" in out and "scale(s): 2.5, 6.75, 27.0" in out
     assert "down_blocks.0.resnets.0.conv1" in out and "(8, 4, 3, 3)" in out
     kohya = tmp_path / "k.safetensors"
     assert main(["lora", "convert", str(tmp_path / "a"), "--to", "kohya", "--out", str(kohya)]) == 0
+    assert main(["lora", "info", str(kohya)]) == 0
+    out = capsys.readouterr().out
+    assert "layout: kohya" in out and "alpha (scale x r): 5, 27" in out
+    assert "names: kohya stems" in out and "down_blocks_0_resnets_0_conv1" in out
     base = tmp_path / "base.txt"
     base.write_text("\n".join(BASE))
     args = ["lora", "convert", str(kohya), "--to", "peft", "--out", str(tmp_path / "r1")]

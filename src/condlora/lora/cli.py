@@ -10,6 +10,13 @@ if TYPE_CHECKING:
 
 # Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
 
+# cross-attention width (text encoder output) -> the Stable Diffusion family that has it
+CROSS_ATTENTION_FAMILIES = {
+    768: ": Stable Diffusion 1.x?",
+    1024: ": Stable Diffusion 2.x?",
+    2048: ": SDXL?",
+}
+
 
 def _base(args: argparse.Namespace) -> dict | None:
     from condlora.lora.formats import load_base_modules
@@ -21,24 +28,29 @@ def _hints(weights: LoRAWeights) -> list[str]:
     """Base-model hints: what the file says, and what the module shapes reveal."""
     hints = [f"{k}: {v}" for k, v in weights.hints.items()]
     for name, m in weights.modules.items():
-        if name.endswith("attn2.to_k") and not m.is_conv:
-            hints.append(f"cross-attention dim {m.A.shape[1]} (from {name})")
+        if name.endswith(("attn2.to_k", "attn2_to_k")) and not m.is_conv:
+            dim = m.A.shape[1]
+            family = CROSS_ATTENTION_FAMILIES.get(dim, "")
+            hints.append(f"cross-attention dim {dim} (from {name}){family}")
             break
     return hints
 
 
 def _info(args: argparse.Namespace) -> None:
     from condlora.lora.formats import detect_layout, read_lora
+    from condlora.lora.formats.weights import clean_number
 
     layout, source = detect_layout(args.path)
     weights = read_lora(args.path, _base(args))
     ranks = sorted(set(weights.ranks().values()))
     scales = sorted({m.scale for m in weights.modules.values()})
-    alphas = sorted({round(m.scale * m.rank, 9) for m in weights.modules.values()})
+    alphas = sorted({clean_number(m.scale * m.rank) for m in weights.modules.values()})
     print(f"layout: {layout} ({source})")
     print(f"modules: {len(weights.modules)}   parameters: {weights.num_parameters():,}")
-    print(f"rank(s): {', '.join(map(str, ranks))}   alpha: {', '.join(f'{a:g}' for a in alphas)}")
-    print(f"scale(s) (alpha / r, or alpha / sqrt(r) with rslora): {', '.join(map(str, scales))}")
+    print(
+        f"rank(s): {', '.join(map(str, ranks))}   alpha (scale x r): {', '.join(map(str, alphas))}"
+    )
+    print(f"scale(s): {', '.join(map(str, scales))}")
     if not weights.resolved:
         print("names: kohya stems (pass --base-modules to map them to module paths)")
     if weights.text_encoder:
@@ -47,7 +59,7 @@ def _info(args: argparse.Namespace) -> None:
         print(f"base model hint: {hint}")
     print(f"{'module':<64} {'dW shape':<18} {'rank':>4} {'scale':>10} {'|dW|':>10}")
     for name, m in weights.modules.items():
-        norm = float(m.delta().double().norm())
+        norm = m.delta_norm()
         print(f"{name:<64} {str(m.delta_shape):<18} {m.rank:>4} {m.scale:>10.4g} {norm:>10.4g}")
 
 

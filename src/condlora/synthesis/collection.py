@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -97,16 +98,17 @@ def intruder_reason(sig: Signature, ref: Signature) -> str | None:
 
 def _scan(
     found: list[tuple[str, Path]], base: dict | None, skip_bad: bool
-) -> tuple[list[tuple[str, Path, Signature]], list[tuple[str, str]]]:
-    """Read every LoRA once: (readable candidates with their signatures, skipped with reasons)."""
-    candidates, skipped = [], []
+) -> tuple[list[tuple[str, Path, str]], dict[str, Signature], list[tuple[str, str]]]:
+    """Read every LoRA once: readable candidates with a signature key, the signatures by key
+    (each distinct one stored once), and the LoRAs skipped with their reasons."""
+    candidates, signatures, skipped = [], {}, []
     for name, path in found:
         try:
             weights = read_lora(path, base, check_base=False)
             if base is not None:
                 weights.check_base(base, str(path))
         except BaseMismatch as err:
-            skipped.append((name, f"other base model: {err}"))
+            skipped.append((name, f"other base model: {str(err).removeprefix(f'{path}: ')}"))
             continue
         except LoRAError as err:
             if not skip_bad:
@@ -118,8 +120,11 @@ def _scan(
         elif not weights.modules:
             skipped.append((name, "no U-Net modules"))
         else:
-            candidates.append((name, path, signature(weights)))
-    return candidates, skipped
+            sig = signature(weights)
+            key = sys.intern(json.dumps(sorted(sig.items())))  # one copy per distinct signature
+            signatures.setdefault(key, sig)
+            candidates.append((name, path, key))
+    return candidates, signatures, skipped
 
 
 def load_embeddings(path: str | os.PathLike, names: list[str]) -> np.ndarray:
@@ -217,15 +222,13 @@ def collect(
 ) -> CollectReport:
     """Every LoRA of a folder that fits the majority -> one dataset file (see module doc)."""
     base = as_base_modules(base_modules)
-    candidates, skipped = _scan(find_loras(loras_dir), base, skip_bad)
+    candidates, signatures, skipped = _scan(find_loras(loras_dir), base, skip_bad)
     if not candidates:
         raise DataError(f"{loras_dir}: no usable LoRA found")
-    counts = Counter(json.dumps(sorted(sig.items())) for _, _, sig in candidates)
-    reference = dict(json.loads(counts.most_common(1)[0][0]))
-    reference = {k: (tuple(a), tuple(b)) for k, (a, b) in reference.items()}
+    reference = signatures[Counter(key for _, _, key in candidates).most_common(1)[0][0]]
     taken = []
-    for name, path, sig in candidates:
-        reason = intruder_reason(sig, reference)
+    for name, path, key in candidates:
+        reason = intruder_reason(signatures[key], reference)
         if reason is None:
             taken.append((name, path))
         else:
@@ -296,9 +299,8 @@ class LoRADataset:
         """(first row, [rows, D] array) over the whole matrix, read with plain file reads so
         that resident memory stays at one chunk."""
         nbytes = self.dim * 4
-        start = self._start + tensor_info(read_header(self.path)[0], "vectors", self.path)[1]
         with open(self.path, "rb") as f:
-            f.seek(start)
+            f.seek(self.vectors.offset)
             for first in range(0, len(self), rows):
                 count = min(rows, len(self) - first)
                 data = np.frombuffer(f.read(count * nbytes), dtype=np.float32)

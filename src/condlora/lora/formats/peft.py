@@ -77,9 +77,7 @@ def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoR
         module: make_module(module, parts["A"], parts["B"], scales[module], where)
         for module, parts in sorted(groups.items())
     }
-    hints = {}
-    if config.get("base_model_name_or_path"):
-        hints["base_model_name_or_path"] = str(config["base_model_name_or_path"])
+    hints = {k: str(config[k]) for k in ("base_model_name_or_path", "use_rslora") if config.get(k)}
     return LoRAWeights(modules, "peft", hints=hints)
 
 

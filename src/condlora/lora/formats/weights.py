@@ -56,6 +56,11 @@ class ModuleLoRA:
         a, b = self.matrices()
         return (self.scale * (b @ a)).reshape(self.delta_shape)
 
+    def delta_norm(self) -> float:
+        """||dW||_F without forming dW: |s| sqrt(sum((B^T B) * (A A^T)))."""
+        a, b = (t.double() for t in self.matrices())
+        return abs(self.scale) * float(((b.T @ b) * (a @ a.T)).sum().clamp(min=0).sqrt())
+
     def folded(self) -> ModuleLoRA:
         """The same dW with the scale carried by B (scale 1)."""
         return ModuleLoRA(self.A, self.B * self.scale, 1.0)
