@@ -6,10 +6,12 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from condlora.cli import main
+from condlora.core.errors import DataError
 from condlora.lora.formats import LoRAWeights, make_module, write_lora
 from condlora.synthesis.collection import LoRADataset, collect
 
@@ -212,6 +214,7 @@ MEMORY_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="peak memory read from /proc (VmHWM)")
 def test_collection_larger_than_the_memory_growth(tmp_path):
     """200 MiB of vectors, written and read back by a process that grows by < 50 MiB."""
     big, small = tmp_path / "big", tmp_path / "small"
@@ -241,3 +244,15 @@ def test_collection_larger_than_the_memory_growth(tmp_path):
     assert figures["rows"] == 200 and figures["matrix_mib"] >= 4 * 50
     assert figures["collect_growth"] < 50 and figures["total_growth"] < 50
     assert figures["mean_error"] < 1e-5 and figures["map_error"] < 1e-5
+
+
+def test_dataset_inside_the_lora_folder_and_other_files(tmp_path):
+    folder, _, base_file = build_folder(tmp_path)
+    out = folder / "data.safetensors"  # written where the LoRAs are: not read as a LoRA
+    for _ in range(2):
+        report = collect(folder, out, base_modules=list(BASE))
+        assert "data" not in report.taken and "data" not in dict(report.skipped)
+    with pytest.raises(DataError, match="not a condlora LoRA dataset"):
+        LoRADataset(folder / "s5.safetensors")
+    with pytest.raises(DataError, match="is a folder"):
+        collect(folder, tmp_path, base_modules=list(BASE))

@@ -221,8 +221,11 @@ def collect(
     skip_bad: bool = False,
 ) -> CollectReport:
     """Every LoRA of a folder that fits the majority -> one dataset file (see module doc)."""
-    base = as_base_modules(base_modules)
-    candidates, signatures, skipped = _scan(find_loras(loras_dir), base, skip_bad)
+    base, out = as_base_modules(base_modules), Path(out)
+    if out.is_dir():
+        raise DataError(f"dataset path {out} is a folder; give a file name")
+    found = [(n, p) for n, p in find_loras(loras_dir) if p.resolve() != out.resolve()]
+    candidates, signatures, skipped = _scan(found, base, skip_bad)
     if not candidates:
         raise DataError(f"{loras_dir}: no usable LoRA found")
     reference = signatures[Counter(key for _, _, key in candidates).most_common(1)[0][0]]
@@ -242,8 +245,9 @@ def collect(
         "spec": spec.to_json(),
         "skipped": json.dumps(skipped),
     }
-    _write_dataset(Path(out), taken, spec, emb, metadata, base, chunk_bytes)
-    return CollectReport(Path(out), names, skipped, spec.size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_dataset(out, taken, spec, emb, metadata, base, chunk_bytes)
+    return CollectReport(out, names, skipped, spec.size)
 
 
 class LoRADataset:
@@ -255,9 +259,12 @@ class LoRADataset:
         metadata = header.get("__metadata__", {})
         if metadata.get("format") != FORMAT:
             raise DataError(f"{self.path} is not a condlora LoRA dataset")
-        self.names: list[str] = json.loads(metadata["names"])
-        self.spec = FlatSpec.from_json(metadata["spec"])
-        self.skipped: list[tuple[str, str]] = [tuple(s) for s in json.loads(metadata["skipped"])]
+        try:
+            self.names: list[str] = json.loads(metadata["names"])
+            self.skipped = [(str(n), str(r)) for n, r in json.loads(metadata["skipped"])]
+            self.spec = FlatSpec.from_json(metadata["spec"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{self.path}: malformed dataset metadata ({err})") from None
         self._index = {name: i for i, name in enumerate(self.names)}
         self.vectors = self._map(header, "vectors")
         if self.vectors.shape != (len(self.names), self.spec.size):

@@ -161,6 +161,8 @@ def write_lora(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> li
                 raise LoRAError(f"{layout} LoRAs are .safetensors files, got {path}")
             path.mkdir(parents=True, exist_ok=True)
             path = path / diffusers.WEIGHTS_NAME
+        if path.is_dir():
+            raise LoRAError(f"{path} is a folder, not a {layout} LoRA file")
         path.parent.mkdir(parents=True, exist_ok=True)
         files = {path: (tensors, metadata)}
     else:
