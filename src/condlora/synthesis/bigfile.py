@@ -59,7 +59,7 @@ class StreamWriter:
         data = np.ascontiguousarray(array, dtype=DTYPE)
         if self.written + data.nbytes > self.total:
             raise DataError(f"{self.path}: more data than the declared tensors hold")
-        self.file.write(data.tobytes())
+        self.file.write(memoryview(data.reshape(-1)).cast("B"))  # no copy of the data
         self.written += data.nbytes
 
     def close(self) -> None:

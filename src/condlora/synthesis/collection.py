@@ -158,15 +158,18 @@ class RunningStats:
         self.m2 = np.zeros(dim)  # sum of squared deviations from the mean
 
     def update(self, chunk: np.ndarray) -> None:
-        """Fold in a [rows, D] chunk (float64 accumulation, one row of temporaries)."""
+        """Fold in a [rows, D] chunk; float64, in place: two D-sized temporaries in all."""
         n = chunk.shape[0]
+        total = self.count + n
         chunk_mean = chunk.mean(axis=0, dtype=np.float64)
-        chunk_m2 = np.zeros_like(self.m2)
-        for row in chunk:
-            chunk_m2 += np.square(row - chunk_mean)
-        delta, total = chunk_mean - self.mean, self.count + n
-        self.mean += delta * (n / total)
-        self.m2 += chunk_m2 + np.square(delta) * (self.count * n / total)
+        diff = np.empty_like(self.m2)
+        for row in chunk:  # the chunk's own squared deviations add to m2 directly
+            np.subtract(row, chunk_mean, out=diff)
+            self.m2 += np.square(diff, out=diff)
+        # merge: delta = mean_b - mean_a; mean += delta n_b / n; m2 += delta^2 n_a n_b / n
+        np.subtract(chunk_mean, self.mean, out=diff)
+        self.mean += np.multiply(diff, n / total, out=chunk_mean)
+        self.m2 += np.multiply(np.square(diff, out=diff), self.count * n / total, out=diff)
         self.count = total
 
     def std(self) -> np.ndarray:
