@@ -8,8 +8,15 @@ import sys
 from condlora.conditioning import cli as conditioning_cli
 from condlora.core.errors import CondloraError
 from condlora.evaluation import cli as evaluation_cli
+from condlora.lora import cli as lora_cli
+from condlora.synthesis import cli as synthesis_cli
 
-REGISTRARS = (conditioning_cli.register, evaluation_cli.register)
+REGISTRARS = (
+    conditioning_cli.register,
+    evaluation_cli.register,
+    lora_cli.register,
+    synthesis_cli.register,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,35 @@
+"""LoRA files in the layouts people hold (peft, diffusers, kohya), one in-memory form.
+
+weights = read_lora("my_lora/")                # peft folder, diffusers or kohya file
+write_lora(weights, "out.safetensors", "kohya")  # alpha kept: same dW in every layout
+"""
+
+from condlora.lora.formats.files import (
+    LAYOUTS,
+    base_modules_of,
+    detect_layout,
+    load_base_modules,
+    read_lora,
+    write_lora,
+)
+from condlora.lora.formats.weights import (
+    BaseMismatch,
+    BaseModules,
+    LoRAWeights,
+    ModuleLoRA,
+    make_module,
+)
+
+__all__ = [
+    "LAYOUTS",
+    "BaseMismatch",
+    "BaseModules",
+    "LoRAWeights",
+    "ModuleLoRA",
+    "base_modules_of",
+    "detect_layout",
+    "load_base_modules",
+    "make_module",
+    "read_lora",
+    "write_lora",
+]

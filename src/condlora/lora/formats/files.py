@@ -1,0 +1,215 @@
+"""LoRA files on disk: find the layout, read into LoRAWeights, write any layout atomically.
+
+The layout modules (peft, diffusers, kohya) are pure dict-to-dict functions; this module is
+the thin file layer on top of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from condlora.core.errors import LoRAError
+from condlora.lora.formats import diffusers, kohya, peft
+from condlora.lora.formats.weights import BaseModules, LoRAWeights
+
+LAYOUTS = ("peft", "diffusers", "kohya")
+
+
+def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, metadata) of a safetensors file (keys only, as None values, if not tensors)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            return {k: (f.get_tensor(k) if tensors else None) for k in f.keys()}, metadata
+    except (SafetensorError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LoRAError(f"{path} is not a readable safetensors file ({reason})") from None
+
+
+def _peft_folder(folder: Path) -> tuple[str, Path]:
+    """('peft', folder) after checking that both of its files are there."""
+    for name in (peft.CONFIG_NAME, peft.WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise LoRAError(f"peft folder {folder} has no {name}")
+    return "peft", folder
+
+
+def _layout_of_keys(keys: Iterable[str], path: Path) -> str:
+    """The layout that a LoRA file's keys belong to."""
+    keys = list(keys)
+    if any(k.startswith((kohya.UNET_PREFIX, *kohya.TEXT_PREFIXES)) for k in keys):
+        return "kohya"
+    if any(k.startswith(peft.PREFIX) for k in keys):
+        raise LoRAError(
+            f"{path} holds peft keys ({peft.PREFIX}...) but is not in a folder with its "
+            f"{peft.CONFIG_NAME}; the scale cannot be known without it"
+        )
+    if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
+        return "diffusers"
+    raise LoRAError(f"{path} holds no LoRA keys of a known layout (peft, diffusers, kohya)")
+
+
+def detect_layout(path: str | os.PathLike) -> tuple[str, Path]:
+    """(layout, path to read): a peft folder, or a diffusers or kohya safetensors file."""
+    path = Path(path)
+    if not path.exists():
+        raise LoRAError(f"LoRA not found: {path}")
+    if path.is_dir():
+        if (path / peft.CONFIG_NAME).exists() or (path / peft.WEIGHTS_NAME).exists():
+            return _peft_folder(path)
+        if (path / diffusers.WEIGHTS_NAME).is_file():
+            return detect_layout(path / diffusers.WEIGHTS_NAME)
+        raise LoRAError(
+            f"{path} holds no LoRA ({peft.CONFIG_NAME} + {peft.WEIGHTS_NAME}, "
+            f"or {diffusers.WEIGHTS_NAME})"
+        )
+    if path.name in (peft.CONFIG_NAME, peft.WEIGHTS_NAME):
+        return _peft_folder(path.parent)
+    keys, _ = read_safetensors(path, tensors=False)
+    return _layout_of_keys(keys, path), path
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file; LoRAError if it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LoRAError(f"{path} is not a readable JSON file ({err})") from None
+    if not isinstance(value, dict):
+        raise LoRAError(f"{path} does not hold a JSON object")
+    return value
+
+
+def as_base_modules(base: BaseModules | Iterable[str] | None) -> BaseModules | None:
+    """A module list (names only) or a name -> shape mapping, as a mapping."""
+    if base is None or isinstance(base, Mapping):
+        return base
+    return dict.fromkeys(base)
+
+
+def read_lora(
+    path: str | os.PathLike,
+    base_modules: BaseModules | Iterable[str] | None = None,
+    check_base: bool = True,
+) -> LoRAWeights:
+    """Any LoRA file or peft folder -> LoRAWeights, checked (finite, fits the base if given).
+
+    base_modules names kohya modules; with check_base=False it serves only for that.
+    """
+    layout, source = detect_layout(path)
+    base = as_base_modules(base_modules)
+    if layout == "peft":
+        config = _read_json(source / peft.CONFIG_NAME)
+        tensors, _ = read_safetensors(source / peft.WEIGHTS_NAME)
+        weights = peft.from_peft(tensors, config, str(source))
+    elif layout == "diffusers":
+        tensors, metadata = read_safetensors(source)
+        weights = diffusers.from_diffusers(tensors, metadata, str(source))
+    else:
+        tensors, metadata = read_safetensors(source)
+        weights = kohya.from_kohya(tensors, metadata, base, str(source))
+    weights.check_finite(str(source))
+    if check_base and base is not None and weights.resolved:
+        weights.check_base(base, str(source))
+    return weights
+
+
+def _save_atomically(files: Mapping[Path, tuple[dict[str, Tensor], dict] | str]) -> None:
+    """Write every file to a temporary name first, then rename them all into place."""
+    temps = {}
+    try:
+        for path, content in files.items():
+            temps[path] = tmp = path.with_name(path.name + ".tmp")
+            if isinstance(content, str):
+                tmp.write_text(content)
+            else:
+                tensors, metadata = content
+                tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+                save_file(tensors, str(tmp), metadata=metadata)
+    except BaseException:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in temps.items():
+        os.replace(tmp, path)
+
+
+def write_lora(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> list[Path]:
+    """Write the LoRA in a layout: peft -> folder, diffusers -> folder or file, kohya -> file."""
+    path = Path(path)
+    if layout == "peft":
+        tensors, config = peft.to_peft(weights)
+        if path.exists() and not path.is_dir():
+            raise LoRAError(f"peft LoRAs are folders, but {path} is a file")
+        path.mkdir(parents=True, exist_ok=True)
+        files = {
+            path / peft.WEIGHTS_NAME: (tensors, {"format": "pt"}),
+            path / peft.CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n",
+        }
+    elif layout in ("diffusers", "kohya"):
+        writer = diffusers.to_diffusers if layout == "diffusers" else kohya.to_kohya
+        tensors, metadata = writer(weights)
+        if path.suffix != ".safetensors":
+            if layout == "kohya" or (path.exists() and not path.is_dir()):
+                raise LoRAError(f"{layout} LoRAs are .safetensors files, got {path}")
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / diffusers.WEIGHTS_NAME
+        if path.is_dir():
+            raise LoRAError(f"{path} is a folder, not a {layout} LoRA file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files = {path: (tensors, metadata)}
+    else:
+        raise LoRAError(f"unknown LoRA layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    _save_atomically(files)
+    return list(files)
+
+
+def base_modules_of(model: nn.Module) -> dict[str, tuple[int, ...] | None]:
+    """A model's module paths -> weight shapes (None for modules without a weight)."""
+    out = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name:
+            out[name] = tuple(weight.shape) if isinstance(weight, Tensor) else None
+    return out
+
+
+def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | None]:
+    """A base model's modules from a file: the model's safetensors weights (names and shapes),
+    JSON (a list of names, or name -> shape), or text (one name per line, # comments)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoRAError(f"base-modules file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {
+                    k[: -len(".weight")]: tuple(f.get_slice(k).get_shape())
+                    for k in f.keys()
+                    if k.endswith(".weight")
+                }
+        except SafetensorError as err:
+            raise LoRAError(f"{path} is not a readable safetensors file ({err})") from None
+    if path.suffix == ".json":
+        try:
+            value = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise LoRAError(f"{path} is not a readable JSON file ({err})") from None
+        if isinstance(value, dict):
+            return {str(k): (tuple(v) if v is not None else None) for k, v in value.items()}
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return dict.fromkeys(value)
+        raise LoRAError(f"{path}: expected a list of module names or a name -> shape object")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise LoRAError(f"{path} is not a text file of module names") from None
+    lines = (line.split("#")[0].strip() for line in text.splitlines())
+    return dict.fromkeys(line for line in lines if line)

@@ -1,0 +1,135 @@
+"""peft's layout: adapter_model.safetensors + adapter_config.json, as dict-to-dict functions.
+
+Key table (module = dotted path in the base model):
+    base_model.model.<module>.lora_A.weight   A [r, in] or [r, in, k, k]
+    base_model.model.<module>.lora_B.weight   B [out, r] or [out, r, 1, 1]
+Scale per module: alpha / r, or alpha / sqrt(r) with use_rslora, where r and alpha come from
+rank_pattern / alpha_pattern when a pattern matches the module (peft's own matching rule).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+
+from torch import Tensor
+
+from condlora.core.errors import LoRAError
+from condlora.lora.formats.weights import LoRAWeights, clean_number, group_by_module, make_module
+
+PREFIX = "base_model.model."
+KEYS = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's defaults when a key is absent
+
+
+def pattern_key(patterns: Mapping[str, object], module: str, where: str) -> str | None:
+    """The first pattern that matches the module as peft matches it (a suffix regex), or None."""
+    for key in patterns:
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return key
+        except re.error as err:
+            raise LoRAError(f"{where}: bad pattern {key!r} in the config: {err}") from None
+    return None
+
+
+def config_scales(config: Mapping, ranks: Mapping[str, int], where: str) -> dict[str, float]:
+    """Each module's scale from a LoraConfig dict; its r must be the rank found in the file."""
+    r = config.get("r", PEFT_DEFAULTS["r"])
+    alpha = config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    scales = {}
+    for module, rank in ranks.items():
+        key = pattern_key(rank_pattern, module, where)
+        module_r = rank_pattern[key] if key is not None else r
+        key = pattern_key(alpha_pattern, module, where)
+        module_alpha = alpha_pattern[key] if key is not None else alpha
+        if module_r != rank:
+            raise LoRAError(
+                f"{where}: the config gives module {module} rank {module_r} "
+                f"but its factors have rank {rank}"
+            )
+        denominator = math.sqrt(module_r) if config.get("use_rslora") else module_r
+        scales[module] = float(module_alpha) / denominator
+    return scales
+
+
+def check_config(config: Mapping, where: str) -> None:
+    """LoRAError for configs that are not plain LoRA (another peft method, DoRA)."""
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoRAError(f"{where}: peft_type {config['peft_type']!r} is not LORA")
+    if config.get("use_dora"):
+        raise LoRAError(f"{where}: DoRA adapters are not supported (use_dora is true)")
+
+
+def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoRAWeights:
+    """peft state dict + adapter config -> LoRAWeights."""
+    check_config(config, where)
+    groups = group_by_module(tensors, PREFIX, KEYS, where)
+    ranks = {module: parts["A"].shape[0] for module, parts in groups.items()}
+    scales = config_scales(config, ranks, where)
+    modules = {
+        module: make_module(module, parts["A"], parts["B"], scales[module], where)
+        for module, parts in sorted(groups.items())
+    }
+    hints = {k: str(config[k]) for k in ("base_model_name_or_path", "use_rslora") if config.get(k)}
+    return LoRAWeights(modules, "peft", hints=hints)
+
+
+def lora_config(weights: LoRAWeights) -> dict:
+    """The LoraConfig fields that reproduce every module's rank and scale exactly.
+
+    r and lora_alpha are the most common values; other modules go into rank_pattern /
+    alpha_pattern under anchored, escaped full names (never alpha = r by default).
+    """
+    ranks = {name: m.rank for name, m in weights.modules.items()}
+    alphas = {name: clean_number(m.scale * m.rank) for name, m in weights.modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    exact = lambda name: "^" + re.escape(name)  # noqa: E731  full-name match in peft's rule
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {exact(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {exact(n): v for n, v in alphas.items() if v != alpha},
+        "target_modules": sorted(weights.modules),
+        "use_rslora": False,
+    }
+
+
+def check_writable(weights: LoRAWeights, layout: str) -> None:
+    """LoRAError if the LoRA has no modules or its names are not dotted module paths."""
+    if not weights.modules:
+        raise LoRAError(f"the LoRA has no U-Net modules to write as {layout}")
+    if not weights.resolved:
+        raise LoRAError(
+            f"kohya module names cannot be written as {layout} without the base model's "
+            "module list (--base-modules FILE)"
+        )
+
+
+def to_peft(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict]:
+    """LoRAWeights -> (peft state dict, adapter_config.json contents)."""
+    check_writable(weights, "peft")
+    tensors = {}
+    for name, m in weights.modules.items():
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.A
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.B
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": weights.hints.get("base_model_name_or_path"),
+        **lora_config(weights),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    return tensors, config

@@ -1,0 +1,119 @@
+"""safetensors files larger than memory: written in pieces, read memory-mapped or in chunks.
+
+The format: 8-byte little-endian header length, a JSON header (name -> dtype, shape,
+data_offsets; `__metadata__` -> strings), then the raw little-endian data. We declare every
+tensor up front, then stream the bytes in the declared order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from condlora.core.errors import DataError
+
+DTYPE = np.dtype("<f4")  # every tensor of these files is float32
+DTYPE_NAME = "F32"
+
+
+class StreamWriter:
+    """Write float32 tensors whose shapes are known up front, their data in pieces.
+
+    The file is written to a temporary name and renamed into place only when every declared
+    byte has arrived (`close`); on an exception inside `with`, the temporary file is removed.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tensors: Sequence[tuple[str, tuple[int, ...]]],
+        metadata: dict,
+    ) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        for name, shape in tensors:
+            size = math.prod(shape) * DTYPE.itemsize
+            header[name] = {
+                "dtype": DTYPE_NAME,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        self.total, self.written = offset, 0
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.file = open(self.tmp, "wb")  # noqa: SIM115  closed in close() / abort()
+        self.file.write(struct.pack("<Q", len(raw)) + raw)
+
+    def write(self, array: np.ndarray) -> None:
+        """Append the next values (any shape; float32 in C order)."""
+        data = np.ascontiguousarray(array, dtype=DTYPE)
+        if self.written + data.nbytes > self.total:
+            raise DataError(f"{self.path}: more data than the declared tensors hold")
+        self.file.write(memoryview(data.reshape(-1)).cast("B"))  # no copy of the data
+        self.written += data.nbytes
+
+    def close(self) -> None:
+        """Finish the file and rename it into place."""
+        if self.written != self.total:
+            self.abort()
+            raise DataError(f"{self.path}: {self.written} of {self.total} data bytes written")
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the temporary file; the destination is left as it was."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> StreamWriter:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(header, data start) of a safetensors file; DataError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < length <= min(size - 8, 1 << 30):
+            raise DataError(f"{path} is not a safetensors file")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DataError(f"{path} is not a safetensors file (bad header)") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + length + max(ends, default=0) != size:
+        raise DataError(f"{path} is truncated or has trailing bytes")
+    return header, 8 + length
+
+
+def tensor_info(header: dict, name: str, path: str | os.PathLike) -> tuple[tuple[int, ...], int]:
+    """(shape, data offset) of a float32 tensor in a header; DataError if absent or not F32."""
+    entry = header.get(name)
+    if entry is None or entry.get("dtype") != DTYPE_NAME:
+        raise DataError(f"{path} has no float32 tensor {name!r}")
+    return tuple(entry["shape"]), entry["data_offsets"][0]
