@@ -71,9 +71,9 @@ def test_integer_translation_equals_roll_in_the_interior():
 def test_rotation_labels_describe_the_rotation():
     x = images()
     out, labels = only(rotate_frac=1)(x, gen(2))
-    angle = torch.atan2(labels[:, 4], labels[:, 3] + 1)
-    assert angle.abs().max() <= math.pi and angle.std() > 1  # uniform over (-pi, pi)
-    torch.testing.assert_close(out, affine_warp(x, rotation(angle)), atol=1e-5, rtol=0)
+    w = torch.atan2(labels[:, 4], labels[:, 3] + 1)  # EDM's angle: its map undoes R(w)
+    assert w.abs().max() <= math.pi and w.std() > 1  # uniform over (-pi, pi)
+    torch.testing.assert_close(out, affine_warp(x, rotation(-w)), atol=1e-5, rtol=0)
     assert (labels[:, [0, 1, 2, 5, 6, 7, 8]] == 0).all()
 
 
@@ -87,15 +87,58 @@ def test_labels_describe_the_whole_transform():
     flipped = torch.where(lab[:, 0, None, None, None] == 1, x.flip(3), x)
     flipped = torch.where(lab[:, 1, None, None, None] == 1, flipped.flip(2), flipped)
     iso = 2 ** (0.2 * lab[:, 2])
-    angle = torch.atan2(lab[:, 4], lab[:, 3] + 1)
+    w = torch.atan2(lab[:, 4], lab[:, 3] + 1)
     shift = translation(lab[:, 7] * 12 * 0.125, lab[:, 8] * 8 * 0.125)
-    ref = affine_warp(flipped, shift @ rotation(angle) @ scaling(iso, iso))
+    ref = affine_warp(flipped, shift @ rotation(-w) @ scaling(iso, iso))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     # anisotropy along the x axis (no random axis): label (a, 0), stretch 2^(0.2 a) along x
     out, lab = AugmentPipe(p=1.0, **{**NONE, "aniso": 1}, aniso_rotate_prob=0.0)(x, gen(4))
     assert (lab[:, 6] == 0).all() and (lab[:, 5] != 0).all()
     s = 2 ** (0.2 * lab[:, 5])
     torch.testing.assert_close(out, affine_warp(x, scaling(s, 1 / s)), atol=1e-5, rtol=0)
+
+
+def edm_rotate2d(theta):
+    """EDM's rotate2d, written out: [[cos, sin(-theta)], [sin, cos]] in homogeneous form."""
+    c, s = math.cos(theta), math.sin(theta)
+    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def edm_scale2d(sx, sy):
+    return torch.tensor([[sx, 0.0, 0.0], [0.0, sy, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def edm_translate2d(tx, ty):
+    return torch.tensor([[1.0, 0.0, tx], [0.0, 1.0, ty], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def test_labels_of_a_fixed_transform_are_edms():
+    # EDM's AugmentPipe, for draws s (scale), w (rotation), a, r (anisotropy), t (translation),
+    # builds G_inv = scale2d_inv(2^(0.2 s)) @ rotate2d_inv(-w) @ rotate2d_inv(r)
+    #               @ scale2d_inv(2^(0.2 a), 2^(-0.2 a)) @ rotate2d_inv(-r) @ translate2d_inv(t)
+    # and appends the labels s, cos w - 1, sin w, a cos r, a sin r, t_x, t_y.
+    s, w, a, r, tx, ty = 0.3, 0.7, -0.4, 1.1, 0.2, -0.5
+    size = (12 * 0.125, 8 * 0.125)  # translate_frac_std times W and H
+    G, labels = AugmentPipe().geometry(torch.tensor([[s, w, a, r, tx, ty]]), torch.tensor(size))
+    edm_labels = [s, math.cos(w) - 1, math.sin(w), a * math.cos(r), a * math.sin(r), tx, ty]
+    torch.testing.assert_close(labels[0].double(), torch.tensor(edm_labels, dtype=torch.float64))
+    iso, ani = 2 ** (0.2 * s), 2 ** (0.2 * a)
+    g_inv = (
+        edm_scale2d(1 / iso, 1 / iso)
+        @ edm_rotate2d(w)  # rotate2d_inv(-w) = rotate2d(w)
+        @ edm_rotate2d(-r)  # rotate2d_inv(r)
+        @ edm_scale2d(1 / ani, ani)
+        @ edm_rotate2d(r)  # rotate2d_inv(-r)
+        @ edm_translate2d(-tx * size[0], -ty * size[1])
+    )
+    torch.testing.assert_close(torch.linalg.inv(G[0].double()), g_inv, atol=1e-6, rtol=0)
+    # and the pipe applies that map: rotation only, label sin w > 0 <=> EDM's angle w > 0
+    x = images(8)
+    out, lab = only(rotate_frac=1)(x, gen(8))
+    for i in range(8):
+        w_i = math.atan2(lab[i, 4].item(), lab[i, 3].item() + 1)
+        content_map = torch.linalg.inv(edm_rotate2d(w_i)).float()[None]
+        torch.testing.assert_close(out[i : i + 1], affine_warp(x[i : i + 1], content_map))
 
 
 def test_label_rates_match_the_configured_probabilities():

@@ -147,15 +147,72 @@ def test_decoder_nll_matches_reference():
     d = Normal(mean, (log_var / 2).exp())
     hi, lo = d.cdf(x0 + 1 / 255), d.cdf(x0 - 1 / 255)
     p = torch.where(x0 == -1, hi, torch.where(x0 == 1, 1 - lo, hi - lo))
-    torch.testing.assert_close(discretized_gaussian_nll(x0, mean, log_var), -p.log())
+    torch.testing.assert_close(discretized_gaussian_nll(x0, mean, log_var, exact=True), -p.log())
     # mean far below x0: Phi(z_hi) - Phi(z_lo) would cancel to 0, the upper tails do not
     x, m, std = levels[10:11], levels[10:11] - 0.05, 0.005
     z_lo, z_hi = (x - m - 1 / 255) / std, (x - m + 1 / 255) / std
     upper_tail = [0.5 * math.erfc(z.item() / math.sqrt(2)) for z in (z_lo, z_hi)]  # 1 - Phi(z)
     ref = torch.tensor([-math.log(upper_tail[0] - upper_tail[1])], dtype=torch.float64)
     assert ref.item() > 40  # far beyond the 1e-12 floor
-    nll = discretized_gaussian_nll(x, m, torch.full((1,), 2 * math.log(std), dtype=torch.float64))
+    log_var = torch.full((1,), 2 * math.log(std), dtype=torch.float64)
+    nll = discretized_gaussian_nll(x, m, log_var, exact=True)
     torch.testing.assert_close(nll, ref)
+
+
+def improved_diffusion_decoder_nll(x, mean, log_var):
+    """improved-diffusion's -discretized_gaussian_log_likelihood, written out plainly."""
+
+    def cdf(z):  # its tanh approximation of the standard normal CDF
+        return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3)))
+
+    inv_std = torch.exp(-0.5 * log_var)  # log_scales = 0.5 * log-variance
+    cdf_plus, cdf_min = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
+    log_probs = torch.where(
+        x < -0.999,
+        torch.log(cdf_plus.clamp(min=1e-12)),
+        torch.where(
+            x > 0.999,
+            torch.log((1 - cdf_min).clamp(min=1e-12)),
+            torch.log((cdf_plus - cdf_min).clamp(min=1e-12)),
+        ),
+    )
+    return -log_probs
+
+
+def test_decoder_nll_is_improved_diffusions_by_default():
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    g = torch.Generator().manual_seed(7)
+    x0 = levels[torch.tensor([0, 1, 2, 60, 128, 200, 253, 254, 255, 255])]
+    mean = x0 + 0.02 * torch.randn(10, generator=g, dtype=torch.float64)
+    mean[-1] = -1.0  # far from x0 = 1: the tail probability is floored at 1e-12
+    log_var = torch.log(torch.rand(10, generator=g, dtype=torch.float64) * 1e-3 + 1e-5)
+    ref = improved_diffusion_decoder_nll(x0, mean, log_var)
+    assert ref[-1].item() == pytest.approx(-math.log(1e-12))
+    torch.testing.assert_close(discretized_gaussian_nll(x0, mean, log_var), ref)
+    exact = discretized_gaussian_nll(x0, mean, log_var, exact=True)
+    assert (exact - ref)[:-1].abs().max() > 1e-4  # the two CDFs differ: the test can tell
+    assert exact[-1] > 100  # the exact tail is not floored
+
+
+def test_denoiser_decoder_nll_switch(precond):
+    g = torch.Generator().manual_seed(8)
+    x0 = (torch.randint(0, 256, (3, 2, 3, 3), generator=g) / 127.5 - 1).float()
+    out = torch.randn(3, 4, 3, 3, generator=g)
+    noise, t = torch.randn(x0.shape, generator=g), torch.zeros(3, dtype=torch.long)
+    vb = {
+        exact: IDDPMDenoiser(FixedOutput(out), precond, exact_decoder_nll=exact).loss_terms(
+            x0, noise=noise, timesteps=t
+        )["vb"]
+        for exact in (False, True)
+    }
+    chain = IDDPMDenoiser(FixedOutput(out), precond).chain
+    x_t = chain.sqrt_abar[0].float() * x0 + chain.sqrt_1m_abar[0].float() * noise
+    eps, v = out.chunk(2, dim=1)
+    mean, log_var = chain.on("cpu").p_mean_log_var(t, x_t, eps, v)
+    ref = improved_diffusion_decoder_nll(x0.double(), mean.double(), log_var.double())
+    ref = ref.mean(dim=(1, 2, 3)) / math.log(2)
+    torch.testing.assert_close(vb[False].double(), ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(vb[True], vb[False], rtol=1e-4)
 
 
 def test_vb_terms_match_reference(precond):

@@ -42,6 +42,7 @@ LORA_METHODS_SEEING_CLASS = ("class", "time+class", "uc")
 
 
 MERGEABLE_METHODS = ("time", "class", "time+class")  # w(c) known before the forward pass
+DECODER_NLLS = ("tanh", "exact")  # diffusion.decoder_nll
 
 
 def _shared(x: torch.Tensor | None) -> bool:
@@ -251,7 +252,8 @@ def build_denoiser(cfg: Config) -> Denoiser:
     pass_labels = getattr(net, "num_classes", 0) > 0
     if d.objective == "iddpm":  # epsilon + learned variance: the net has 2x the channels
         precond = iddpm_precond(d.num_timesteps, d.schedule)
-        return IDDPMDenoiser(ConditionedNet(net, precond, pass_labels), precond)
+        exact = _decoder_nll_is_exact(cfg)
+        return IDDPMDenoiser(ConditionedNet(net, precond, pass_labels), precond, **exact)
     edm = {"sigma_data": d.sigma_data, "P_mean": d.p_mean, "P_std": d.p_std}
     precond = make_precond(
         d.objective,
@@ -259,7 +261,22 @@ def build_denoiser(cfg: Config) -> Denoiser:
         num_timesteps=d.num_timesteps,
         **(edm if d.objective == "edm" else {}),
     )
-    return Denoiser(ConditionedNet(net, precond, pass_labels), precond)
+    return Denoiser(ConditionedNet(net, precond, pass_labels), precond, d.loss_reduction)
+
+
+def _decoder_nll_is_exact(cfg: Config) -> dict[str, bool]:
+    """IDDPMDenoiser's exact_decoder_nll from diffusion.decoder_nll; "sum" loss refused."""
+    d = cfg.diffusion
+    if d.decoder_nll not in DECODER_NLLS:
+        raise ConfigError(
+            f"unknown diffusion.decoder_nll '{d.decoder_nll}'; valid: {', '.join(DECODER_NLLS)}"
+        )
+    if d.loss_reduction != "mean":
+        raise ConfigError(
+            "diffusion.loss_reduction applies to edm, ddpm and v: the iddpm objective takes "
+            "improved-diffusion's mean over pixels (set loss_reduction: mean)"
+        )
+    return {"exact_decoder_nll": d.decoder_nll == "exact"}
 
 
 def build_data(

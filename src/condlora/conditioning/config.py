@@ -53,6 +53,8 @@ class DiffusionConfig:
     sampler: str = "heun"  # "heun" | "ddim" | "ddpm" | "iddpm" (learned variance, respaced)
     guidance: float = 1.0  # classifier-free guidance scale at sampling (1: none)
     sample_steps: int = 18  # sampling steps
+    loss_reduction: str = "mean"  # edm / ddpm / v: "mean" | "sum" (per image; EDM's loop)
+    decoder_nll: str = "tanh"  # iddpm, t = 0: "tanh" (improved-diffusion's CDF) | "exact"
 
 
 @dataclass

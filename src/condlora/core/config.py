@@ -47,15 +47,33 @@ def _suggest(key: str, valid: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a float", str: "a string", bool: "true or false"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def _check_union(value: Any, options: tuple, where: str) -> Any:
+    """The value checked against the first option of a union that accepts it."""
+    if value is None and type(None) in options:
+        return None
+    inner = [o for o in options if o is not type(None)]
+    if len(inner) == 1:
+        return _check_value(value, inner[0], where)
+    for option in inner:
+        try:
+            return _check_value(value, option, where)
+        except ConfigError:
+            continue
+    names = " or ".join(_type_name(o) for o in inner)
+    raise ConfigError(f"{where} must be {names}, got {value!r}")
+
+
 def _check_value(value: Any, hint: Any, where: str) -> Any:
     """Check (and lightly coerce) one value against its type hint."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        inner = [o for o in options if o is not type(None)]
-        return _check_value(value, inner[0], where)
+        return _check_union(value, typing.get_args(hint), where)
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where} must be a list, got {value!r}")

@@ -10,7 +10,9 @@ at sampling time it can be asked for no augmentation (all-zero labels) (EDM App.
      translate_x, translate_y]
 
 scale, aniso and translate_* are the standard-normal draws behind the transform (the scale
-is 2^(scale_std * draw)); an entry is 0 where its augmentation was not applied.
+is 2^(scale_std * draw)); an entry is 0 where its augmentation was not applied. The signs
+are EDM's: a transform gets the label vector EDM's pipe gives it (`AugmentPipe.geometry`),
+so nets trained by EDM read the labels as they were trained to.
 
 The affine map is resampled with bilinear `grid_sample` and reflection padding. This
 approximates EDM's resampling, which pads by reflection, upsamples 2x with a wavelet
@@ -107,7 +109,7 @@ class AugmentPipe:
         """(augmented images, augment labels (N, 9)), labels zero where nothing was applied."""
         if images.ndim != 4:
             raise DataError(f"AugmentPipe takes images (N, C, H, W), got {tuple(images.shape)}")
-        n, _, h, w = images.shape
+        n, _, h_px, w_px = images.shape
         # 1. every random number, drawn whatever is enabled (the generator always advances alike)
         dev = generator.device if generator is not None else images.device
         applied = torch.rand(n, 6, generator=generator, device=dev) < self.probabilities().to(dev)
@@ -120,29 +122,40 @@ class AugmentPipe:
         flip = coins * applied[:, :2]
         out = torch.where(flip[:, 0, None, None, None] == 1, images.flip(3), images)
         out = torch.where(flip[:, 1, None, None, None] == 1, out.flip(2), out)
-        # 3. the geometric draws, zero where not applied
-        s = normal[:, 0] * applied[:, 2]
-        angle = (2 * uniform[:, 0] - 1) * math.pi * self.rotate_frac_max * applied[:, 3]
-        a = normal[:, 1] * applied[:, 4]
-        axis = (2 * uniform[:, 1] - 1) * math.pi * (uniform[:, 2] < self.aniso_rotate_prob)
-        shift = normal[:, 2:] * applied[:, 5:]
-        # 4. one map per image: scale, then rotate, then stretch along axis, then translate
-        iso = 2 ** (self.scale_std * s)
-        ani = 2 ** (self.aniso_std * a)
-        size = torch.tensor([w, h], device=images.device) * self.translate_frac_std
-        tx, ty = (shift * size).unbind(1)
-        G = (
-            translation(tx, ty)
-            @ rotation(axis)
-            @ scaling(ani, 1 / ani)
-            @ rotation(-axis)
-            @ rotation(angle)
-            @ scaling(iso, iso)
-        )
+        # 3. the geometric draws, zero where not applied (EDM's rotation w and axis r)
+        draw_s = normal[:, 0] * applied[:, 2]
+        w = (2 * uniform[:, 0] - 1) * math.pi * self.rotate_frac_max * applied[:, 3]
+        draw_a = normal[:, 1] * applied[:, 4]
+        r = (2 * uniform[:, 1] - 1) * math.pi * (uniform[:, 2] < self.aniso_rotate_prob)
+        draws = torch.stack([draw_s, w, draw_a, r, *(normal[:, 2:] * applied[:, 5:]).T], dim=1)
+        # 4. one map per image (scale, rotate, stretch along r, translate) and its labels
+        size = torch.tensor([w_px, h_px], device=images.device, dtype=torch.float32)
+        G, geo_labels = self.geometry(draws, size * self.translate_frac_std)
         moved = applied[:, 2:].any(dim=1)  # leave untouched images exactly as they were
         if moved.any():
             out = out.clone()
             out[moved] = affine_warp(out[moved], G[moved])
-        labels = [flip[:, 0], flip[:, 1], s, angle.cos() - 1, angle.sin()]
-        labels += [a * axis.cos(), a * axis.sin(), shift[:, 0], shift[:, 1]]
-        return out, torch.stack(labels, dim=1).float()
+        return out, torch.cat([flip.to(geo_labels.dtype), geo_labels], dim=1).float()
+
+    def geometry(self, draws: Tensor, translate_px: Tensor) -> tuple[Tensor, Tensor]:
+        """(content maps (N, 3, 3), augment labels 2..8 (N, 7)) for EDM's draws.
+
+        draws (N, 6) = [s, w, a, r, t_x, t_y] as EDM's AugmentPipe names them: isotropic scale
+        2^(scale_std s), rotation angle w, anisotropic scale 2^(aniso_std a) along an axis
+        turned by r, translation (t_x, t_y) * translate_px. EDM builds the inverse map
+        G_inv = S(s)^-1 R(w) R(-r) S_a(a)^-1 R(r) T^-1, R(theta) = [[cos, -sin], [sin, cos]],
+        and labels it [s, cos w - 1, sin w, a cos r, a sin r, t_x, t_y]; here G = G_inv^-1.
+        """
+        s, w, a, r, tx, ty = draws.unbind(1)
+        iso = 2 ** (self.scale_std * s)
+        ani = 2 ** (self.aniso_std * a)
+        G = (
+            translation(tx * translate_px[0], ty * translate_px[1])
+            @ rotation(-r)
+            @ scaling(ani, 1 / ani)
+            @ rotation(r)
+            @ rotation(-w)
+            @ scaling(iso, iso)
+        )
+        labels = [s, w.cos() - 1, w.sin(), a * r.cos(), a * r.sin(), tx, ty]
+        return G, torch.stack(labels, dim=1)

@@ -3,7 +3,10 @@
 import torch
 from torch import Tensor, nn
 
+from condlora.core.errors import ConfigError
 from condlora.diffusion.precond import Preconditioner, _randn
+
+LOSS_REDUCTIONS = ("mean", "sum")
 
 
 def _sigma_like(sigma: Tensor | float, x: Tensor) -> Tensor:
@@ -20,10 +23,17 @@ def _bcast(c: Tensor, x: Tensor) -> Tensor:
 class Denoiser(nn.Module):
     """D(x, sigma, **cond) -> x0_hat: a backbone F under a preconditioner (EDM eq. 7)."""
 
-    def __init__(self, net: nn.Module, precond: Preconditioner) -> None:
+    def __init__(
+        self, net: nn.Module, precond: Preconditioner, loss_reduction: str = "mean"
+    ) -> None:
         super().__init__()
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ConfigError(
+                f"unknown loss reduction {loss_reduction!r}; valid: {', '.join(LOSS_REDUCTIONS)}"
+            )
         self.net = net  # backbone, called as net(x_in, noise_labels, **cond)
         self.precond = precond  # plain object: not part of the state dict
+        self.loss_reduction = loss_reduction  # "mean" | "sum" (over pixels; mean over batch)
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
         """EDM eq. 7: D = c_skip * x + c_out * F(c_in * x, c_noise)."""
@@ -40,7 +50,11 @@ class Denoiser(nn.Module):
         noise: Tensor | None = None,
         **cond: Tensor,
     ) -> Tensor:
-        """EDM eq. 8 rearranged: MSE between F and its effective target (x0 - c_skip x) / c_out."""
+        """EDM eq. 8 rearranged: squared error between F and its target (x0 - c_skip x) / c_out.
+
+        Reduced by `loss_reduction`: "mean" over every element, or "sum" over each sample's
+        elements and mean over the batch (EDM's training loop: loss.sum() / batch size).
+        """
         # 1. noise level and noise (sampled unless given)
         if sigma is None:
             sigma = self.precond.sample_sigma(x0.shape[0], generator=generator, device=x0.device)
@@ -54,4 +68,7 @@ class Denoiser(nn.Module):
         c_skip, c_out, c_in = (_bcast(c, x0) for c in self.precond.scalings(sigma))
         F = self.net(c_in * x, self.precond.noise_label(sigma), **cond)
         target = (x0 - c_skip * x) / c_out
-        return (F.float() - target.float()).square().mean()
+        err = (F.float() - target.float()).square()
+        if self.loss_reduction == "sum":
+            return err.flatten(1).sum(dim=1).mean()
+        return err.mean()

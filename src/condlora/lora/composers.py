@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from condlora.core import labels
 from condlora.core.errors import CondloraError, LoRAError
-from condlora.lora.config import LoRAConfig
+from condlora.lora.config import LoRAConfig, mlp_group_count
 
 
 def _missing(method: str, arg: str, extra: str = "") -> LoRAError:
@@ -119,19 +119,33 @@ class ClassComposer(nn.Module):
         return w.to(self.mix.device, self.mix.dtype) @ self.mix
 
 
-class UCComposer(nn.Module):
-    """UC-LoRA: MLP on the host's condition embedding, (Linear-GroupNorm-SiLU)* then Linear."""
+def _paper_linear(width_in: int, width_out: int) -> nn.Linear:
+    """Linear layer initialised as the paper's code (EDM's Linear, mode "kaiming_normal"):
+    weight ~ N(0, 1 / fan_in), i.e. Kaiming-normal with gain 1, and a zero bias."""
+    layer = nn.Linear(width_in, width_out)
+    nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="linear")
+    nn.init.zeros_(layer.bias)
+    return layer
 
-    def __init__(self, emb_dim: int, widths: list[int], groups: int, num_bases: int) -> None:
+
+class UCComposer(nn.Module):
+    """UC-LoRA: MLP on the host's condition embedding, (Linear-GroupNorm-SiLU)* then Linear.
+
+    As the paper's code builds it: every Linear (the last one, to the m bases, included)
+    starts Kaiming-normal with zero bias; `groups` is an int or "auto" (`mlp_group_count`).
+    """
+
+    def __init__(self, emb_dim: int, widths: list[int], groups: int | str, num_bases: int) -> None:
         super().__init__()
         self.emb_dim = emb_dim
         self.num_weights = num_bases
         layers: list[nn.Module] = []
         width_in = emb_dim
         for width in widths:
-            layers += [nn.Linear(width_in, width), nn.GroupNorm(groups, width), nn.SiLU()]
+            norm = nn.GroupNorm(mlp_group_count(groups, width), width)
+            layers += [_paper_linear(width_in, width), norm, nn.SiLU()]
             width_in = width
-        layers.append(nn.Linear(width_in, num_bases))
+        layers.append(_paper_linear(width_in, num_bases))
         self.mlp = nn.Sequential(*layers)
 
     def forward(self, t: object = None, y: object = None, emb: Tensor | None = None) -> Tensor:

@@ -11,6 +11,12 @@ from condlora.core.errors import LoRAError
 METHODS = ("none", "time", "class", "uc", "time+class")
 
 
+def mlp_group_count(groups: int | str, width: int) -> int:
+    """GroupNorm groups of a UC-LoRA MLP layer of `width`: `groups`, or for "auto" the paper's
+    code's rule min(32, width // 4) (EDM's GroupNorm: 32 groups of at least 4 channels)."""
+    return max(min(32, width // 4), 1) if groups == "auto" else int(groups)
+
+
 @dataclass
 class LoRAConfig:
     """Conditional LoRA settings; stored as JSON in every saved LoRA file."""
@@ -26,7 +32,7 @@ class LoRAConfig:
     num_classes: int = 10  # ClassLoRA classes
     class_bases: int = 0  # 0: one LoRA per class; >0: learned (classes x class_bases) mixing
     mlp_widths: list[int] = field(default_factory=lambda: [128, 64])  # UC-LoRA MLP hidden widths
-    mlp_groups: int = 8  # GroupNorm groups in the UC-LoRA MLP
+    mlp_groups: int | str = 8  # UC-LoRA MLP GroupNorm groups; "auto": min(32, width // 4)
     emb_module: str | None = None  # host module whose output is UC-LoRA's input (forward hook)
     emb_dim: int | None = None  # UC-LoRA input width; None: emb_module's last Linear out_features
 
@@ -34,19 +40,22 @@ class LoRAConfig:
         """Raise LoRAError on a setting that cannot work."""
         if self.method not in METHODS:
             raise LoRAError(f"unknown LoRA method {self.method!r}; valid: {', '.join(METHODS)}")
-        for name in ("rank", "num_bases", "num_time_rows", "num_classes", "mlp_groups"):
+        for name in ("rank", "num_bases", "num_time_rows", "num_classes"):
             if getattr(self, name) < 1:
                 raise LoRAError(f"LoRAConfig.{name} must be >= 1, got {getattr(self, name)}")
+        groups = self.mlp_groups
+        if groups != "auto" and (isinstance(groups, bool | str) or groups < 1):
+            raise LoRAError(f'LoRAConfig.mlp_groups must be >= 1 or "auto", got {groups!r}')
         if self.class_bases < 0:
             raise LoRAError(f"LoRAConfig.class_bases must be >= 0, got {self.class_bases}")
         if isinstance(self.targets, str) or not self.targets:
             raise LoRAError(f"LoRAConfig.targets must be a non-empty list, got {self.targets!r}")
         if self.method == "uc":
-            bad = [w for w in self.mlp_widths if w < 1 or w % self.mlp_groups]
+            bad = [w for w in self.mlp_widths if w < 1 or w % mlp_group_count(groups, w)]
             if bad:
                 raise LoRAError(
-                    f"UC-LoRA MLP widths {bad} are not positive multiples of "
-                    f"mlp_groups={self.mlp_groups} (GroupNorm needs that)"
+                    f"UC-LoRA MLP widths {bad} are not positive multiples of their "
+                    f"GroupNorm groups (mlp_groups={groups!r}; GroupNorm needs that)"
                 )
 
     @property

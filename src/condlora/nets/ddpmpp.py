@@ -195,8 +195,12 @@ class DDPMppUNet(nn.Module):
     ) -> torch.Tensor:
         """(B, emb_dim) embedding of the noise level, class and augmentation labels."""
         emb = positional_embedding(noise_labels.reshape(-1), self.noise_channels)
-        if self.map_label is not None and class_labels is not None:
-            weights = class_weights(class_labels, self.num_classes).to(emb.dtype)
+        if self.map_label is not None:
+            # no labels: a zero row, as EDM's EDMPrecond passes; map_label's bias still counts
+            if class_labels is None:
+                weights = emb.new_zeros(1, self.num_classes)
+            else:
+                weights = class_weights(class_labels, self.num_classes).to(emb.dtype)
             emb = emb + self.map_label(weights * math.sqrt(self.num_classes))  # EDM's scaling
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
