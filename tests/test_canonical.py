@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from condlora.core.errors import DataError
+from condlora.lora.canonical import canonical_factors, canonicalize
 from condlora.lora.formats import LoRAWeights, ModuleLoRA
-from condlora.synthesis.canonical import canonical_factors, canonicalize
 from condlora.synthesis.flatten import FlatSpec
 
 

@@ -18,7 +18,7 @@ from condlora.conditioning.build import build_denoiser, build_net
 from condlora.conditioning.config import load_config
 from condlora.conditioning.edm_pickle import load_edm_pickle
 from condlora.conditioning.pretrained import (
-    backbone_state,
+    init_from,
     load_pretrained,
     read_edm_snapshot,
     read_iddpm_checkpoint,
@@ -263,7 +263,18 @@ def test_edm_weights_under_fresh_uclora_compute_the_baseline(tmp_path, edm_persi
     labels = torch.tensor([2, 7])
     with torch.no_grad():
         assert torch.equal(lora(x, sigma, class_labels=labels), base(x, sigma, class_labels=labels))
-    assert len(backbone_state(lora.net.net)) == len(backbone_state(base.net.net))
+    report = init_from(build_denoiser(lora_cfg), path, lora_cfg, verbose=False)
+    assert not report["unused"] and report["fresh"]
+    assert all(".lora_" in k or ".composer." in k for k in report["fresh"])  # only the LoRA
+
+
+def test_only_lora_config_starts_from_a_baseline_without_its_scale_shift(tmp_path):
+    base_cfg, only_cfg = config("iddpm-uncond-baseline"), config("iddpm-uncond-onlylora")
+    torch.save(randomize(build_net(base_cfg)).state_dict(), tmp_path / "model.pt")
+    report = init_from(build_denoiser(only_cfg), tmp_path / "model.pt", only_cfg, verbose=False)
+    assert report["unused"] and all("emb_layers" in k for k in report["unused"])
+    with pytest.raises(CondloraError, match="no such run folder or checkpoint"):
+        init_from(build_denoiser(only_cfg), tmp_path / "missing.pt", only_cfg)
 
 
 def test_edm_snapshot_that_does_not_fit_is_refused(tmp_path, edm_persistence):

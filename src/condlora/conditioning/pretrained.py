@@ -1,16 +1,18 @@
-"""Weights from released checkpoints of the original codebases, copied in by module name.
+"""`condlora train --init-from`: start from released or condlora weights, copied by name.
 
+The paper trains its LoRA models from a trained baseline; this is also how a user adds LoRA
+conditioning to a model they already have. Sources:
+
+- a condlora run folder or checkpoint (`.safetensors`): the run's EMA weights;
 - improved-diffusion `.pt` files are plain state dicts of its `UNetModel`, whose module names
   condlora's ADM net shares: read with `torch.load(..., weights_only=True)`.
 - EDM `.pkl` network snapshots hold `EDMPrecond` (its `model` a `SongUNet`, whose names
   condlora's DDPM++ shares) pickled with source code: read as data by `edm_pickle`, which
   runs nothing in the file.
-- condlora's own checkpoints (`.safetensors`): the backbone of the run's EMA weights.
 
-Every copy checks every name and shape against the configured backbone; a checkpoint that
-does not fit is refused with one line naming what differs. LoRA layers injected into the
-backbone are not part of it: a wrapped layer's `base_layer` takes the layer's own name, and
-the LoRA tensors stay as initialised (a fresh LoRA leaves the loaded function unchanged).
+Names are matched with the LoRA wrapper's `.base_layer` step ignored, and every copy is
+shape-checked. The LoRA tensors that the source lacks stay as initialised (B = 0 leaves the
+loaded function unchanged); anything else that does not match is refused in one line.
 """
 
 from __future__ import annotations
@@ -25,10 +27,9 @@ from condlora.conditioning.build import build_denoiser
 from condlora.conditioning.config import Config
 from condlora.conditioning.edm_pickle import Record, load_edm_pickle, module_tensors
 from condlora.core.errors import CondloraError
-from condlora.core.safetensors_io import describe_mismatch
+from condlora.core.safetensors_io import read_weights
 from condlora.diffusion import Denoiser
-from condlora.lora import lora_layers
-from condlora.train.checkpoint import read_checkpoint
+from condlora.train.checkpoint import CHECKPOINT_NAME, FORMAT
 
 # (key, axis, what it counts, the config keys that set it): hints for a checkpoint that does
 # not fit, ADM (improved-diffusion) and DDPM++ (EDM) names
@@ -38,6 +39,8 @@ FIT_HINTS = [
     ("map_label.weight", 1, "classes", "net.class_conditional, data.num_classes"),
     ("map_augment.weight", 1, "augmentation labels", "net.augment_dim"),
 ]
+BACKBONE_PREFIX = "net.net."  # the backbone inside Denoiser(ConditionedNet(backbone))
+LORA_PARTS = (".lora_A", ".lora_B", ".lora_E", ".composer.")  # names of LoRA tensors
 EDM_RESAMPLE_FILTER = torch.full((1, 1, 2, 2), 0.25)  # EDM's [1, 1] filter: f f^T / sum(f)^2
 
 
@@ -98,23 +101,6 @@ def read_edm_snapshot(
     return tensors, {k: net.state.get(k) for k in settings}
 
 
-def backbone_state(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The backbone's parameters and buffers by name, without the LoRA injected into it.
-
-    A LoRA wrapper's `base_layer` counts under the wrapper's own name (the name the
-    layer had before injection); the wrapper's LoRA tensors are left out.
-    """
-    wrapped = sorted(lora_layers(net), key=len, reverse=True)
-    out = {}
-    for key, value in net.state_dict(keep_vars=True).items():
-        owner = next((name for name in wrapped if key.startswith(name + ".")), None)
-        if owner is None:
-            out[key] = value
-        elif key.startswith(f"{owner}.base_layer."):
-            out[f"{owner}.{key[len(owner) + len('.base_layer.') :]}"] = value
-    return out
-
-
 def _fit_hints(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> str:
     """What the checkpoint and the config count differently (classes, channels ...)."""
     hints = []
@@ -128,34 +114,32 @@ def _fit_hints(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor]
     return "; ".join(hints) + ("; " if hints else "")
 
 
-def copy_backbone(net: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into the backbone `net` by name; every key and shape must match."""
-    target = backbone_state(net)
-    mismatch = describe_mismatch(target, tensors)
-    if mismatch:
-        raise CondloraError(f"{source} does not fit: {_fit_hints(target, tensors)}{mismatch}")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            target[key].copy_(value)
+def _plain_name(name: str) -> str:
+    """A parameter name without the LoRA wrapper's `.base_layer` step."""
+    return name.replace(".base_layer.", ".")
 
 
-def _condlora_backbone(path: Path) -> dict[str, torch.Tensor]:
-    """The backbone tensors of a condlora checkpoint's EMA weights."""
-    saved_cfg, _, parts = read_checkpoint(path)
-    saved = build_denoiser(saved_cfg)
-    saved.load_state_dict(parts["ema"])
-    return {k: v.detach() for k, v in backbone_state(saved.net.net).items()}
+def _is_lora(name: str) -> bool:
+    return any(part in name for part in LORA_PARTS)
 
 
-def load_pretrained(path: str | Path, cfg: Config) -> Denoiser:
-    """The denoiser of `cfg` (LoRA injected as configured) with a checkpoint's backbone.
+def condlora_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights of a condlora run folder or checkpoint, by plain denoiser name."""
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    meta, tensors = read_weights(path, FORMAT, "condlora checkpoint", CondloraError)
+    return {_plain_name(k[4:]): v for k, v in tensors.items() if k.startswith("ema.")}
 
-    By extension: `.pt` improved-diffusion (net.arch adm), `.pkl` EDM (net.arch ddpmpp,
-    diffusion.objective edm), `.safetensors` a condlora checkpoint. The LoRA stays fresh.
-    """
+
+def source_weights(path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
+    """Weights by plain denoiser name from a run folder, a condlora checkpoint, `.pt` or `.pkl`."""
     path = Path(path)
     arch, objective = cfg.net.arch, cfg.diffusion.objective
     where = f"{path} (config '{cfg.name}')"
+    if not path.exists():
+        raise CondloraError(f"no such run folder or checkpoint file: {path}")
+    if path.is_dir() or path.suffix == ".safetensors":
+        return condlora_weights(path)
     if path.suffix == ".pt":
         if arch != "adm":
             raise CondloraError(
@@ -175,13 +159,77 @@ def load_pretrained(path: str | Path, cfg: Config) -> Denoiser:
                 f"{where}: the network was trained with sigma_data {sigma_data}, the config "
                 f"has diffusion.sigma_data {cfg.diffusion.sigma_data}"
             )
-    elif path.suffix == ".safetensors":
-        tensors = _condlora_backbone(path)
     else:
         raise CondloraError(
-            f"{path}: unknown checkpoint kind '{path.suffix}' (.pt improved-diffusion, "
-            ".pkl EDM, .safetensors condlora)"
+            f"{path}: unknown checkpoint kind '{path.suffix}' (a run folder, .safetensors "
+            "condlora, .pt improved-diffusion, .pkl EDM)"
         )
+    return {BACKBONE_PREFIX + k: v for k, v in tensors.items()}
+
+
+def _names(names: list[str]) -> str:
+    lora = [n for n in names if _is_lora(n)]
+    other = [n.removeprefix(BACKBONE_PREFIX) for n in names if not _is_lora(n)]
+    parts = [f"{len(lora)} LoRA tensors"] if lora else []
+    if other:
+        more = ", ..." if len(other) > 4 else ""
+        parts.append(f"{len(other)} others ({', '.join(other[:4])}{more})")
+    return "; ".join(parts) or "none"
+
+
+def init_from(
+    denoiser: nn.Module, path: str | Path, cfg: Config, verbose: bool = True
+) -> dict[str, list[str]]:
+    """Copy weights into `denoiser` by name, shape-checked; {"copied", "fresh", "unused"}.
+
+    Fresh LoRA tensors are expected (B = 0 keeps the function), and so are checkpoint
+    weights that "only LoRA" drops (net.cond_mode lora_only). Any other weight of the net
+    that the checkpoint lacks, or checkpoint weight the net lacks, means the config does
+    not fit the checkpoint: refused in one line.
+    """
+    source = source_weights(path, cfg)
+    targets = {_plain_name(k): v for k, v in denoiser.state_dict(keep_vars=True).items()}
+    where = f"{path} (config '{cfg.name}')"
+    report = {
+        "copied": [k for k in targets if k in source],
+        "fresh": [k for k in targets if k not in source],
+        "unused": [k for k in source if k not in targets],
+    }
+    bad = [
+        f"{k.removeprefix(BACKBONE_PREFIX)} {tuple(source[k].shape)} != {tuple(targets[k].shape)}"
+        for k in report["copied"]
+        if source[k].shape != targets[k].shape
+    ]
+    missing = [k for k in report["fresh"] if not _is_lora(k)]
+    extra = [k for k in report["unused"] if not _is_lora(k)]
+    if cfg.net.cond_mode == "lora_only":
+        extra = []  # the scale-and-shift layers that "only LoRA" drops
+    if bad or missing or extra or not report["copied"]:
+        hints = _fit_hints(_backbone(targets), _backbone(source))
+        problems = [
+            f"shape mismatches ({len(bad)}): {', '.join(bad[:3])}" if bad else "",
+            f"missing from the checkpoint: {_names(missing)}" if missing else "",
+            f"not in this net: {_names(extra)}" if extra else "",
+            "no weight names in common" if not report["copied"] else "",
+        ]
+        raise CondloraError(f"{where} does not fit: {hints}{'; '.join(p for p in problems if p)}")
+    with torch.no_grad():
+        for k in report["copied"]:
+            targets[k].copy_(source[k])
+    if verbose:
+        print(
+            f"init-from {path}: copied {len(report['copied'])} tensors; fresh: "
+            f"{_names(report['fresh'])}; not used: {_names(report['unused'])}"
+        )
+    return report
+
+
+def _backbone(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(BACKBONE_PREFIX): v for k, v in tensors.items()}
+
+
+def load_pretrained(path: str | Path, cfg: Config) -> Denoiser:
+    """The denoiser of `cfg` (LoRA injected as configured, fresh) with a checkpoint's weights."""
     denoiser = build_denoiser(cfg)
-    copy_backbone(denoiser.net.net, tensors, where)
+    init_from(denoiser, path, cfg, verbose=False)
     return denoiser

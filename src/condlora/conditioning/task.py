@@ -17,7 +17,7 @@ from torch import nn
 from condlora.conditioning.build import build_data, build_denoiser, num_classes, resolve_data
 from condlora.conditioning.config import Config
 from condlora.conditioning.generate import save_sample_grid
-from condlora.conditioning.init_from import init_from
+from condlora.conditioning.pretrained import init_from
 from condlora.core.labels import class_weights
 from condlora.data.augment import AugmentPipe
 from condlora.diffusion import Denoiser
@@ -106,7 +106,7 @@ def image_task(cfg: Config, init_path: str | Path | None = None) -> TrainTask:
     torch.manual_seed(cfg.train.seed)
     denoiser = build_denoiser(cfg)
     if init_path is not None:
-        init_from(denoiser, init_path)
+        init_from(denoiser, init_path, cfg)
     if cfg.train.channels_last:
         denoiser.to(memory_format=torch.channels_last)
     return TrainTask(

@@ -68,7 +68,7 @@ def _convert(args: argparse.Namespace) -> None:
 
     weights = read_lora(args.input, _base(args))
     if args.rank is not None:
-        from condlora.synthesis.canonical import canonicalize
+        from condlora.lora.canonical import canonicalize
 
         weights, dropped = canonicalize(weights, args.rank)
         worst = max(dropped.values(), default=0.0)

@@ -29,10 +29,10 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from condlora.core.errors import DataError, LoRAError
+from condlora.lora.canonical import canonicalize
 from condlora.lora.formats import BaseMismatch, LoRAWeights, read_lora
 from condlora.lora.formats.files import as_base_modules
 from condlora.synthesis.bigfile import StreamWriter, read_header, tensor_info
-from condlora.synthesis.canonical import canonicalize
 from condlora.synthesis.flatten import FlatSpec
 
 FORMAT = "condlora.lora_dataset"
