@@ -202,9 +202,9 @@ def test_init_from_a_baseline_keeps_its_function_then_trains(tmp_path, tiny_over
             trainer.model(x, sigma, class_labels=y), baseline(x, sigma, class_labels=y)
         )
     wrong = tiny("digits-baseline.yaml", tiny_overrides + ["net.model_channels=16"])
-    with pytest.raises(CondloraError, match="does not fit this config: shape mismatches"):
+    with pytest.raises(CondloraError, match="does not fit: shape mismatches"):
         image_trainer(wrong, tmp_path / "wrong", init_path=tmp_path / "base")
-    with pytest.raises(CondloraError, match="no such run"):
+    with pytest.raises(CondloraError, match="no such run folder"):
         image_trainer(lora_cfg, tmp_path / "x", init_path=tmp_path / "nowhere")
 
 
