@@ -36,7 +36,29 @@ def _add_collect(synth_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_collect)
 
 
-SUBCOMMANDS = (_add_collect,)
+def _demo(args: argparse.Namespace) -> None:
+    from condlora.synthesis.demo.run import demo_configs, run_demo
+
+    cfg, base_cfg = demo_configs(args.quick)
+    out = args.out or ("runs/synth-demo-quick" if args.quick else "runs/synth-demo")
+    report = run_demo(out, cfg, base_cfg)
+    print(f"wrote {report}")
+
+
+def _add_demo(synth_sub: argparse._SubParsersAction) -> None:
+    p = synth_sub.add_parser(
+        "demo", help="embedded end-to-end demo: a zoo of handwriting-style LoRAs on the digits"
+    )
+    p.add_argument(
+        "--out", metavar="DIR", help="output folder (runs/synth-demo, or runs/synth-demo-quick)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a smaller zoo (60 + 12 subjects) for a first look"
+    )
+    p.set_defaults(func=_demo)
+
+
+SUBCOMMANDS = (_add_collect, _add_demo)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,82 @@
+"""The demo's settings: sizes of the zoo, fine-tuning, encoder and scoring, with two presets.
+
+`DemoConfig()` is the full demo (200 training and 40 held-out subjects); `quick()` a smaller
+one for a first look; the test suite builds a tiny one by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from condlora.core.errors import ConfigError
+from condlora.synthesis.demo.styles import StyleRanges
+
+# What the LoRAs adapt (DESIGN.md section 4): attention qkv / proj, the residual blocks'
+# 1x1 skip convolutions and their embedding projections: 20,864 numbers per rank-4 LoRA
+# on the digits baseline, enough to carry a handwriting style.
+TARGETS = ("qkv", "proj", "skip", "emb_proj")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every knob of `condlora synth demo`; stored in the output folder to guard its reuse."""
+
+    seed: int = 0  # subjects' styles, LoRA init, fine-tuning, encoder, reference images
+    num_train: int = 200  # training subjects (the collection)
+    num_heldout: int = 40  # held-out subjects (scored)
+    ranges: StyleRanges = field(default_factory=StyleRanges)  # where style factors are drawn
+    # zoo: one plain LoRA per subject on the frozen base model
+    rank: int = 4  # LoRA rank
+    alpha: float = 4.0  # peft lora_alpha (scale alpha / rank)
+    targets: tuple[str, ...] = TARGETS  # target module names (suffixes)
+    subjects_per_batch: int = 40  # subjects fine-tuned together (per-sample LoRA in one batch)
+    images_per_subject: int = 4  # styled digits of each subject in every step
+    steps: int = 200  # fine-tuning steps per subject
+    lr: float = 4e-3  # Adam learning rate (linear decay to 0 over the last half)
+    log_sigma_mean: float | None = 0.0  # EDM base: mean of ln(sigma) while fine-tuning (None:
+    # the base's own P_mean); noisier levels than the base's -0.8 keep the digits legible
+    judge_steps: int = 600  # training steps of the digits judge (plain and styled digits)
+    # subject encoder (stand-in for ArcFace)
+    encoder_steps: int = 800  # training steps (batch 64, fresh random styles)
+    encoder_dim: int = 64  # embedding width
+    reference_images: int = 20  # images a subject's embedding is computed from
+    # scoring
+    samples_per_class: int = 1  # samples per digit per held-out subject (x 10 digits)
+    sample_steps: int = 12  # Heun steps (23 evaluations; 18 steps: the same scores, 1.5x time)
+    score_seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the methods and the sampling
+    curve_sizes: tuple[int, ...] = (25, 50, 100)  # training subsets for the curve (and all)
+    grid_subjects: int = 4  # held-out subjects shown in grids
+
+    def __post_init__(self) -> None:
+        for name in ("num_train", "num_heldout", "rank", "subjects_per_batch", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"demo {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_train < 2:
+            raise ConfigError("the demo needs at least 2 training subjects")
+        if not self.score_seeds:
+            raise ConfigError("the demo needs at least one score seed")
+
+    @property
+    def num_subjects(self) -> int:
+        """Training plus held-out subjects."""
+        return self.num_train + self.num_heldout
+
+    @property
+    def scale(self) -> float:
+        """LoRA scale alpha / rank."""
+        return self.alpha / self.rank
+
+    def sizes(self) -> list[int]:
+        """Training-set sizes of the curve: the configured ones below num_train, then all."""
+        return sorted({n for n in self.curve_sizes if 2 <= n < self.num_train} | {self.num_train})
+
+    def to_json(self) -> str:
+        """The config as sorted JSON (what reuse compares)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def quick() -> DemoConfig:
+    """A smaller demo for a first look: 60 training and 12 held-out subjects, lighter scoring."""
+    return DemoConfig(num_train=60, num_heldout=12, steps=100, encoder_steps=500)

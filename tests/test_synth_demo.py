@@ -1,0 +1,382 @@
+"""The embedded synthesis demo: styles, the per-sample LoRA zoo, peft export, the subject
+encoder, the simple methods and scores, and a tiny end-to-end run of `condlora synth demo`."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from condlora.conditioning.build import build_denoiser
+from condlora.conditioning.config import load_config
+from condlora.core.errors import CondloraError
+from condlora.lora.formats import read_lora, write_lora
+from condlora.synthesis.collection import LoRADataset
+from condlora.synthesis.demo import bank as bank_mod
+from condlora.synthesis.demo.config import DemoConfig
+from condlora.synthesis.demo.encoder import load_encoder, save_encoder, train_encoder
+from condlora.synthesis.demo.methods import (
+    DemoData,
+    loo_residuals,
+    nearest,
+    pca_ridge,
+    ridge_weights,
+    write_dataset,
+)
+from condlora.synthesis.demo.run import run_demo
+from condlora.synthesis.demo.scoring import vector_mse
+from condlora.synthesis.demo.styles import (
+    StyleRanges,
+    affine_matrices,
+    apply_style,
+    sample_styles,
+    thicken,
+    warp,
+)
+from condlora.synthesis.demo.zoo import fine_tune, zoo_loss
+from condlora.synthesis.flatten import FlatSpec
+
+from .conftest import CONFIGS, TINY
+
+TARGETS = ["qkv", "proj", "skip", "emb_proj"]
+
+
+@pytest.fixture(scope="module")
+def base(one_thread):
+    """A tiny base denoiser whose zero-initialised layers (output conv, attention projections)
+    are made random, so that gradients reach every LoRA."""
+    torch.manual_seed(0)
+    denoiser = build_denoiser(load_config(CONFIGS / "digits-baseline.yaml", TINY)).eval()
+    with torch.no_grad():
+        for param in denoiser.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.1)
+    return denoiser
+
+
+# ---------------------------------------------------------------- styles
+
+
+def _point(image, row, col):
+    return image[0, 0, row, col].item()
+
+
+def test_rotation_by_90_degrees_moves_pixels_counter_clockwise():
+    # pixel centres at (2i + 1) / R - 1; p_out = Rot(90) p_in: x' = y, y' = -x
+    image = torch.full((1, 1, 16, 16), -1.0)
+    image[0, 0, 2, 12] = 1.0  # x = 25/16 - 1, y = 5/16 - 1  ->  x' = y, y' = -x: row 3, col 2
+    out = warp(image, torch.tensor([[0.0, 0.0, 90.0, 1.0]]))
+    assert _point(out, 3, 2) == pytest.approx(1.0, abs=1e-5)
+    assert (out > -1 + 1e-4).sum() == 1
+    assert torch.allclose(out, torch.rot90(image, 1, dims=(2, 3)), atol=1e-5)
+
+
+def _bilinear_reference(image, forward):
+    """out[i, j] = image sampled bilinearly at forward^-1 (centre of pixel (i, j)), -1 outside."""
+    r = image.shape[-1]
+    inverse = torch.linalg.inv(forward.double())
+    out = torch.empty(r, r, dtype=torch.float64)
+    padded = F.pad(image[0, 0].double() + 1, (1, 1, 1, 1))  # zero = background outside
+    for i in range(r):
+        for j in range(r):
+            q = torch.tensor([(2 * j + 1) / r - 1, (2 * i + 1) / r - 1], dtype=torch.float64)
+            x, y = (inverse @ q).tolist()
+            col, row = ((x + 1) * r - 1) / 2, ((y + 1) * r - 1) / 2  # pixel coordinates
+            c0, r0 = math.floor(col), math.floor(row)
+            fc, fr = col - c0, row - r0
+            value = 0.0
+            for dr, wr in ((0, 1 - fr), (1, fr)):
+                for dc, wc in ((0, 1 - fc), (1, fc)):
+                    rr, cc = r0 + dr + 1, c0 + dc + 1
+                    if 0 <= rr < r + 2 and 0 <= cc < r + 2:
+                        value += wr * wc * float(padded[rr, cc])
+            out[i, j] = value - 1
+    return out
+
+
+def test_slant_rotation_and_scale_match_the_affine_formula():
+    image = torch.rand(1, 1, 16, 16) * 2 - 1
+    style = torch.tensor([[0.0, 0.3, -11.0, 0.85]])
+    k, a, s = 0.3, math.radians(-11.0), 0.85
+    rot = torch.tensor([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    expected_forward = s * rot @ torch.tensor([[1.0, -k], [0.0, 1.0]])
+    assert torch.allclose(affine_matrices(style)[0], expected_forward, atol=1e-6)
+    out = warp(image, style)[0, 0].double()
+    assert torch.allclose(out, _bilinear_reference(image, expected_forward), atol=1e-5)
+
+
+def test_slant_leans_the_top_to_the_right():
+    image = torch.full((1, 1, 16, 16), -1.0)
+    image[0, 0, :, 7:9] = 1.0  # a vertical bar
+    out = warp(image, torch.tensor([[0.0, 0.3, 0.0, 1.0]]))[0, 0]
+    columns = torch.arange(16.0)
+    centre = lambda row: float((out[row] + 1) @ columns / (out[row] + 1).sum())  # noqa: E731
+    assert centre(1) > 8.5 > 6.5 > centre(14)
+
+
+def test_thickness_dilates_and_erodes_by_formula():
+    dot = torch.full((1, 1, 7, 7), -1.0)
+    dot[0, 0, 3, 3] = 1.0
+    bold = thicken(dot, torch.tensor([1.0]))
+    assert torch.equal(bold[0, 0, 2:5, 2:5], torch.ones(3, 3))
+    assert (bold > -1).sum() == 9
+    half = thicken(dot, torch.tensor([0.5]))  # x + 0.5 (dilate(x) - x)
+    assert half[0, 0, 3, 3] == 1.0 and half[0, 0, 2, 2] == 0.0 and half[0, 0, 0, 0] == -1.0
+    block = torch.full((1, 1, 7, 7), -1.0)
+    block[0, 0, 2:5, 2:5] = 1.0
+    thin = thicken(block, torch.tensor([-1.0]))  # a flat 3x3 erosion leaves the centre
+    assert torch.equal(thin, dot)
+
+
+def test_styles_are_seeded_in_range_and_keep_images_in_range():
+    ranges = StyleRanges()
+    styles = sample_styles(500, ranges, seed=3)
+    bounds = ranges.bounds()
+    assert torch.equal(styles, sample_styles(500, ranges, seed=3))
+    assert ((styles >= bounds[:, 0]) & (styles <= bounds[:, 1])).all()
+    images = torch.rand(500, 1, 16, 16) * 2 - 1
+    out = apply_style(images, styles)
+    assert out.shape == images.shape and out.min() >= -1 and out.max() <= 1
+    empty = apply_style(torch.full((2, 1, 16, 16), -1.0), styles[:2])
+    assert torch.equal(empty, torch.full_like(empty, -1.0))  # the background stays -1
+
+
+# ---------------------------------------------------------------- the LoRA bank and the zoo
+
+
+def _random_bank(base, num_subjects, seed=1):
+    bank = bank_mod.bank_denoiser(base, num_subjects, 2, TARGETS, scale=0.5)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in bank_mod.bank_layers(bank).values():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=generator))
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) * 0.1)
+    return bank
+
+
+def test_a_fresh_bank_computes_the_base_model(base):
+    bank = bank_mod.bank_denoiser(base, 3, 4, TARGETS)
+    x, y = torch.randn(6, 1, 16, 16), torch.arange(6) % 10
+    with torch.no_grad(), bank_mod.subjects(bank, torch.tensor([0, 1, 2, 0, 1, 2])):
+        assert torch.equal(bank(x, 0.7, class_labels=y), base(x, 0.7, class_labels=y))
+    names = set(bank_mod.bank_layers(bank))
+    assert {n.rsplit(".", 1)[1] for n in names} == set(TARGETS)
+    with pytest.raises(CondloraError, match="subject of every sample"):
+        bank(x, 0.7, class_labels=y)
+
+
+def test_per_sample_zoo_step_equals_each_subject_alone(base):
+    joint = _random_bank(base, 3)
+    per_subject = 2
+    ids = torch.arange(3).repeat_interleave(per_subject)
+    x0, y = torch.randn(6, 1, 16, 16), torch.tensor([1, 4, 0, 9, 3, 3])
+    sigma, noise = torch.tensor([0.3, 2.0, 0.05, 1.0, 7.0, 0.5]), torch.randn(6, 1, 16, 16)
+    loss = zoo_loss(joint, x0, y, ids, sigma=sigma, noise=noise)
+    loss.backward()
+    total = 0.0
+    for k in range(3):
+        alone = bank_mod.bank_denoiser(base, 1, 2, TARGETS, scale=0.5)
+        bank_mod.load_subject(alone, 0, bank_mod.subject_lora(joint, k))
+        rows = ids == k
+        loss_k = zoo_loss(
+            alone, x0[rows], y[rows], ids[rows] * 0, sigma=sigma[rows], noise=noise[rows]
+        )
+        loss_k.backward()
+        total += loss_k.item()
+        joint_layers, alone_layers = bank_mod.bank_layers(joint), bank_mod.bank_layers(alone)
+        for name, layer in alone_layers.items():
+            for factor in ("lora_A", "lora_B"):
+                expected = getattr(layer, factor).grad[0]
+                got = getattr(joint_layers[name], factor).grad[k]
+                assert torch.allclose(got, expected, rtol=1e-4, atol=1e-7), (name, factor, k)
+                assert expected.abs().max() > 1e-6, (name, factor)  # gradients reach it
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+
+
+def test_fine_tuning_a_subject_in_company_or_alone_gives_the_same_lora(base):
+    from condlora.data import load_digits_images
+
+    images, labels = load_digits_images(16)
+    cfg = DemoConfig(steps=3, images_per_subject=2, rank=2, alpha=2.0)
+    styles = sample_styles(3, cfg.ranges, seed=5)
+    together = fine_tune(base, styles, images[:50], labels[:50], cfg, seed=0)
+    alone = fine_tune(base, styles[2:], images[:50], labels[:50], cfg, seed=0)
+    for name, module in alone[0].modules.items():
+        assert torch.allclose(together[2].modules[name].A, module.A, atol=1e-6)
+        assert torch.allclose(together[2].modules[name].B, module.B, atol=1e-6)
+    assert not torch.allclose(together[0].modules[name].B, module.B, atol=1e-4)
+
+
+def test_peft_export_round_trips_and_applies_the_banks_update(base, tmp_path):
+    bank = _random_bank(base, 2)
+    weights = bank_mod.subject_lora(bank, 1)
+    write_lora(weights, tmp_path / "s1", "peft")
+    config = json.loads((tmp_path / "s1" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and config["lora_alpha"] == 1  # scale 0.5 = alpha / r
+    back = read_lora(tmp_path / "s1")
+    assert set(back.modules) == set(bank_mod.bank_layers(bank))
+    for name, module in weights.modules.items():
+        assert torch.equal(back.modules[name].A, module.A)
+        assert torch.equal(back.modules[name].B, module.B)
+        assert back.modules[name].scale == 0.5
+    # the file's dW added to the base weights gives the bank's output for subject 1
+    merged = bank_mod.bank_denoiser(base, 1, 2, TARGETS)  # zero LoRA: the base model
+    with torch.no_grad():
+        for name, layer in bank_mod.bank_layers(merged).items():
+            weight = layer.base_layer.weight
+            weight.add_(back.modules[name].delta().reshape(weight.shape))
+    x, y = torch.randn(4, 1, 16, 16), torch.tensor([2, 5, 7, 0])
+    with torch.no_grad(), bank_mod.subjects(bank, torch.ones(4)):
+        expected = bank(x, 1.3, class_labels=y)
+    with torch.no_grad(), bank_mod.subjects(merged, torch.zeros(4)):
+        got = merged(x, 1.3, class_labels=y)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the subject encoder
+
+
+def test_encoder_embeddings_are_unit_vectors_and_same_subject_sets_are_closer(tmp_path):
+    from condlora.data import load_digits_images
+
+    images, _ = load_digits_images(16)
+    ranges = StyleRanges()
+    encoder = train_encoder(images[:400], ranges, steps=30, batch_size=32, dim=16)
+    thick_left = torch.tensor([0.7, -0.3, 10.0, 1.0])
+    thin_right = torch.tensor([-0.7, 0.3, -10.0, 0.85])
+    sets = torch.stack(
+        [
+            apply_style(images[400:420], thick_left),
+            apply_style(images[420:440], thick_left),
+            apply_style(images[440:460], thin_right),
+            apply_style(images[460:480], thin_right),
+        ]
+    )
+    emb = encoder.embed_sets(sets)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(4), atol=1e-5)
+    sims = emb @ emb.T
+    assert sims[0, 1] > sims[0, 2] and sims[0, 1] > sims[1, 3]
+    assert sims[2, 3] > sims[0, 2] and sims[2, 3] > sims[1, 2]
+    save_encoder(encoder, tmp_path / "encoder.safetensors")
+    again = load_encoder(tmp_path / "encoder.safetensors")
+    assert torch.equal(again.embed_sets(sets), emb)
+
+
+# ---------------------------------------------------------------- methods and scores
+
+
+def _data(tmp_path, vectors, embeddings, queries):
+    spec = FlatSpec.of(_toy_lora(vectors.shape[1]))
+    mean, std = vectors.mean(0), vectors.std(0, unbiased=False)
+    names = [f"s{i}" for i in range(len(vectors))]
+    path = tmp_path / "train.safetensors"
+    write_dataset(path, names, spec, vectors, mean, std, embeddings)
+    return DemoData.load(path, queries, tmp_path / "methods")
+
+
+def _toy_lora(size):
+    from condlora.lora.formats import LoRAWeights, ModuleLoRA
+
+    return LoRAWeights({"layer": ModuleLoRA(torch.zeros(1, size - 1), torch.zeros(1, 1), 1.0)})
+
+
+def test_nearest_returns_the_training_lora_of_the_closest_embedding(tmp_path):
+    vectors, embeddings = torch.randn(5, 6), F.normalize(torch.randn(5, 4), dim=1)
+    queries = embeddings[[3, 0]] + 0.01 * torch.randn(2, 4)
+    data = _data(tmp_path, vectors, embeddings, queries)
+    assert torch.equal(nearest(data, 0)(queries), vectors[[3, 0]])
+
+
+def test_pca_ridge_recovers_a_linear_map_and_subsets_write_their_own_statistics(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    embeddings = torch.randn(40, 3, generator=generator)
+    linear = torch.randn(3, 8, generator=generator)
+    vectors = embeddings @ linear + 2.0  # vectors that are a linear function of the embedding
+    queries = torch.randn(4, 3, generator=generator)
+    data = _data(tmp_path, vectors, embeddings, queries)
+    predicted = pca_ridge(components=5)(data, 0)(queries)
+    assert torch.allclose(predicted, queries @ linear + 2.0, atol=0.02)
+    small = data.subset(10)
+    ds = LoRADataset(small.dataset)
+    assert len(ds) == 10 and ds.names == data.names[:10]
+    assert torch.allclose(ds.mean, vectors[:10].mean(0), atol=1e-5)
+    assert torch.allclose(ds.std, vectors[:10].std(0, unbiased=False), atol=1e-5)
+
+
+def test_loo_residuals_match_refitting_without_each_row():
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 2, dtype=torch.float64)
+    closed = loo_residuals(x, y, 0.3)
+    for i in range(12):
+        keep = torch.arange(12) != i
+        w = ridge_weights(x[keep], y[keep], 0.3)
+        assert torch.allclose(closed[i], y[i] - x[i] @ w, atol=1e-9)
+
+
+def test_vector_mse_is_in_standardised_coordinates_without_constant_ones():
+    std = torch.tensor([2.0, 0.0, 0.5])
+    v, ref = torch.tensor([[1.0, 9.0, 1.0]]), torch.tensor([[3.0, 0.0, 0.0]])
+    assert vector_mse(v, ref, std).item() == pytest.approx(((2 / 2) ** 2 + (1 / 0.5) ** 2) / 2)
+
+
+# ---------------------------------------------------------------- the tiny demo end to end
+
+
+def tiny_demo_config():
+    return DemoConfig(
+        num_train=6,
+        num_heldout=2,
+        subjects_per_batch=4,
+        steps=12,
+        lr=2e-2,
+        encoder_steps=40,
+        judge_steps=20,
+        reference_images=6,
+        sample_steps=4,
+        curve_sizes=(3,),
+        grid_subjects=1,
+    )
+
+
+def test_tiny_demo_end_to_end_then_reused(tmp_path, one_thread):
+    base_cfg = load_config(CONFIGS / "digits-baseline.yaml", [*TINY, "train.max_steps=40"])
+    cfg = tiny_demo_config()
+    out = tmp_path / "demo"
+    report = run_demo(out, cfg, base_cfg, base_candidates=[], progress=False)
+    text = report.read_text()
+    for method in ("fine-tuned", "pca-ridge", "nearest", "no LoRA"):
+        assert f"| {method} |" in text
+    for name in ("curve.png", "grid-s0006.png", "scores.json", "stages.json"):
+        assert (out / name).is_file()
+    assert len(list((out / "zoo" / "train").iterdir())) == 6
+    assert len(LoRADataset(out / "dataset" / "train.safetensors")) == 6
+    runs = json.loads((out / "scores.json").read_text())["runs"]
+    assert set(runs) == {
+        f"{m}/{n}/{s}"
+        for m in ("fine-tuned", "pca-ridge", "nearest", "no LoRA")
+        for n, s in [(6, 0), (6, 1), (6, 2)] + ([(3, 0)] if m in ("pca-ridge", "nearest") else [])
+    }
+    mean = lambda key, column: sum(runs[key][column]) / len(runs[key][column])  # noqa: E731
+    for seed in (0, 1, 2):
+        assert mean(f"fine-tuned/6/{seed}", "subject_score") > mean(
+            f"no LoRA/6/{seed}", "subject_score"
+        )
+        assert mean(f"fine-tuned/6/{seed}", "mse") == 0.0
+        for key in ("subject_score", "class_accuracy"):
+            assert all(-1.0 <= v <= 1.0 for v in runs[f"nearest/6/{seed}"][key])
+    # nearest writes a training LoRA exactly: its MSE to the fine-tuned one is that row's
+    train = LoRADataset(out / "dataset" / "train.safetensors")
+    held = LoRADataset(out / "dataset" / "heldout.safetensors")
+    std = train.std
+    row_mse = [
+        vector_mse(torch.from_numpy(train.vectors[:].copy()), held.row(k)[None], std)
+        for k in range(len(held))
+    ]
+    for k, value in enumerate(runs["nearest/6/0"]["mse"]):
+        assert any(abs(value - float(m)) < 1e-5 for m in row_mse[k])
+    # a rerun reuses every stage: nothing is trained or scored again
+    before = (out / "scores.json").stat().st_mtime_ns, (out / "stages.json").read_text()
+    run_demo(out, cfg, base_cfg, base_candidates=[], progress=False)
+    assert ((out / "scores.json").stat().st_mtime_ns, (out / "stages.json").read_text()) == before
+    with pytest.raises(CondloraError, match="another demo config"):
+        run_demo(out, DemoConfig(num_train=7, num_heldout=2), base_cfg, base_candidates=[])
