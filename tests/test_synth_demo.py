@@ -380,3 +380,14 @@ def test_tiny_demo_end_to_end_then_reused(tmp_path, one_thread):
     assert ((out / "scores.json").stat().st_mtime_ns, (out / "stages.json").read_text()) == before
     with pytest.raises(CondloraError, match="another demo config"):
         run_demo(out, DemoConfig(num_train=7, num_heldout=2), base_cfg, base_candidates=[])
+
+
+def test_cli_refuses_a_folder_of_another_demo_in_one_line(tmp_path, capsys):
+    from condlora.cli import main
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text(json.dumps({"demo": {"num_train": 1}, "base": {}}))
+    assert main(["synth", "demo", "--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a demo of another demo and base config" in err[0]

@@ -33,8 +33,8 @@ class DemoConfig:
     targets: tuple[str, ...] = TARGETS  # target module names (suffixes)
     subjects_per_batch: int = 40  # subjects fine-tuned together (per-sample LoRA in one batch)
     images_per_subject: int = 4  # styled digits of each subject in every step
-    steps: int = 200  # fine-tuning steps per subject
-    lr: float = 4e-3  # Adam learning rate (linear decay to 0 over the last half)
+    steps: int = 150  # fine-tuning steps per subject
+    lr: float = 5e-3  # Adam learning rate (linear decay to 0 over the last half)
     log_sigma_mean: float | None = 0.0  # EDM base: mean of ln(sigma) while fine-tuning (None:
     # the base's own P_mean); noisier levels than the base's -0.8 keep the digits legible
     judge_steps: int = 600  # training steps of the digits judge (plain and styled digits)

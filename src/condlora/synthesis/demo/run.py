@@ -23,10 +23,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from condlora.conditioning.build import build_data
-from condlora.conditioning.config import Config
+from condlora.conditioning.config import Config, load_config
+from condlora.core.config import find_config
 from condlora.metrics import DigitsClassifier, class_accuracy, classifier_outputs
 from condlora.synthesis.demo import report
 from condlora.synthesis.demo.config import DemoConfig
+from condlora.synthesis.demo.config import quick as quick_config
 from condlora.synthesis.demo.methods import (
     DemoData,
     Method,
@@ -56,7 +58,8 @@ from condlora.synthesis.demo.stages import (
 from condlora.synthesis.demo.styles import FACTORS, apply_style, describe
 from condlora.synthesis.demo.zoo import Subjects, build_zoo, make_subjects
 
-QUICKSTART_BASE = Path("runs/quickstart/baseline")  # `condlora quickstart`'s baseline run
+BASE_CONFIG = "digits-baseline.yaml"  # the base model: the quickstart's baseline
+QUICKSTART_BASE = Path("runs/quickstart/baseline")  # where `condlora quickstart` trains it
 SCORES_FILE = "scores.json"
 
 
@@ -73,7 +76,12 @@ def run_demo(
     extra_methods: list[Method] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Run (or finish) every stage of the demo in `out`; returns the report's path."""
+    """Run (or finish) every stage of the demo in `out`; returns the report's path.
+
+    base_candidates: finished runs of `base_cfg` to reuse (default: the quickstart's);
+    extra_methods: the methods scored between fine-tuned and the simple ones (default:
+    `generative_methods()`).
+    """
     out = Path(out)
     check_out_dir(out, cfg, base_cfg)
     clock = StageClock(out / "stages.json")
@@ -230,10 +238,5 @@ def _write_report(
 
 def demo_configs(quick: bool) -> tuple[DemoConfig, Config]:
     """The demo config (full or quick) and the quickstart's baseline config."""
-    from condlora.conditioning.config import load_config
-    from condlora.core.config import find_config
-    from condlora.synthesis.demo.config import quick as quick_config
-
-    return (quick_config() if quick else DemoConfig()), load_config(
-        find_config("digits-baseline.yaml")
-    )
+    cfg = quick_config() if quick else DemoConfig()
+    return cfg, load_config(find_config(BASE_CONFIG))
