@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
-from condlora.core.safetensors_io import describe_mismatch
+from condlora.core.safetensors_io import describe_mismatch, write_weights
 from condlora.lora.config import LoRAConfig
 from condlora.lora.context import lora_layers
 from condlora.lora.inject import inject, lora_state_dict, remove
@@ -25,8 +26,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
     if not layers:
         raise LoRAError("model has no LoRA layers to save; call inject(model, config) first")
     config = next(iter(layers.values())).state.config
-    tensors = {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()}
-    save_file(tensors, str(path), metadata={CONFIG_KEY: config.to_json(), "format": "pt"})
+    write_weights(path, lora_state_dict(model), {CONFIG_KEY: config.to_json(), "format": "pt"})
 
 
 def read_lora_config(path: str | os.PathLike) -> LoRAConfig:
@@ -51,11 +51,25 @@ def _copy_strict(model: nn.Module, tensors: dict[str, Tensor], path: str) -> Non
             targets[key].copy_(value)
 
 
+def _check_same_config(model_config: LoRAConfig, file_config: LoRAConfig, path: object) -> None:
+    """Refuse a file whose LoRA config differs from the one the model was injected with."""
+    mine, theirs = dataclasses.asdict(model_config), dataclasses.asdict(file_config)
+    changed = [f"{k} {theirs[k]!r} (model: {mine[k]!r})" for k in mine if mine[k] != theirs[k]]
+    if changed:
+        raise LoRAError(
+            f"LoRA file {path} was saved with another config than the model's LoRA: "
+            f"{'; '.join(changed[:4])}"
+        )
+
+
 def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     """Inject from the file's config if needed, then load its tensors strictly; wrapped names."""
     config = read_lora_config(path)
-    fresh = not lora_layers(model)
-    names = inject(model, config) if fresh else sorted(lora_layers(model))
+    layers = lora_layers(model)
+    fresh = not layers
+    if not fresh:
+        _check_same_config(next(iter(layers.values())).state.config, config, path)
+    names = inject(model, config) if fresh else sorted(layers)
     try:
         _copy_strict(model, load_file(str(path)), str(path))
     except LoRAError:
