@@ -18,7 +18,6 @@ import torch
 from condlora.core.errors import DataError
 from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.metrics.fid import frechet_of_features
-from condlora.metrics.frechet import gaussian_stats
 from condlora.metrics.kid import kid_from_features, kid_gamma
 
 FORMAT = "condlora.reference_stats"
@@ -26,6 +25,18 @@ KID_MAX_REAL = 10_000  # real features kept for KID (a seeded subset beyond this
 FLOOR_SPLITS = 20  # random halvings averaged for the FD floor (features of <= 256 dims)
 FLOOR_SPLITS_WIDE = 2  # the same for wider features (a 2048-d sqrtm takes many seconds)
 FLOOR_KID_SUBSETS = 10  # KID subsets for the floor (a half is about one subset: few are enough)
+
+
+def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features -> mean (D,) and unbiased covariance (D, D), both float64."""
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().double().numpy()
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise DataError(f"need (N >= 2, D) features, got shape {features.shape}")
+    mu = features.mean(axis=0)
+    sigma = np.atleast_2d(np.cov(features, rowvar=False, ddof=1))
+    return mu, sigma
 
 
 @dataclass

@@ -43,11 +43,6 @@ def check_unet_args(
         )
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters of `module`."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 def group_norm(
     channels: int, max_groups: int = 32, min_channels_per_group: int = 4
 ) -> nn.GroupNorm:
