@@ -6,6 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from condlora.conditioning.build import build_data
+from condlora.conditioning.config import load_config
+from condlora.evaluation.evaluate import CLASSIFIER_FILE
+from condlora.metrics import save_classifier, train_digits_classifier
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
@@ -55,3 +60,12 @@ class FixedOutput(nn.Module):
 
     def forward(self, x, noise_labels):
         return self.out
+
+
+@pytest.fixture(scope="session")
+def classifier_file(tmp_path_factory):
+    """A quickly trained digits classifier (experiment and quickstart read it from their folder)."""
+    path = tmp_path_factory.mktemp("clf") / CLASSIFIER_FILE
+    (images, labels), _ = build_data(load_config(CONFIGS / "digits-baseline.yaml"))
+    save_classifier(train_digits_classifier(images, labels, steps=15), path)
+    return path

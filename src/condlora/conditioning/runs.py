@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from condlora.conditioning.build import build_denoiser
+from condlora.conditioning.build import build_denoiser, resolve_data
 from condlora.conditioning.config import Config
 from condlora.conditioning.task import IMAGE_KIND, image_trainer
 from condlora.core.errors import CondloraError
@@ -45,6 +45,7 @@ def saved_step(run_dir: Path, cfg: Config) -> int:
     if not ckpt.is_file():
         return 0
     saved, step = checkpoint_config(ckpt, Config, IMAGE_KIND)
+    cfg = resolve_data(cfg)  # runs store the resolved config (channels, classes)
     allowed = [k for k in RESUMABLE_CHANGES if k not in ("train.max_steps", "train.ckpt_every")]
     changed = config_changes(saved, cfg, [*allowed, "data.path"])
     if changed:
