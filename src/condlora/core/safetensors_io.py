@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
@@ -30,11 +30,14 @@ def read_weights(
     path = Path(path)
     if not path.is_file():
         raise error(f"{kind} not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != fmt:
-            raise error(f"{path} is not a {kind}")
-        return metadata, ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != fmt:
+                raise error(f"{path} is not a {kind}")
+            return metadata, ({k: f.get_tensor(k) for k in f.keys()} if tensors else {})
+    except SafetensorError as err:  # truncated, damaged or not safetensors at all
+        raise error(f"{path} is not a readable {kind}: {err}") from None
 
 
 def describe_mismatch(

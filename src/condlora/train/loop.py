@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -161,6 +163,17 @@ def _nonfinite_weights(module: nn.Module) -> list[str]:
     ]
 
 
+def _fresh_accelerator_state(mixed_precision: str) -> None:
+    """Let a second run in this process use another precision.
+
+    accelerate keeps its state process-wide and refuses a second Accelerator with another
+    mixed-precision mode; the distributed part (PartialState) is kept as it is.
+    """
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 @contextmanager
 def _sigterm_as_interrupt() -> Any:
     """SIGTERM (what `kill` and schedulers send) raises KeyboardInterrupt, as Ctrl-C does."""
@@ -192,6 +205,7 @@ class Trainer:
         self.cfg, t = task.config, task.config.train
         self.train_cfg = t
         check_train_config(t)
+        _fresh_accelerator_state(t.mixed_precision)
         self.acc = Accelerator(
             mixed_precision=t.mixed_precision,
             log_with=t.log_with,
@@ -224,8 +238,12 @@ class Trainer:
         if t.compile:  # here, not via Accelerator(dynamo_backend=...): that setting is
             # process-wide state and would stick to every later run in this process
             self.loss_fn = torch.compile(self.loss_fn)
-        if t.log_with:
-            self.acc.init_trackers(self.out.name, config=_flat(to_dict(self.cfg)))
+        if t.log_with:  # trackers take scalars and strings: lists and None as text
+            scalars = {
+                k: v if isinstance(v, int | float | str) else str(v)
+                for k, v in _flat(to_dict(self.cfg)).items()
+            }
+            self.acc.init_trackers(self.out.name, config=scalars)
 
     def _check_folder(self, resume: bool) -> None:
         ckpt = self.out / CHECKPOINT_NAME
@@ -356,7 +374,10 @@ class Trainer:
                         self.save()
         except KeyboardInterrupt as stop:
             why = "terminated (SIGTERM)" if str(stop) == "SIGTERM" else "interrupted"
-            bar.write(f"{why} at step {self.step}: saving a checkpoint (resume with --resume)")
+            tqdm.write(
+                f"{why} at step {self.step}: saving a checkpoint (resume with --resume)",
+                file=sys.stderr,
+            )
             self.save()
             raise
         finally:
