@@ -1,10 +1,6 @@
-"""Synthesis training through the generic loop: batches, latents, model folder, exact resume,
-two processes under accelerate."""
+"""Synthesis training through the generic loop: batches, latents, model folder, exact resume."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +9,8 @@ from accelerate import Accelerator
 
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.config import PriorRunConfig, VAERunConfig
-from condlora.synthesis.model import MODEL_FILE, ModelInfo, floored_std
+from condlora.synthesis.generate import SynthModel
+from condlora.synthesis.model import ModelInfo, floored_std
 from condlora.synthesis.training import (
     PRIOR_KIND,
     VAE_KIND,
@@ -28,8 +25,7 @@ from condlora.synthesis.training import (
 from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from condlora.train.loop import batch_indices
 
-from .conftest import REPO
-from .synth_common import TINY, linear_collection, tiny_config
+from .synth_common import linear_collection, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 STAGES = (("vae", VAERunConfig, VAE_KIND), ("prior", PriorRunConfig, PRIOR_KIND))
@@ -145,23 +141,16 @@ def test_raw_vector_prior_and_separate_vae_folder(collection, tmp_path):
     )
 
 
-def test_two_processes_train_a_tiny_synthesis_config(collection, tmp_path):
-    """`accelerate launch` with two CPU processes (gloo DDP) on `synth train --config`."""
-    config = tmp_path / "tiny.yaml"
-    data = {"kind": "synthesis", "name": "tiny", "dataset": str(collection[0])}
-    config.write_text(yaml.safe_dump(data))
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    launch += ["--dynamo_backend", "no"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    args = ["-m", "condlora.cli", "synth", "train", "--config", str(config)]
-    args += ["--out", str(tmp_path / "m"), "--quiet", *TINY, "prior.cond_dropout=0"]
-    result = subprocess.run(
-        [*launch, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    for stage in ("vae", "prior"):
-        records = [json.loads(s) for s in (tmp_path / "m" / stage / "metrics.jsonl").open()]
-        assert [r["step"] for r in records] == [2, 4, 6]  # one writer: the main process
-        assert all(r["processes"] == 2 and r["local_batch"] == 4 for r in records)  # 8 / 2
-    assert (tmp_path / "m" / MODEL_FILE).is_file()
+def test_the_pipeline_learns_a_linear_collection(tmp_path):
+    """VAE + x0 prior, 150 steps each: LoRAs for unseen embeddings beat the mean LoRA."""
+    path, vectors, emb, mixing, offset = linear_collection(tmp_path / "ds", n=64, noise=0.0)
+    steps = [f"{s}.{k}" for s in ("vae_train", "prior_train") for k in ("max_steps=150", "lr=3e-3")]
+    steps += ["vae_train.batch_size=32", "prior_train.batch_size=32", "prior.cond_dropout=0"]
+    widths = ["prior.net.width=32", "prior.net.depth=2", "vae.hidden=32", "prior.steps=10"]
+    cfg = tiny_config(path, "prior.objective=x0", *steps, *widths)
+    model = SynthModel.load(train_synthesis(cfg, tmp_path / "m", progress=False))
+    unseen = torch.randn(32, 4, generator=torch.Generator().manual_seed(9))
+    truth = model.info.standardise(unseen @ mixing.T + offset)
+    got = model.info.standardise(model.vectors(unseen)[:, 0])
+    error, spread = (got - truth).square().mean(), truth.square().mean()
+    assert error < 0.6 * spread, (error, spread)  # seen: 0.48 against 1.28
