@@ -135,6 +135,11 @@ def validate(cfg: SynthConfig) -> None:
     _choice(cfg.prior.schedule, PRIOR_SCHEDULES, "prior.schedule")
     if not 0 <= cfg.prior.cond_dropout < 1:
         raise ConfigError(f"prior.cond_dropout must be in [0, 1), got {cfg.prior.cond_dropout}")
+    if cfg.prior.guidance != 1.0 and cfg.prior.cond_dropout <= 0:
+        raise ConfigError(
+            f"prior.guidance {cfg.prior.guidance} needs prior.cond_dropout > 0 "
+            "(an unconditional model to guide by)"
+        )
     if cfg.prior.steps < 1 or cfg.prior.num_timesteps < 2:
         raise ConfigError("prior.steps must be >= 1 and prior.num_timesteps >= 2")
     if cfg.dim < 0 or cfg.cond_dim < 0:

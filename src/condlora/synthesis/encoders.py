@@ -129,12 +129,12 @@ class OnnxFaceEncoder:
     """An insightface-style face-recognition ONNX model: aligned 112x112 RGB crops -> unit rows."""
 
     def __init__(self, path: str | Path) -> None:
+        need = "an insightface-style recognition model (.onnx, 112x112 RGB crops in)"
+        if not str(path):
+            raise ConfigError(f"the onnx-face encoder has no model: give --encoder-path, {need}")
         path = Path(path)
-        if not str(path) or not path.is_file():
-            raise ConfigError(
-                f"face model not found: {path or '(encoder.path is empty)'}; give a local "
-                "insightface-style recognition model (.onnx, 112x112 RGB crops in)"
-            )
+        if not path.is_file():
+            raise ConfigError(f"face model not found: {path}; give a local file, {need}")
         ort = _onnxruntime()
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import Tensor
 
 from condlora.core.errors import DataError
@@ -136,7 +137,10 @@ class ModelInfo:
         folder = Path(folder)
         if not (folder / MODEL_FILE).is_file():
             raise DataError(f"{folder} is not a synthesis model folder (no {MODEL_FILE})")
-        meta, t = read_weights(folder / MODEL_FILE, MODEL_FORMAT, "synthesis model", DataError)
+        try:
+            meta, t = read_weights(folder / MODEL_FILE, MODEL_FORMAT, "synthesis model", DataError)
+        except SafetensorError as err:
+            raise DataError(f"{folder / MODEL_FILE} is not a readable file ({err})") from None
         try:
             encoder = EncoderConfig(**json.loads(meta["encoder"]))
             info = cls(
@@ -175,4 +179,6 @@ def open_dataset(path: str | Path) -> LoRADataset:
     """The dataset of a config; DataError in one line if none is given."""
     if not str(path):
         raise DataError("no dataset: give --dataset DS (or `dataset:` in the config)")
+    if not Path(path).is_file():
+        raise DataError(f"dataset not found: {path} (write one with `condlora synth collect`)")
     return LoRADataset(path)
