@@ -167,6 +167,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     return _merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), data)
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a plain dict, its `base:` chain merged (no schema check)."""
+    return _read_yaml(Path(path))
+
+
 def read_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
     """Dataclass `cls` from a YAML file (on its `base:` file and the defaults) and overrides."""
     data = _merge(_read_yaml(Path(path)), parse_overrides(overrides or []))
