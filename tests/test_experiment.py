@@ -57,6 +57,7 @@ def test_tiny_grid_report_and_rerun(tmp_path, classifier_file, monkeypatch, caps
     mean, std = mean_std(fds)
     assert f"{mean:.3f} ± {std:.3f}" in report  # the table's FD of variant tc
     assert "| base |" in report and "| tc |" in report
+    assert "every variant with `net.model_channels=8` `net.channel_mult=[1, 2]`" in report
     assert "TimeLoRA: cosine similarity" in report and "ClassLoRA: tc" in report
     for png in ("loss.png", "fd.png", "grids/base.png", "grids/tc.png", "grids/tc-class-mix.png"):
         assert f"({png})" in report
