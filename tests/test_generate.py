@@ -5,7 +5,7 @@ from torch import nn
 
 from condlora.conditioning.config import load_config
 from condlora.conditioning.generate import generate, labels_for
-from condlora.diffusion import Denoiser
+from condlora.diffusion import Denoiser, make_precond
 
 from .conftest import CONFIGS, TINY
 
@@ -16,6 +16,7 @@ class Fake(nn.Module):
     def __init__(self):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))
+        self.precond = make_precond("edm")  # the samplers read their sigmas off it
 
 
 class ClassMean(Fake):
