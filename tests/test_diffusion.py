@@ -297,6 +297,6 @@ def test_tiny_net_trains_on_two_clusters(name):
     with torch.no_grad():
         after = d.loss(x_ev, sigma=s_ev, noise=n_ev).item()
     # part of each loss is irreducible (the noise at low sigma, the cluster at high sigma);
-    # seen: edm 0.58x, ddpm 0.23x, v 0.77x; a wrong target or scaling stalls far above
-    bound = {"edm": 0.65, "ddpm": 0.3, "v": 0.82}[name]
+    # seen: edm 0.58x, ddpm 0.23x, v 0.77x, x0 0.71x; a wrong target or scaling stalls above
+    bound = {"edm": 0.65, "ddpm": 0.3, "v": 0.82, "x0": 0.8}[name]
     assert math.isfinite(after) and after < bound * before, (before, after)

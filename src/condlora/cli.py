@@ -11,8 +11,28 @@ from condlora.evaluation import cli as evaluation_cli
 from condlora.lora import cli as lora_cli
 from condlora.synthesis import cli as synthesis_cli
 
+
+def _info(args: argparse.Namespace) -> None:
+    """`condlora info`: parameter counts of an image or a synthesis config (`kind:`)."""
+    from condlora.core.config import read_yaml
+
+    if read_yaml(args.config).get("kind") == "synthesis":
+        from condlora.synthesis.info import info_lines
+    else:
+        from condlora.conditioning.param_counts import info_lines
+    print("\n".join(info_lines(args.config, args.overrides)))
+
+
+def _register_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameter counts of a config's network(s)")
+    p.add_argument("--config", required=True, help="YAML config (image or synthesis)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. lora.rank=8")
+    p.set_defaults(func=_info)
+
+
 REGISTRARS = (
     conditioning_cli.register,
+    _register_info,
     evaluation_cli.register,
     lora_cli.register,
     synthesis_cli.register,

@@ -1,4 +1,4 @@
-"""`condlora train`, `sample` and `info`: the conditioning half's commands."""
+"""`condlora train` and `sample`: the conditioning half's commands."""
 
 from __future__ import annotations
 
@@ -56,24 +56,8 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.num} samples (step {step}) to {path}")
 
 
-def _info(args: argparse.Namespace) -> None:
-    from condlora.conditioning.build import build_denoiser
-    from condlora.conditioning.config import load_config
-    from condlora.conditioning.param_counts import parameter_summary
-    from condlora.synthesis.config import is_synthesis_config
-
-    if is_synthesis_config(args.config):  # `kind: synthesis`: the other half's config
-        from condlora.synthesis.cli import print_info
-
-        print_info(args.config, args.overrides)
-        return
-    cfg = load_config(args.config, args.overrides)
-    for key, value in parameter_summary(build_denoiser(cfg)).items():
-        print(f"{key}: {value}")
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the train, sample and info subcommands."""
+    """Add the train and sample subcommands."""
     p = sub.add_parser("train", help="train a diffusion model from a YAML config")
     p.add_argument("--config", required=True, help="YAML config (overrides on the defaults)")
     p.add_argument("--out", help="run folder (default: runs/<name>)")
@@ -103,8 +87,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nrow", type=int, default=10, help="images per grid row")
     p.set_defaults(func=_sample)
-
-    p = sub.add_parser("info", help="parameter counts of a config's network(s)")
-    p.add_argument("--config", required=True, help="YAML config")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. lora.rank=8")
-    p.set_defaults(func=_info)

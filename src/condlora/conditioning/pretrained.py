@@ -155,9 +155,9 @@ def source_weights(path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
                 f"{where}: the network was trained with sigma_data {sigma_data}, the config "
                 f"has diffusion.sigma_data {cfg.diffusion.sigma_data}"
             )
-    elif not path.exists():
-        raise CondloraError(f"no such run folder or checkpoint file: {path}")
-    elif path.is_dir() or path.suffix == ".safetensors":
+    elif path.is_dir() or path.suffix in (".safetensors", ""):
+        if not path.exists():
+            raise CondloraError(f"no such run folder or checkpoint file: {path}")
         return condlora_weights(path)
     else:
         raise CondloraError(
