@@ -8,6 +8,10 @@ from scipy import linalg
 
 from condlora.core.errors import DataError
 
+NONFINITE_FEATURES = (
+    "features hold NaN or inf values (diverged samples?): refusing to compute a distance"
+)
+
 
 def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) features -> mean (D,) and unbiased covariance (D, D), both float64."""
@@ -16,6 +20,8 @@ def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
         raise DataError(f"need (N >= 2, D) features, got shape {features.shape}")
+    if not np.isfinite(features).all():
+        raise DataError(NONFINITE_FEATURES)
     mu = features.mean(axis=0)
     sigma = np.atleast_2d(np.cov(features, rowvar=False, ddof=1))
     return mu, sigma
@@ -39,6 +45,8 @@ def frechet_distance(
     sigma2 = np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise DataError(f"mismatched statistics: {mu1.shape}/{mu2.shape}, {sigma1.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise DataError(NONFINITE_FEATURES)  # before sqrtm, which can crash on NaN
 
     def sqrt_product(offset: float) -> np.ndarray:
         eye = np.eye(len(sigma1)) * offset

@@ -123,12 +123,19 @@ def save_reference(path: str | Path, ref: Reference) -> None:
 def load_reference(path: str | Path) -> Reference:
     """Read a file written by save_reference."""
     meta, t = read_weights(path, FORMAT, "reference statistics file", DataError)
-    return Reference(
-        mu=t["mu"].numpy(),
-        sigma=t["sigma"].numpy(),
-        kid_features=t["kid_features"],
-        num_real=int(meta["num_real"]),
-        floor=json.loads(meta["floor"]),
-        key=json.loads(meta["key"]),
-        kid_gamma=json.loads(meta.get("kid_gamma", "null")),
-    )
+    try:
+        ref = Reference(
+            mu=t["mu"].double().numpy(),
+            sigma=t["sigma"].double().numpy(),
+            kid_features=t["kid_features"],
+            num_real=int(meta["num_real"]),
+            floor=json.loads(meta["floor"]),
+            key=json.loads(meta["key"]),
+            kid_gamma=json.loads(meta.get("kid_gamma", "null")),
+        )
+    except (KeyError, TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path}: malformed reference statistics ({err})") from None
+    d = ref.mu.shape
+    if len(d) != 1 or ref.sigma.shape != d * 2 or ref.kid_features.shape[1:] != d:
+        raise DataError(f"{path}: reference statistics of inconsistent shapes")
+    return ref
