@@ -114,14 +114,19 @@ class Range:
         return None if ok else f"must be {self}"
 
     def __str__(self) -> str:
+        lo, hi = _number(self.low), _number(self.high)
         if self.low is not None and self.high is not None:
             left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"in {left}{self.low:g}, {self.high:g}{right}"
+            return f"in {left}{lo}, {hi}{right}"
         if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"{'>' if self.low_open else '>='} {lo}"
         if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
+            return f"{'<' if self.high_open else '<='} {hi}"
         return "a finite number"
+
+
+def _number(x: float | None) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +144,7 @@ class OneOf:
 class Each:
     """A list whose every item passes `item` (and that is non-empty unless allow_empty)."""
 
-    item: Range | OneOf | None = None  # None: any item
+    item: Range | None = None  # None: any item
     allow_empty: bool = False
 
     def problem(self, value: Any) -> str | None:
@@ -149,7 +154,7 @@ class Each:
         if self.item is None:
             return None
         bad = [v for v in value if self.item.problem(v) is not None]
-        return f"items {self.item.problem(bad[0])}, got {bad[0]!r}" if bad else None
+        return f"must be a list of numbers {self.item}" if bad else None
 
 
 # Common ranges of config fields.
@@ -247,14 +252,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(
-                f"override '{item}': the value is not valid YAML ({_first_line(err)})"
+                f"override '{item}': the value is not valid YAML ({yaml_problem(err)})"
             ) from None
     return nested
 
 
-def _first_line(err: Exception) -> str:
-    """An exception's message on one line."""
-    return " ".join(str(err).split())
+def yaml_problem(err: Exception) -> str:
+    """What a YAML parser error says, and where, on one line."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(err, 'problem', None) or ' '.join(str(err).split())}{where}"
 
 
 def read_text_file(path: str | Path, kind: str, error: type[Exception] = ConfigError) -> str:
@@ -282,7 +289,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         data = yaml.safe_load(read_text_file(path, "config file")) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {_first_line(err)}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {data!r}")
     base = data.pop("base", None)

@@ -29,7 +29,7 @@ import yaml
 
 from condlora.conditioning.build import resolve_data
 from condlora.conditioning.config import Config, load_config
-from condlora.core.config import find_config, from_dict, read_text_file
+from condlora.core.config import find_config, from_dict, read_text_file, yaml_problem
 from condlora.core.errors import ConfigError
 from condlora.evaluation.evaluate import FEATURES
 
@@ -78,7 +78,7 @@ def load_experiment(
     try:
         data = yaml.safe_load(read_text_file(path, "experiment file")) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
     exp = from_dict(Experiment, data)
     exp.file = str(path)
     exp.steps = exp.steps if steps is None else steps
