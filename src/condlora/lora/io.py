@@ -86,7 +86,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> list[str]:
     fresh = not lora_layers(model)
     if fresh:
         skeleton = _meta_copy(model)
-        _inject_for(skeleton, config, path)
+        with torch.device("meta"):  # the composers' tables too
+            _inject_for(skeleton, config, path)
         problems = describe_mismatch(lora_state_dict(skeleton), tensors)
         if problems:
             raise LoRAError(f"LoRA file {path} does not fit the model: {problems}")
