@@ -65,7 +65,8 @@ def check_sample_count(cfg: Config, num: int, least: int = 1, what: str = "--num
     most = MAX_SAMPLE_BYTES // per_image
     if not least <= num <= most:
         raise CondloraError(
-            f"{what} must be in {least}..{most:,} ({d.resolution}x{d.resolution} images), got {num}"
+            f"{what} must be at least {least} and at most {most:,} "
+            f"({d.resolution}x{d.resolution} images in memory), got {num}"
         )
 
 
