@@ -18,6 +18,7 @@ from .conftest import CONFIGS, REPO
 def test_train_resume_sample(tmp_path, tiny_overrides, capsys):
     run = tmp_path / "run"
     args = ["train", "--config", str(CONFIGS / "digits-uclora.yaml"), "--out", str(run)]
+    tiny_overrides = [*tiny_overrides, "train.label_dropout=0.1"]  # for --guidance below
     assert main(args + ["--max-steps", "30", "--quiet", *tiny_overrides]) == 0
     assert read_checkpoint(run / CHECKPOINT_NAME)[1] == 30
     assert (run / "samples" / "step_0000030.png").is_file()

@@ -33,7 +33,10 @@ def parameter_summary(model: nn.Module) -> dict[str, int]:
 def info_lines(path: str | Path, overrides: list[str] | None = None) -> list[str]:
     """`condlora info` for an image config: its parameter counts, one "key: value" a line."""
     from condlora.conditioning.build import build_denoiser
+    from condlora.conditioning.checks import check_model_size
     from condlora.conditioning.config import load_config
 
-    model = build_denoiser(load_config(path, overrides))
+    cfg = load_config(path, overrides)
+    check_model_size(cfg)  # a model too large is refused before it is allocated
+    model = build_denoiser(cfg)
     return [f"{key}: {value}" for key, value in parameter_summary(model).items()]

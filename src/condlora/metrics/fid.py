@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
+from condlora.core.errors import DataError
+
 
 class PrecomputedFeatures(nn.Module):
     """The identity as torchmetrics' feature network, for features extracted beforehand."""
@@ -23,8 +25,21 @@ class PrecomputedFeatures(nn.Module):
         return features
 
 
+NONFINITE_FEATURES = (
+    "features hold NaN or inf values (diverged samples?): refusing to compute a distance"
+)
+
+
+def check_finite(*arrays: torch.Tensor | np.ndarray) -> None:
+    """DataError if any array holds NaN or inf (before sqrtm, which can crash on them)."""
+    for a in arrays:
+        if not torch.isfinite(torch.as_tensor(a)).all():
+            raise DataError(NONFINITE_FEATURES)
+
+
 def frechet_of_features(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FD between two (N, D) feature sets, computed by torchmetrics' FrechetInceptionDistance."""
+    check_finite(real, fake)
     metric = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]))
     metric.update(torch.as_tensor(real).double(), real=True)
     metric.update(torch.as_tensor(fake).double(), real=False)
@@ -37,6 +52,7 @@ def frechet_to_stats(fake: torch.Tensor, mu: np.ndarray, sigma: np.ndarray, num_
     The real side is loaded into the metric's running sums, which reproduce mu and sigma:
     sum = n mu, sum of outer products = (n - 1) sigma + n mu mu^T.
     """
+    check_finite(fake, mu, sigma)
     mu_t = torch.as_tensor(mu, dtype=torch.float64)
     sigma_t = torch.as_tensor(sigma, dtype=torch.float64)
     metric = FrechetInceptionDistance(feature=PrecomputedFeatures(len(mu_t)))
