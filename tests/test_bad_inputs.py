@@ -263,7 +263,7 @@ CASES = {
     "sample_steps 0": lambda s, d: info(s, "diffusion.sample_steps=0"),
     "num_timesteps 1": lambda s, d: info(s, "diffusion.num_timesteps=1"),
     "unknown sampler": lambda s, d: info(s, "diffusion.sampler=euler"),
-    "unknown objective": lambda s, d: info(s, "diffusion.objective=x0"),
+    "unknown objective": lambda s, d: info(s, "diffusion.objective=x1"),
     "guidance negative": lambda s, d: info(s, "diffusion.guidance=-1"),
     "sigma_data 0": lambda s, d: info(s, "diffusion.sigma_data=0"),
     "holdout negative": lambda s, d: info(s, "data.holdout=-1"),
@@ -550,12 +550,12 @@ def test_no_traceback_reaches_the_terminal(name, shared, tmp_path):
 
 
 def test_an_unexpected_exception_is_a_bug_report_and_debug_shows_it(monkeypatch, capsys):
-    from condlora.conditioning import cli as conditioning_cli
+    from condlora import cli
 
     def broken(args):
         raise ZeroDivisionError("an internal slip")
 
-    monkeypatch.setattr(conditioning_cli, "_info", broken)  # looked up when the parser is built
+    monkeypatch.setattr(cli, "_info", broken)  # looked up when the parser is built
     assert main(["info", "--config", "x.yaml"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and "this is a bug, please report it" in err

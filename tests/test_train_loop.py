@@ -190,7 +190,9 @@ def test_init_from_a_baseline_keeps_its_function_then_trains(tmp_path, tiny_over
     base = read_run_checkpoint(tmp_path / "base" / CHECKPOINT_NAME)[2]["ema"]
     baseline = build_denoiser(base_cfg)
     baseline.load_state_dict(base)
-    lora_cfg = tiny("digits-uclora.yaml", tiny_overrides + ["train.channels_last=false"])
+    lora_cfg = tiny(
+        "digits-uclora.yaml", [*tiny_overrides, "train.channels_last=false", "train.max_steps=3"]
+    )
     trainer = image_trainer(lora_cfg, tmp_path / "lora", init_path=tmp_path / "base")
     x, sigma, y = torch.randn(4, 1, 16, 16), torch.tensor([0.1, 1.0, 3.0, 20.0]), torch.arange(4)
     with torch.no_grad():

@@ -87,7 +87,7 @@ class NetConfig:
 
 @dataclass
 class DiffusionConfig:
-    objective: str = "edm"  # "edm" | "ddpm" (epsilon) | "v" (v-prediction) | "iddpm" (learned var.)
+    objective: str = "edm"  # "edm" | "ddpm" (eps) | "v" | "x0" | "iddpm" (learned variance)
     schedule: str = "linear"  # discrete schedule for ddpm / v: "linear" | "cosine"
     num_timesteps: int = 1000  # discrete steps T for ddpm / v
     sigma_data: float = 0.5  # edm: data standard deviation in the preconditioning
