@@ -69,3 +69,23 @@ def classifier_file(tmp_path_factory):
     (images, labels), _ = build_data(load_config(CONFIGS / "digits-baseline.yaml"))
     save_classifier(train_digits_classifier(images, labels, steps=15), path)
     return path
+
+
+def tiny_unet2d_condition():
+    """A small diffusers UNet2DConditionModel (cross-attention width 8), eval mode, seeded."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+    return model.eval()

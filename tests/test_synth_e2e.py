@@ -19,8 +19,9 @@ from .synth_common import TINY
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
-from diffusers import UNet2DConditionModel  # noqa: E402
 from peft import PeftModel  # noqa: E402
+
+from .conftest import tiny_unet2d_condition  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 E_DIM, ZOO = 8, 24
@@ -28,20 +29,7 @@ E_DIM, ZOO = 8, 24
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
-    return model.eval()
+    return tiny_unet2d_condition()
 
 
 def run(model, seed=1):

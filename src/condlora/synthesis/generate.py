@@ -32,7 +32,7 @@ from condlora.synthesis.model import (
 )
 from condlora.synthesis.training import PRIOR_KIND, load_vae
 from condlora.synthesis.vae import LoRAVAE
-from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from condlora.train.checkpoint import CHECKPOINT_NAME, load_ema
 
 
 def load_prior(folder: Path, device: torch.device | str) -> tuple[PriorRunConfig, Denoiser]:
@@ -40,10 +40,10 @@ def load_prior(folder: Path, device: torch.device | str) -> tuple[PriorRunConfig
     path = folder / PRIOR_DIR / CHECKPOINT_NAME
     if not path.is_file():
         raise DataError(f"{folder} has no trained prior ({PRIOR_DIR}/{CHECKPOINT_NAME})")
-    run_cfg, _, parts = read_checkpoint(path, PriorRunConfig, PRIOR_KIND)
-    denoiser = build_prior(run_cfg.prior)
-    denoiser.load_state_dict(parts["ema"])
-    return run_cfg, denoiser.to(device).eval().requires_grad_(False)
+    run_cfg, _, denoiser = load_ema(
+        path, PriorRunConfig, PRIOR_KIND, lambda c: build_prior(c.prior)
+    )
+    return run_cfg, denoiser.to(device).requires_grad_(False)
 
 
 @dataclass

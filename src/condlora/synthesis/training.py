@@ -52,7 +52,7 @@ from condlora.synthesis.model import (
     open_dataset,
 )
 from condlora.synthesis.vae import LoRAVAE
-from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from condlora.train.checkpoint import CHECKPOINT_NAME, load_ema
 from condlora.train.config import TrainConfig
 from condlora.train.loop import METRICS_FILE, Callback, Trainer, TrainTask, batch_indices
 
@@ -198,10 +198,8 @@ def load_vae(
     path = Path(folder) / VAE_DIR / CHECKPOINT_NAME
     if not path.is_file():
         raise DataError(f"{folder} has no trained VAE ({VAE_DIR}/{CHECKPOINT_NAME})")
-    run_cfg, _, parts = read_checkpoint(path, VAERunConfig, VAE_KIND)
-    vae = LoRAVAE(run_cfg.vae)
-    vae.load_state_dict(parts["ema"])
-    return run_cfg, vae.to(device).eval().requires_grad_(False)
+    run_cfg, _, vae = load_ema(path, VAERunConfig, VAE_KIND, lambda c: LoRAVAE(c.vae))
+    return run_cfg, vae.to(device).requires_grad_(False)
 
 
 @torch.no_grad()

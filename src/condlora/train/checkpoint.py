@@ -9,6 +9,7 @@ rebuilds the right config class and refuses a checkpoint of another task.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +170,13 @@ def load_training_state(
     load_state_checked(model, parts["model"], f"{path} (model)")
     load_state_checked(ema, parts["ema"], f"{path} (EMA)")
     load_optimizer_state(opt, parts["optim"], str(path))
+
+
+def load_ema(
+    path: Path, cls: type, kind: str, build: Callable[[Any], torch.nn.Module]
+) -> tuple[Any, int, torch.nn.Module]:
+    """(config, step, `build(config)` holding the checkpoint's EMA weights, in eval mode)."""
+    cfg, step, parts = read_checkpoint(path, cls, kind)
+    module = build(cfg)
+    load_state_checked(module, parts["ema"], f"{path} (EMA)")
+    return cfg, step, module.eval()
