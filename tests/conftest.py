@@ -6,6 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from condlora.conditioning.build import build_data
+from condlora.conditioning.config import load_config
+from condlora.evaluation.evaluate import CLASSIFIER_FILE
+from condlora.metrics import save_classifier, train_digits_classifier
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 
@@ -55,3 +60,32 @@ class FixedOutput(nn.Module):
 
     def forward(self, x, noise_labels):
         return self.out
+
+
+@pytest.fixture(scope="session")
+def classifier_file(tmp_path_factory):
+    """A quickly trained digits classifier (experiment and quickstart read it from their folder)."""
+    path = tmp_path_factory.mktemp("clf") / CLASSIFIER_FILE
+    (images, labels), _ = build_data(load_config(CONFIGS / "digits-baseline.yaml"))
+    save_classifier(train_digits_classifier(images, labels, steps=15), path)
+    return path
+
+
+def tiny_unet2d_condition():
+    """A small diffusers UNet2DConditionModel (cross-attention width 8), eval mode, seeded."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=2,
+    )
+    return model.eval()

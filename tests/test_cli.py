@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from condlora.cli import main
-from condlora.conditioning.build import build_denoiser
 from condlora.conditioning.config import load_config
 from condlora.conditioning.runs import read_run_checkpoint as read_checkpoint
 from condlora.train.checkpoint import CHECKPOINT_NAME
@@ -19,6 +18,7 @@ from .conftest import CONFIGS, REPO
 def test_train_resume_sample(tmp_path, tiny_overrides, capsys):
     run = tmp_path / "run"
     args = ["train", "--config", str(CONFIGS / "digits-uclora.yaml"), "--out", str(run)]
+    tiny_overrides = [*tiny_overrides, "train.label_dropout=0.1"]  # for --guidance below
     assert main(args + ["--max-steps", "30", "--quiet", *tiny_overrides]) == 0
     assert read_checkpoint(run / CHECKPOINT_NAME)[1] == 30
     assert (run / "samples" / "step_0000030.png").is_file()
@@ -42,13 +42,21 @@ def test_train_resume_sample(tmp_path, tiny_overrides, capsys):
     assert "wrote 12 samples" in capsys.readouterr().out
 
 
+# The README's quickstart table: independent numbers, not the CLI's own sum.
+README_COUNTS = {"digits-baseline": (1_206_532, 0), "digits-uclora": (1_350_212, 143_680)}
+
+
 @pytest.mark.parametrize("name", ["digits-baseline", "digits-uclora", "digits-onlylora"])
-def test_info_prints_the_exact_parameter_count(name, capsys):
+def test_info_prints_the_parameter_counts(name, capsys):
     assert main(["info", "--config", str(CONFIGS / f"{name}.yaml")]) == 0
     lines = dict(line.split(": ") for line in capsys.readouterr().out.strip().splitlines())
-    model = build_denoiser(load_config(CONFIGS / f"{name}.yaml"))
-    assert int(lines["parameters"]) == sum(p.numel() for p in model.parameters())
-    assert (int(lines["lora parameters"]) > 0) == (name != "digits-baseline")
+    if name in README_COUNTS:
+        total, lora = README_COUNTS[name]
+        assert (int(lines["parameters"]), int(lines["lora parameters"])) == (total, lora)
+        assert f"{total:,}" in (REPO / "README.md").read_text()
+    else:  # only LoRA: the UC-LoRA net without the blocks' scale-and-shift layers
+        assert int(lines["lora parameters"]) == README_COUNTS["digits-uclora"][1]
+        assert int(lines["parameters"]) < README_COUNTS["digits-uclora"][0]
     if name == "digits-baseline":
         assert int(lines["conditioning parameters"]) > 0
 

@@ -10,7 +10,6 @@ from condlora.conditioning.config import load_config
 from condlora.conditioning.generate import generate
 from condlora.evaluation.diagnostics import (
     class_mix_weights,
-    class_scale_weights,
     has_class_lora,
     neighbour_cosine,
     sweep_grid,
@@ -75,10 +74,6 @@ def test_models_without_tables_or_class_lora():
 
 
 def test_class_weight_sweeps():
-    scaled = class_scale_weights(3, [0.0, 0.5, 2.0], 10)
-    expected = torch.zeros(3, 10)
-    expected[:, 3] = torch.tensor([0.0, 0.5, 2.0])
-    assert torch.equal(scaled, expected)
     mixed = class_mix_weights(2, 5, [0.0, 0.25, 1.0], 10)
     expected = torch.zeros(3, 10)
     expected[:, 2] = torch.tensor([1.0, 0.75, 0.0])

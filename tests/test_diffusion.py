@@ -12,6 +12,7 @@ from condlora.diffusion import (
     EDMPrecond,
     EpsPrecond,
     VPrecond,
+    X0Precond,
     alphas_cumprod,
     cosine_betas,
     karras_sigmas,
@@ -26,6 +27,7 @@ PRECONDS = {
     "edm": lambda: make_precond("edm"),
     "ddpm": lambda: make_precond("ddpm", "linear"),
     "v": lambda: make_precond("v", "cosine"),
+    "x0": lambda: make_precond("x0", "linear"),
 }
 
 
@@ -110,6 +112,7 @@ def test_make_precond_and_sample_errors():
     assert isinstance(make_precond("edm"), EDMPrecond)
     assert isinstance(make_precond("ddpm", "cosine", 100), EpsPrecond)
     assert isinstance(make_precond("v", num_timesteps=50), VPrecond)
+    assert isinstance(make_precond("x0", num_timesteps=50), X0Precond)
     assert make_precond("ddpm", num_timesteps=50).num_timesteps == 50
     assert make_precond("edm", sigma_data=1.0).sigma_data == 1.0
     with pytest.raises(ConfigError, match="ddpm, edm, v"):
@@ -181,7 +184,7 @@ def test_sample_sigma(name):
     torch.testing.assert_close(p.sample_sigma(20000, generator=g2), s)
 
 
-@pytest.mark.parametrize("name", ["ddpm", "v"])
+@pytest.mark.parametrize("name", ["ddpm", "v", "x0"])
 def test_true_target_recovers_x0(name):
     p = PRECONDS[name]()
     g = torch.Generator().manual_seed(1)
@@ -190,6 +193,8 @@ def test_true_target_recovers_x0(name):
     abar = 1 / (1 + p.sigmas[t].float() ** 2)[:, None]
     if name == "ddpm":
         target = eps
+    elif name == "x0":
+        target = x0
     else:
         target = abar.sqrt() * eps - (1 - abar).sqrt() * x0
     sigma = p.sigmas[t].float()
@@ -214,19 +219,20 @@ def test_sigma_forms_broadcast_on_images():
 # --- loss --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ddpm", "v"])
+@pytest.mark.parametrize("name", ["ddpm", "v", "x0"])
 def test_loss_matches_ddpm_reference(name):
     p = PRECONDS[name]()
     net = TinyNet()
     g = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(8, 3, generator=g), torch.randn(8, 3, generator=g)
     t = torch.randint(0, 1000, (8,), generator=g)
-    abar = alphas_cumprod(linear_betas(1000) if name == "ddpm" else cosine_betas(1000))
+    abar = alphas_cumprod(cosine_betas(1000) if name == "v" else linear_betas(1000))
     a = abar[t].float()[:, None]
     # DDPM forward process x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, net sees (x_t, t)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
     out = net(x_t, t.float())
-    target = eps if name == "ddpm" else a.sqrt() * eps - (1 - a).sqrt() * x0
+    targets = {"ddpm": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0}
+    target = targets[name]
     ref = (out - target).square().mean()
     loss = Denoiser(net, p).loss(x0, sigma=p.sigmas[t].float(), noise=eps)
     torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-6)
@@ -290,6 +296,7 @@ def test_tiny_net_trains_on_two_clusters(name):
         opt.step()
     with torch.no_grad():
         after = d.loss(x_ev, sigma=s_ev, noise=n_ev).item()
-    # part of each loss is irreducible (the noise at low sigma, the cluster at high sigma),
-    # so ask for a clear but not large drop; seen: edm 0.58x, ddpm 0.23x, v 0.77x
-    assert math.isfinite(after) and after < 0.85 * before, (before, after)
+    # part of each loss is irreducible (the noise at low sigma, the cluster at high sigma);
+    # seen: edm 0.58x, ddpm 0.23x, v 0.77x, x0 0.71x; a wrong target or scaling stalls above
+    bound = {"edm": 0.65, "ddpm": 0.3, "v": 0.82, "x0": 0.8}[name]
+    assert math.isfinite(after) and after < bound * before, (before, after)

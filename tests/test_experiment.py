@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import pytest
 import yaml
 from PIL import Image
 
@@ -11,23 +10,12 @@ import condlora.evaluation.experiment as experiment
 import condlora.evaluation.experiment_file as experiment_file
 import condlora.metrics.reference as reference
 from condlora.cli import main
-from condlora.conditioning.build import build_data, build_denoiser
-from condlora.conditioning.config import load_config
+from condlora.conditioning.build import build_denoiser
 from condlora.evaluation.evaluate import CLASSIFIER_FILE
 from condlora.evaluation.report import mean_std, read_jsonl
-from condlora.metrics import save_classifier, train_digits_classifier
 from condlora.train.checkpoint import checkpoint_step
 
 from .conftest import CONFIGS, REPO, TINY
-
-
-@pytest.fixture(scope="module")
-def classifier_file(tmp_path_factory, one_thread):
-    """A quickly trained digits classifier (the experiment reads it from its output folder)."""
-    path = tmp_path_factory.mktemp("clf") / CLASSIFIER_FILE
-    (images, labels), _ = build_data(load_config(CONFIGS / "digits-baseline.yaml"))
-    save_classifier(train_digits_classifier(images, labels, steps=15), path)
-    return path
 
 
 def write_grid(folder, steps=6):
@@ -69,6 +57,7 @@ def test_tiny_grid_report_and_rerun(tmp_path, classifier_file, monkeypatch, caps
     mean, std = mean_std(fds)
     assert f"{mean:.3f} ± {std:.3f}" in report  # the table's FD of variant tc
     assert "| base |" in report and "| tc |" in report
+    assert "every variant with `net.model_channels=8` `net.channel_mult=[1, 2]`" in report
     assert "TimeLoRA: cosine similarity" in report and "ClassLoRA: tc" in report
     for png in ("loss.png", "fd.png", "grids/base.png", "grids/tc.png", "grids/tc-class-mix.png"):
         assert f"({png})" in report

@@ -10,11 +10,7 @@ from torch import nn
 from condlora.core.errors import DataError
 from condlora.metrics import (
     DigitsClassifier,
-    FeatureAdapter,
     FIDInception,
-    frechet_distance,
-    frechet_distance_of,
-    frechet_metric,
     frechet_of_features,
     frechet_to_stats,
     gaussian_stats,
@@ -154,18 +150,16 @@ def test_inception_load_errors(tmp_path, inception):
     assert "unexpected (1): extra.weight" in msg and "fc.bias (1000,) != (1008,)" in msg
 
 
-def tiny_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
-    ).eval()
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """The plain formula: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), scipy's sqrtm."""
+    covmean = np.real(linalg.sqrtm(sigma1 @ sigma2))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1 + sigma2 - 2 * covmean))
 
 
 def test_frechet_of_set_with_itself_is_zero():
-    imgs = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    assert abs(frechet_distance_of(tiny_cnn(), imgs, imgs, batch_size=10)) < 1e-3
-    other = imgs.clamp(-1, 0)
-    assert frechet_distance_of(tiny_cnn(), imgs, other) > 1e-3
+    feats = torch.rand(64, 4, generator=torch.Generator().manual_seed(0)).double()
+    assert abs(frechet_of_features(feats, feats)) < 1e-6
+    assert frechet_of_features(feats, feats.clamp(0, 0.5)) > 1e-3
 
 
 def test_frechet_gaussian_closed_form():
@@ -173,24 +167,21 @@ def test_frechet_gaussian_closed_form():
     mu1, mu2 = np.zeros(3), np.array([0.6, -0.4, 0.2])
     a = rng.normal(size=(3, 3)) * 0.1
     s1, s2 = a @ a.T + 0.01 * np.eye(3), np.diag([0.02, 0.03, 0.01])
-    x1 = torch.from_numpy(rng.multivariate_normal(mu1, s1, size=50_000)).float()
-    x2 = torch.from_numpy(rng.multivariate_normal(mu2, s2, size=50_000)).float()
-    images = [x.reshape(-1, 3, 1, 1) for x in (x1, x2)]
-    fd = frechet_distance_of(nn.Flatten(), *images, batch_size=10_000)
-    closed = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * np.real(linalg.sqrtm(s1 @ s2)))
-    assert fd == pytest.approx(closed, rel=0.01)
-    sample = frechet_distance(*gaussian_stats(x1), *gaussian_stats(x2))
-    assert fd == pytest.approx(sample, rel=1e-4)
+    x1 = torch.from_numpy(rng.multivariate_normal(mu1, s1, size=50_000))
+    x2 = torch.from_numpy(rng.multivariate_normal(mu2, s2, size=50_000))
+    fd = frechet_of_features(x1, x2)
+    assert fd == pytest.approx(frechet_distance(mu1, s1, mu2, s2), rel=0.01)
+    assert fd == pytest.approx(frechet_distance(*gaussian_stats(x1), *gaussian_stats(x2)), rel=1e-6)
 
 
 def test_frechet_with_digits_classifier_features():
     clf = DigitsClassifier(resolution=16).eval()
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.rand(200, 1, 16, 16, generator=gen) * 2 - 1 for _ in range(2))
-    fd = frechet_distance_of(clf.features, a, b, batch_size=64)
     with torch.no_grad():
-        ref = frechet_distance(*gaussian_stats(clf.features(a)), *gaussian_stats(clf.features(b)))
-    assert fd == pytest.approx(ref, rel=1e-3, abs=1e-5)
+        fa, fb = clf.features(a).double(), clf.features(b).double()
+    ref = frechet_distance(*gaussian_stats(fa), *gaussian_stats(fb))
+    assert frechet_of_features(fa, fb) == pytest.approx(ref, rel=1e-3, abs=1e-5)
 
 
 def test_frechet_of_features_and_of_cached_stats_match_the_plain_formula():
@@ -202,17 +193,3 @@ def test_frechet_of_features_and_of_cached_stats_match_the_plain_formula():
     mu, sigma = gaussian_stats(real)  # what the reference cache keeps
     assert frechet_to_stats(fake, mu, sigma, len(real)) == pytest.approx(expected, rel=1e-9)
     assert abs(frechet_of_features(real, real)) < 1e-6
-
-
-def test_adapter_handles_torchmetrics_inputs():
-    adapter = FeatureAdapter(tiny_cnn(), num_features=4, input_channels=1)
-    out = adapter(torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8))
-    assert out.shape == (2, 4) and out.dtype == torch.float64
-    metric = frechet_metric(tiny_cnn(), num_features=4, input_channels=1)
-    metric.update(torch.rand(5, 1, 8, 8), real=True)
-    metric.update(torch.rand(5, 3, 8, 8), real=False)
-    assert torch.isfinite(metric.compute())
-    with pytest.raises(DataError, match="gave 4 features, not 7"):
-        FeatureAdapter(tiny_cnn(), num_features=7, input_channels=1)(torch.rand(2, 1, 8, 8))
-    with pytest.raises(DataError, match="N >= 2"):
-        frechet_distance_of(tiny_cnn(), torch.zeros(1, 1, 8, 8), torch.zeros(4, 1, 8, 8))

@@ -58,3 +58,23 @@ def test_label_dropout_nulls_about_that_fraction(tiny_overrides):
     assert abs(nulled - 0.3) < 0.04
     kept = labels[labels.sum(1) > 0]
     assert torch.equal(kept.sum(1), torch.ones(len(kept)))
+
+
+def test_embedding_guided_output_follows_the_formula():
+    from condlora.diffusion import Denoiser, EmbeddingGuidedDenoiser, make_precond
+    from condlora.nets import VectorDenoiser, VectorNetConfig
+
+    torch.manual_seed(0)
+    net = VectorDenoiser(VectorNetConfig(dim=6, width=16, depth=1, cond_dim=4, cond_width=8))
+    with torch.no_grad():  # fresh ADALoRA heads (B = 0) would ignore the embedding
+        for p in net.parameters():
+            p.normal_(std=0.3)
+    d = Denoiser(net, make_precond("v", num_timesteps=50)).eval()
+    x, e = torch.randn(3, 6), torch.randn(3, 4)
+    with torch.no_grad():
+        cond = d(x, 0.7, embedding=e)
+        uncond = d(x, 0.7)  # no embedding: the learned null embedding for every row
+        assert not torch.allclose(cond, uncond, atol=1e-4)
+        for scale in (0.0, 1.0, 2.5):
+            guided = EmbeddingGuidedDenoiser(d, scale)(x, 0.7, embedding=e)
+            torch.testing.assert_close(guided, uncond + scale * (cond - uncond))

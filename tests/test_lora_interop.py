@@ -13,13 +13,14 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
-from diffusers import UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import StableDiffusionLoraLoaderMixin as Pipeline  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 from condlora.lora.formats import LoRAWeights, make_module, read_lora, write_lora  # noqa: E402
+
+from .conftest import tiny_unet2d_condition  # noqa: E402
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
 # module -> (rank, alpha); conv1 is a 3x3 conv, conv_shortcut a 1x1 conv
@@ -38,20 +39,7 @@ TARGETS = {
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    model = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=4,
-        attention_head_dim=2,
-    )
-    return model.eval()
+    return tiny_unet2d_condition()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """save_lora / load_lora: round trip, metadata, strict loading."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -87,9 +88,29 @@ def test_load_errors(tmp_path):
     assert not lora_layers(wider)  # a failed load leaves the model as it was
     other = Net()
     inject(other, LoRAConfig(method="time", num_time_rows=20))
-    with pytest.raises(LoRAError, match="missing.*unexpected"):
+    with pytest.raises(
+        LoRAError, match="another config.*method 'time\\+class' \\(model: 'time'\\)"
+    ):
         load_lora(other, path)
     with pytest.raises(LoRAError, match="not found"):
         load_lora(Net(), tmp_path / "nope.safetensors")
     with pytest.raises(LoRAError, match="no LoRA layers"):
         save_lora(Net(), tmp_path / "empty.safetensors")
+
+
+def test_a_file_saved_at_another_scale_is_refused(tmp_path):
+    """Same tensors, other scale s: loading would silently change the outputs."""
+    torch.manual_seed(0)
+    config = CONFIGS["time+class"]
+    model = Net()
+    inject(model, dataclasses.replace(config, scale=0.5))
+    save_lora(model, tmp_path / "half.safetensors")
+    target = Net()
+    inject(target, dataclasses.replace(config, scale=1.0))
+    before = {k: v.clone() for k, v in lora_state_dict(target).items()}
+    with pytest.raises(
+        LoRAError, match="another config than the model's LoRA: scale 0.5 \\(model: 1.0\\)"
+    ):
+        load_lora(target, tmp_path / "half.safetensors")
+    after = lora_state_dict(target)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was copied

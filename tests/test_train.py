@@ -62,6 +62,19 @@ def test_ema_schedules_follow_the_originals():
         EMA(model, 0.9, schedule="cosine")
 
 
+@pytest.mark.parametrize(
+    ("config", "schedule"),
+    [("cifar10-edm-cond-lora.yaml", "edm"), ("cifar10-iddpm-uncond-baseline.yaml", "fixed")],
+)
+def test_paper_configs_use_the_originals_ema(config, schedule):
+    t = tiny(config, []).train
+    assert t.ema_schedule == schedule
+    if schedule == "edm":
+        assert (t.ema_halflife_kimg, t.ema_rampup, t.nan_to_num_grads) == (500, 0.05, True)
+    else:
+        assert t.ema_decay == 0.9999
+
+
 def test_adamw_is_fused_and_matches_the_update_written_out():
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(5, 3))

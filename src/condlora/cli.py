@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from condlora.conditioning import cli as conditioning_cli
 from condlora.core.errors import CondloraError
@@ -11,18 +12,47 @@ from condlora.evaluation import cli as evaluation_cli
 from condlora.lora import cli as lora_cli
 from condlora.synthesis import cli as synthesis_cli
 
+
+def _info(args: argparse.Namespace) -> None:
+    """`condlora info`: parameter counts of an image or a synthesis config (`kind:`)."""
+    from condlora.core.config import read_yaml
+
+    if read_yaml(args.config).get("kind") == "synthesis":
+        from condlora.synthesis.info import info_lines
+    else:
+        from condlora.conditioning.param_counts import info_lines
+    print("\n".join(info_lines(args.config, args.overrides)))
+
+
+def _register_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameter counts of a config's network(s)")
+    p.add_argument("--config", required=True, help="YAML config (image or synthesis)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. lora.rank=8")
+    p.set_defaults(func=_info)
+
+
 REGISTRARS = (
     conditioning_cli.register,
+    _register_info,
     evaluation_cli.register,
     lora_cli.register,
     synthesis_cli.register,
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported in one line (exit 2) instead of the usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """Print `prog: error: message` and where the usage is, then exit 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(
-        prog="condlora", description="Conditional LoRA for diffusion models."
+    parser = Parser(prog="condlora", description="Conditional LoRA for diffusion models.")
+    parser.add_argument(
+        "--debug", action="store_true", help="print the traceback of an error (for bug reports)"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for register in REGISTRARS:
@@ -40,14 +70,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    return run(args)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command: 0 done, 2 a user mistake (one line), 130 interrupted, 1 a bug."""
     try:
         args.func(args)
     except CondloraError as err:
-        print(f"condlora: error: {err}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        print(f"condlora: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("condlora: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(
+            "condlora: error: out of memory (try a smaller model, batch or --num)", file=sys.stderr
+        )
+        return 1
+    except Exception as err:  # anything else is a defect of condlora, not of the input
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"condlora: internal error: {type(err).__name__}: {_one_line(err)[:500]}",
+            file=sys.stderr,
+        )
+        print(
+            "condlora: this is a bug, please report it (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from condlora.conditioning.config import Config
+from condlora.conditioning.config import ARCHS, DATA_SETS, DECODER_NLLS, Config
 from condlora.core.errors import ConfigError, DataError
 from condlora.data import (
     folder_layout,
@@ -34,15 +34,12 @@ from condlora.lora import conditioning, inject, lora_layers, merged
 from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
 from condlora.nets.unet import COND_MODES
 
-DATA_SETS = {"digits": (1, 10), "cifar10": (3, 10), "folder": (3, None)}  # channels, classes
-ARCHS = ("small_unet", "adm", "ddpmpp")
 # The module whose output is the backbone's condition embedding (UC-LoRA's input).
 EMB_MODULES = {"small_unet": "embed", "adm": "time_embed", "ddpmpp": "map_act"}
 LORA_METHODS_SEEING_CLASS = ("class", "time+class", "uc")
 
 
 MERGEABLE_METHODS = ("time", "class", "time+class")  # w(c) known before the forward pass
-DECODER_NLLS = ("tanh", "exact")  # diffusion.decoder_nll
 
 
 def _shared(x: torch.Tensor | None) -> bool:

@@ -1,9 +1,8 @@
-"""`condlora train`, `sample` and `info`: the conditioning half's commands."""
+"""`condlora train` and `sample`: the conditioning half's commands."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from condlora.core.errors import CondloraError
@@ -17,6 +16,8 @@ def _train(args: argparse.Namespace) -> None:
 
     if args.init_from and args.resume:
         raise CondloraError("--init-from starts a new run: it does not combine with --resume")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise CondloraError(f"--max-steps must be >= 1, got {args.max_steps}")
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / cfg.name
     train(
@@ -31,16 +32,21 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    from condlora.conditioning.checks import check_sample_count, check_seed, sampling_config
     from condlora.conditioning.generate import generate, labels_for
     from condlora.conditioning.runs import load_run
-    from condlora.core.images import save_grid
+    from condlora.core.images import check_image_path, save_grid
 
+    # everything that can be refused is refused before the sampling work
+    check_image_path(args.out)
+    check_seed(args.seed)
     if args.num < 1:
         raise CondloraError(f"--num must be at least 1, got {args.num}")
+    if args.nrow < 1:
+        raise CondloraError(f"--nrow must be at least 1, got {args.nrow}")
     cfg, denoiser, step = load_run(args.run)
-    if args.guidance is not None:
-        diffusion = dataclasses.replace(cfg.diffusion, guidance=args.guidance)
-        cfg = dataclasses.replace(cfg, diffusion=diffusion)
+    cfg = sampling_config(cfg, args.steps, args.sampler, args.guidance)
+    check_sample_count(cfg, args.num)
     labels = labels_for(cfg, args.num, args.label)
     images = generate(
         denoiser,
@@ -56,18 +62,8 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.num} samples (step {step}) to {path}")
 
 
-def _info(args: argparse.Namespace) -> None:
-    from condlora.conditioning.build import build_denoiser
-    from condlora.conditioning.config import load_config
-    from condlora.conditioning.param_counts import parameter_summary
-
-    cfg = load_config(args.config, args.overrides)
-    for key, value in parameter_summary(build_denoiser(cfg)).items():
-        print(f"{key}: {value}")
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the train, sample and info subcommands."""
+    """Add the train and sample subcommands."""
     p = sub.add_parser("train", help="train a diffusion model from a YAML config")
     p.add_argument("--config", required=True, help="YAML config (overrides on the defaults)")
     p.add_argument("--out", help="run folder (default: runs/<name>)")
@@ -97,8 +93,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nrow", type=int, default=10, help="images per grid row")
     p.set_defaults(func=_sample)
-
-    p = sub.add_parser("info", help="parameter counts of a config's network")
-    p.add_argument("--config", required=True, help="YAML config")
-    p.add_argument("overrides", nargs="*", help="config overrides, e.g. lora.rank=8")
-    p.set_defaults(func=_info)

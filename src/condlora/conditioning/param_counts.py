@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from condlora.lora import count_lora_parameters
@@ -26,3 +28,15 @@ def parameter_summary(model: nn.Module) -> dict[str, int]:
     lora = count_lora_parameters(model)
     cond = sum(p.numel() for n, p in model.named_parameters() if _is_conditioning(n))
     return {"parameters": total, "lora parameters": lora, "conditioning parameters": cond}
+
+
+def info_lines(path: str | Path, overrides: list[str] | None = None) -> list[str]:
+    """`condlora info` for an image config: its parameter counts, one "key: value" a line."""
+    from condlora.conditioning.build import build_denoiser
+    from condlora.conditioning.checks import check_model_size
+    from condlora.conditioning.config import load_config
+
+    cfg = load_config(path, overrides)
+    check_model_size(cfg)  # a model too large is refused before it is allocated
+    model = build_denoiser(cfg)
+    return [f"{key}: {value}" for key, value in parameter_summary(model).items()]

@@ -136,10 +136,6 @@ def source_weights(path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
     path = Path(path)
     arch, objective = cfg.net.arch, cfg.diffusion.objective
     where = f"{path} (config '{cfg.name}')"
-    if not path.exists():
-        raise CondloraError(f"no such run folder or checkpoint file: {path}")
-    if path.is_dir() or path.suffix == ".safetensors":
-        return condlora_weights(path)
     if path.suffix == ".pt":
         if arch != "adm":
             raise CondloraError(
@@ -159,6 +155,10 @@ def source_weights(path: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
                 f"{where}: the network was trained with sigma_data {sigma_data}, the config "
                 f"has diffusion.sigma_data {cfg.diffusion.sigma_data}"
             )
+    elif path.is_dir() or path.suffix in (".safetensors", ""):
+        if not path.exists():
+            raise CondloraError(f"no such run folder or checkpoint file: {path}")
+        return condlora_weights(path)
     else:
         raise CondloraError(
             f"{path}: unknown checkpoint kind '{path.suffix}' (a run folder, .safetensors "

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import torch
 
-from condlora.conditioning.build import build_denoiser
+from condlora.conditioning.build import build_denoiser, resolve_data
+from condlora.conditioning.checks import check_model_size
 from condlora.conditioning.config import Config
 from condlora.conditioning.task import IMAGE_KIND, image_trainer
 from condlora.core.errors import CondloraError
+from condlora.core.safetensors_io import load_state_checked
 from condlora.diffusion import Denoiser
 from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_config, read_checkpoint
 from condlora.train.loop import RESUMABLE_CHANGES, Callback, config_changes
@@ -26,12 +28,22 @@ def load_run(
     run_dir: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[Config, Denoiser, int]:
     """(config, denoiser with the EMA weights, step) of a training run folder."""
-    path = Path(run_dir) / CHECKPOINT_NAME
-    if not path.is_file():
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT_NAME
+    if not run_dir.exists():
+        raise CondloraError(f"run folder not found: {run_dir}")
+    if not run_dir.is_dir():
+        raise CondloraError(
+            f"{run_dir} is a file, not a run folder (give the folder --out of train)"
+        )
+    if not path.exists():
         raise CondloraError(f"no {CHECKPOINT_NAME} in {run_dir}: is it a `condlora train` folder?")
     cfg, step, parts = read_run_checkpoint(path)
+    # the stored config must not build a model larger than the weights the file holds
+    if check_model_size(cfg) > sum(t.numel() for t in parts["ema"].values()):
+        raise CondloraError(f"{path}: its EMA weights are fewer than its config's model needs")
     denoiser = build_denoiser(cfg)
-    denoiser.load_state_dict(parts["ema"])
+    load_state_checked(denoiser, parts["ema"], f"{path} (EMA)")
     return cfg, denoiser.to(device).eval(), step
 
 
@@ -45,6 +57,7 @@ def saved_step(run_dir: Path, cfg: Config) -> int:
     if not ckpt.is_file():
         return 0
     saved, step = checkpoint_config(ckpt, Config, IMAGE_KIND)
+    cfg = resolve_data(cfg)  # runs store the resolved config (channels, classes)
     allowed = [k for k in RESUMABLE_CHANGES if k not in ("train.max_steps", "train.ckpt_every")]
     changed = config_changes(saved, cfg, [*allowed, "data.path"])
     if changed:

@@ -15,13 +15,15 @@ from accelerate import Accelerator
 from torch import nn
 
 from condlora.conditioning.build import build_data, build_denoiser, num_classes, resolve_data
+from condlora.conditioning.checks import check_model_size
 from condlora.conditioning.config import Config
 from condlora.conditioning.generate import save_sample_grid
 from condlora.conditioning.pretrained import init_from
+from condlora.core.errors import CondloraError
 from condlora.core.labels import class_weights
 from condlora.data.augment import AugmentPipe
 from condlora.diffusion import Denoiser
-from condlora.train.loop import Callback, Trainer, TrainTask, batch_indices
+from condlora.train.loop import Callback, Trainer, TrainTask, batch_indices, check_run_folder
 
 IMAGE_KIND = "image-diffusion"  # the checkpoint kind of image runs
 
@@ -102,6 +104,7 @@ class SampleGrids(Callback):
 def image_task(cfg: Config, init_path: str | Path | None = None) -> TrainTask:
     """The training task of an image config (weights seeded; optionally from `init_path`)."""
     cfg = resolve_data(cfg)  # once: a folder's classes are counted here, then stored
+    check_model_size(cfg)  # before the data is read or the model allocated
     (train_x, train_y), _ = build_data(cfg)
     torch.manual_seed(cfg.train.seed)
     denoiser = build_denoiser(cfg)
@@ -127,6 +130,7 @@ def image_trainer(
     callbacks: Iterable[Callback] = (),
 ) -> Trainer:
     """A Trainer for an image config, with sample grids and any extra callbacks."""
+    check_run_folder(Path(out_dir), resume)  # before the data is read or the model built
     task = image_task(cfg, None if resume else init_path)
     return Trainer(task, out_dir, resume=resume, callbacks=[SampleGrids(), *callbacks])
 
@@ -141,5 +145,7 @@ def train(
 ) -> dict:
     """Train a config into `out_dir` (or continue it); max_steps replaces train.max_steps."""
     if max_steps is not None:
+        if max_steps < 1:
+            raise CondloraError(f"--max-steps must be >= 1, got {max_steps}")
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
     return image_trainer(cfg, out_dir, resume, init_path).run(progress=progress)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import sysconfig
 import types
 import typing
@@ -95,8 +96,106 @@ def _check_value(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A finite number in [low, high]; an open end excludes its bound; None: no bound."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """None if `value` is in range, else the valid range in words."""
+        lo, hi = self.low, self.high
+        ok = isinstance(value, int | float) and math.isfinite(value)
+        ok = ok and (lo is None or value > lo or (value == lo and not self.low_open))
+        ok = ok and (hi is None or value < hi or (value == hi and not self.high_open))
+        return None if ok else f"must be {self}"
+
+    def __str__(self) -> str:
+        lo, hi = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{lo}, {hi}{right}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {lo}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {hi}"
+        return "a finite number"
+
+
+def _number(x: float | None) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+    """One of a fixed set of names."""
+
+    options: tuple[str, ...]
+
+    def problem(self, value: Any) -> str | None:
+        """None if `value` is one of the options, else the options."""
+        return None if value in self.options else f"valid: {', '.join(map(str, self.options))}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Each:
+    """A list whose every item passes `item` (and that is non-empty unless allow_empty)."""
+
+    item: Range | None = None  # None: any item
+    allow_empty: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """None if the list is fine, else what is wrong with it."""
+        if not isinstance(value, list) or (not value and not self.allow_empty):
+            return "must be a non-empty list"
+        if self.item is None:
+            return None
+        bad = [v for v in value if self.item.problem(v) is not None]
+        return f"must be a list of numbers {self.item}" if bad else None
+
+
+# Common ranges of config fields.
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1)  # a probability or decay in [0, 1]
+SEED = Range(0, 2**63 - 1)  # what torch.manual_seed takes
+
+
+def check_fields(cfg: Any, where: str = "", error: type[Exception] = ConfigError) -> None:
+    """Check a config dataclass (and those nested in it) against each class's CHECKS table.
+
+    CHECKS maps a field name to a Range, OneOf or Each; a None value is not checked (fields
+    typed `X | None` use None for "the default"). `error` names the dotted key, the valid
+    range and the value, in one line.
+    """
+    table = getattr(type(cfg), "CHECKS", {})
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        path = f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_fields(value, path, error)
+            continue
+        rule = table.get(f.name)
+        problem = None if rule is None or value is None else rule.problem(value)
+        if problem is None:
+            continue
+        if isinstance(rule, OneOf):
+            raise error(f"unknown {path} {value!r}; {problem}")
+        raise error(f"{path} {problem}, got {value!r}")
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict, refusing unknown keys."""
+    """Build dataclass ``cls`` from a nested dict, refusing unknown keys and values out of range."""
+    cfg = _build(cls, data, where)
+    check_fields(cfg, where)
+    return cfg
+
+
+def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"'{where or 'config'}' must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -111,7 +210,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
             )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = from_dict(hint, value or {}, path)
+            kwargs[key] = _build(hint, {} if value is None else value, path)
         else:
             kwargs[key] = _check_value(value, hint, path)
     return cls(**kwargs)
@@ -141,30 +240,67 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
                 f"override '{item}' is not of the form key=value (e.g. train.lr=1e-3)"
             )
         key, raw = item.split("=", 1)
-        node = nested
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}': '{key}' is not a dotted key (e.g. train.lr)")
+        node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with an earlier '{part}=...'")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML ({yaml_problem(err)})"
+            ) from None
     return nested
+
+
+def yaml_problem(err: Exception) -> str:
+    """What a YAML parser error says, and where, on one line."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(err, 'problem', None) or ' '.join(str(err).split())}{where}"
+
+
+def read_text_file(path: str | Path, kind: str, error: type[Exception] = ConfigError) -> str:
+    """The text of a (small) file; `error` if it is missing, a folder, unreadable or not text."""
+    path = Path(path)
+    if not path.exists():
+        raise error(f"{kind} not found: {path}")
+    if not path.is_file():
+        raise error(f"{kind} {path} is a folder, not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{kind} {path} is not a text file") from None
+    except OSError as err:
+        raise error(f"cannot read {kind} {path}: {err.strerror or err}") from None
+    if "\0" in text:
+        raise error(f"{kind} {path} is not a text file")
+    return text
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config as a dict, with its `base:` file (relative to it) merged underneath."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"config {path} includes itself through 'base:'")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text_file(path, "config file")) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {data!r}")
     base = data.pop("base", None)
     if base is None:
         return data
     return _merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), data)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a plain dict, its `base:` chain merged (no schema check)."""
+    return _read_yaml(Path(path))
 
 
 def read_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:

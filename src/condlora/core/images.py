@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from condlora.core.paths import check_output_file
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def check_image_path(path: str | Path, what: str = "--out") -> Path:
+    """An image file path that can be written, with an extension PIL saves; else CondloraError."""
+    return check_output_file(path, what, IMAGE_SUFFIXES)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -16,7 +26,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int = 4) -> Path:
-    """Tile images (rows of `nrow`) with a 1-pixel border, upscale by `scale`, save as PNG."""
+    """Tile images (rows of `nrow`) with a 1-pixel border, upscale by `scale`, save an image.
+
+    The format follows the extension (see IMAGE_SUFFIXES); the file is written atomically.
+    """
+    path = check_image_path(path, "image file")
+    nrow = max(1, nrow)
     pixels = to_uint8(images)
     n, h, w, c = pixels.shape
     rows = (n + nrow - 1) // nrow
@@ -25,7 +40,17 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int
         r, col = divmod(i, nrow)
         grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = img
     grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp, format=_format(path))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _format(path: Path) -> str:
+    """PIL's format name for the file's extension."""
+    Image.init()
+    return Image.registered_extensions()[path.suffix.lower()]

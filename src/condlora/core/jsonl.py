@@ -7,13 +7,19 @@ from pathlib import Path
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines log, one per step (a step logged twice: the last wins)."""
+    """Records of a JSON-lines log, one per step (a step logged twice: the last wins).
+
+    A line that is not a record with a step (torn by a kill in mid-write) is skipped.
+    """
     if not path.is_file():
         return []
     by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for line in path.read_text(errors="replace").splitlines():
+        try:
             record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
             by_step[record["step"]] = record
     return [by_step[k] for k in sorted(by_step)]
 

@@ -2,7 +2,7 @@
 
 from condlora.data.augment import AUGMENT_DIM, AugmentPipe
 from condlora.data.cifar import CIFAR10_CLASSES, load_cifar10
-from condlora.data.digits import NUM_CLASSES, NUM_DIGITS, load_digits_images
+from condlora.data.digits import NUM_CLASSES, load_digits_images
 from condlora.data.folder import folder_layout, load_image_folder
 from condlora.data.split import stratified_split
 
@@ -11,7 +11,6 @@ __all__ = [
     "AugmentPipe",
     "CIFAR10_CLASSES",
     "NUM_CLASSES",
-    "NUM_DIGITS",
     "folder_layout",
     "load_cifar10",
     "load_digits_images",

@@ -9,7 +9,6 @@ from sklearn.datasets import load_digits
 
 from condlora.core.errors import DataError
 
-NUM_DIGITS = 1797
 NUM_CLASSES = 10
 
 

@@ -38,6 +38,8 @@ def _load_image(file: Path, resolution: int, mode: str) -> np.ndarray:
 def folder_layout(path: str | Path) -> tuple[list[Path], torch.Tensor | None, list[str]]:
     """(image files, labels or None, class names) of a flat or class-subfolder image folder."""
     path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"image folder {path} is a file: give a folder of images")
     if not path.is_dir():
         raise DataError(
             f"image folder not found at {path}: give a folder of images "
@@ -46,7 +48,14 @@ def folder_layout(path: str | Path) -> tuple[list[Path], torch.Tensor | None, li
     top = _images_in(path)
     subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     class_files = {d.name: _images_in(d) for d in subdirs}
+    empty = [name for name, files in class_files.items() if not files]
     class_files = {name: files for name, files in class_files.items() if files}
+    if class_files and empty:  # a class without images would silently shrink the classes
+        raise DataError(
+            f"class folders without images in {path}: {', '.join(empty[:5])}"
+            f"{' ...' if len(empty) > 5 else ''} ({len(class_files)} others have images): "
+            "add images or remove those folders"
+        )
     if top and class_files:
         raise DataError(
             f"{path} mixes images at the top level with class subfolders "

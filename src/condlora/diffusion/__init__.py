@@ -1,6 +1,6 @@
 """condlora.diffusion: schedules, preconditioners (objectives) and samplers, all in VE form."""
 
-from condlora.diffusion.guidance import GuidedDenoiser
+from condlora.diffusion.guidance import EmbeddingGuidedDenoiser, GuidedDenoiser
 from condlora.diffusion.iddpm import (
     IDDPMDenoiser,
     IDDPMPrecond,
@@ -15,6 +15,7 @@ from condlora.diffusion.precond import (
     EpsPrecond,
     Preconditioner,
     VPrecond,
+    X0Precond,
     make_precond,
 )
 from condlora.diffusion.samplers import (
@@ -33,12 +34,14 @@ __all__ = [
     "Denoiser",
     "DiscretePrecond",
     "EDMPrecond",
+    "EmbeddingGuidedDenoiser",
     "EpsPrecond",
     "GuidedDenoiser",
     "IDDPMDenoiser",
     "IDDPMPrecond",
     "Preconditioner",
     "VPrecond",
+    "X0Precond",
     "alphas_cumprod",
     "cosine_betas",
     "iddpm_precond",

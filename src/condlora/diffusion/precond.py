@@ -176,7 +176,18 @@ class VPrecond(DiscretePrecond):
         return c_skip, c_out, c_in
 
 
-OBJECTIVES = {"ddpm": EpsPrecond, "edm": EDMPrecond, "v": VPrecond}
+class X0Precond(DiscretePrecond):
+    """x0-prediction: the net's output is the clean sample itself (c_skip = 0, c_out = 1)."""
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """D = F(x_vp, t): no skip path; the net sees the VP input x / sqrt(sigma^2 + 1)."""
+        c_skip = torch.zeros_like(sigma)
+        c_out = torch.ones_like(sigma)
+        c_in = 1 / (sigma**2 + 1).sqrt()
+        return c_skip, c_out, c_in
+
+
+OBJECTIVES = {"ddpm": EpsPrecond, "edm": EDMPrecond, "v": VPrecond, "x0": X0Precond}
 SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
 
 

@@ -14,6 +14,8 @@ from condlora.core.errors import CondloraError
 def _quickstart(args: argparse.Namespace) -> None:
     from condlora.evaluation.quickstart import run_quickstart
 
+    if args.steps is not None and args.steps < 1:
+        raise CondloraError(f"--steps must be >= 1, got {args.steps}")
     report = run_quickstart(Path(args.out), steps=args.steps)
     print(f"report: {report}")
 
@@ -41,16 +43,23 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _seed_list(text: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise CondloraError(f"--seeds must be comma-separated integers, got '{text}'") from None
+    if not seeds or min(seeds) < 0:
+        raise CondloraError(f"--seeds must be integers >= 0, at least one, got '{text}'")
+    return seeds
 
 
 def _experiment(args: argparse.Namespace) -> None:
     from condlora.evaluation.experiment import run_experiment
     from condlora.evaluation.experiment_file import load_experiment
 
-    seeds = _seed_list(args.seeds) if args.seeds else None
+    seeds = _seed_list(args.seeds) if args.seeds is not None else None
+    if args.steps is not None and args.steps < 1:
+        raise CondloraError(f"--steps must be >= 1, got {args.steps}")
+    if args.num is not None and args.num < 2:
+        raise CondloraError(f"--num must be >= 2, got {args.num}")
     exp, variants = load_experiment(args.file, steps=args.steps, seeds=seeds, num=args.num)
     out = Path(args.out) if args.out else Path("runs") / exp.name
     report = run_experiment(exp, variants, out, progress=not args.quiet)

@@ -68,14 +68,6 @@ def has_class_lora(model: nn.Module) -> bool:
     return any(isinstance(m, ClassComposer) for m in model.modules())
 
 
-def class_scale_weights(k: int, scales: Sequence[float], num_classes: int) -> torch.Tensor:
-    """(len(scales), K) float class weights s * onehot(k)."""
-    return (
-        torch.tensor([float(s) for s in scales])[:, None]
-        * F.one_hot(torch.tensor(k), num_classes).float()
-    )
-
-
 def class_mix_weights(i: int, j: int, alphas: Sequence[float], num_classes: int) -> torch.Tensor:
     """(len(alphas), K) float class weights (1 - a) onehot(i) + a onehot(j)."""
     a = torch.tensor([float(x) for x in alphas])[:, None]

@@ -17,9 +17,9 @@ data set, feature network and resolution, so a second evaluation extracts only s
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,10 +29,12 @@ import torch
 from torch import nn
 
 from condlora.conditioning.build import build_data, resolve_data
+from condlora.conditioning.checks import check_sample_count, check_seed, sampling_config
 from condlora.conditioning.config import Config
 from condlora.conditioning.generate import generate, labels_for
 from condlora.conditioning.runs import load_run
-from condlora.core.errors import CondloraError
+from condlora.core.errors import CondloraError, DataError
+from condlora.core.paths import check_output_file, check_output_folder
 from condlora.metrics import (
     DigitsClassifier,
     class_accuracy,
@@ -114,9 +116,13 @@ def real_images(cfg: Config) -> torch.Tensor:
 def digits_classifier(cfg: Config, cache_dir: str | Path) -> DigitsClassifier:
     """The digits classifier cached in `cache_dir`, trained (seeded) on the training split."""
     path = Path(cache_dir) / CLASSIFIER_FILE
-    if path.is_file():
-        model = load_classifier(path)
-        if model.resolution == cfg.data.resolution:
+    if path.exists():
+        try:
+            model = load_classifier(path)
+        except DataError as err:  # a damaged cache: it is rebuilt below
+            print(f"condlora: warning: {err}; retraining it", file=sys.stderr)
+            model = None
+        if model is not None and model.resolution == cfg.data.resolution:
             return model
     (images, labels), _ = build_data(cfg)
     print(f"training the digits classifier ({CLASSIFIER_STEPS} steps), cached in {path}")
@@ -142,10 +148,10 @@ def reference_for(cfg: Config, feature: FeatureNet, cache_dir: str | Path) -> Re
         "kid_gamma": "1/E|x|^2" if feature.scale_kid else "1/D",
     }
     path = Path(cache_dir) / f"reference-{d.name}-{feature.name}-{d.resolution}px.safetensors"
-    if path.is_file():
+    if path.exists():
         try:
             ref = load_reference(path)
-        except Exception:  # unreadable or not a reference file: recompute it
+        except DataError:  # unreadable or not a reference file: recompute it
             ref = None
         if ref is not None and ref.key == key:
             return ref
@@ -188,6 +194,10 @@ def make_judge(
 
 def score(judge: Judge, samples: torch.Tensor, labels: torch.Tensor | None, seed: int = 0) -> dict:
     """FD, KID, class accuracy and the floor of `samples` (labels: the requested classes)."""
+    if not torch.isfinite(samples).all():
+        raise DataError(
+            "the samples hold NaN or inf values (diverged weights or sampling): no scores"
+        )
     features = extract_features(judge.feature, samples)
     ref = judge.reference
     fd = frechet_to_stats(features, ref.mu, ref.sigma, ref.num_real)
@@ -238,16 +248,14 @@ def evaluate_run(
     ready `judge` skips that step (an experiment shares one between its runs).
     """
     run_dir = Path(run_dir)
+    check_seed(seed)
     cfg, denoiser, step = load_run(run_dir)
-    if guidance is not None:
-        cfg = dataclasses.replace(
-            cfg, diffusion=dataclasses.replace(cfg.diffusion, guidance=guidance)
-        )
+    cfg = sampling_config(cfg, steps, sampler, guidance)
     num = default_num(cfg) if num is None else num
-    if num < 2:
-        raise CondloraError(f"--num must be at least 2, got {num}")
-    if steps is not None and steps < 1:
-        raise CondloraError(f"--steps must be at least 1, got {steps}")
+    check_sample_count(cfg, num, least=2)
+    check_output_file(run_dir / METRICS_FILE, "metrics file")
+    if cache_dir is not None:
+        check_output_folder(cache_dir, "--cache")
     notes = []
     if cfg.data.name == "digits" and num < DIGITS_MIN_SAMPLES:
         notes.append(

@@ -1,22 +1,10 @@
-"""`condlora experiment FILE.yaml`: a grid of configs x seeds at equal steps, scored and reported.
+"""`condlora experiment FILE.yaml`: train and evaluate a grid of configs x seeds, then report.
 
-The experiment file::
-
-    name: digits-paper            # default output folder: runs/<name>
-    steps: 500                    # training steps of every run (also the lr horizon)
-    seeds: [0, 1, 2]              # train.seed of each run
-    overrides: [train.warmup_steps=100]   # key=value for every variant (optional)
-    eval: {num: 2000, feature: digits, every: 125, curve_num: 500}   # see EvalSpec
-    variants:
-      - name: baseline
-        config: ../digits-baseline.yaml   # relative to this file, the cwd or the repository
-        overrides: [net.cond_mode=both]   # key=value, as on the train command line
-
-Every run trains in `<out>/<variant>/seed-<k>/` (a normal run folder) and is evaluated with
-`condlora.evaluation.evaluate` against one shared judge (classifier and real statistics cached in
-`<out>`). With eval.every > 0 the trainer also checkpoints every `every` steps, and at each
-of those saves and at the end the EMA model is scored on `curve_num` samples (`curve.jsonl`):
-the metric-vs-step curve. A rerun reuses finished runs and evaluations and resumes partial runs.
+The file format is in `condlora.evaluation.experiment_file`. Every run trains in
+`<out>/<variant>/seed-<k>/` (a normal run folder) and is evaluated against one shared judge
+(classifier and real statistics cached in `<out>`); with eval.every > 0 its EMA model is
+also scored at every `every`-step checkpoint (`curve.jsonl`). A rerun reuses finished runs
+and evaluations and resumes partial runs.
 """
 
 from __future__ import annotations

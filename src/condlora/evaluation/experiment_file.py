@@ -29,7 +29,7 @@ import yaml
 
 from condlora.conditioning.build import resolve_data
 from condlora.conditioning.config import Config, load_config
-from condlora.core.config import find_config, from_dict
+from condlora.core.config import find_config, from_dict, read_text_file, yaml_problem
 from condlora.core.errors import ConfigError
 from condlora.evaluation.evaluate import FEATURES
 
@@ -75,17 +75,15 @@ def load_experiment(
 ) -> tuple[Experiment, list[Variant]]:
     """Read and check an experiment file; steps / seeds / num replace the file's values."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text_file(path, "experiment file")) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
     exp = from_dict(Experiment, data)
     exp.file = str(path)
-    exp.steps = steps or exp.steps
-    exp.seeds = seeds or exp.seeds
-    exp.eval.num = num or exp.eval.num
+    exp.steps = exp.steps if steps is None else steps
+    exp.seeds = exp.seeds if seeds is None else seeds
+    exp.eval.num = exp.eval.num if num is None else num
     variants = [from_dict(Variant, v, f"variants[{i}]") for i, v in enumerate(exp.variants)]
     _check(exp, variants)
     for v in variants:
@@ -98,9 +96,9 @@ def _check(exp: Experiment, variants: list[Variant]) -> None:
         raise ConfigError(f"experiment name must be letters, digits, '_-.', got {exp.name!r}")
     if exp.steps < 1:
         raise ConfigError(f"experiment steps must be >= 1, got {exp.steps}")
-    if not exp.seeds or len(set(exp.seeds)) != len(exp.seeds):
+    if not exp.seeds or len(set(exp.seeds)) != len(exp.seeds) or min(exp.seeds) < 0:
         raise ConfigError(
-            f"experiment seeds must be a non-empty list of distinct seeds: {exp.seeds}"
+            f"experiment seeds must be a non-empty list of distinct seeds >= 0: {exp.seeds}"
         )
     e = exp.eval
     if e.feature not in FEATURES:

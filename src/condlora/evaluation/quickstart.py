@@ -25,12 +25,18 @@ MODELS = {"baseline": "digits-baseline.yaml", "uclora": "digits-uclora.yaml"}
 EVAL_SAMPLES = 1500  # as many as real training digits, so the real-to-real floor matches
 
 
-def run_quickstart(out: Path, steps: int | None = None) -> Path:
-    """Train, sample and evaluate both models; write `report.md` in `out`; return its path."""
+def run_quickstart(
+    out: Path, steps: int | None = None, overrides: list[str] = (), num: int = EVAL_SAMPLES
+) -> Path:
+    """Train, sample and evaluate both models; write `report.md` in `out`; return its path.
+
+    steps replaces the configs' training steps, overrides are key=value for both configs (a
+    tiny net in the tests), num is the number of samples scored per model.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    overrides = [*overrides, *([f"train.max_steps={steps}"] if steps else [])]
     rows = []
     for name, file in MODELS.items():
-        overrides = [f"train.max_steps={steps}"] if steps else []
         cfg = load_config(find_config(file), overrides)
         n_steps = cfg.train.max_steps
         print(f"[quickstart] training {name} ({file}) for {n_steps} steps")
@@ -41,29 +47,29 @@ def run_quickstart(out: Path, steps: int | None = None) -> Path:
     (train_x, _), (hold_x, _) = build_data(cfg)
     print("[quickstart] the digits classifier that judges the samples")
     classifier = digits_classifier(cfg, out)  # trained once (seeded), cached in `out`
-    floor = digits_metrics(classifier, train_x[:EVAL_SAMPLES], None, hold_x)["frechet_distance"]
+    floor = digits_metrics(classifier, train_x[:num], None, hold_x)["frechet_distance"]
 
     for row in rows:
         cfg, denoiser, _ = load_run(out / row["name"])
-        print(f"[quickstart] sampling {EVAL_SAMPLES} digits from {row['name']}")
-        labels = labels_for(cfg, EVAL_SAMPLES)
+        print(f"[quickstart] sampling {num} digits from {row['name']}")
+        labels = labels_for(cfg, num)
         start = time.time()
-        samples = generate(denoiser, cfg, EVAL_SAMPLES, labels, seed=1)
+        samples = generate(denoiser, cfg, num, labels, seed=1)
         row["sample_seconds"] = time.time() - start
         row.update(digits_metrics(classifier, samples, labels, hold_x))
         row["parameters"] = parameter_summary(denoiser)
         save_sample_grid(denoiser, cfg, out / f"{row['name']}.png", seed=2)
     report = out / "report.md"
-    report.write_text(render_report(rows, floor, len(hold_x)))
+    report.write_text(render_report(rows, floor, len(hold_x), num))
     return report
 
 
-def render_report(rows: list[dict], floor: float, n_holdout: int) -> str:
+def render_report(rows: list[dict], floor: float, n_holdout: int, num: int) -> str:
     """The Markdown report: a table of both models and their sample grids."""
     lines = [
         "# condlora quickstart: scale-and-shift baseline vs UC-LoRA on digits",
         "",
-        f"Evaluation: {EVAL_SAMPLES} class-conditional samples per model (150 per class), "
+        f"Evaluation: {num} class-conditional samples per model ({num // 10} per class), "
         f"judged by a CNN trained on the real training digits. Frechet distance (FD) on its "
         f"128-d features against the {n_holdout} held-out real digits; the real-to-real floor "
         f"(real training digits against the same held-out set, same sizes) is **{floor:.2f}**.",

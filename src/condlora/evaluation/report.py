@@ -134,12 +134,14 @@ def _setup(exp: Experiment, summary: list[dict]) -> list[str]:
     m = summary[0]["runs"][0]["metrics"]
     h1, h2 = m["fd_floor_sizes"]
     e = exp.eval
+    pins = "; every variant with " + " ".join(f"`{o}`" for o in exp.overrides)
+    pins = pins if exp.overrides else ""
     return [
         f"# Experiment `{exp.name}`",
         "",
         *([exp.description.strip(), ""] if exp.description else []),
         f"{len(summary)} variants x {len(exp.seeds)} seeds ({', '.join(map(str, exp.seeds))}), "
-        f"{exp.steps} training steps each (`{exp.file}`). Each run is scored on "
+        f"{exp.steps} training steps each (`{exp.file}`{pins}). Each run is scored on "
         f"{m['num_samples']} samples ({m['sampler']} sampler, {m['steps']} steps, sampling seed "
         f"{m['seed']}, EMA weights) against {m['num_real']} real images, on {e.feature} "
         f"features: {m['metric']}.",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from condlora.core.errors import LoRAError
+from condlora.core.config import Each, OneOf, Range, check_fields, from_dict
+from condlora.core.errors import ConfigError, LoRAError
 
 METHODS = ("none", "time", "class", "uc", "time+class")
 
@@ -36,20 +38,28 @@ class LoRAConfig:
     emb_module: str | None = None  # host module whose output is UC-LoRA's input (forward hook)
     emb_dim: int | None = None  # UC-LoRA input width; None: emb_module's last Linear out_features
 
+    # valid values, checked when a config is loaded (condlora.core.config.check_fields)
+    CHECKS: ClassVar[dict] = {
+        "method": OneOf(METHODS),
+        "rank": Range(1, 2**16),
+        "num_bases": Range(1, 2**16),
+        "targets": Each(),
+        "scale": Range(),
+        "num_time_rows": Range(1, 10**6),
+        "num_classes": Range(1, 10**6),
+        "class_bases": Range(0, 10**6),
+        "mlp_widths": Each(Range(1, 2**16), allow_empty=True),
+        "emb_dim": Range(1, 2**20),
+    }
+
     def validate(self) -> None:
         """Raise LoRAError on a setting that cannot work."""
         if self.method not in METHODS:
             raise LoRAError(f"unknown LoRA method {self.method!r}; valid: {', '.join(METHODS)}")
-        for name in ("rank", "num_bases", "num_time_rows", "num_classes"):
-            if getattr(self, name) < 1:
-                raise LoRAError(f"LoRAConfig.{name} must be >= 1, got {getattr(self, name)}")
+        check_fields(self, "LoRAConfig", LoRAError)
         groups = self.mlp_groups
         if groups != "auto" and (isinstance(groups, bool | str) or groups < 1):
             raise LoRAError(f'LoRAConfig.mlp_groups must be >= 1 or "auto", got {groups!r}')
-        if self.class_bases < 0:
-            raise LoRAError(f"LoRAConfig.class_bases must be >= 0, got {self.class_bases}")
-        if isinstance(self.targets, str) or not self.targets:
-            raise LoRAError(f"LoRAConfig.targets must be a non-empty list, got {self.targets!r}")
         if self.method == "uc":
             bad = [w for w in self.mlp_widths if w < 1 or w % mlp_group_count(groups, w)]
             if bad:
@@ -74,8 +84,13 @@ class LoRAConfig:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise LoRAError(f"LoRA config is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise LoRAError(f"LoRA config is not a JSON object: {text[:60]!r}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise LoRAError(f"unknown LoRA config keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        try:
+            return from_dict(cls, data)
+        except ConfigError as err:
+            raise LoRAError(f"LoRA config: {err}") from None

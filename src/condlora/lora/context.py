@@ -34,14 +34,14 @@ def conditioning(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None
     does not read are ignored. No-op for a model without LoRA.
     """
     states = _states(model)
-    saved = [state.get() for state in states]
+    saved = [state.snapshot() for state in states]
     try:
         for state in states:
             state.set(t=t, y=y, emb=emb)
         yield
     finally:
         for state, old in zip(states, saved, strict=True):
-            state.set_normalised(*old)
+            state.restore(old)
 
 
 def merge(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None) -> None:

@@ -21,13 +21,13 @@ class ConditionState:
         self.emb: Tensor | None = None  # (batch, emb_dim), given explicitly
         self.captured_emb: Tensor | None = None  # (batch, emb_dim), from the emb_module hook
 
-    def get(self) -> tuple[Any, Any, Any]:
-        """The explicit condition, to restore later with `set_normalised`."""
+    def snapshot(self) -> tuple[Any, Any, Any]:
+        """The explicit condition as stored (already checked), for `restore`."""
         return self.t, self.y, self.emb
 
-    def set_normalised(self, t: Any, y: Any, emb: Any) -> None:
-        """Store a condition returned by `get` as it is."""
-        self.t, self.y, self.emb = t, y, emb
+    def restore(self, snapshot: tuple[Any, Any, Any]) -> None:
+        """Put back a condition taken by `snapshot` (no second check or conversion)."""
+        self.t, self.y, self.emb = snapshot
 
     def set(self, t: Any = None, y: Any = None, emb: Any = None) -> None:
         """Check and store a user condition; inputs that the method does not read are ignored."""

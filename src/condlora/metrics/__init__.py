@@ -7,24 +7,18 @@ from condlora.metrics.classifier import (
     train_digits_classifier,
 )
 from condlora.metrics.digits import class_accuracy, classifier_outputs, digits_metrics
-from condlora.metrics.frechet import frechet_distance, gaussian_stats
 
 __all__ = [
     "DigitsClassifier",
     "class_accuracy",
     "classifier_outputs",
     "digits_metrics",
-    "frechet_distance",
-    "gaussian_stats",
     "load_classifier",
     "save_classifier",
     "train_digits_classifier",
 ]
 
 from condlora.metrics.fid import (  # noqa: E402
-    FeatureAdapter,
-    frechet_distance_of,
-    frechet_metric,
     frechet_of_features,
     frechet_to_stats,
 )
@@ -32,9 +26,6 @@ from condlora.metrics.inception import FIDInception, load_fid_inception  # noqa:
 
 __all__ += [
     "FIDInception",
-    "FeatureAdapter",
-    "frechet_distance_of",
-    "frechet_metric",
     "frechet_of_features",
     "frechet_to_stats",
     "load_fid_inception",
@@ -44,6 +35,7 @@ from condlora.metrics.kid import kid_from_features, kid_gamma  # noqa: E402
 from condlora.metrics.reference import (  # noqa: E402
     Reference,
     floor_at_sizes,
+    gaussian_stats,
     load_reference,
     reference_from_features,
     save_reference,
@@ -52,6 +44,7 @@ from condlora.metrics.reference import (  # noqa: E402
 __all__ += [
     "Reference",
     "floor_at_sizes",
+    "gaussian_stats",
     "kid_from_features",
     "kid_gamma",
     "load_reference",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.core.errors import DataError
-from condlora.core.safetensors_io import read_weights, write_weights
+from condlora.core.safetensors_io import load_state_checked, read_weights, write_weights
 
 FEATURE_DIM = 128
 FORMAT = "condlora.digits_classifier"
@@ -122,6 +122,12 @@ def save_classifier(model: DigitsClassifier, path: str | Path) -> None:
 def load_classifier(path: str | Path) -> DigitsClassifier:
     """Rebuild a DigitsClassifier from a file written by save_classifier (eval mode, CPU)."""
     metadata, state = read_weights(path, FORMAT, "digits classifier file", DataError)
-    model = DigitsClassifier(**json.loads(metadata["config"]))
-    model.load_state_dict(state)
+    try:
+        config = json.loads(metadata["config"])
+        model = DigitsClassifier(
+            **{k: int(config[k]) for k in ("resolution", "width", "num_classes")}
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: malformed classifier metadata ({err})") from None
+    load_state_checked(model, state, str(path), DataError)
     return model.eval()

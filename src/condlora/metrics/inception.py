@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.core.errors import DataError
-from condlora.core.safetensors_io import describe_mismatch
+from condlora.core.safetensors_io import describe_mismatch, read_weights
 
 WEIGHTS_HINT = (
     "download pt_inception-2015-12-05-6726825d.pth (the pytorch-fid release) "
@@ -196,13 +196,13 @@ class FIDInception(nn.Module):
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":  # header checked first; NaN / inf refused
+        try:
+            return read_weights(path, None, "FID Inception weights file", DataError)[1]
+        except DataError as err:
+            raise DataError(f"cannot read FID Inception weights: {err}") from None
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or corrupt files raise many different types
         msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise DataError(f"cannot read FID Inception weights {path}: {msg}") from exc

@@ -39,6 +39,8 @@ def kid_from_features(
     for name, f in (("real", real), ("fake", fake)):
         if f.ndim != 2 or f.shape[0] < 2:
             raise DataError(f"KID needs (N >= 2, D) {name} features, got {tuple(f.shape)}")
+        if not torch.isfinite(f).all():
+            raise DataError(f"KID: the {name} features hold NaN or inf values")
     if real.shape[1] != fake.shape[1]:
         raise DataError(f"KID feature sizes differ: {real.shape[1]} vs {fake.shape[1]}")
     size = min(subset_size, len(real), len(fake))

@@ -17,8 +17,7 @@ import torch
 
 from condlora.core.errors import DataError
 from condlora.core.safetensors_io import read_weights, write_weights
-from condlora.metrics.fid import frechet_of_features
-from condlora.metrics.frechet import gaussian_stats
+from condlora.metrics.fid import check_finite, frechet_of_features
 from condlora.metrics.kid import kid_from_features, kid_gamma
 
 FORMAT = "condlora.reference_stats"
@@ -26,6 +25,19 @@ KID_MAX_REAL = 10_000  # real features kept for KID (a seeded subset beyond this
 FLOOR_SPLITS = 20  # random halvings averaged for the FD floor (features of <= 256 dims)
 FLOOR_SPLITS_WIDE = 2  # the same for wider features (a 2048-d sqrtm takes many seconds)
 FLOOR_KID_SUBSETS = 10  # KID subsets for the floor (a half is about one subset: few are enough)
+
+
+def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, D) features -> mean (D,) and unbiased covariance (D, D), both float64."""
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().double().numpy()
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise DataError(f"need (N >= 2, D) features, got shape {features.shape}")
+    check_finite(features)
+    mu = features.mean(axis=0)
+    sigma = np.atleast_2d(np.cov(features, rowvar=False, ddof=1))
+    return mu, sigma
 
 
 @dataclass
@@ -123,12 +135,19 @@ def save_reference(path: str | Path, ref: Reference) -> None:
 def load_reference(path: str | Path) -> Reference:
     """Read a file written by save_reference."""
     meta, t = read_weights(path, FORMAT, "reference statistics file", DataError)
-    return Reference(
-        mu=t["mu"].numpy(),
-        sigma=t["sigma"].numpy(),
-        kid_features=t["kid_features"],
-        num_real=int(meta["num_real"]),
-        floor=json.loads(meta["floor"]),
-        key=json.loads(meta["key"]),
-        kid_gamma=json.loads(meta.get("kid_gamma", "null")),
-    )
+    try:
+        ref = Reference(
+            mu=t["mu"].double().numpy(),
+            sigma=t["sigma"].double().numpy(),
+            kid_features=t["kid_features"],
+            num_real=int(meta["num_real"]),
+            floor=json.loads(meta["floor"]),
+            key=json.loads(meta["key"]),
+            kid_gamma=json.loads(meta.get("kid_gamma", "null")),
+        )
+    except (KeyError, TypeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise DataError(f"{path}: malformed reference statistics ({err})") from None
+    d = ref.mu.shape
+    if len(d) != 1 or ref.sigma.shape != d * 2 or ref.kid_features.shape[1:] != d:
+        raise DataError(f"{path}: reference statistics of inconsistent shapes")
+    return ref

@@ -3,7 +3,7 @@
 from condlora.nets.adm import ADMUNet
 from condlora.nets.ddpmpp import DDPMppUNet
 from condlora.nets.mlp import AdaLoRA, AdaNorm, ResMLP, ResMLPBlock
-from condlora.nets.unet import SmallUNet, count_parameters
+from condlora.nets.unet import SmallUNet
 from condlora.nets.vector import VectorDenoiser, VectorNetConfig
 
 __all__ = [
@@ -16,5 +16,4 @@ __all__ = [
     "SmallUNet",
     "VectorDenoiser",
     "VectorNetConfig",
-    "count_parameters",
 ]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.core.labels import class_weights
-from condlora.nets.unet import check_unet_args
+from condlora.nets.unet import BlockPlan, check_unet_args, decoder_plan, encoder_plan
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -184,36 +184,24 @@ class ADMUNet(nn.Module):
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, dropout)
 
-        self.input_blocks = nn.ModuleList(
-            [EmbedSequential([nn.Conv2d(in_channels, model_channels, 3, padding=1)])]
-        )
-        skips, ch, ds = [model_channels], model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_blocks):
-                layers = [res(ch, model_channels * mult)]
-                ch = model_channels * mult
-                if img_resolution // ds in attn_resolutions:
-                    layers.append(AttentionBlock(ch, num_heads))
-                self.input_blocks.append(EmbedSequential(layers))
-                skips.append(ch)
-            if level < levels - 1:
-                self.input_blocks.append(EmbedSequential([Downsample(ch)]))
-                skips.append(ch)
-                ds *= 2
+        def layer(step: BlockPlan) -> EmbedSequential:
+            if step.resample == "down":
+                return EmbedSequential([Downsample(step.cin)])
+            layers = [res(step.cin, step.cout)]
+            layers += [AttentionBlock(step.cout, num_heads)] if step.attn else []
+            layers += [Upsample(step.cout)] if step.resample == "up" else []
+            return EmbedSequential(layers)
+
+        spec = (model_channels, channel_mult, num_blocks, attn_resolutions)
+        enc, skips, ch, bottom = encoder_plan(img_resolution, *spec)
+        stem = EmbedSequential([nn.Conv2d(in_channels, model_channels, 3, padding=1)])
+        self.input_blocks = nn.ModuleList([stem, *(layer(step) for step in enc)])
         self.middle_block = EmbedSequential(
             [res(ch, ch), AttentionBlock(ch, num_heads), res(ch, ch)]
         )
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_blocks + 1):
-                layers = [res(ch + skips.pop(), model_channels * mult)]
-                ch = model_channels * mult
-                if img_resolution // ds in attn_resolutions:
-                    layers.append(AttentionBlock(ch, num_heads))
-                if level and i == num_blocks:
-                    layers.append(Upsample(ch))
-                    ds //= 2
-                self.output_blocks.append(EmbedSequential(layers))
+        dec = decoder_plan(ch, bottom, skips, *spec)
+        self.output_blocks = nn.ModuleList(layer(step) for step in dec)
+        ch = dec[-1].cout
         self.out = nn.Sequential(
             GroupNorm32(ch), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1))
         )

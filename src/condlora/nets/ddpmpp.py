@@ -18,6 +18,7 @@ parameters (55,735,299 with 10 classes).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +116,64 @@ class UNetBlock(nn.Module):
         return x
 
 
+Block = Callable[..., nn.Module]
+
+
+def _encoder(
+    block: Block,
+    in_channels: int,
+    img_resolution: int,
+    model_channels: int,
+    channel_mult: tuple,
+    num_blocks: int,
+    attn_resolutions: tuple,
+) -> tuple[nn.ModuleDict, list[int], int]:
+    """SongUNet's encoder: per level a conv (first) or a down block, then num_blocks blocks.
+
+    Returns (modules by EDM's names, skip channels, channels at the bottom).
+    """
+    enc, cout = nn.ModuleDict(), in_channels
+    for level, mult in enumerate(channel_mult):
+        res = img_resolution >> level
+        if level == 0:
+            enc[f"{res}x{res}_conv"] = _conv(cout, model_channels, 3)
+            cout = model_channels
+        else:
+            enc[f"{res}x{res}_down"] = block(cout, cout, down=True)
+        for idx in range(num_blocks):
+            cin, cout = cout, model_channels * mult
+            enc[f"{res}x{res}_block{idx}"] = block(cin, cout, attention=res in attn_resolutions)
+    skips = [b.out_channels if isinstance(b, UNetBlock) else model_channels for b in enc.values()]
+    return enc, skips, cout
+
+
+def _decoder(
+    block: Block,
+    cout: int,
+    skips: list[int],
+    img_resolution: int,
+    model_channels: int,
+    channel_mult: tuple,
+    num_blocks: int,
+    attn_resolutions: tuple,
+) -> nn.ModuleDict:
+    """SongUNet's decoder: two blocks (the first with attention) at the bottom or an up block,
+    then num_blocks + 1 blocks on concatenated skips (attention after the last)."""
+    dec, skips = nn.ModuleDict(), list(skips)
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        res = img_resolution >> level
+        if level == len(channel_mult) - 1:
+            dec[f"{res}x{res}_in0"] = block(cout, cout, attention=True)
+            dec[f"{res}x{res}_in1"] = block(cout, cout)
+        else:
+            dec[f"{res}x{res}_up"] = block(cout, cout, up=True)
+        for idx in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), model_channels * mult
+            attn = idx == num_blocks and res in attn_resolutions
+            dec[f"{res}x{res}_block{idx}"] = block(cin, cout, attention=attn)
+    return dec
+
+
 class DDPMppUNet(nn.Module):
     """forward(x, noise_labels, class_labels=None, augment_labels=None) -> (B, Cout, H, W)."""
 
@@ -154,38 +213,15 @@ class DDPMppUNet(nn.Module):
         def block(cin: int, cout: int, **kw: bool) -> UNetBlock:
             return UNetBlock(cin, cout, block_emb, dropout=dropout, **kw)
 
-        self.enc = nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"] = _conv(cout, model_channels, 3)
-                cout = model_channels
-            else:
-                self.enc[f"{res}x{res}_down"] = block(cout, cout, down=True)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                attn = res in attn_resolutions
-                self.enc[f"{res}x{res}_block{idx}"] = block(cin, cout, attention=attn)
-        skips = [
-            b.out_channels if isinstance(b, UNetBlock) else model_channels
-            for b in self.enc.values()
-        ]
-
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == levels - 1:
-                self.dec[f"{res}x{res}_in0"] = block(cout, cout, attention=True)
-                self.dec[f"{res}x{res}_in1"] = block(cout, cout)
-            else:
-                self.dec[f"{res}x{res}_up"] = block(cout, cout, up=True)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = block(cin, cout, attention=attn)
-        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = edm_group_norm(cout)
-        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = _conv(cout, out_channels, 3, 1e-5)
+        spec = (img_resolution, model_channels, channel_mult, num_blocks, attn_resolutions)
+        self.enc, skips, cout = _encoder(block, in_channels, *spec)
+        self.dec = _decoder(block, cout, skips, *spec)
+        self.dec[f"{img_resolution}x{img_resolution}_aux_norm"] = edm_group_norm(
+            model_channels * channel_mult[0]
+        )
+        self.dec[f"{img_resolution}x{img_resolution}_aux_conv"] = _conv(
+            model_channels * channel_mult[0], out_channels, 3, 1e-5
+        )
 
     def embedding(
         self,

@@ -19,6 +19,8 @@ This file holds no LoRA code: adapters wrap `qkv`/`proj` from `condlora.lora`.
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +43,6 @@ def check_unet_args(
         raise ValueError(
             f"img_resolution {img_resolution} not divisible by {patch}2^{num_levels - 1}"
         )
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters of `module`."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def group_norm(
@@ -189,6 +186,64 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+@dataclass
+class BlockPlan:
+    """One step of a U-Net level: a residual block cin -> cout, maybe attention, maybe resample."""
+
+    cin: int
+    cout: int
+    attn: bool  # attention after the residual block
+    resample: str | None = None  # "down": a Downsample step (no block); "up": Upsample after
+
+
+def encoder_plan(
+    resolution: int,
+    model_channels: int,
+    channel_mult: tuple,
+    num_blocks: int,
+    attn_resolutions: tuple,
+) -> tuple[list[BlockPlan], list[int], int, int]:
+    """Per level num_blocks x (ResBlock [+ Attn]), then a Downsample; every output is a skip.
+
+    Returns (steps, skip channels including the input conv's, channels, bottom resolution);
+    the ADM layout that SmallUNet and ADMUNet share.
+    """
+    steps, skips, ch = [], [model_channels], model_channels
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_blocks):
+            steps.append(BlockPlan(ch, model_channels * mult, resolution in attn_resolutions))
+            ch = model_channels * mult
+            skips.append(ch)
+        if level < len(channel_mult) - 1:
+            steps.append(BlockPlan(ch, ch, False, "down"))
+            skips.append(ch)
+            resolution //= 2
+    return steps, skips, ch, resolution
+
+
+def decoder_plan(
+    ch: int,
+    resolution: int,
+    skips: list[int],
+    model_channels: int,
+    channel_mult: tuple,
+    num_blocks: int,
+    attn_resolutions: tuple,
+) -> list[BlockPlan]:
+    """Per level (num_blocks + 1) x (concat a skip, ResBlock [+ Attn]), then an Upsample."""
+    steps, skips = [], list(skips)
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        for i in range(num_blocks + 1):
+            up = level > 0 and i == num_blocks
+            attn = resolution in attn_resolutions
+            steps.append(
+                BlockPlan(ch + skips.pop(), model_channels * mult, attn, "up" if up else None)
+            )
+            ch = model_channels * mult
+            resolution *= 2 if up else 1
+    return steps
+
+
 class SmallUNet(nn.Module):
     """ADM-style U-Net for small images: forward(x, noise_labels, class_labels) -> (B, Cout, H, W).
 
@@ -239,47 +294,33 @@ class SmallUNet(nn.Module):
         def res(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, emb_dim=block_emb, dropout=dropout)
 
-        # Encoder: input conv, then per level num_blocks x (ResBlock [+ Attn]), then Downsample.
-        # Every module output is stacked as a skip for the decoder.
+        spec = (model_channels, channel_mult, num_blocks, attn_resolutions)
+        enc, skips, ch, bottom = encoder_plan(img_resolution, *spec)
         self.conv_in = nn.Conv2d(in_channels, model_channels, 3, padding=1)
-        self.enc = nn.ModuleList()
-        skip_channels = [model_channels]
-        ch, resolution = model_channels, img_resolution
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_blocks):
-                layer = nn.ModuleDict({"res": res(ch, model_channels * mult)})
-                ch = model_channels * mult
-                if resolution in attn_resolutions:
-                    layer["attn"] = AttnBlock(ch, num_heads)
-                self.enc.append(layer)
-                skip_channels.append(ch)
-            if level < levels - 1:
-                self.enc.append(nn.ModuleDict({"down": Downsample(ch)}))
-                skip_channels.append(ch)
-                resolution //= 2
-
+        self.enc = nn.ModuleList(self._layer(step, res, num_heads) for step in enc)
         # Middle: ResBlock, Attn, ResBlock at the lowest resolution.
         self.mid_res1 = res(ch, ch)
         self.mid_attn = AttnBlock(ch, num_heads)
         self.mid_res2 = res(ch, ch)
+        dec = decoder_plan(ch, bottom, skips, *spec)
+        self.dec = nn.ModuleList(self._layer(step, res, num_heads) for step in dec)
 
-        # Decoder: per level (num_blocks + 1) x (concat skip, ResBlock [+ Attn]), then Upsample.
-        self.dec = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            for i in range(num_blocks + 1):
-                layer = nn.ModuleDict({"res": res(ch + skip_channels.pop(), model_channels * mult)})
-                ch = model_channels * mult
-                if resolution in attn_resolutions:
-                    layer["attn"] = AttnBlock(ch, num_heads)
-                if level > 0 and i == num_blocks:
-                    layer["up"] = Upsample(ch)
-                    resolution *= 2
-                self.dec.append(layer)
-
-        self.norm_out = group_norm(ch)
-        self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.norm_out = group_norm(model_channels * channel_mult[0])
+        self.conv_out = nn.Conv2d(model_channels * channel_mult[0], out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)  # the net starts by predicting zero (EDM/ADM)
         nn.init.zeros_(self.conv_out.bias)
+
+    @staticmethod
+    def _layer(step: BlockPlan, res: Callable[[int, int], nn.Module], heads: int) -> nn.ModuleDict:
+        """The modules of one planned step: {"down"} or {"res", ["attn"], ["up"]}."""
+        if step.resample == "down":
+            return nn.ModuleDict({"down": Downsample(step.cin)})
+        layer = nn.ModuleDict({"res": res(step.cin, step.cout)})
+        if step.attn:
+            layer["attn"] = AttnBlock(step.cout, heads)
+        if step.resample == "up":
+            layer["up"] = Upsample(step.cout)
+        return layer
 
     def forward(
         self,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from condlora.core.errors import CondloraError
+
 # Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
 
 
@@ -36,6 +38,141 @@ def _add_collect(synth_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_collect)
 
 
+def _config(args: argparse.Namespace):  # noqa: ANN202  a SynthConfig (imported lazily)
+    """The command's SynthConfig: --config (or the defaults), overrides, then --dataset."""
+    import dataclasses
+
+    from condlora.synthesis.config import load_synth_config
+
+    cfg = load_synth_config(args.config, args.overrides)
+    if getattr(args, "dataset", None):
+        cfg = dataclasses.replace(cfg, dataset=args.dataset)
+    return cfg
+
+
+def _add_training_options(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("--config", required=config_required, help="synthesis YAML config")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. vae.latent=64")
+
+
+def _train_vae(args: argparse.Namespace) -> None:
+    from condlora.synthesis.training import train_vae
+
+    out = train_vae(_config(args), args.out, resume=args.resume, progress=not args.quiet)
+    print(f"model folder: {out} (VAE trained; next: synth train-prior --vae {out})")
+
+
+def _add_train_vae(synth_sub: argparse._SubParsersAction) -> None:
+    p = synth_sub.add_parser("train-vae", help="train the VAE over a collection's LoRA vectors")
+    p.add_argument("--dataset", required=True, metavar="DS", help="dataset from synth collect")
+    p.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
+    _add_training_options(p)
+    p.set_defaults(func=_train_vae)
+
+
+def _train_prior(args: argparse.Namespace) -> None:
+    from condlora.synthesis.training import train_prior
+
+    cfg = _config(args)
+    out = train_prior(cfg, args.out, args.vae, resume=args.resume, progress=not args.quiet)
+    print(f"model folder: {out}")
+
+
+def _add_train_prior(synth_sub: argparse._SubParsersAction) -> None:
+    p = synth_sub.add_parser("train-prior", help="train the diffusion prior (on VAE latents)")
+    p.add_argument("--dataset", required=True, metavar="DS", help="dataset from synth collect")
+    p.add_argument("--vae", metavar="DIR", help="model folder with the VAE (default: --out)")
+    p.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
+    _add_training_options(p)
+    p.set_defaults(func=_train_prior)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from condlora.synthesis.training import train_synthesis
+
+    cfg = _config(args)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    train_synthesis(cfg, out, resume=args.resume, progress=not args.quiet)
+    print(f"model folder: {out}")
+
+
+def _add_train(synth_sub: argparse._SubParsersAction) -> None:
+    p = synth_sub.add_parser("train", help="train what a config's method names (VAE + prior, ...)")
+    p.add_argument("--dataset", metavar="DS", help="dataset (default: the config's)")
+    p.add_argument("--out", metavar="DIR", help="model folder (default: runs/<name>)")
+    _add_training_options(p, config_required=True)
+    p.set_defaults(func=_train)
+
+
+def _embedding(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
+    """The subject's embedding (1, E): from --embedding, or --images through an encoder."""
+    import dataclasses
+
+    from condlora.synthesis.encoders import build_encoder, read_embeddings, subject_embedding
+
+    if args.embedding:
+        e = read_embeddings(args.embedding, args.key)
+        if len(e) != 1:
+            raise CondloraError(f"{args.embedding}: one embedding per call, got {len(e)} rows")
+        return e
+    cfg = model.info.encoder
+    if args.encoder:
+        cfg = dataclasses.replace(cfg, kind=args.encoder)
+    if args.encoder_path:
+        cfg = dataclasses.replace(cfg, path=args.encoder_path)
+    return subject_embedding(build_encoder(cfg), args.images)[None]
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from condlora.synthesis.generate import SynthModel, write_generated
+
+    if args.num < 1:
+        raise CondloraError(f"--num must be at least 1, got {args.num}")
+    model = SynthModel.load(args.model)
+    embedding = _embedding(args, model)
+    paths = write_generated(
+        model, embedding, args.out, args.format, args.num, args.guidance, args.seed
+    )
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def _add_generate(synth_sub: argparse._SubParsersAction) -> None:
+    p = synth_sub.add_parser("generate", help="write a LoRA for a subject's embedding")
+    p.add_argument("--model", required=True, metavar="DIR", help="model folder (synth train)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--embedding", metavar="FILE", help="safetensors file: name -> vector")
+    source.add_argument("--images", metavar="DIR", help="the subject's images (an encoder)")
+    p.add_argument("--key", help="which entry of --embedding (when it holds several)")
+    p.add_argument("--encoder", help="encoder kind for --images (default: the model's)")
+    p.add_argument("--encoder-path", help="encoder model file (e.g. a face-recognition .onnx)")
+    p.add_argument("--out", required=True, metavar="PATH", help="LoRA to write (_i for --num)")
+    p.add_argument("--format", default="peft", choices=["peft", "diffusers", "kohya"])
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--num", type=int, default=1, help="number of LoRAs for the subject")
+    p.set_defaults(func=_generate)
+
+
+def print_info(path: str, overrides: list[str]) -> None:
+    """Sizes and parameter counts of a synthesis config (also `condlora info`)."""
+    from condlora.synthesis.info import info_lines
+
+    for line in info_lines(path, overrides):
+        print(line)
+
+
+def _add_info(synth_sub: argparse._SubParsersAction) -> None:
+    p = synth_sub.add_parser("info", help="sizes and parameter counts of a synthesis config")
+    p.add_argument("--config", required=True, help="synthesis YAML config")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. vae.latent=256")
+    p.set_defaults(func=lambda args: print_info(args.config, args.overrides))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from condlora.synthesis.demo.run import demo_configs, run_demo
 
@@ -58,7 +195,15 @@ def _add_demo(synth_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_demo)
 
 
-SUBCOMMANDS = (_add_collect, _add_demo)
+SUBCOMMANDS = (
+    _add_collect,
+    _add_train_vae,
+    _add_train_prior,
+    _add_train,
+    _add_generate,
+    _add_info,
+    _add_demo,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

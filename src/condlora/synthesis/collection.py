@@ -185,34 +185,85 @@ def canonical_vector(weights: LoRAWeights, spec: FlatSpec, where: str) -> Tensor
     return spec.flatten(canonical)
 
 
-def _write_dataset(
+def _stream_dataset(
     out: Path,
-    taken: list[tuple[str, Path]],
+    n: int,
     spec: FlatSpec,
+    chunks: Iterable[np.ndarray],
     embeddings: np.ndarray | None,
     metadata: dict,
-    base: dict | None,
-    chunk_bytes: int,
 ) -> None:
-    """Stream the canonical vectors in chunks, then mean, std and embeddings."""
-    n, dim = len(taken), spec.size
+    """Write the vectors chunk by chunk (statistics from the same pass), then mean, std and
+    embeddings; a chunk may be reused by its producer once the next one is asked for."""
+    dim = spec.size
     layout = [("vectors", (n, dim)), ("mean", (dim,)), ("std", (dim,))]
     if embeddings is not None:
         layout.append(("embeddings", embeddings.shape))
-    rows = max(1, min(n, chunk_bytes // (4 * dim)))
-    buffer, stats = np.empty((rows, dim), dtype=np.float32), RunningStats(dim)
+    stats = RunningStats(dim)
     with StreamWriter(out, layout, metadata) as writer:
-        for start in range(0, n, rows):
-            part = taken[start : start + rows]
-            for i, (_, path) in enumerate(part):
-                weights = read_lora(path, base, check_base=False)
-                buffer[i] = canonical_vector(weights, spec, str(path)).numpy()
-            stats.update(buffer[: len(part)])
-            writer.write(buffer[: len(part)])
+        for chunk in chunks:
+            stats.update(chunk)
+            writer.write(chunk)
         writer.write(stats.mean.astype(np.float32))
         writer.write(stats.std().astype(np.float32))
         if embeddings is not None:
             writer.write(embeddings)
+
+
+def _canonical_chunks(
+    taken: list[tuple[str, Path]], spec: FlatSpec, base: dict | None, chunk_bytes: int
+) -> Iterator[np.ndarray]:
+    """The canonical vectors of the taken LoRAs, read chunk by chunk into one buffer."""
+    n, dim = len(taken), spec.size
+    rows = max(1, min(n, chunk_bytes // (4 * dim)))
+    buffer = np.empty((rows, dim), dtype=np.float32)
+    for start in range(0, n, rows):
+        part = taken[start : start + rows]
+        for i, (_, path) in enumerate(part):
+            weights = read_lora(path, base, check_base=False)
+            buffer[i] = canonical_vector(weights, spec, str(path)).numpy()
+        yield buffer[: len(part)]
+
+
+def write_dataset(
+    out: str | os.PathLike,
+    names: list[str],
+    spec: FlatSpec,
+    vectors: Tensor | np.ndarray | Iterable[np.ndarray],
+    embeddings: Tensor | np.ndarray | None = None,
+) -> Path:
+    """A dataset file from vectors already in the spec's layout: an (N, D) array or row chunks.
+
+    For collections made in code (synthetic data, benchmarks, tests); `collect` is the way
+    from LoRA files. The vectors are taken as they are (no canonical form is applied).
+    """
+    out = Path(out)
+    if isinstance(vectors, Tensor | np.ndarray):
+        vectors = [np.asarray(vectors, dtype=np.float32)]
+    emb = None if embeddings is None else np.asarray(embeddings, dtype=np.float32)
+    if emb is not None and emb.shape[:1] != (len(names),):
+        raise DataError(f"{len(names)} names but embeddings of shape {emb.shape}")
+    metadata = {"format": FORMAT, "names": json.dumps(names), "spec": spec.to_json()}
+    metadata["skipped"] = "[]"
+    counted = _counted(vectors, len(names), spec.size, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _stream_dataset(out, len(names), spec, counted, emb, metadata)
+    return out
+
+
+def _counted(chunks: Iterable[np.ndarray], n: int, dim: int, out: Path) -> Iterator[np.ndarray]:
+    """The chunks, checked: D columns each, n rows in all (DataError otherwise)."""
+    seen = 0
+    for chunk in chunks:
+        chunk = np.asarray(chunk, dtype=np.float32)
+        if chunk.ndim != 2 or chunk.shape[1] != dim:
+            raise DataError(f"{out}: a chunk of shape {chunk.shape} does not have {dim} columns")
+        seen += len(chunk)
+        if seen > n:
+            break
+        yield chunk
+    if seen != n:
+        raise DataError(f"{out}: {seen} vectors given for {n} names")
 
 
 def collect(
@@ -249,7 +300,8 @@ def collect(
         "skipped": json.dumps(skipped),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_dataset(out, taken, spec, emb, metadata, base, chunk_bytes)
+    chunks = _canonical_chunks(taken, spec, base, chunk_bytes)
+    _stream_dataset(out, len(taken), spec, chunks, emb, metadata)
     return CollectReport(out, names, skipped, spec.size)
 
 

@@ -9,14 +9,16 @@ rebuilds the right config class and refuses a checkpoint of another task.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from condlora.core.config import config_from_json, to_dict
-from condlora.core.errors import CondloraError
-from condlora.core.safetensors_io import read_weights, write_weights
+from condlora.core.errors import CondloraError, ConfigError
+from condlora.core.safetensors_io import load_state_checked, read_weights, write_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "condlora-checkpoint-1"
@@ -32,12 +34,23 @@ def _flat_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], str]:
     return tensors, json.dumps(state["param_groups"])
 
 
-def _unflat_optimizer(tensors: dict[str, torch.Tensor], groups: str) -> dict:
+def _unflat_optimizer(tensors: dict[str, torch.Tensor], groups: str, path: Path) -> dict:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
+        _, index, name = (key.split(".", 2) + ["", ""])[:3]
+        if not index.isdigit() or not name:
+            raise CondloraError(f"{path}: malformed optimizer tensor name '{key}'")
         state.setdefault(int(index), {})[name] = value
-    return {"state": state, "param_groups": json.loads(groups)}
+    try:
+        param_groups = json.loads(groups)
+    except json.JSONDecodeError:
+        raise CondloraError(f"{path}: its optimizer metadata is not JSON") from None
+    well_formed = isinstance(param_groups, list) and all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in param_groups
+    )
+    if not well_formed:
+        raise CondloraError(f"{path}: its optimizer metadata is not a list of parameter groups")
+    return {"state": state, "param_groups": param_groups}
 
 
 def save_checkpoint(
@@ -70,30 +83,100 @@ def _check_kind(path: Path, meta: dict, kind: str) -> None:
         raise CondloraError(f"{path} is a {found} checkpoint, not a {kind} one")
 
 
+def _read_meta(path: Path, kind: str) -> dict:
+    """The checkpoint's metadata, with its kind and every key it needs checked."""
+    meta, _ = read_weights(path, FORMAT, "condlora checkpoint", CondloraError, tensors=False)
+    _check_kind(path, meta, kind)
+    missing = [k for k in ("config", "step", "optim_param_groups") if k not in meta]
+    if missing:
+        raise CondloraError(f"{path}: its metadata lacks {', '.join(missing)}")
+    if not meta["step"].isdigit():
+        raise CondloraError(f"{path}: its metadata step {meta['step']!r} is not a step number")
+    return meta
+
+
+def _stored_config(path: Path, meta: dict, cls: type) -> Any:
+    try:
+        return config_from_json(cls, meta["config"])
+    except json.JSONDecodeError:
+        raise CondloraError(f"{path}: its config metadata is not JSON") from None
+    except ConfigError as err:
+        raise CondloraError(f"{path}: its stored config is not valid: {err}") from None
+
+
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint was saved at, read from its metadata alone."""
     meta, _ = read_weights(path, FORMAT, "condlora checkpoint", CondloraError, tensors=False)
+    if not meta.get("step", "").isdigit():
+        raise CondloraError(f"{path}: its metadata has no step number")
     return int(meta["step"])
 
 
 def checkpoint_config(path: Path, cls: type, kind: str) -> tuple[Any, int]:
     """(config, step) of a checkpoint, read from its metadata alone."""
-    meta, _ = read_weights(path, FORMAT, "condlora checkpoint", CondloraError, tensors=False)
-    _check_kind(path, meta, kind)
-    return config_from_json(cls, meta["config"]), int(meta["step"])
+    meta = _read_meta(path, kind)
+    return _stored_config(path, meta, cls), int(meta["step"])
 
 
 def read_checkpoint(path: Path, cls: type, kind: str) -> tuple[Any, int, dict[str, dict]]:
-    """(config of class `cls`, step, {"model": sd, "ema": sd, "optim": optimizer state dict})."""
-    meta, tensors = read_weights(path, FORMAT, "condlora checkpoint", CondloraError)
-    _check_kind(path, meta, kind)
+    """(config of class `cls`, step, {"model": sd, "ema": sd, "optim": optimizer state dict}).
+
+    A damaged file, a malformed name or metadata, or a NaN / inf tensor is refused in one line.
+    """
+    meta = _read_meta(path, kind)
+    cfg = _stored_config(path, meta, cls)
+    _, tensors = read_weights(path, FORMAT, "condlora checkpoint", CondloraError)
     parts: dict[str, dict] = {"model": {}, "ema": {}}
     optim = {}
     for key, value in tensors.items():
-        head, rest = key.split(".", 1)
+        head, _, rest = key.partition(".")
         if head == "optim":
             optim[key] = value
-        else:
+        elif head in parts and rest:
             parts[head][rest] = value
-    parts["optim"] = _unflat_optimizer(optim, meta["optim_param_groups"])
-    return config_from_json(cls, meta["config"]), int(meta["step"]), parts
+        else:
+            raise CondloraError(f"{path}: unexpected tensor '{key}' (not model., ema. or optim.)")
+    parts["optim"] = _unflat_optimizer(optim, meta["optim_param_groups"], path)
+    return cfg, int(meta["step"]), parts
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict, where: str) -> None:
+    """opt.load_state_dict after checking its groups and every slot's shape against the params."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    sizes = [len(g["params"]) for g in state["param_groups"]]
+    if sizes != [len(g["params"]) for g in opt.param_groups]:
+        raise CondloraError(f"{where}: the optimizer state does not fit the model's parameters")
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    index = dict(zip(ids, params, strict=True))
+    for i, slots in state["state"].items():
+        if i not in index:
+            raise CondloraError(f"{where}: optimizer state for unknown parameter {i}")
+        for name, value in slots.items():
+            if value.dim() and value.shape != index[i].shape:
+                raise CondloraError(
+                    f"{where}: optimizer {name} of parameter {i} has shape "
+                    f"{tuple(value.shape)}, the parameter {tuple(index[i].shape)}"
+                )
+    try:
+        opt.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CondloraError(f"{where}: the optimizer state does not load ({err})") from None
+
+
+def load_training_state(
+    path: Path, parts: dict[str, dict], model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer
+) -> None:
+    """Model, EMA and optimizer from a checkpoint's parts, each checked before it is loaded."""
+    load_state_checked(model, parts["model"], f"{path} (model)")
+    load_state_checked(ema, parts["ema"], f"{path} (EMA)")
+    load_optimizer_state(opt, parts["optim"], str(path))
+
+
+def load_ema(
+    path: Path, cls: type, kind: str, build: Callable[[Any], torch.nn.Module]
+) -> tuple[Any, int, torch.nn.Module]:
+    """(config, step, `build(config)` holding the checkpoint's EMA weights, in eval mode)."""
+    cfg, step, parts = read_checkpoint(path, cls, kind)
+    module = build(cfg)
+    load_state_checked(module, parts["ema"], f"{path} (EMA)")
+    return cfg, step, module.eval()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+from condlora.core.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, SEED, OneOf
 
 LR_SCHEDULES = ("cosine", "constant")
 EMA_SCHEDULES = ("ramp", "fixed", "edm")
@@ -32,3 +35,25 @@ class TrainConfig:
     log_with: str | None = None  # also log to this accelerate tracker (e.g. "tensorboard")
     sample_every: int = 500  # steps between samples / previews (0: only at the end)
     ckpt_every: int = 500  # steps between checkpoints (always one at the end)
+
+    # valid values, checked when a config is loaded (condlora.core.config.check_fields)
+    CHECKS: ClassVar[dict] = {
+        "batch_size": AT_LEAST_1,
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "lr_schedule": OneOf(LR_SCHEDULES),
+        "max_steps": AT_LEAST_1,
+        "grad_clip": NON_NEGATIVE,
+        "grad_accum": AT_LEAST_1,
+        "ema_decay": FRACTION,
+        "ema_schedule": OneOf(EMA_SCHEDULES),
+        "ema_halflife_kimg": POSITIVE,
+        "ema_rampup": NON_NEGATIVE,
+        "nonfinite_limit": AT_LEAST_1,
+        "mixed_precision": OneOf(MIXED_PRECISION),
+        "seed": SEED,
+        "log_every": AT_LEAST_1,
+        "sample_every": NON_NEGATIVE,
+        "ckpt_every": NON_NEGATIVE,
+    }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -25,14 +26,21 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 from tqdm.auto import tqdm
 
-from condlora.core.config import to_dict
+from condlora.core.config import check_fields, to_dict
 from condlora.core.errors import CondloraError
 from condlora.core.jsonl import append_jsonl, truncate_jsonl
-from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
-from condlora.train.config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig
+from condlora.core.paths import check_output_folder
+from condlora.train.checkpoint import (
+    CHECKPOINT_NAME,
+    load_training_state,
+    read_checkpoint,
+    save_checkpoint,
+)
+from condlora.train.config import TrainConfig
 from condlora.train.ema import EMA
 
 METRICS_FILE = "metrics.jsonl"
@@ -133,6 +141,14 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _tracker_config(cfg: Any) -> dict[str, Any]:
+    """The config flattened for a tracker: numbers, strings and booleans (others as text)."""
+    return {
+        k: v if isinstance(v, int | float | str | bool) else str(v)
+        for k, v in _flat(to_dict(cfg)).items()
+    }
+
+
 def config_changes(saved: Any, current: Any, allowed: Iterable[str] = ()) -> list[str]:
     """Dotted keys whose values differ between two configs, except the allowed ones."""
     a, b = _flat(to_dict(saved)), _flat(to_dict(current))
@@ -141,16 +157,24 @@ def config_changes(saved: Any, current: Any, allowed: Iterable[str] = ()) -> lis
 
 
 def check_train_config(t: TrainConfig) -> None:
-    """Refuse loop settings that cannot work, in one line each."""
-    if t.lr_schedule not in LR_SCHEDULES:
+    """Refuse loop settings that cannot work (the ranges of TrainConfig.CHECKS), in one line."""
+    check_fields(t, "train")
+
+
+def check_run_folder(out: Path, resume: bool) -> None:
+    """Refuse a run folder that cannot hold this run, before anything is built or trained."""
+    out, ckpt = Path(out), Path(out) / CHECKPOINT_NAME
+    if out.exists() and not out.is_dir():
+        raise CondloraError(f"--out {out} is a file, not a folder")
+    if ckpt.exists() and not ckpt.is_file():
+        raise CondloraError(f"{ckpt} is not a file: cannot write checkpoints there")
+    if resume and not ckpt.is_file():
+        raise CondloraError(f"--resume: no checkpoint {CHECKPOINT_NAME} in {out}")
+    if not resume and ckpt.is_file():
         raise CondloraError(
-            f"unknown train.lr_schedule '{t.lr_schedule}'; valid: {', '.join(LR_SCHEDULES)}"
+            f"{out} already holds a run: pass --resume to continue it, or --out for a new one"
         )
-    if t.mixed_precision not in MIXED_PRECISION:
-        raise CondloraError(
-            f"unknown train.mixed_precision '{t.mixed_precision}'; "
-            f"valid: {', '.join(MIXED_PRECISION)}"
-        )
+    check_output_folder(out, "run folder")
 
 
 def _nonfinite_weights(module: nn.Module) -> list[str]:
@@ -159,6 +183,17 @@ def _nonfinite_weights(module: nn.Module) -> list[str]:
         for name, tensor in module.state_dict().items()
         if tensor.is_floating_point() and not torch.isfinite(tensor).all()
     ]
+
+
+def _fresh_accelerator_state(mixed_precision: str) -> None:
+    """Let a second run in this process use another precision.
+
+    accelerate keeps its state process-wide and refuses a second Accelerator with another
+    mixed-precision mode; the distributed part (PartialState) is kept as it is.
+    """
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 @contextmanager
@@ -192,6 +227,7 @@ class Trainer:
         self.cfg, t = task.config, task.config.train
         self.train_cfg = t
         check_train_config(t)
+        _fresh_accelerator_state(t.mixed_precision)
         self.acc = Accelerator(
             mixed_precision=t.mixed_precision,
             log_with=t.log_with,
@@ -202,7 +238,7 @@ class Trainer:
                 f"train.batch_size {t.batch_size} is not divisible by "
                 f"{self.acc.num_processes} processes"
             )
-        self._check_folder(resume)
+        check_run_folder(self.out, resume)
         model = task.model
         self.model = model
         self.ema = EMA(
@@ -225,21 +261,7 @@ class Trainer:
             # process-wide state and would stick to every later run in this process
             self.loss_fn = torch.compile(self.loss_fn)
         if t.log_with:
-            self.acc.init_trackers(self.out.name, config=_flat(to_dict(self.cfg)))
-
-    def _check_folder(self, resume: bool) -> None:
-        ckpt = self.out / CHECKPOINT_NAME
-        if self.out.exists() and not self.out.is_dir():
-            raise CondloraError(f"--out {self.out} is a file, not a folder")
-        if ckpt.exists() and not ckpt.is_file():
-            raise CondloraError(f"{ckpt} is not a file: cannot write checkpoints there")
-        if resume and not ckpt.is_file():
-            raise CondloraError(f"--resume: no checkpoint {CHECKPOINT_NAME} in {self.out}")
-        if not resume and ckpt.is_file():
-            raise CondloraError(
-                f"{self.out} already holds a run: pass --resume to continue it, "
-                "or --out for a new one"
-            )
+            self.acc.init_trackers(self.out.name, config=_tracker_config(self.cfg))
 
     def _load(self, opt: torch.optim.Optimizer) -> None:
         path = self.out / CHECKPOINT_NAME
@@ -252,9 +274,7 @@ class Trainer:
                 f"--resume: the config differs from the checkpoint's in {', '.join(changed[:5])}"
                 f"{' ...' if len(changed) > 5 else ''}: resume with the run's own config.yaml"
             )
-        self.model.load_state_dict(parts["model"])
-        self.ema.model.load_state_dict(parts["ema"])
-        opt.load_state_dict(parts["optim"])
+        load_training_state(path, parts, self.model, self.ema.model, opt)
         _match_parameter_layout(opt)
 
     def _write_folder(self) -> None:
@@ -356,7 +376,10 @@ class Trainer:
                         self.save()
         except KeyboardInterrupt as stop:
             why = "terminated (SIGTERM)" if str(stop) == "SIGTERM" else "interrupted"
-            bar.write(f"{why} at step {self.step}: saving a checkpoint (resume with --resume)")
+            tqdm.write(
+                f"{why} at step {self.step}: saving a checkpoint (resume with --resume)",
+                file=sys.stderr,
+            )
             self.save()
             raise
         finally:

@@ -11,11 +11,11 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
+from condlora.core.safetensors_io import read_header, read_weights
 from condlora.lora.formats import diffusers, kohya, peft
 from condlora.lora.formats.weights import BaseModules, LoRAWeights
 
@@ -23,14 +23,15 @@ LAYOUTS = ("peft", "diffusers", "kohya")
 
 
 def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict]:
-    """(tensors, metadata) of a safetensors file (keys only, as None values, if not tensors)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            return {k: (f.get_tensor(k) if tensors else None) for k in f.keys()}, metadata
-    except (SafetensorError, OSError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise LoRAError(f"{path} is not a readable safetensors file ({reason})") from None
+    """(tensors, metadata) of a safetensors file (keys only, as None values, if not tensors).
+
+    The header is checked before any tensor is read; LoRAError names the file and the damage.
+    """
+    if not tensors:
+        metadata, entries = read_header(path, "LoRA file", LoRAError)
+        return dict.fromkeys(entries), metadata
+    metadata, out = read_weights(path, None, "LoRA file", LoRAError)
+    return out, metadata
 
 
 def _peft_folder(folder: Path) -> tuple[str, Path]:
@@ -188,15 +189,12 @@ def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | No
     if not path.is_file():
         raise LoRAError(f"base-modules file not found: {path}")
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {
-                    k[: -len(".weight")]: tuple(f.get_slice(k).get_shape())
-                    for k in f.keys()
-                    if k.endswith(".weight")
-                }
-        except SafetensorError as err:
-            raise LoRAError(f"{path} is not a readable safetensors file ({err})") from None
+        _, entries = read_header(path, "base-modules file", LoRAError)
+        return {
+            k[: -len(".weight")]: tuple(e["shape"])
+            for k, e in entries.items()
+            if k.endswith(".weight")
+        }
     if path.suffix == ".json":
         try:
             value = json.loads(path.read_text())

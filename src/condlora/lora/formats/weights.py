@@ -119,9 +119,11 @@ class LoRAWeights:
         return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
 
     def check_finite(self, where: str) -> None:
-        """LoRAError naming the first module with a NaN or inf value."""
+        """LoRAError naming the first module with an integer factor or a NaN or inf value."""
         for name, m in self.modules.items():
             for label, t in (("A", m.A), ("B", m.B)):
+                if not t.is_floating_point():
+                    raise LoRAError(f"{where}: module {name} has {t.dtype} values in {label}")
                 if not torch.isfinite(t).all():
                     raise LoRAError(f"{where}: module {name} has NaN or inf values in {label}")
 

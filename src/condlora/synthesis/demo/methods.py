@@ -206,12 +206,16 @@ def generative_methods() -> list[Method]:
     """The slots for the generative models of `condlora.synthesis` (none wired yet).
 
     To be filled with, in this order: VAE + latent prior conditioned by ADALoRA, by AdaNorm and
-    by UC-LoRA, and diffusion on the raw standardised vectors (no VAE). Each is a
-    `Method(name, fit)` whose `fit(data, seed)`:
+    by UC-LoRA (`prior.net.cond_mode` "adalora" | "adanorm" | "uc_lora"), and diffusion on the
+    raw standardised vectors (`use_vae: false`). Each is a `Method(name, fit)` whose
+    `fit(data, seed)`:
       - trains on `data.dataset` (a `collect` dataset file: vectors, mean, std, embeddings)
-        into `data.work_dir / name` (reusing a finished run there), seeded by `seed`;
+        into `data.work_dir / name`, reusing a finished run there, seeded by `seed`; e.g.
+        `train_synthesis(replace(cfg, dataset=str(data.dataset)), data.work_dir / name)`;
       - returns `generate(embeddings [M, E]) -> vectors [M, D]`: one LoRA per embedding, as
-        un-standardised canonical vectors in `data.spec`'s layout, seeded by `seed`.
-    The demo times `generate` (seconds per LoRA) apart from `fit`.
+        un-standardised canonical vectors in `data.spec`'s layout, seeded by `seed`; e.g.
+        `generate_vectors(model_dir, embeddings, num=1, seed=seed)[:, 0]`.
+    The demo times `generate` (seconds per LoRA) apart from `fit`; `learns=False` keeps a
+    method off the curve against the number of training subjects (each point refits it).
     """
     return []

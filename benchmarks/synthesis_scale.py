@@ -1,0 +1,163 @@
+"""Training steps at the paper's size: the VAE and the latent prior of a synthesis config
+(default configs/synthesis/w2w-sd15.yaml: 99,648 numbers per LoRA, latent 512, 512-d
+embeddings), on synthetic data, plus the time to generate one LoRA from an embedding.
+
+Each step is the loop's own work: loss forward, backward, gradient clipping, fused AdamW.
+Prints a table and one JSON line.
+
+    python benchmarks/synthesis_scale.py [--device cuda] [--batch 8] [--steps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from condlora.diffusion import EmbeddingGuidedDenoiser, sample
+from condlora.synthesis.config import load_synth_config, resolve
+from condlora.synthesis.model import build_prior
+from condlora.synthesis.training import PriorLoss, VAELoss
+from condlora.synthesis.vae import LoRAVAE
+from condlora.train.loop import adamw
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthesis" / "w2w-sd15.yaml"
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, steps: int, device: str) -> float:
+    """Median seconds of fn() over `steps` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def train_step_time(loss_fn, batch: dict, steps: int, device: str, bf16: bool) -> float:
+    """Seconds per optimizer step of a loss module on a fixed batch."""
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
+    opt = adamw(params, 1e-4, 0.0)
+
+    def step() -> None:
+        with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16):
+            loss = loss_fn(**batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(step, steps, device)
+
+
+def peak_memory_gib(device: str) -> float:
+    """Peak accelerator memory, or the process's peak resident memory on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    cfg = resolve(load_synth_config(args.config))
+    d, e, device = cfg.dim, cfg.cond_dim, args.device
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, d, generator=g).to(device)
+    emb = torch.nn.functional.normalize(torch.randn(args.batch, e, generator=g), dim=1).to(device)
+    drop = (torch.rand(args.batch, generator=g) < cfg.prior.cond_dropout).to(device)
+    rows = []
+    torch.manual_seed(0)
+    vae = LoRAVAE(cfg.vae).to(device)
+    seconds = train_step_time(VAELoss(vae), {"x": x}, args.steps, device, args.bf16)
+    rows.append(
+        {
+            "part": "VAE train step",
+            "parameters": sum(p.numel() for p in vae.parameters()),
+            "seconds": seconds,
+            "samples_per_s": args.batch / seconds,
+        }
+    )
+    prior = build_prior(cfg.prior).to(device)
+    z = torch.randn(args.batch, cfg.prior.net.dim, generator=g).to(device)
+    batch = {"x0": z, "embedding": emb, "drop": drop}
+    seconds = train_step_time(PriorLoss(prior), batch, args.steps, device, args.bf16)
+    rows.append(
+        {
+            "part": "prior train step",
+            "parameters": sum(p.numel() for p in prior.parameters()),
+            "seconds": seconds,
+            "samples_per_s": args.batch / seconds,
+        }
+    )
+    vae.eval()
+    prior.eval()
+    guided = EmbeddingGuidedDenoiser(prior, cfg.prior.guidance)
+
+    @torch.no_grad()
+    def generate_one() -> None:
+        shape = (1, cfg.prior.net.dim)
+        latent = sample(
+            guided, shape, cfg.prior.sampler, cfg.prior.steps, device=device, embedding=emb[:1]
+        )
+        vae.decode(latent)
+
+    seconds = timed(generate_one, args.steps, device)
+    rows.append(
+        {
+            "part": f"generate 1 LoRA ({cfg.prior.steps} {cfg.prior.sampler} steps, CFG)",
+            "parameters": 0,
+            "seconds": seconds,
+            "samples_per_s": 1 / seconds,
+        }
+    )
+    return rows
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
+    print(f"{'part':<40} {'parameters':>13} {'s / step':>10} {'samples/s':>10}")
+    for r in rows:
+        params = f"{r['parameters']:,}" if r["parameters"] else "-"
+        print(f"{r['part']:<40} {params:>13} {r['seconds']:>10.3f} {r['samples_per_s']:>10.1f}")
+    peak = peak_memory_gib(args.device)
+    print(f"device {args.device}, batch {args.batch}, bf16 {args.bf16}, peak memory {peak:.2f} GiB")
+    summary = {
+        "benchmark": "synthesis_scale",
+        "config": str(args.config),
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "bf16": args.bf16,
+        "peak_memory_gib": round(peak, 2),
+        "rows": rows,
+    }
+    print(json.dumps(summary))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=CONFIG, help="synthesis config")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--batch", type=int, default=8, help="training batch")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median), after one warm-up")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (as mixed_precision bf16)")
+    return p.parse_args()
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    report(main(arguments), arguments)

@@ -1,0 +1,42 @@
+"""Output paths checked before the work that fills them: right kind, writable, known format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from condlora.core.errors import CondloraError
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or the closest of its parents that exists."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_folder(path: str | Path, what: str) -> Path:
+    """A folder that exists or can be created, and whose files can be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CondloraError(f"{what} {path} is a file, not a folder")
+    existing = _nearest_existing(path.absolute())
+    if not existing.is_dir():
+        raise CondloraError(f"{what} {path} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CondloraError(f"{what} {path} cannot be written: {existing} is not writable")
+    return path
+
+
+def check_output_file(path: str | Path, what: str, suffixes: tuple[str, ...] = ()) -> Path:
+    """A file path that can be written (its folder made), with one of `suffixes` if given."""
+    path = Path(path)
+    if path.is_dir():
+        raise CondloraError(f"{what} {path} is a folder: give a file name in it")
+    if suffixes and path.suffix.lower() not in suffixes:
+        found = f"extension '{path.suffix}'" if path.suffix else "no extension"
+        raise CondloraError(f"{what} {path} has {found}: use one of {', '.join(suffixes)}")
+    check_output_folder(path.parent, f"the folder of {what}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CondloraError(f"{what} {path} cannot be written (no permission)")
+    return path

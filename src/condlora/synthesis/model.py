@@ -1,0 +1,184 @@
+"""The synthesis model folder: what `synth generate` needs, without the dataset.
+
+    DIR/model.safetensors   layout spec, the collection's mean / floored std, latent stats,
+                            embedding width, method, encoder settings (ModelInfo)
+    DIR/config.yaml         the SynthConfig it was trained with (for the record)
+    DIR/vae/                the VAE's training run (checkpoint.safetensors, metrics, loss.png)
+    DIR/prior/              the prior's training run (same files)
+    DIR/baseline.safetensors    method "pca": components and the ridge map
+    DIR/collection.safetensors  method "nearest": a copy of the collection
+
+Standardised vectors are (x - mean) / std per coordinate, std floored (SynthConfig.std_floor);
+the prior models VAE latent means standardised the same way with their own statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError
+from torch import Tensor
+
+from condlora.core.errors import DataError
+from condlora.core.safetensors_io import read_weights, write_weights
+from condlora.diffusion import Denoiser, make_precond
+from condlora.nets.vector import VectorDenoiser
+from condlora.synthesis.collection import LoRADataset
+from condlora.synthesis.config import EncoderConfig, PriorConfig, SynthConfig
+from condlora.synthesis.flatten import FlatSpec
+from condlora.synthesis.prior_net import build_prior_net, uc_lora_config
+
+MODEL_FILE = "model.safetensors"
+MODEL_FORMAT = "condlora.synth_model"
+VAE_DIR, PRIOR_DIR = "vae", "prior"
+BASELINE_FILE = "baseline.safetensors"
+COLLECTION_FILE = "collection.safetensors"
+
+
+def layout_signature(spec: FlatSpec) -> str:
+    """A short hash of a layout spec: equal for collections of the same modules and shapes."""
+    return hashlib.sha256(spec.to_json().encode()).hexdigest()[:16]
+
+
+def floored_std(std: Tensor, fraction: float) -> Tensor:
+    """std with every entry at least `fraction` of the mean std (and above 0)."""
+    floor = max(fraction * float(std.double().mean()), 1e-12)
+    return std.clamp(min=floor)
+
+
+def embedding_dim(dataset: LoRADataset) -> int:
+    """E of a dataset's embeddings, 0 if it has none."""
+    return 0 if dataset.embeddings is None else int(dataset.embeddings.shape[1])
+
+
+def describe_layout(spec: FlatSpec) -> str:
+    """'N modules, D numbers (e.g. first.module)' for messages."""
+    first = spec.modules[0] if spec.modules else "-"
+    return f"{len(spec.modules)} modules, {spec.size} numbers (e.g. {first})"
+
+
+@dataclass
+class ModelInfo:
+    """The data-facing part of a synthesis model (see the module docstring)."""
+
+    spec: FlatSpec  # layout of the LoRA vectors
+    mean: Tensor  # (D,) per-coordinate mean over the collection
+    std: Tensor  # (D,) per-coordinate std, floored
+    cond_dim: int  # E, width of the condition embeddings (0: none)
+    method: str  # "diffusion" | "pca" | "nearest"
+    encoder: EncoderConfig  # images -> embedding for `generate --images`
+    source: str  # the dataset file it was made from
+    count: int  # LoRAs in that dataset
+    latent_mean: Tensor | None = None  # (L,) of the VAE latent means (prior on latents)
+    latent_std: Tensor | None = None  # (L,) their floored std
+
+    @property
+    def signature(self) -> str:
+        """The layout signature (see `layout_signature`)."""
+        return layout_signature(self.spec)
+
+    @classmethod
+    def from_dataset(cls, dataset: LoRADataset, cfg: SynthConfig) -> ModelInfo:
+        """Statistics and layout of a dataset, for a (resolved) config."""
+        return cls(
+            spec=dataset.spec,
+            mean=dataset.mean.float(),
+            std=floored_std(dataset.std.float(), cfg.std_floor),
+            cond_dim=embedding_dim(dataset),
+            method=cfg.method,
+            encoder=cfg.encoder,
+            source=str(dataset.path),
+            count=len(dataset),
+        )
+
+    def standardise(self, x: Tensor) -> Tensor:
+        """(x - mean) / std for vectors (..., D)."""
+        return (x.float() - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def unstandardise(self, x: Tensor) -> Tensor:
+        """The inverse of `standardise`."""
+        return x.float() * self.std.to(x.device) + self.mean.to(x.device)
+
+    def check_dataset(self, dataset: LoRADataset, folder: Path) -> None:
+        """DataError if the dataset's layout is not the one this model was trained on."""
+        if layout_signature(dataset.spec) != self.signature:
+            raise DataError(
+                f"{folder} was trained on a collection of another layout "
+                f"({describe_layout(self.spec)}) than {dataset.path} "
+                f"({describe_layout(dataset.spec)})"
+            )
+
+    def write(self, folder: Path) -> Path:
+        """Write DIR/model.safetensors atomically."""
+        tensors = {"mean": self.mean, "std": self.std}
+        if self.latent_mean is not None and self.latent_std is not None:
+            tensors |= {"latent_mean": self.latent_mean, "latent_std": self.latent_std}
+        metadata = {
+            "format": MODEL_FORMAT,
+            "spec": self.spec.to_json(),
+            "signature": self.signature,
+            "cond_dim": str(self.cond_dim),
+            "method": self.method,
+            "encoder": json.dumps(dataclasses.asdict(self.encoder)),
+            "source": self.source,
+            "count": str(self.count),
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        write_weights(folder / MODEL_FILE, tensors, metadata)
+        return folder / MODEL_FILE
+
+    @classmethod
+    def read(cls, folder: str | Path) -> ModelInfo:
+        """The ModelInfo of a model folder; DataError if it is not one."""
+        folder = Path(folder)
+        if not (folder / MODEL_FILE).is_file():
+            raise DataError(f"{folder} is not a synthesis model folder (no {MODEL_FILE})")
+        try:
+            meta, t = read_weights(folder / MODEL_FILE, MODEL_FORMAT, "synthesis model", DataError)
+        except SafetensorError as err:
+            raise DataError(f"{folder / MODEL_FILE} is not a readable file ({err})") from None
+        try:
+            encoder = EncoderConfig(**json.loads(meta["encoder"]))
+            info = cls(
+                FlatSpec.from_json(meta["spec"]),
+                t["mean"],
+                t["std"],
+                int(meta["cond_dim"]),
+                meta["method"],
+                encoder,
+                meta["source"],
+                int(meta["count"]),
+                t.get("latent_mean"),
+                t.get("latent_std"),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{folder / MODEL_FILE}: malformed model file ({err})") from None
+        if info.signature != meta["signature"] or info.mean.shape != (info.spec.size,):
+            raise DataError(f"{folder / MODEL_FILE}: layout and statistics do not agree")
+        return info
+
+
+def build_prior_network(prior: PriorConfig) -> VectorDenoiser:
+    """The prior's net of a (resolved) PriorConfig, UC-LoRA injected for cond_mode uc_lora."""
+    net_cfg = prior.net
+    lora = uc_lora_config(net_cfg, prior.uc_bases) if net_cfg.cond_mode == "uc_lora" else None
+    return build_prior_net(net_cfg, lora)
+
+
+def build_prior(prior: PriorConfig) -> Denoiser:
+    """The prior denoiser of a (resolved) PriorConfig: its net under its objective."""
+    precond = make_precond(prior.objective, prior.schedule, prior.num_timesteps)
+    return Denoiser(build_prior_network(prior), precond)
+
+
+def open_dataset(path: str | Path) -> LoRADataset:
+    """The dataset of a config; DataError in one line if none is given."""
+    if not str(path):
+        raise DataError("no dataset: give --dataset DS (or `dataset:` in the config)")
+    if not Path(path).is_file():
+        raise DataError(f"dataset not found: {path} (write one with `condlora synth collect`)")
+    return LoRADataset(path)
