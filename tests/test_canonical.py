@@ -1,10 +1,18 @@
 """Canonical SVD form of LoRA factors, and the flat layout spec that maps vectors back."""
 
+import math
+
 import pytest
 import torch
 
-from condlora.core.errors import DataError
-from condlora.lora.canonical import canonical_factors, canonicalize
+from condlora.core.errors import DataError, LoRAError
+from condlora.lora.canonical import (
+    align_factors,
+    canonical_factors,
+    canonicalize,
+    pair_matrix,
+    rotate_pairs,
+)
 from condlora.lora.formats import LoRAWeights, ModuleLoRA
 from condlora.synthesis.flatten import FlatSpec
 
@@ -163,3 +171,41 @@ def test_flatten_rejects_misfits():
         spec.unflatten(torch.zeros(spec.size + 1))
     with pytest.raises(DataError, match="malformed"):
         FlatSpec.from_json('{"version": 1, "entries": [["a", "A", [2, 3], 5]]}')
+
+
+# ---------------------------------------------------------------- alignment to a reference
+
+
+def _pairs_distance(module, reference):
+    return float((pair_matrix(module) - reference).norm())
+
+
+@pytest.mark.parametrize("kernel", [None, 3])
+def test_align_factors_keeps_dw_and_finds_the_closest_rotation(kernel):
+    module = canonical_factors(random_module(21, out=5, inp=4, rank=2, kernel=kernel)).module
+    reference = torch.randn(pair_matrix(module).shape, generator=torch.Generator().manual_seed(3))
+    aligned = align_factors(module, reference)
+    assert aligned.A.shape == module.A.shape and aligned.B.shape == module.B.shape
+    assert relative(aligned.delta(), module.delta()) < 1e-10
+    # plain reference: every rotation and reflection of the plane on a fine grid of angles
+    best = math.inf
+    for theta in torch.linspace(0, 2 * math.pi, 3601, dtype=torch.float64):
+        c, s = math.cos(theta), math.sin(theta)
+        for r in ([[c, -s], [s, c]], [[c, s], [s, -c]]):
+            rotated = rotate_pairs(module, torch.tensor(r, dtype=torch.float64))
+            best = min(best, _pairs_distance(rotated, reference))
+    assert _pairs_distance(aligned, reference) <= best + 1e-9
+    assert _pairs_distance(aligned, reference) > best - 1e-3  # the grid is fine enough
+
+
+def test_aligned_factors_are_the_same_for_the_same_dw_and_stay_balanced():
+    module = random_module(4, out=8, inp=6, rank=3, scale=2.0)
+    other = transformed(module, random_invertible(4, 3), -0.6)
+    reference = torch.randn(14, 3, dtype=torch.float64)
+    a = align_factors(canonical_factors(module).module, reference)
+    b = align_factors(canonical_factors(other).module, reference)
+    torch.testing.assert_close(a.A, b.A, atol=1e-8, rtol=0)
+    torch.testing.assert_close(a.B, b.B, atol=1e-8, rtol=0)
+    torch.testing.assert_close(a.B.T @ a.B, a.A @ a.A.T, atol=1e-10, rtol=0)  # balanced
+    with pytest.raises(LoRAError, match="scale-1"):
+        pair_matrix(module)

@@ -259,3 +259,101 @@ def test_dataset_inside_the_lora_folder_and_other_files(tmp_path):
         LoRADataset(folder / "s5.safetensors")
     with pytest.raises(DataError, match="is a folder"):
         collect(folder, tmp_path, base_modules=list(BASE))
+
+
+# ---------------------------------------------------------------- alignment across the collection
+
+
+def _tied_lora(delta, g, alpha=2.0):
+    """A rank-1 module whose left singular vector has two near-tied largest entries of opposite
+    signs (which one wins flips with the sign of `delta`), and a rank-2 module near a common one."""
+    u = torch.tensor([0.6, -0.6 + delta, 0.3, 0.2])
+    a = torch.tensor([[0.5, -1.0, 0.25, 0.8, 0.1]])
+    common = torch.arange(12.0).reshape(2, 6).sin()
+    modules = {
+        "flip.to_q": make_module("flip.to_q", a, 2.0 * u[:, None], alpha, "test"),
+        "other.to_v": make_module(
+            "other.to_v",
+            common + 0.05 * torch.randn(2, 6, generator=g),
+            common.T[:4] + 0.05 * torch.randn(4, 2, generator=g),
+            alpha / 2,
+            "test",
+        ),
+    }
+    return LoRAWeights(modules)
+
+
+def test_alignment_keeps_near_updates_near_where_the_sign_rule_flips(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    members = {"near_a": _tied_lora(-0.01, g), "near_b": _tied_lora(0.01, g)}
+    for i in range(4):
+        members[f"other{i}"] = _tied_lora(0.15 * float(torch.randn(1, generator=g)), g)
+    same = {  # near_a's dW in another basis and scale
+        n: make_module(n, m.A * 3.0, m.B / 3.0 * 2.0, m.scale / 2.0, "test")
+        for n, m in members["near_a"].modules.items()
+    }
+    members["same_as_a"] = LoRAWeights(same)
+    folder = tmp_path / "loras"
+    for name, weights in members.items():
+        write_lora(weights, folder / name, "peft")
+    collect(folder, tmp_path / "aligned.safetensors")
+    collect(folder, tmp_path / "plain.safetensors", aligned=False)
+    aligned, plain = (
+        LoRADataset(tmp_path / "aligned.safetensors"),
+        LoRADataset(tmp_path / "plain.safetensors"),
+    )
+    assert aligned.alignment == "reference" and aligned.reference.shape == (aligned.dim,)
+    assert plain.alignment == "none" and plain.reference is None
+    assert_maps_back(aligned, members)  # the same dW, whatever the rotation
+
+    def row(dataset, name):
+        return dataset.row(dataset.index(name))
+
+    flip = slice(0, 9)  # the rank-1 module's A (5) and B (4): first in the layout
+    assert aligned.spec.entries[0].module == "flip.to_q"
+    a, b = row(aligned, "near_a"), row(aligned, "near_b")
+    pa, pb = row(plain, "near_a"), row(plain, "near_b")
+    # the per-LoRA rule flips the pair: opposite vectors for nearly equal updates
+    assert float((pa[flip] + pb[flip]).norm()) < 0.05 * float(pa[flip].norm())
+    # aligned to the collection's reference, they are near
+    assert float((a[flip] - b[flip]).norm()) < 0.05 * float(a[flip].norm())
+    # the same dW, the same vector
+    torch.testing.assert_close(row(aligned, "same_as_a"), a, atol=1e-5, rtol=0)
+
+    # held-out LoRAs in the training collection's coordinates: the same rows as there
+    held = tmp_path / "held"
+    for name in ("near_b", "other2"):
+        write_lora(members[name], held / name, "diffusers")
+    collect(held, tmp_path / "held.safetensors", align_to=tmp_path / "aligned.safetensors")
+    held_ds = LoRADataset(tmp_path / "held.safetensors")
+    for name in ("near_b", "other2"):
+        torch.testing.assert_close(row(held_ds, name), row(aligned, name), atol=1e-6, rtol=0)
+    torch.testing.assert_close(held_ds.reference, aligned.reference)
+    with pytest.raises(DataError, match="has no alignment reference"):
+        collect(held, tmp_path / "x.safetensors", align_to=tmp_path / "plain.safetensors")
+    _, _, _ = build_folder(tmp_path / "other")
+    with pytest.raises(DataError, match="another layout"):
+        collect(
+            tmp_path / "other" / "loras",
+            tmp_path / "y.safetensors",
+            base_modules=list(BASE),
+            align_to=tmp_path / "aligned.safetensors",
+        )
+
+
+def test_cli_alignment_options(tmp_path, capsys):
+    folder, _, base_file = build_folder(tmp_path)
+    args = ["synth", "collect", "--loras", str(folder), "--base-modules", str(base_file)]
+    assert main([*args, "--out", str(tmp_path / "a.safetensors")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.safetensors"), "--no-align"]) == 0
+    align_to = ["--align-to", str(tmp_path / "a.safetensors")]
+    assert main([*args, "--out", str(tmp_path / "c.safetensors"), *align_to]) == 0
+    a, b, c = (LoRADataset(tmp_path / f"{n}.safetensors") for n in "abc")
+    assert (a.alignment, b.alignment, c.alignment) == ("reference", "none", "reference")
+    assert np.array_equal(np.asarray(a.vectors), np.asarray(c.vectors))
+    assert not np.allclose(np.asarray(a.vectors), np.asarray(b.vectors), atol=1e-3)
+    capsys.readouterr()
+    bad = ["--out", str(tmp_path / "d.safetensors"), "--align-to", str(tmp_path / "b.safetensors")]
+    assert main([*args, *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no alignment reference" in err

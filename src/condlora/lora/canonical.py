@@ -11,6 +11,17 @@ never from dW itself:
 Each singular pair (u_i, v_i) is only fixed up to a common sign; we make the largest-magnitude
 entry of every u_i positive. (B R, R^-1 A) and (c B, A / c) give the same dW, hence the same
 U, S, V and the same canonical factors (up to ties in S).
+
+That per-LoRA sign rule is arbitrary across LoRAs: two LoRAs with nearly equal dW can get
+opposite signs (or, when singular values cross, another order). Within a collection the
+factors can instead be aligned to a shared reference: with the pair matrix P = [B'; A'^T]
+((out + in) x r), any orthogonal R gives the same dW = (B' R)(R^T A'), and
+
+    R = argmin_{R orthogonal} ||P R - P_ref||_F = W V^T  for  P^T P_ref = W S V^T
+
+(orthogonal Procrustes, Schoenemann 1966) picks the signs, order and rotation of the pairs
+closest to the reference, continuously in dW. The balanced form is kept: (RP)^T (RP) =
+R^T diag(S) R for both factors.
 """
 
 from __future__ import annotations
@@ -78,3 +89,40 @@ def canonicalize(
         modules, weights.layout, weights.text_encoder, weights.resolved, weights.hints
     )
     return canonical, dropped
+
+
+def pair_matrix(module: ModuleLoRA) -> Tensor:
+    """P = [B; A^T] ((out + in*k*k) x r, float64) of scale-1 factors (conv kernels flattened)."""
+    if module.scale != 1.0:
+        raise LoRAError(
+            f"pair matrices are of scale-1 (canonical) factors, got scale {module.scale}"
+        )
+    a, b = (t.double() for t in module.matrices())
+    return torch.cat([b, a.T])
+
+
+def closest_rotation(m: Tensor) -> Tensor:
+    """The orthogonal matrix nearest to a square m: W V^T for m = W S V^T (its polar factor)."""
+    w, _, vh = torch.linalg.svd(m)
+    return w @ vh
+
+
+def rotate_pairs(module: ModuleLoRA, rotation: Tensor) -> ModuleLoRA:
+    """(B R, R^T A): the same dW for an orthogonal R (r x r), in the module's own shapes."""
+    a, b = (t.double() for t in module.matrices())
+    r = rotation.double()
+    dtype = module.A.dtype
+    new_a = (r.T @ a).reshape(module.A.shape).to(dtype)
+    new_b = (b @ r).reshape(module.B.shape).to(dtype)
+    return ModuleLoRA(new_a, new_b, module.scale)
+
+
+def align_factors(module: ModuleLoRA, reference: Tensor) -> ModuleLoRA:
+    """Canonical factors rotated to a reference pair matrix ((out + in) x r): B' R, R^T A'
+    with R = closest_rotation(P^T P_ref) (see the module docstring)."""
+    p = pair_matrix(module)
+    if reference.shape != p.shape:
+        raise LoRAError(
+            f"reference pairs of shape {tuple(reference.shape)}, expected {tuple(p.shape)}"
+        )
+    return rotate_pairs(module, closest_rotation(p.T @ reference.double()))

@@ -17,7 +17,15 @@ def _collect(args: argparse.Namespace) -> None:
     from condlora.synthesis.collection import collect
 
     base = load_base_modules(args.base_modules) if args.base_modules else None
-    report = collect(args.loras, args.out, args.embeddings, base, skip_bad=args.skip_bad)
+    report = collect(
+        args.loras,
+        args.out,
+        args.embeddings,
+        base,
+        skip_bad=args.skip_bad,
+        aligned=not args.no_align,
+        align_to=args.align_to,
+    )
     for name, reason in report.skipped:
         print(f"skipped {name}: {reason}")
     print(f"took {len(report.taken)} LoRAs, skipped {len(report.skipped)}")
@@ -34,6 +42,16 @@ def _add_collect(synth_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable LoRAs instead of stopping"
+    )
+    p.add_argument(
+        "--align-to",
+        metavar="DS",
+        help="align to this dataset's reference (e.g. held-out LoRAs to the training set's)",
+    )
+    p.add_argument(
+        "--no-align",
+        action="store_true",
+        help="per-LoRA sign rule only, no alignment across the collection",
     )
     p.set_defaults(func=_collect)
 

@@ -4,13 +4,18 @@
 common set of modules and shapes (intruders are skipped with a reason), and streams their
 canonical, flattened vectors to disk in chunks, with per-coordinate mean and std from the
 same single pass. `LoRADataset` opens the file memory-mapped, so neither side needs the
-matrix in memory.
+matrix in memory. Three passes over the LoRA files, one LoRA in memory at a time: read every
+file (signatures), build the collection's alignment reference (`alignment.py`), write.
 
 Dataset file (safetensors, all float32):
-    vectors [N, D]   canonical LoRAs (scale folded), layout in metadata["spec"]
+    vectors [N, D]   canonical LoRAs (scale folded), layout in metadata["spec"], their pairs
+                     rotated to the reference (metadata["alignment"] "reference") or with
+                     the per-LoRA sign rule only ("none")
     mean [D], std [D]   per coordinate over the N rows (population std)
+    reference [D]    with alignment "reference": the reference factors, a vector in the layout
     embeddings [N, E]   optional: the condition of each LoRA, row-aligned with vectors
-    metadata: format, names (JSON list), spec (JSON), skipped (JSON list of [name, reason])
+    metadata: format, names (JSON list), spec (JSON), skipped (JSON list of [name, reason]),
+              alignment ("reference" | "none"; absent in files from before alignment: "none")
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from condlora.core.errors import DataError, LoRAError
 from condlora.lora.canonical import canonicalize
 from condlora.lora.formats import BaseMismatch, LoRAWeights, read_lora
 from condlora.lora.formats.files import as_base_modules
+from condlora.synthesis.alignment import ReferenceBuilder, align
 from condlora.synthesis.bigfile import StreamWriter, read_header, tensor_info
 from condlora.synthesis.flatten import FlatSpec
 
@@ -177,12 +183,30 @@ class RunningStats:
         return np.sqrt(self.m2 / max(self.count, 1))
 
 
-def canonical_vector(weights: LoRAWeights, spec: FlatSpec, where: str) -> Tensor:
-    """The LoRA's canonical factors as one float32 vector in the spec's layout."""
+def canonical_vector(
+    weights: LoRAWeights, spec: FlatSpec, where: str, reference: LoRAWeights | None = None
+) -> Tensor:
+    """The LoRA's canonical factors (aligned to `reference` if given) as one float32 vector
+    in the spec's layout."""
     canonical, _ = canonicalize(weights)
     if FlatSpec.of(canonical) != spec:
         raise DataError(f"{where} changed while the collection was written")
+    if reference is not None:
+        canonical = align(canonical, reference)
     return spec.flatten(canonical)
+
+
+def build_reference(
+    taken: list[tuple[str, Path]], spec: FlatSpec, base: dict | None
+) -> LoRAWeights:
+    """The alignment reference of the taken LoRAs: one streaming pass (`ReferenceBuilder`)."""
+    builder = ReferenceBuilder()
+    for _, path in taken:
+        canonical, _ = canonicalize(read_lora(path, base, check_base=False))
+        if FlatSpec.of(canonical) != spec:
+            raise DataError(f"{path} changed while the collection was written")
+        builder.add(canonical)
+    return builder.reference()
 
 
 def _stream_dataset(
@@ -192,13 +216,18 @@ def _stream_dataset(
     chunks: Iterable[np.ndarray],
     embeddings: np.ndarray | None,
     metadata: dict,
+    reference: LoRAWeights | None = None,
 ) -> None:
-    """Write the vectors chunk by chunk (statistics from the same pass), then mean, std and
-    embeddings; a chunk may be reused by its producer once the next one is asked for."""
+    """Write the vectors chunk by chunk (statistics from the same pass), then mean, std, the
+    reference and embeddings; a chunk may be reused by its producer once the next one is
+    asked for."""
     dim = spec.size
     layout = [("vectors", (n, dim)), ("mean", (dim,)), ("std", (dim,))]
+    if reference is not None:
+        layout.append(("reference", (dim,)))
     if embeddings is not None:
         layout.append(("embeddings", embeddings.shape))
+    metadata = {**metadata, "alignment": "none" if reference is None else "reference"}
     stats = RunningStats(dim)
     with StreamWriter(out, layout, metadata) as writer:
         for chunk in chunks:
@@ -206,14 +235,20 @@ def _stream_dataset(
             writer.write(chunk)
         writer.write(stats.mean.astype(np.float32))
         writer.write(stats.std().astype(np.float32))
+        if reference is not None:
+            writer.write(spec.flatten(reference).numpy())
         if embeddings is not None:
             writer.write(embeddings)
 
 
 def _canonical_chunks(
-    taken: list[tuple[str, Path]], spec: FlatSpec, base: dict | None, chunk_bytes: int
+    taken: list[tuple[str, Path]],
+    spec: FlatSpec,
+    base: dict | None,
+    chunk_bytes: int,
+    reference: LoRAWeights | None,
 ) -> Iterator[np.ndarray]:
-    """The canonical vectors of the taken LoRAs, read chunk by chunk into one buffer."""
+    """The canonical (aligned) vectors of the taken LoRAs, read chunk by chunk into one buffer."""
     n, dim = len(taken), spec.size
     rows = max(1, min(n, chunk_bytes // (4 * dim)))
     buffer = np.empty((rows, dim), dtype=np.float32)
@@ -221,7 +256,7 @@ def _canonical_chunks(
         part = taken[start : start + rows]
         for i, (_, path) in enumerate(part):
             weights = read_lora(path, base, check_base=False)
-            buffer[i] = canonical_vector(weights, spec, str(path)).numpy()
+            buffer[i] = canonical_vector(weights, spec, str(path), reference).numpy()
         yield buffer[: len(part)]
 
 
@@ -273,8 +308,15 @@ def collect(
     base_modules: dict | Iterable[str] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     skip_bad: bool = False,
+    aligned: bool = True,
+    align_to: str | os.PathLike | None = None,
 ) -> CollectReport:
-    """Every LoRA of a folder that fits the majority -> one dataset file (see module doc)."""
+    """Every LoRA of a folder that fits the majority -> one dataset file (see module doc).
+
+    aligned: rotate every LoRA's pairs to the collection's reference (False: the per-LoRA
+    sign rule only); align_to: a dataset file whose reference to use instead (e.g. the
+    training collection's, for held-out LoRAs); it must have the same layout.
+    """
     base, out = as_base_modules(base_modules), Path(out)
     if out.is_dir():
         raise DataError(f"dataset path {out} is a folder; give a file name")
@@ -282,10 +324,10 @@ def collect(
     candidates, signatures, skipped = _scan(found, base, skip_bad)
     if not candidates:
         raise DataError(f"{loras_dir}: no usable LoRA found")
-    reference = signatures[Counter(key for _, _, key in candidates).most_common(1)[0][0]]
+    majority = signatures[Counter(key for _, _, key in candidates).most_common(1)[0][0]]
     taken = []
     for name, path, key in candidates:
-        reason = intruder_reason(signatures[key], reference)
+        reason = intruder_reason(signatures[key], majority)
         if reason is None:
             taken.append((name, path))
         else:
@@ -293,6 +335,11 @@ def collect(
     names = [name for name, _ in taken]
     emb = load_embeddings(embeddings, names) if embeddings is not None else None
     spec = FlatSpec.of(read_lora(taken[0][1], base, check_base=False))
+    reference = None
+    if align_to is not None:
+        reference = reference_of(align_to, spec)
+    elif aligned:
+        reference = build_reference(taken, spec, base)
     metadata = {
         "format": FORMAT,
         "names": json.dumps(names),
@@ -300,9 +347,19 @@ def collect(
         "skipped": json.dumps(skipped),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    chunks = _canonical_chunks(taken, spec, base, chunk_bytes)
-    _stream_dataset(out, len(taken), spec, chunks, emb, metadata)
+    chunks = _canonical_chunks(taken, spec, base, chunk_bytes, reference)
+    _stream_dataset(out, len(taken), spec, chunks, emb, metadata, reference)
     return CollectReport(out, names, skipped, spec.size)
+
+
+def reference_of(path: str | os.PathLike, spec: FlatSpec) -> LoRAWeights:
+    """The alignment reference of a dataset file, which must have the layout `spec`."""
+    dataset = LoRADataset(path)
+    if dataset.reference is None:
+        raise DataError(f"{path} has no alignment reference (collected without alignment)")
+    if dataset.spec != spec:
+        raise DataError(f"{path} has another layout than these LoRAs (other modules or ranks)")
+    return dataset.spec.unflatten(dataset.reference)
 
 
 class LoRADataset:
@@ -327,6 +384,10 @@ class LoRADataset:
         self.mean = torch.from_numpy(np.array(self._map(header, "mean")))
         self.std = torch.from_numpy(np.array(self._map(header, "std")))
         self.embeddings = self._map(header, "embeddings") if "embeddings" in header else None
+        self.alignment = metadata.get("alignment", "none")
+        self.reference = None  # (D,) the alignment reference (alignment "reference")
+        if self.alignment == "reference":
+            self.reference = torch.from_numpy(np.array(self._map(header, "reference")))
 
     def _map(self, header: dict, name: str) -> np.memmap:
         """A read-only memory map of one tensor."""
