@@ -20,6 +20,33 @@ TARGETS = ("qkv", "proj", "skip", "emb_proj")
 
 
 @dataclass(frozen=True)
+class GenerativeConfig:
+    """Sizes of the generative methods (`generative.py`): small VAE and priors, equal terms."""
+
+    latent: int = 64  # VAE latent width
+    vae_hidden: int = 256  # VAE residual width (encoder and decoder)
+    vae_depth: int = 2  # VAE residual blocks (each side)
+    vae_beta: float = 0.01  # weight of the KL term
+    vae_steps: int = 2000  # VAE training steps
+    width: int = 256  # prior residual width (every conditioning, latent and raw alike)
+    depth: int = 4  # prior residual blocks
+    mlp_ratio: float = 2.0  # hidden width of each block's MLP / width
+    cond_width: int = 128  # width of the condition embedding that every block reads
+    adalora_rank: int = 1  # ADALoRA rank r (1: as many parameters as AdaNorm's heads)
+    uc_rank: int = 2  # UC-LoRA rank of each basis
+    uc_bases: int = 4  # UC-LoRA bases m per adapted layer
+    objective: str = "v"  # prior objective: "v" | "x0"
+    cond_dropout: float = 0.1  # rows trained with the null condition (classifier-free guidance)
+    guidance: float = 1.0  # classifier-free guidance scale at sampling
+    sampler: str = "ddim"  # prior sampler
+    sample_steps: int = 50  # prior sampling steps
+    prior_steps: int = 2000  # prior training steps
+    batch_size: int = 64  # both stages
+    lr: float = 1e-3  # both stages (AdamW, warm-up then cosine decay)
+    ema_decay: float = 0.995  # both stages
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """Every knob of `condlora synth demo`; stored in the output folder to guard its reuse."""
 
@@ -48,6 +75,7 @@ class DemoConfig:
     score_seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the methods and the sampling
     curve_sizes: tuple[int, ...] = (25, 50, 100)  # training subsets for the curve (and all)
     grid_subjects: int = 4  # held-out subjects shown in grids
+    generative: GenerativeConfig = field(default_factory=GenerativeConfig)  # VAE and priors
 
     def __post_init__(self) -> None:
         for name in ("num_train", "num_heldout", "rank", "subjects_per_batch", "steps"):

@@ -9,7 +9,7 @@ generator from embeddings to LoRA vectors:
 Vectors are canonical LoRA vectors in `data.spec`'s layout (scale folded into B), the rows
 that `collect` writes. Here: the references "fine-tuned" (each held-out subject's own zoo
 LoRA: the ceiling) and "no LoRA" (the floor), and two simple predictors, "nearest" and
-"pca-ridge". The generative models plug in through `generative_methods()`.
+"pca-ridge". The generative models (`generative.py`) plug in the same way.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ class Method:
 
     name: str
     fit: Callable[[DemoData, int], Generate]  # (training data, seed) -> generator
-    learns: bool = True  # fitted on the collection: also scored against its size (the curve)
+    on_curve: bool = True  # also scored against the collection's size (False: references that
+    # do not learn from it, and costly variants kept off the curve to save time)
     seconds_per_lora: float | None = None  # a known cost per LoRA instead of timing `generate`
 
 
@@ -187,7 +188,7 @@ def no_lora() -> Method:
     def fit(data: DemoData, seed: int) -> Generate:
         return lambda queries: torch.zeros(len(queries), data.spec.size)
 
-    return Method("no LoRA", fit, learns=False)
+    return Method("no LoRA", fit, on_curve=False)
 
 
 def finetuned(vectors: Tensor, seconds_per_lora: float) -> Method:
@@ -200,22 +201,3 @@ def finetuned(vectors: Tensor, seconds_per_lora: float) -> Method:
 def simple_methods() -> list[Method]:
     """The predictors that need no training loop: PCA + ridge, and the nearest LoRA."""
     return [Method("pca-ridge", pca_ridge()), Method("nearest", nearest)]
-
-
-def generative_methods() -> list[Method]:
-    """The slots for the generative models of `condlora.synthesis` (none wired yet).
-
-    To be filled with, in this order: VAE + latent prior conditioned by ADALoRA, by AdaNorm and
-    by UC-LoRA (`prior.net.cond_mode` "adalora" | "adanorm" | "uc_lora"), and diffusion on the
-    raw standardised vectors (`use_vae: false`). Each is a `Method(name, fit)` whose
-    `fit(data, seed)`:
-      - trains on `data.dataset` (a `collect` dataset file: vectors, mean, std, embeddings)
-        into `data.work_dir / name`, reusing a finished run there, seeded by `seed`; e.g.
-        `train_synthesis(replace(cfg, dataset=str(data.dataset)), data.work_dir / name)`;
-      - returns `generate(embeddings [M, E]) -> vectors [M, D]`: one LoRA per embedding, as
-        un-standardised canonical vectors in `data.spec`'s layout, seeded by `seed`; e.g.
-        `generate_vectors(model_dir, embeddings, num=1, seed=seed)[:, 0]`.
-    The demo times `generate` (seconds per LoRA) apart from `fit`; `learns=False` keeps a
-    method off the curve against the number of training subjects (each point refits it).
-    """
-    return []

@@ -29,11 +29,11 @@ from condlora.metrics import DigitsClassifier, class_accuracy, classifier_output
 from condlora.synthesis.demo import report
 from condlora.synthesis.demo.config import DemoConfig
 from condlora.synthesis.demo.config import quick as quick_config
+from condlora.synthesis.demo.generative import generative_methods
 from condlora.synthesis.demo.methods import (
     DemoData,
     Method,
     finetuned,
-    generative_methods,
     no_lora,
     simple_methods,
 )
@@ -109,7 +109,7 @@ def run_demo(
     scoring = Scoring(base, encoder, judge, targets, ft_vectors, data.std, cfg)
     methods = [
         finetuned(ft_vectors, per_subject),
-        *(extra_methods if extra_methods is not None else generative_methods()),
+        *(extra_methods if extra_methods is not None else generative_methods(cfg.generative)),
         *simple_methods(),
         no_lora(),
     ]
@@ -136,7 +136,7 @@ def _score_all(
     """Every (method, size, seed) run not in the store yet; grid samples of the first seed."""
     full, first = data.size, cfg.score_seeds[0]
     runs = [(m, full, s) for m in methods for s in cfg.score_seeds]
-    runs += [(m, n, first) for m in methods if m.learns for n in cfg.sizes() if n != full]
+    runs += [(m, n, first) for m in methods if m.on_curve for n in cfg.sizes() if n != full]
     samples_dir.mkdir(parents=True, exist_ok=True)
     todo = [
         (m, n, s)
@@ -218,7 +218,7 @@ def _write_report(
             if run_key(m.name, n, first) in store
         ]
         for m in methods
-        if m.learns
+        if m.on_curve
     }
     report.plot_curve(curve, out / "curve.png")
     digits = held_out_digits(hold_x, hold_y)

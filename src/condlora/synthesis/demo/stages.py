@@ -163,13 +163,15 @@ def embeddings_file(
 
 
 def collect_datasets(out: Path, zoo_dir: Path, embeddings: Path, clock: StageClock) -> None:
-    """The zoo's training and held-out LoRAs as two `collect` dataset files."""
+    """The zoo's training and held-out LoRAs as two `collect` dataset files, the held-out
+    LoRAs aligned to the training collection's reference (the same coordinates)."""
     folder = out / "dataset"
-    if (folder / "train.safetensors").is_file() and (folder / "heldout.safetensors").is_file():
+    train, heldout = folder / "train.safetensors", folder / "heldout.safetensors"
+    if train.is_file() and heldout.is_file():
         return
 
     def work() -> None:
-        for split in ("train", "heldout"):
-            collect(zoo_dir / split, folder / f"{split}.safetensors", embeddings)
+        collect(zoo_dir / "train", train, embeddings)
+        collect(zoo_dir / "heldout", heldout, embeddings, align_to=train)
 
     clock.timed("collect", work)
