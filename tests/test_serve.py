@@ -183,6 +183,23 @@ def test_the_demo_writes_the_nearest_lora_and_samples_with_common_noise(tiny_dem
         demo.write_lora("magic", demo.subject_embedding("s0007"))
 
 
+def test_trained_synthesis_models_of_the_demo_are_methods_too(tmp_path, tiny_demo, one_thread):
+    from condlora.synthesis.config import load_synth_config
+    from condlora.synthesis.training import train_baseline
+
+    folder = tmp_path / "demo"
+    shutil.copytree(tiny_demo[0], folder)
+    dataset = folder / "dataset" / "train.safetensors"
+    cfg = load_synth_config(None, ["method=nearest", f"dataset={dataset}"])
+    model = train_baseline(cfg, folder / "methods" / "nearest-model")
+    (folder / "methods" / "vae-seed0").mkdir()  # a VAE alone is no method
+    shutil.copy(model / "model.safetensors", folder / "methods" / "vae-seed0")
+    demo = SynthDemo(folder)
+    assert demo.methods() == ["pca-ridge", "nearest", "nearest-model"]
+    written = demo.write_lora("nearest-model", demo.subject_embedding("s0006"), seed=1)
+    assert_same_update(written.weights, nearest_training_lora(folder, "s0006"))
+
+
 def test_a_missing_or_foreign_demo_folder_is_one_clear_line(tmp_path, tiny_demo):
     demo, problem = load_demo(tmp_path / "nowhere", None, explicit=False)
     assert demo is None and "condlora synth demo --out" in problem
@@ -233,6 +250,25 @@ def test_runs_are_found_and_sampled_with_class_weights(runs_root, one_thread):
         RunCache(runs_root).get("../elsewhere")
 
 
+# ---------------------------------------------------------------- the command
+
+
+def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    from condlora.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a)
+    )
+    assert main(["serve", "--port", "7861"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "condlora: error: condlora serve needs gradio (the demo extra): pip install -e '.[demo]'"
+    ]
+
+
 # ---------------------------------------------------------------- the page in a browser
 
 
@@ -274,6 +310,8 @@ def test_the_page_writes_a_lora_for_a_held_out_subject_and_refuses_a_bad_upload(
     server, tiny_demo, tmp_path
 ):
     from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=60_000)  # samplers on a busy CPU take their time
 
     url, tmp = server
     folder = tiny_demo[0]

@@ -21,6 +21,7 @@ from condlora.serve.plots import table_figure
 from condlora.serve.widgets import guarded, image_box, picture
 
 ALL = "all (a row per class)"
+SCALE = 4  # screen pixels per image pixel: a row per class makes tall grids
 NO_RUNS = (
     " None yet: train one, e.g. `condlora train --config configs/digits-classlora.yaml "
     "--out runs/classlora`, then refresh the list."
@@ -57,7 +58,7 @@ class ConditioningPage:
             self.guidance = gr.Slider(0.0, 5.0, 1.0, step=0.1, label="guidance", elem_id="guidance")
             self.steps = gr.Slider(2, 100, 18, step=1, label="sampling steps", elem_id="steps")
             self.seed = gr.Number(0, precision=0, label="seed", elem_id="cond-seed")
-            self.count = gr.Slider(1, 16, 8, step=1, label="samples per row", elem_id="count")
+            self.count = gr.Slider(1, 16, 6, step=1, label="samples per row", elem_id="count")
         self.sample = gr.Button("Sample", variant="primary", elem_id="sample")
         self.status = gr.Markdown(elem_id="cond-status")
         self.grid = image_box("samples", "cond-grid")
@@ -161,7 +162,7 @@ class ConditioningPage:
         args = (float(guidance), int(steps), int(seed or 0), int(count))
         images, columns = class_grid(run, label_index, *args)
         note = f"{len(images)} samples, {int(steps)} steps, guidance {float(guidance):g}"
-        return {self.grid: picture(images, columns), self.status: note}
+        return {self.grid: picture(images, columns, SCALE), self.status: note}
 
     def on_mix(
         self,
@@ -184,7 +185,7 @@ class ConditioningPage:
         args = (float(guidance), int(steps), int(seed or 0), int(count))
         images = weighted_grid(run, weights, *args)
         note = f"class weights {weight_a:g} x {a} + {weight_b:g} x {b}"
-        return {self.mix_grid: picture(images, int(count)), self.status: note}
+        return {self.mix_grid: gr.Image(picture(images, int(count), SCALE), label=note)}
 
     def on_sweep(
         self,
@@ -204,4 +205,4 @@ class ConditioningPage:
         images, columns = sweep(run, int(a), int(b), *args)
         past = ", ".join(f"{s:g}" for s in EXTRAPOLATE)
         note = f"columns: from {a} to {b} in {columns - len(EXTRAPOLATE)} steps, then {b} x {past}"
-        return {self.mix_grid: picture(images, columns), self.status: note}
+        return {self.mix_grid: gr.Image(picture(images, columns, SCALE), label=note)}

@@ -34,7 +34,7 @@ def embedding_figure(
     """Training subjects (coloured by `colour`, e.g. stroke thickness), held-out subjects and
     the query, in the plane of the training embeddings' first two principal components."""
     mean, components = pca_2d(train)
-    fig = Figure(figsize=(4.6, 3.6), dpi=100)
+    fig = Figure(figsize=(4.6, 4.0), dpi=100)
     ax = fig.subplots()
     xy = project(train, mean, components)
     dots = ax.scatter(
@@ -50,7 +50,7 @@ def embedding_figure(
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title("subject embeddings (PCA of the training subjects)", fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     fig.tight_layout()
     return fig
 

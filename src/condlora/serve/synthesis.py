@@ -40,7 +40,14 @@ from condlora.synthesis.demo.sampling import sample_subjects
 from condlora.synthesis.demo.styles import apply_style, describe
 from condlora.synthesis.demo.zoo import TIMING_FILE, Subjects, make_subjects
 from condlora.synthesis.generate import SynthModel
-from condlora.synthesis.model import MODEL_FILE, layout_signature
+from condlora.synthesis.model import (
+    BASELINE_FILE,
+    COLLECTION_FILE,
+    MODEL_FILE,
+    PRIOR_DIR,
+    layout_signature,
+)
+from condlora.train.checkpoint import CHECKPOINT_NAME
 
 GRID_ROWS = 3  # samples of each digit in a grid
 NEEDED = (
@@ -103,6 +110,12 @@ def find_base(folder: Path, base_cfg: Config, explicit: Path | None = None) -> D
             continue
     where = ", ".join(str(c) for c in candidates)
     raise DataError(f"the base model of the demo in {folder} is in none of {where}: pass --base")
+
+
+def is_model(folder: Path) -> bool:
+    """Whether a folder holds a finished synthesis model (not, e.g., a VAE alone)."""
+    parts = (PRIOR_DIR + "/" + CHECKPOINT_NAME, BASELINE_FILE, COLLECTION_FILE)
+    return (folder / MODEL_FILE).is_file() and any((folder / p).is_file() for p in parts)
 
 
 class SynthDemo:
@@ -177,11 +190,7 @@ class SynthDemo:
     def methods(self) -> list[str]:
         """The names of the methods that can write a LoRA here."""
         folder = self.folder / "methods"
-        models = (
-            sorted(d.name for d in folder.iterdir() if (d / MODEL_FILE).is_file())
-            if folder.is_dir()
-            else []
-        )
+        models = sorted(d.name for d in folder.iterdir() if is_model(d)) if folder.is_dir() else []
         return [m.name for m in simple_methods()] + models
 
     def _writer(self, method: str) -> Writer:

@@ -56,8 +56,11 @@ class SynthesisPage:
                 self._subject_inputs()
                 self._method_inputs()
             with gr.Column():
-                self.plot = gr.Plot(label="subject embedding", elem_id="embedding-plot")
-                self.digits = image_box("the subject's digits", "subject-digits")
+                first = self.show_subject(HELD_OUT, self.subject.value, empty_set())
+                self.plot = gr.Plot(
+                    first["plot"], label="subject embedding", elem_id="embedding-plot"
+                )
+                self.digits = image_box("the subject's digits", "subject-digits", first["digits"])
                 self.status = gr.Markdown(elem_id="synth-status")
         with gr.Row():
             self.grid_base = image_box("base model (no LoRA)", "grid-base")
@@ -124,15 +127,23 @@ class SynthesisPage:
             raise DataError("pick a held-out subject")
         return self.demo.subject_embedding(name), name, self.demo.styled_digits(name)
 
-    def on_subject(self, source: str, name: str | None, mine: dict) -> dict:
-        """Where the chosen subject's embedding lies, and its digits."""
+    def show_subject(self, source: str, name: str | None, mine: dict) -> dict:
+        """{"plot", "digits", "note"}: where the subject's embedding lies, and its digits."""
         try:
             embedding, label, digits = self._subject(source, name, mine)
         except DataError as err:  # no digits of one's own yet: a hint, the plot without a star
-            plot = self.demo.embedding_plot(None, "")
-            return {self.plot: plot, self.digits: None, self.status: one_line(err)}
+            return {
+                "plot": self.demo.embedding_plot(None, ""),
+                "digits": None,
+                "note": one_line(err),
+            }
         plot = self.demo.embedding_plot(embedding, label)
-        return {self.plot: plot, self.digits: picture(digits), self.status: ""}
+        return {"plot": plot, "digits": picture(digits), "note": ""}
+
+    def on_subject(self, source: str, name: str | None, mine: dict) -> dict:
+        """Show where the chosen subject's embedding lies, and its digits."""
+        shown = self.show_subject(source, name, mine)
+        return {self.plot: shown["plot"], self.digits: shown["digits"], self.status: shown["note"]}
 
     def _set_changed(self, mine: dict, note: str) -> dict:
         shown = self.on_subject(MINE, None, mine)

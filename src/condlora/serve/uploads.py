@@ -24,7 +24,7 @@ from condlora.core.errors import DataError
 MAX_FILES = 32  # images per upload
 MAX_BYTES = 2 * 1024 * 1024  # per file, checked on disk before it is opened
 MIN_SIDE, MAX_SIDE = 8, 2048  # pixels, each side
-FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")  # what PIL may decode
+FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "WEBP", "TIFF")  # what PIL may decode
 INK_LEVEL = 0.25  # grey level (0..1, after inversion) above which a pixel counts as ink
 MARGIN = 0.15  # empty border around the strokes, as a fraction of the square's side
 

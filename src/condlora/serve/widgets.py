@@ -20,12 +20,12 @@ from condlora.core.errors import CondloraError
 from condlora.core.images import tile_grid
 
 log = logging.getLogger("condlora.serve")
-GRID_SCALE = 6  # screen pixels per image pixel
+GRID_SCALE = 6  # screen pixels per image pixel (the synthesis grids: 3 rows of 10 digits)
 
 
-def picture(images: Tensor, nrow: int = 10) -> np.ndarray:
+def picture(images: Tensor, nrow: int = 10, scale: int = GRID_SCALE) -> np.ndarray:
     """Images (N, C, H, W) in [-1, 1] tiled as one picture for gr.Image (grey ones 2-D)."""
-    grid = tile_grid(images, nrow, GRID_SCALE)
+    grid = tile_grid(images, nrow, scale)
     return grid[..., 0] if grid.shape[2] == 1 else grid
 
 
@@ -54,6 +54,6 @@ def guarded(status: gr.Markdown, work: Callable[..., dict]) -> Callable[..., dic
     return run
 
 
-def image_box(label: str, elem_id: str) -> gr.Image:
+def image_box(label: str, elem_id: str, value: np.ndarray | None = None) -> gr.Image:
     """An output image (PNG, so the digits stay sharp)."""
-    return gr.Image(label=label, elem_id=elem_id, format="png", interactive=False)
+    return gr.Image(value, label=label, elem_id=elem_id, format="png", interactive=False)
