@@ -28,7 +28,12 @@ def _serve(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `condlora serve`."""
     p = sub.add_parser("serve", help="a local web page to try synthesis and trained runs")
-    p.add_argument("--runs", default="runs", metavar="DIR", help="where `condlora train` runs lie")
+    p.add_argument(
+        "--runs",
+        default="runs",
+        metavar="DIR",
+        help="folder of `condlora train` runs (default runs)",
+    )
     p.add_argument(
         "--synth", metavar="DIR", help=f"a `condlora synth demo` folder (default {DEFAULT_SYNTH})"
     )

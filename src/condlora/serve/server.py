@@ -67,10 +67,9 @@ def serve(
                 max_file_size=MAX_BYTES,
                 footer_links=["gradio"],
             )
-        except OSError as err:
-            raise CondloraError(
-                f"cannot serve on {host}:{port} ({err}): pass another --port"
-            ) from None
+        except OSError as err:  # gradio's words for a taken port are long: say it short
+            why = "the port is in use" if "empty port" in str(err) else " ".join(str(err).split())
+            raise CondloraError(f"cannot serve on {host}:{port}: {why} (pass --port)") from None
         _announce(host, port, workdir)
         _wait(app)
 

@@ -89,6 +89,7 @@ class SynthesisPage:
             self.canvas = gr.Sketchpad(
                 label="or draw a digit (pick the brush first)",
                 canvas_size=(280, 280),
+                brush=gr.Brush(default_size=16, colors=["#000000"], color_mode="fixed"),
                 elem_id="canvas",
             )
             with gr.Row():
