@@ -209,9 +209,9 @@ def test_merging_only_where_it_is_cheaper():
     fast_path = layer._forward_merged
     layer._forward_merged = lambda *a: merged.append(1) or fast_path(*a)
     with torch.no_grad(), conditioning(layer, t=0.3):
-        layer(torch.randn(4, 64))  # dW costs 64*64*6, the low-rank path 4*128*6: low-rank
+        layer(torch.randn(4, 64))  # dW: 64*64*6 multiply-adds, low-rank 4*128*6: low-rank
         assert not merged
-        layer(torch.randn(40, 64))
+        layer(torch.randn(8, 64))  # 4 * 8 * 128 >= 64 * 64: merged
         assert merged
 
 
@@ -252,6 +252,26 @@ def test_merged_sampling_gives_the_same_samples(
     slow = generate(denoiser, cfg, 8, labels, seed=5, batch_size=4)
     assert len(merges) == count  # and here it did not
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["time+class", "uc"])
+def test_both_paths_run_under_bf16_autocast(method, tiny_overrides, one_thread):
+    """`train.mixed_precision=bf16`: training and merged sampling under CPU autocast."""
+    cfg = load_config(CONFIGS / "digits-uclora.yaml", tiny_overrides + METHOD_OVERRIDES[method])
+    torch.manual_seed(0)
+    denoiser = build_denoiser(cfg)
+    randomize_lora(denoiser)
+    x, labels = torch.rand(4, 1, 16, 16) * 2 - 1, torch.tensor([1, 2, 3, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = denoiser.loss(x, class_labels=labels)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in lora_parameters(denoiser))
+    denoiser.eval()
+    with torch.no_grad():
+        full = denoiser(x, 1.0, class_labels=torch.full((4,), 3))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = denoiser(x, 1.0, class_labels=torch.full((4,), 3))
+    torch.testing.assert_close(half.float(), full, atol=0.1, rtol=0.05)
 
 
 # --- class-grouped generation -------------------------------------------------------------

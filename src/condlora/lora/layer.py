@@ -77,7 +77,7 @@ class CondLoRALayer(nn.Module):
         self.state = state
         self.index = state.register(self.composer)  # this wrapper's row of the state's w
         kw = {"device": weight.device, "dtype": weight.dtype}
-        # A ~ N(0, (1/r)^2), B = 0, E = 0: a fresh wrapper computes exactly the base layer
+        # A ~ N(0, (1/r)^2), B = 0, E = 0: a fresh wrapper computes the base layer
         self.lora_A = nn.Parameter(torch.randn(m * rank, d_in, **kw) / rank)
         self.lora_B = nn.Parameter(torch.zeros(d_out, m * rank, **kw))
         e_rows = m * rank if bias_per_rank else m
@@ -125,11 +125,12 @@ class CondLoRALayer(nn.Module):
 
     def _merge_pays(self, x: Tensor) -> bool:
         """Is W + dW cheaper than the low-rank path? dW costs d_out*d_in*m*r multiply-adds
-        once, the low-rank path (d_in + d_out)*m*r per position (measured: the flop count
-        decides, see docs/PERFORMANCE.md)."""
+        once per call, the low-rank path (d_in + d_out)*m*r per position, and more ops; on
+        CPU the merged weight wins from about a quarter of the flop break-even (measured,
+        docs/PERFORMANCE.md), so positions*(d_in + d_out) >= d_in*d_out / 4 decides."""
         d_out, d_in = self.lora_B.shape[0], self.lora_A.shape[1]
         positions = x.numel() // d_in
-        return positions * (d_in + d_out) >= d_in * d_out
+        return 4 * positions * (d_in + d_out) >= d_in * d_out
 
     def _forward_lowrank(self, x: Tensor, ws: Tensor, w: Tensor) -> Tensor:
         """W x + b and A x from one matmul ([W; A] stacked), then + s B ((w ⊗ 1_r) ⊙ A x)
@@ -169,7 +170,7 @@ class CondLoRALayer(nn.Module):
         weight = weight.view(base.weight.shape)
         bias = base.bias
         if self.lora_E is not None:
-            bias_w = self._bias_weights(ws, w)
+            bias_w = self._bias_weights(ws, w).to(self.lora_E.dtype)  # bf16 under autocast
             if bias is None:
                 bias = torch.mv(self.lora_E.t(), bias_w) * s
             else:
