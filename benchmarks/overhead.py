@@ -12,7 +12,8 @@ every ratio is to the baseline of the same network in the same run.
   what the step allocates (CPU: the profiler's allocation record; GPU: the allocator's peak).
 - sampling call: one denoiser call in sampling mode (eval, no gradients) at one noise
   level, with per-sample classes (0, 1, 2, ...) and class-grouped (one class for the
-  whole batch, as `generate` batches them: the LoRA layers merge).
+  whole batch, as `generate` batches them: the LoRA layers merge); three times as many
+  rounds as the train step.
 
     python benchmarks/overhead.py [--nets digits,edm,iddpm] [--device cpu|cuda] [--smoke]
 """
@@ -52,6 +53,7 @@ NETS = {
         "time+class, only LoRA": "cifar10-iddpm-cond-onlylora",
     },
 }
+SAMPLE_ROUNDS = 3  # sampling calls cost about a third of a train step: 3x the rounds
 NET_TITLES = {"digits": "digits U-Net", "edm": "EDM DDPM++", "iddpm": "IDDPM (ADM)"}
 # --smoke: every network shrunk to seconds (the test suite runs this)
 SMOKE = {
@@ -134,7 +136,8 @@ def measure_net(net: str, args: argparse.Namespace) -> dict:
     timed = {}
     for kind in ("train", "sample_grouped", "sample_per_sample"):
         fns = {m: getattr(case, kind) for m, case in cases.items()}
-        timed[kind] = interleaved(fns, warmup, repeats, args.device, clock)
+        rounds = repeats if kind == "train" or smoke else SAMPLE_ROUNDS * repeats
+        timed[kind] = interleaved(fns, warmup, rounds, args.device, clock)
     rows = {}
     for method, case in cases.items():
         memory = case.static_bytes + peak_step_bytes(case.train, args.device)
@@ -190,8 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=64, help="digits batch")
     parser.add_argument("--paper-batch", type=int, default=2, help="EDM / IDDPM batch")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds")
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds (digits)")
-    parser.add_argument("--paper-repeats", type=int, default=3, help="timed rounds (paper)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed train rounds (digits)")
+    parser.add_argument("--paper-repeats", type=int, default=3, help="timed train rounds (paper)")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--smoke", action="store_true", help="tiny networks, one round")
     return parser.parse_args(argv)

@@ -44,3 +44,13 @@ def test_vs_diffusers_smoke(capsys, one_thread):
     assert len(result["results"]) == 5
     for row in result["results"].values():
         assert row["train_time_ratio"] > 0 and row["sample_time_ratio"] > 0
+
+
+def test_cpu_speed_smoke(capsys, one_thread):
+    # torch.compile is left out here: compiling takes minutes on a small CPU
+    result = run_benchmark("cpu_speed", ["--smoke", "--variants", "fp32,bf16"], capsys)
+    assert result["benchmark"] == "cpu_speed"
+    assert set(result["results"]) == {
+        f"{m} {v}" for m in ("baseline", "uclora") for v in ("fp32", "bf16")
+    }
+    assert result["results"]["uclora fp32"]["train_time_ratio"] == 1.0
