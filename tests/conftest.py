@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny digits config so training tests take seconds."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,16 @@ def tiny_unet2d_condition():
         attention_head_dim=2,
     )
     return model.eval()
+
+
+def merged_by_hand(unet, lora):
+    """The reference: a copy of the U-Net with W + dW in every target module."""
+    model = copy.deepcopy(unet)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in lora.modules.items():
+            modules[name].weight += module.delta()
+    return model
 
 
 # the tiny demo's base model: the tiny digits net, trained for 40 steps
