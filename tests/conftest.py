@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny digits config so training tests take seconds."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from condlora.conditioning.build import build_data
 from condlora.conditioning.config import load_config
 from condlora.evaluation.evaluate import CLASSIFIER_FILE
 from condlora.metrics import save_classifier, train_digits_classifier
+from condlora.synthesis.demo.config import tiny as tiny_demo_config
+from condlora.synthesis.demo.run import run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -89,3 +92,33 @@ def tiny_unet2d_condition():
         attention_head_dim=2,
     )
     return model.eval()
+
+
+def merged_by_hand(unet, lora):
+    """The reference: a copy of the U-Net with W + dW in every target module."""
+    model = copy.deepcopy(unet)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in lora.modules.items():
+            modules[name].weight += module.delta()
+    return model
+
+
+# the tiny demo's base model: the tiny digits net, trained for 40 steps
+TINY_DEMO_BASE = [*TINY, "train.max_steps=40"]
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """A finished tiny `condlora synth demo` folder (built once per session; treat it as
+    read-only): (folder, demo config, base config)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = tiny_demo_config()
+        base_cfg = load_config(CONFIGS / "digits-baseline.yaml", TINY_DEMO_BASE)
+        out = tmp_path_factory.mktemp("tiny-demo") / "demo"
+        run_demo(out, cfg, base_cfg, base_candidates=[], progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out, cfg, base_cfg

@@ -7,7 +7,7 @@ from condlora.conditioning.build import build_denoiser, build_net
 from condlora.conditioning.config import load_config
 from condlora.core.errors import ConfigError
 from condlora.diffusion import EDMPrecond, EpsPrecond
-from condlora.lora import lora_layers, merged
+from condlora.lora import CondLoRALayer, lora_layers
 
 from .conftest import CONFIGS
 
@@ -74,8 +74,11 @@ def test_unknown_choices_are_config_errors():
         build_denoiser(cfg_of("digits-baseline", "diffusion.objective=flow"))
 
 
-@pytest.mark.parametrize("name", ["digits-timelora.yaml", "digits-classlora.yaml"])
-def test_sampling_fast_path_merges_and_restores_exactly(name, tiny_overrides, monkeypatch):
+@pytest.mark.parametrize(
+    "name", ["digits-timelora.yaml", "digits-classlora.yaml", "digits-uclora.yaml"]
+)
+def test_sampling_fast_path_merges_in_the_layers(name, tiny_overrides, monkeypatch):
+    """No gradients and one condition for the batch: every LoRA layer applies W + dW."""
     denoiser = build_denoiser(load_config(CONFIGS / name, tiny_overrides)).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -86,18 +89,20 @@ def test_sampling_fast_path_merges_and_restores_exactly(name, tiny_overrides, mo
     x = torch.randn(4, 1, 16, 16, generator=g)
     same, mixed = torch.full((4,), 3), torch.tensor([0, 3, 3, 7])
     merges = []
+    fast_path = CondLoRALayer._forward_merged
 
-    def counting_merged(*args, **kwargs):
-        merges.append(1)
-        return merged(*args, **kwargs)
+    def counting(layer, *args):
+        merges.append(layer)
+        return fast_path(layer, *args)
 
-    monkeypatch.setattr("condlora.conditioning.build.merged", counting_merged)
+    monkeypatch.setattr(CondLoRALayer, "_forward_merged", counting)
+    layers = len(lora_layers(denoiser))
     with torch.no_grad():
         fast = denoiser(x, 0.8, class_labels=same)
-        assert len(merges) == 1  # one shared condition: merged
+        assert len(merges) == layers  # one shared condition: every layer merged
         denoiser(x, 0.8, class_labels=mixed)
-        reads_class = "class" in name  # TimeLoRA ignores the class: it still merges
-        assert len(merges) == (1 if reads_class else 2)
+        reads_class = name != "digits-timelora.yaml"  # TimeLoRA merges with mixed classes
+        assert len(merges) == (layers if reads_class else 2 * layers)
     calls = len(merges)
     with torch.enable_grad():
         slow = denoiser(x, 0.8, class_labels=same)  # gradients on: never merged

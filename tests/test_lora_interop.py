@@ -20,7 +20,7 @@ from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 from condlora.lora.formats import LoRAWeights, make_module, read_lora, write_lora  # noqa: E402
 
-from .conftest import tiny_unet2d_condition  # noqa: E402
+from .conftest import merged_by_hand, tiny_unet2d_condition  # noqa: E402
 
 ATTN = "down_blocks.0.attentions.0.transformer_blocks.0"
 # module -> (rank, alpha); conv1 is a 3x3 conv, conv_shortcut a 1x1 conv
@@ -68,16 +68,6 @@ def random_lora(unet, uniform_alpha=None, seed=0):
         B = 0.2 * torch.randn((w.shape[0], rank, 1, 1) if conv else (w.shape[0], rank), generator=g)
         modules[name] = make_module(name, A, B, (uniform_alpha or alpha) / rank, "test")
     return LoRAWeights(modules)
-
-
-def merged_by_hand(unet, lora):
-    """The reference: a copy of the U-Net with W + dW in every target module."""
-    model = copy.deepcopy(unet)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, module in lora.modules.items():
-            modules[name].weight += module.delta()
-    return model
 
 
 def peft_deltas(model):

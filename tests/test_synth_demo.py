@@ -322,28 +322,9 @@ def test_vector_mse_is_in_standardised_coordinates_without_constant_ones():
 # ---------------------------------------------------------------- the tiny demo end to end
 
 
-def tiny_demo_config():
-    return DemoConfig(
-        num_train=6,
-        num_heldout=2,
-        subjects_per_batch=4,
-        steps=12,
-        lr=2e-2,
-        encoder_steps=40,
-        judge_steps=20,
-        reference_images=6,
-        sample_steps=4,
-        curve_sizes=(3,),
-        grid_subjects=1,
-    )
-
-
-def test_tiny_demo_end_to_end_then_reused(tmp_path, one_thread):
-    base_cfg = load_config(CONFIGS / "digits-baseline.yaml", [*TINY, "train.max_steps=40"])
-    cfg = tiny_demo_config()
-    out = tmp_path / "demo"
-    report = run_demo(out, cfg, base_cfg, base_candidates=[], progress=False)
-    text = report.read_text()
+def test_tiny_demo_end_to_end_then_reused(tiny_demo, one_thread):
+    out, cfg, base_cfg = tiny_demo  # the session's tiny demo (conftest), run once
+    text = (out / "report.md").read_text()
     for method in ("fine-tuned", "pca-ridge", "nearest", "no LoRA"):
         assert f"| {method} |" in text
     for name in ("curve.png", "grid-s0006.png", "scores.json", "stages.json"):

@@ -21,7 +21,7 @@ peft = pytest.importorskip("peft")
 
 from peft import PeftModel  # noqa: E402
 
-from .conftest import tiny_unet2d_condition  # noqa: E402
+from .conftest import merged_by_hand, tiny_unet2d_condition  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 E_DIM, ZOO = 8, 24
@@ -37,15 +37,6 @@ def run(model, seed=1):
     x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
     with torch.no_grad():
         return model(x, torch.tensor([10, 500]), context).sample
-
-
-def merged_by_hand(unet, lora):
-    model = copy.deepcopy(unet)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, module in lora.modules.items():
-            modules[name].weight += module.delta()
-    return model
 
 
 def subject_lora(unet, embedding, maps):

@@ -10,6 +10,7 @@ from condlora.conditioning import cli as conditioning_cli
 from condlora.core.errors import CondloraError
 from condlora.evaluation import cli as evaluation_cli
 from condlora.lora import cli as lora_cli
+from condlora.serve import cli as serve_cli
 from condlora.synthesis import cli as synthesis_cli
 
 
@@ -36,6 +37,7 @@ REGISTRARS = (
     _register_info,
     evaluation_cli.register,
     lora_cli.register,
+    serve_cli.register,
     synthesis_cli.register,
 )
 

@@ -30,7 +30,7 @@ from condlora.diffusion import (
     iddpm_precond,
     make_precond,
 )
-from condlora.lora import conditioning, inject, lora_layers, merged
+from condlora.lora import conditioning, inject, lora_layers
 from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
 from condlora.nets.unet import COND_MODES
 
@@ -39,20 +39,12 @@ EMB_MODULES = {"small_unet": "embed", "adm": "time_embed", "ddpmpp": "map_act"}
 LORA_METHODS_SEEING_CLASS = ("class", "time+class", "uc")
 
 
-MERGEABLE_METHODS = ("time", "class", "time+class")  # w(c) known before the forward pass
-
-
-def _shared(x: torch.Tensor | None) -> bool:
-    """True if every row of x equals the first (None counts as shared)."""
-    return x is None or bool((x == x[:1]).all())
-
-
 class ConditionedNet(nn.Module):
     """Calls the backbone inside `conditioning(...)`, deriving t from its noise label.
 
-    Sampling fast path: in eval mode without gradients, when the whole batch shares its
-    noise level and class, TimeLoRA / ClassLoRA updates are merged into the weights for the
-    call (and restored exactly after), so the adapters cost nothing per position.
+    Sampling fast path: without gradients, when the whole batch shares its noise level and
+    class, every LoRA layer applies W + dW(w) as one weight (decided inside the layer, for
+    every method, UC-LoRA included), so the adapters cost nothing per position.
     """
 
     def __init__(self, net: nn.Module, precond: Preconditioner, pass_labels: bool) -> None:
@@ -61,9 +53,6 @@ class ConditionedNet(nn.Module):
         self.precond = precond
         self.pass_labels = pass_labels  # does the backbone itself take class labels?
         self.lora = list(lora_layers(net).values())
-        method = self.lora[0].state.config.method if self.lora else "none"
-        self.mergeable = method in MERGEABLE_METHODS
-        self.lora_reads_class = "class" in method
 
     def forward(
         self,
@@ -76,12 +65,6 @@ class ConditionedNet(nn.Module):
         t = self.precond.time_of_label(noise_labels)
         extra = {} if augment_labels is None else {"augment_labels": augment_labels}
         labels = class_labels if self.pass_labels else None
-        fast = self.mergeable and not self.training and not torch.is_grad_enabled()
-        fast = fast and not any(layer.merged for layer in self.lora)  # merged by the user
-        if fast and _shared(t) and (not self.lora_reads_class or _shared(class_labels)):
-            y = None if class_labels is None else class_labels[:1]
-            with merged(self.net, t=t[:1], y=y):
-                return self.net(x, noise_labels, labels, **extra)
         with conditioning(self.net, t=t, y=class_labels):
             return self.net(x, noise_labels, labels, **extra)
 

@@ -41,28 +41,61 @@ def generate(
     batch_size: int = 500,
     progress: bool = False,
 ) -> torch.Tensor:
-    """`num` images in [-1, 1] (N, 1, R, R), sampled in batches with a seeded generator."""
+    """`num` images in [-1, 1] (N, C, R, R), sampled in batches with a seeded generator.
+
+    Batches hold one class each (labels: (N,) indices or (N, K) class weights), so every
+    denoiser call shares its condition and the LoRA layers apply one merged weight; the
+    images come back in the order of `labels`. Starting noise: sample i gets the noise it
+    got before grouping (drawn in request order, batch_size samples at a time), so the
+    deterministic samplers (heun, ddim) give each sample the same image however the
+    samples are grouped. Stochastic samplers (ddpm, iddpm) draw their per-step noise
+    batch by batch; when the requested batches already share their class nothing is
+    regrouped and every draw is as before.
+    """
     device = next(denoiser.parameters()).device
     if labels is not None and cfg.diffusion.guidance != 1.0:
         denoiser = GuidedDenoiser(denoiser, cfg.diffusion.guidance, num_classes(cfg))
     generator = torch.Generator(device=device).manual_seed(seed)
-    res = cfg.data.resolution
-    out = []
-    for start in range(0, num, batch_size):
-        n = min(batch_size, num - start)
-        cond = {} if labels is None else {"class_labels": labels[start : start + n].to(device)}
-        x = sample(
-            denoiser,
-            (n, image_channels(cfg), res, res),
-            sampler=sampler or cfg.diffusion.sampler,
-            steps=steps or cfg.diffusion.sample_steps,
-            generator=generator,
-            device=device,
-            progress=progress,
-            **cond,
-        )
-        out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out)
+    shape = (image_channels(cfg), cfg.data.resolution, cfg.data.resolution)
+    run = {
+        "sampler": sampler or cfg.diffusion.sampler,
+        "steps": steps or cfg.diffusion.sample_steps,
+        "generator": generator,
+        "device": device,
+        "progress": progress,
+    }
+    chunks = [slice(i, min(i + batch_size, num)) for i in range(0, num, batch_size)]
+    if labels is None or all(_one_condition(labels[c]) for c in chunks):
+        out = []
+        for c in chunks:
+            cond = {} if labels is None else {"class_labels": labels[c].to(device)}
+            out.append(sample(denoiser, (c.stop - c.start, *shape), **run, **cond).cpu())
+        return torch.cat(out).clamp(-1, 1)
+    noise = torch.cat(
+        [torch.randn(c.stop - c.start, *shape, generator=generator, device=device) for c in chunks]
+    )
+    out = torch.empty(num, *shape)
+    for idx in class_groups(labels, batch_size):
+        cond = {"class_labels": labels[idx].to(device)}
+        x = sample(denoiser, (len(idx), *shape), noise=noise[idx.to(device)], **run, **cond)
+        out[idx] = x.cpu()
+    return out.clamp(-1, 1)
+
+
+def _one_condition(labels: torch.Tensor) -> bool:
+    """True if every row of labels is the same class (or class weights)."""
+    return torch.equal(labels, labels[:1].expand_as(labels))
+
+
+def class_groups(labels: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Sample indices grouped by class (equal rows of labels), in chunks of batch_size."""
+    _, group = torch.unique(labels, dim=0, return_inverse=True)
+    order = torch.sort(group, stable=True).indices  # by class, request order within one
+    counts = torch.bincount(group).tolist()
+    groups = []
+    for members in order.split(counts):
+        groups.extend(members.split(batch_size))
+    return groups
 
 
 def save_sample_grid(

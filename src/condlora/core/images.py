@@ -25,12 +25,9 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return scaled.to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int = 4) -> Path:
-    """Tile images (rows of `nrow`) with a 1-pixel border, upscale by `scale`, save an image.
-
-    The format follows the extension (see IMAGE_SUFFIXES); the file is written atomically.
-    """
-    path = check_image_path(path, "image file")
+def tile_grid(images: torch.Tensor, nrow: int = 10, scale: int = 4) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> one uint8 (H', W', C) picture: rows of `nrow` images with a
+    1-pixel white border, every pixel repeated `scale` times in both directions."""
     nrow = max(1, nrow)
     pixels = to_uint8(images)
     n, h, w, c = pixels.shape
@@ -39,7 +36,17 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int
     for i, img in enumerate(pixels):
         r, col = divmod(i, nrow)
         grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + col * (w + 1) : 1 + col * (w + 1) + w] = img
-    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    return grid.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int = 4) -> Path:
+    """Tile images (rows of `nrow`) with a 1-pixel border, upscale by `scale`, save an image.
+
+    The format follows the extension (see IMAGE_SUFFIXES); the file is written atomically.
+    """
+    path = check_image_path(path, "image file")
+    grid = tile_grid(images, nrow, scale)
+    c = grid.shape[2]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:

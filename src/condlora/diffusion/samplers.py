@@ -110,12 +110,18 @@ def sample(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    noise: Tensor | None = None,
     **cond: Tensor,
 ) -> Tensor:
-    """Draw samples: start from N(0, sigma_max^2) on the preconditioner's grid and run a sampler."""
+    """Draw samples: start from N(0, sigma_max^2) on the preconditioner's grid and run a sampler.
+
+    `noise` (shape `shape`, N(0, 1)) is the starting noise; drawn from `generator` if None.
+    """
     samplers = SAMPLERS | LEARNED_VARIANCE_SAMPLERS
     if sampler not in samplers:
         raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(samplers)}")
     sigmas = denoiser.precond.sampling_sigmas(steps)
-    x = _randn(tuple(shape), generator, device) * float(sigmas[0])
+    if noise is None:
+        noise = _randn(tuple(shape), generator, device)
+    x = noise.to(device) * float(sigmas[0])
     return samplers[sampler](denoiser, x, sigmas, generator=generator, progress=progress, **cond)

@@ -2,6 +2,11 @@
 
 Every composer has the same call, `forward(t=None, y=None, emb=None) -> (batch, m)`, reads
 only the inputs it needs, and exposes `num_weights` (= m).
+
+The composers of all L wrapped layers of one injection are evaluated together, once per
+forward pass: `batched(composers, t, y, emb) -> (L, batch, m)` stacks their parameters and
+runs each step as one batched op (a UC-LoRA MLP layer is one matmul for all L layers), so
+the cost does not grow with a Python loop over layers. `forward` is `batched` of one.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condlora.core import labels
@@ -70,7 +76,27 @@ def hat_table(num_rows: int, num_bases: int) -> Tensor:
     return table.float()
 
 
-class TimeComposer(nn.Module):
+def stack(tensors: list[Tensor]) -> Tensor:
+    """torch.stack, without a copy for a single tensor."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+class Composer(nn.Module):
+    """A composer's single call, as `batched` of itself; subclasses define `batched`."""
+
+    num_weights: int
+
+    @staticmethod
+    def batched(composers: list, t: object = None, y: object = None, emb: object = None) -> Tensor:
+        """(L, batch, m): the basis weights of L composers of this class at one condition."""
+        raise NotImplementedError
+
+    def forward(self, t: object = None, y: object = None, emb: object = None) -> Tensor:
+        """Basis weights (batch, m) at condition (t, y, emb)."""
+        return self.batched([self], t=t, y=y, emb=emb)[0]
+
+
+class TimeComposer(Composer):
     """TimeLoRA: w(t) = Omega[t*(T-1)], linearly interpolated between neighbouring rows."""
 
     def __init__(self, num_rows: int, num_bases: int) -> None:
@@ -78,24 +104,24 @@ class TimeComposer(nn.Module):
         self.num_weights = num_bases
         self.omega = nn.Parameter(hat_table(num_rows, num_bases))  # (T, m)
 
-    def forward(
-        self, t: Tensor | float | None = None, y: object = None, emb: object = None
-    ) -> Tensor:
-        """Interpolated table rows for normalised times t in [0, 1]."""
+    @staticmethod
+    def batched(composers: list, t: object = None, y: object = None, emb: object = None) -> Tensor:
+        """Interpolated table rows for normalised times t in [0, 1], every table at once."""
         if t is None:
             raise _missing("TimeLoRA", "t")
-        rows = self.omega.shape[0]
-        pos = time_input(t).to(self.omega.device) * (rows - 1)
+        omega = stack([c.omega for c in composers])  # (L, T, m)
+        rows = omega.shape[1]
+        pos = time_input(t).to(omega.device) * (rows - 1)
         # Snap positions within 1e-3 of an integer, so t = k/(T-1) in float32 hits row k exactly.
         near = pos.round()
         pos = torch.where((pos - near).abs() < 1e-3, near, pos)
         i0 = pos.floor().long().clamp(0, max(rows - 2, 0))
         i1 = (i0 + 1).clamp(max=rows - 1)
-        frac = (pos - i0).clamp(0, 1)[:, None].to(self.omega.dtype)
-        return self.omega[i0] * (1 - frac) + self.omega[i1] * frac
+        frac = (pos - i0).clamp(0, 1)[:, None].to(omega.dtype)
+        return omega[:, i0] * (1 - frac) + omega[:, i1] * frac
 
 
-class ClassComposer(nn.Module):
+class ClassComposer(Composer):
     """ClassLoRA: w = class weights (one-hot), or weights @ C with learned C (compositional)."""
 
     def __init__(self, num_classes: int, class_bases: int = 0) -> None:
@@ -107,16 +133,16 @@ class ClassComposer(nn.Module):
             # rows of norm ~1: every class starts with a comparable, generic mixture
             self.mix = nn.Parameter(torch.randn(num_classes, class_bases) / math.sqrt(class_bases))
 
-    def forward(
-        self, t: object = None, y: Tensor | int | None = None, emb: object = None
-    ) -> Tensor:
+    @staticmethod
+    def batched(composers: list, t: object = None, y: object = None, emb: object = None) -> Tensor:
         """Basis weights for class indices (batch,) or class weights (batch, num_classes)."""
         if y is None:
             raise _missing("ClassLoRA", "y")
-        w = class_weights(y, self.num_classes)
-        if self.mix is None:
-            return w
-        return w.to(self.mix.device, self.mix.dtype) @ self.mix
+        w = class_weights(y, composers[0].num_classes)
+        if composers[0].mix is None:  # one-hot selection: the same weights for every layer
+            return w.expand(len(composers), -1, -1)
+        mix = stack([c.mix for c in composers])  # (L, num_classes, class_bases)
+        return w.to(mix.device, mix.dtype) @ mix
 
 
 def _paper_linear(width_in: int, width_out: int) -> nn.Linear:
@@ -128,11 +154,14 @@ def _paper_linear(width_in: int, width_out: int) -> nn.Linear:
     return layer
 
 
-class UCComposer(nn.Module):
+class UCComposer(Composer):
     """UC-LoRA: MLP on the host's condition embedding, (Linear-GroupNorm-SiLU)* then Linear.
 
     As the paper's code builds it: every Linear (the last one, to the m bases, included)
     starts Kaiming-normal with zero bias; `groups` is an int or "auto" (`mlp_group_count`).
+    Every layer's MLP reads the same embedding, so `batched` runs the L MLPs as one: the
+    first Linear as one matmul with the L weights stacked along the output, the later ones
+    as one batched matmul (L, batch, width) @ (L, width, width').
     """
 
     def __init__(self, emb_dim: int, widths: list[int], groups: int | str, num_bases: int) -> None:
@@ -148,38 +177,69 @@ class UCComposer(nn.Module):
         layers.append(_paper_linear(width_in, num_bases))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, t: object = None, y: object = None, emb: Tensor | None = None) -> Tensor:
-        """MLP output (batch, m) for an embedding of shape (batch, emb_dim)."""
+    @staticmethod
+    def batched(composers: list, t: object = None, y: object = None, emb: object = None) -> Tensor:
+        """MLP outputs (L, batch, m) for an embedding of shape (batch, emb_dim)."""
+        emb_dim = composers[0].emb_dim
         if emb is None:
             hint = " or set LoRAConfig.emb_module so the host's embedding is captured"
             raise _missing("UC-LoRA", "emb", hint)
-        if emb.dim() != 2 or emb.shape[1] != self.emb_dim:
+        if emb.dim() != 2 or emb.shape[1] != emb_dim:
             raise LoRAError(
-                f"UC-LoRA emb must have shape (batch, {self.emb_dim}), got {tuple(emb.shape)}"
+                f"UC-LoRA emb must have shape (batch, {emb_dim}), got {tuple(emb.shape)}"
             )
-        first = self.mlp[0].weight
-        return self.mlp(emb.to(first.device, first.dtype))
+        mlps = [c.mlp for c in composers]
+        first = mlps[0][0].weight
+        # first Linear: the L weights stacked along the output, one matmul -> (batch, L*width)
+        h = F.linear(
+            emb.to(first.device, first.dtype),
+            torch.cat([mlp[0].weight for mlp in mlps]),
+            torch.cat([mlp[0].bias for mlp in mlps]),
+        )
+        h = h.view(emb.shape[0], len(mlps), -1).transpose(0, 1)  # (L, batch, width)
+        for i, module in enumerate(mlps[0][1:], start=1):  # the depth, not the layers
+            if isinstance(module, nn.SiLU):
+                h = F.silu(h)
+            elif isinstance(module, nn.GroupNorm):
+                h = _stacked_group_norm(h, [mlp[i] for mlp in mlps])
+            else:  # Linear: (L, batch, width) @ (L, width, width') + bias, one batched matmul
+                weight = stack([mlp[i].weight for mlp in mlps]).transpose(1, 2)
+                h = torch.baddbmm(stack([mlp[i].bias for mlp in mlps]).unsqueeze(1), h, weight)
+        return h
 
 
-class ConcatComposer(nn.Module):
+def _stacked_group_norm(h: Tensor, norms: list[nn.GroupNorm]) -> Tensor:
+    """GroupNorm of each of the L layers on its slice of h (L, batch, width), at once."""
+    num, batch, width = h.shape
+    normed = F.group_norm(h.reshape(num * batch, width), norms[0].num_groups, eps=norms[0].eps)
+    gamma = stack([n.weight for n in norms]).unsqueeze(1)
+    beta = stack([n.bias for n in norms]).unsqueeze(1)
+    return torch.addcmul(beta, normed.view(num, batch, width), gamma)
+
+
+class ConcatComposer(Composer):
     """Several banks fused into one: w = cat(w_1, w_2, ...), batch 1 broadcast to batch B."""
 
-    def __init__(self, **parts: nn.Module) -> None:
+    def __init__(self, **parts: Composer) -> None:
         super().__init__()
         self.parts = nn.ModuleDict(parts)
         self.num_weights = sum(p.num_weights for p in parts.values())
 
-    def forward(self, t: object = None, y: object = None, emb: object = None) -> Tensor:
+    @staticmethod
+    def batched(composers: list, t: object = None, y: object = None, emb: object = None) -> Tensor:
         """Concatenated basis weights of every part."""
-        ws = [part(t=t, y=y, emb=emb) for part in self.parts.values()]
-        batch = max(w.shape[0] for w in ws)
-        if any(w.shape[0] not in (1, batch) for w in ws):
-            sizes = [w.shape[0] for w in ws]
+        ws = []
+        for key, part in composers[0].parts.items():
+            same_parts = [c.parts[key] for c in composers]
+            ws.append(type(part).batched(same_parts, t=t, y=y, emb=emb))
+        batch = max(w.shape[1] for w in ws)
+        if any(w.shape[1] not in (1, batch) for w in ws):
+            sizes = [w.shape[1] for w in ws]
             raise LoRAError(f"condition batch sizes {sizes} do not broadcast")
-        return torch.cat([w.to(ws[0].device).expand(batch, -1) for w in ws], dim=1)
+        return torch.cat([w.to(ws[0].device).expand(-1, batch, -1) for w in ws], dim=2)
 
 
-def build_composer(config: LoRAConfig, emb_dim: int | None = None) -> nn.Module:
+def build_composer(config: LoRAConfig, emb_dim: int | None = None) -> Composer:
     """A fresh composer for one wrapped layer, as the config's method asks."""
     if config.method == "time":
         return TimeComposer(config.num_time_rows, config.num_bases)

@@ -13,7 +13,7 @@ from condlora.lora.composers import build_composer
 from condlora.lora.config import LoRAConfig
 from condlora.lora.context import lora_layers
 from condlora.lora.layer import CondLoRALayer, check_target
-from condlora.lora.state import ConditionState, EmbCapture, EmbReset
+from condlora.lora.state import ConditionState, EmbCapture, PassScope
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -91,8 +91,8 @@ def inject(model: nn.Module, config: LoRAConfig) -> list[str]:
         _replace(model, name, layer)
     if config.method == "uc" and config.emb_module is not None:
         modules[config.emb_module].register_forward_hook(EmbCapture(state))
-        model.register_forward_pre_hook(EmbReset(state))
-        model.register_forward_hook(EmbReset(state))
+    model.register_forward_pre_hook(PassScope(state, begin=True))
+    model.register_forward_hook(PassScope(state, begin=False), always_call=True)
     return names
 
 
@@ -101,7 +101,7 @@ def _remove_hooks(model: nn.Module) -> None:
     for module in model.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
             for key, hook in list(hooks.items()):
-                if isinstance(hook, (EmbCapture, EmbReset)):
+                if isinstance(hook, (EmbCapture, PassScope)):
                     del hooks[key]
                     getattr(module, "_forward_hooks_with_kwargs", {}).pop(key, None)
                     getattr(module, "_forward_hooks_always_called", {}).pop(key, None)

@@ -6,6 +6,13 @@ A: (m*r, d_in), B: (d_out, m*r), E: (m, d_out). Rows i*r:(i+1)*r of A (and the s
 columns of B) are basis i, so all m bases are one rank m*r update: one A and one B matmul.
 Linear and 1x1 convs differ only in the axis that holds channels (last vs 1).
 
+Two paths compute the same function:
+- low-rank (training, or rows of w(c) that differ): W x + b and A x come from one matmul
+  with [W; A] stacked, then the B product; every basis and sample in the same ops.
+- merged (no gradients, every row of w(c) equal, e.g. a sampling batch that shares its
+  noise level and class): W + s B diag(w ⊗ 1_r) A is formed once per call and applied as
+  the base layer's weight, so the LoRA costs one small matmul per call, not per position.
+
 With `bias_per_rank` E has m*r rows and the bias term is (w ⊗ 1_r) E, as the paper's code
 parametrises it: the same functions (basis i's bias is the sum of its r rows), with r
 times the parameters.
@@ -18,7 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
+from condlora.lora.lowrank import StackedLoRA
 from condlora.lora.state import ConditionState
+
+_CONV = {3: F.conv1d, 4: F.conv2d}  # 1x1 conv by input dimensions
 
 
 def check_target(name: str, module: nn.Module) -> None:
@@ -55,6 +65,8 @@ class CondLoRALayer(nn.Module):
     ) -> None:
         super().__init__()
         check_target(type(base_layer).__name__, base_layer)
+        if rank != state.config.rank:
+            raise LoRAError(f"rank {rank} differs from the condition state's {state.config.rank}")
         self.base_layer = base_layer
         self.is_conv = not isinstance(base_layer, nn.Linear)
         weight = base_layer.weight
@@ -63,8 +75,9 @@ class CondLoRALayer(nn.Module):
         self.rank, self.num_bases, self.scale = rank, m, scale
         self.composer = composer.to(device=weight.device, dtype=weight.dtype)
         self.state = state
+        self.index = state.register(self.composer)  # this wrapper's row of the state's w
         kw = {"device": weight.device, "dtype": weight.dtype}
-        # A ~ N(0, (1/r)^2), B = 0, E = 0: a fresh wrapper computes exactly the base layer
+        # A ~ N(0, (1/r)^2), B = 0, E = 0: a fresh wrapper computes the base layer
         self.lora_A = nn.Parameter(torch.randn(m * rank, d_in, **kw) / rank)
         self.lora_B = nn.Parameter(torch.zeros(d_out, m * rank, **kw))
         e_rows = m * rank if bias_per_rank else m
@@ -85,14 +98,21 @@ class CondLoRALayer(nn.Module):
         return self.base_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        """Base output plus the LoRA update at the current condition (skipped while merged)."""
-        out = self.base_layer(x)
-        if self.merged:
-            return out
-        return out + self.lora_update(x, self.composer(**self.state.inputs()))
+        """Base output plus the LoRA update at the current condition (skipped while merged).
 
-    def lora_update(self, x: Tensor, w: Tensor) -> Tensor:
-        """s * (B ((w ⊗ 1_r) ⊙ A x) + w E) for input x and basis weights w (batch or 1, m)."""
+        Without gradients, when every row of w(c) is the same (the batch shares its noise
+        level and class) and a merged weight is the cheaper path, W + dW(w) is applied as
+        one weight; otherwise the low-rank path runs.
+        """
+        if self.merged:
+            return self.base_layer(x)
+        ws, w = self.state.lora_weights(self.index)  # w ⊗ 1_r, w
+        self._check(x, w)
+        if not torch.is_grad_enabled() and self._merge_pays(x) and self.state.shared():
+            return self._forward_merged(x, ws[0], w[0])
+        return self._forward_lowrank(x, ws, w)
+
+    def _check(self, x: Tensor, w: Tensor) -> None:
         if w.dim() != 2 or w.shape[1] != self.num_bases:
             raise LoRAError(
                 f"basis weights must be (batch, {self.num_bases}), got {tuple(w.shape)}"
@@ -102,16 +122,62 @@ class CondLoRALayer(nn.Module):
             raise LoRAError(f"{self._kind()} LoRA needs batched input, got shape {tuple(x.shape)}")
         if w.shape[0] not in (1, x.shape[0]):
             raise LoRAError(f"condition batch {w.shape[0]} does not match input batch {x.shape[0]}")
-        xc = x.movedim(1, -1) if self.is_conv else x  # channels last
-        h = F.linear(xc, self.lora_A)  # (batch, ..., m*r)
-        w = w.to(device=h.device, dtype=h.dtype)
-        shape = (w.shape[0],) + (1,) * (h.dim() - 2) + (-1,)  # broadcast over positions
-        h = h * w.repeat_interleave(self.rank, dim=1).view(shape)  # (w ⊗ 1_r) ⊙ A x
-        delta = F.linear(h, self.lora_B)
+
+    def _merge_pays(self, x: Tensor) -> bool:
+        """Is W + dW cheaper than the low-rank path? dW costs d_out*d_in*m*r multiply-adds
+        once per call, the low-rank path (d_in + d_out)*m*r per position, and more ops; on
+        CPU the merged weight wins from about a quarter of the flop break-even (measured,
+        docs/PERFORMANCE.md), so positions*(d_in + d_out) >= d_in*d_out / 4 decides."""
+        d_out, d_in = self.lora_B.shape[0], self.lora_A.shape[1]
+        positions = x.numel() // d_in
+        return 4 * positions * (d_in + d_out) >= d_in * d_out
+
+    def _forward_lowrank(self, x: Tensor, ws: Tensor, w: Tensor) -> Tensor:
+        """W x + b and A x from one matmul ([W; A] stacked), then + s B ((w ⊗ 1_r) ⊙ A x)
+        + s w E: `StackedLoRA`, on x as rows (samples, positions, channels), or for a conv
+        on channels-first memory as it is."""
+        base = self.base_layer
+        rows = x.movedim(1, -1) if self.is_conv else x  # channels last
+        channels_first = self.is_conv and not rows.is_contiguous()
+        ws, w = ws * self.scale, w * self.scale
+        extra = None
         if self.lora_E is not None:
-            delta = delta + (self._bias_weights(w) @ self.lora_E).view(shape)
-        delta = self.scale * delta
-        return delta.movedim(-1, 1) if self.is_conv else delta
+            extra = (self._bias_weights(ws, w) @ self.lora_E)[:, None]
+        y = StackedLoRA.apply(
+            x if channels_first else rows.reshape(rows.shape[0], -1, rows.shape[-1]),
+            channels_first,
+            base.weight.reshape(base.weight.shape[0], -1),
+            base.bias,
+            self.lora_A,
+            self.lora_B,
+            ws[:, None],
+            extra,
+        )
+        y = y.view(*rows.shape[:-1], y.shape[-1])
+        if not self.is_conv:
+            return y
+        y = y.movedim(-1, 1)  # a channels-last view
+        return y.contiguous() if channels_first else y  # the input's memory layout
+
+    def _forward_merged(self, x: Tensor, ws: Tensor, w: Tensor) -> Tensor:
+        """The base layer's op with weight W + s B diag(w ⊗ 1_r) A and bias b + s w E at
+        one condition (ws = w ⊗ 1_r (m*r,), w (m,)): formed once per call, so the LoRA
+        costs nothing per position."""
+        base = self.base_layer
+        d_out, s = self.lora_B.shape[0], self.scale
+        # one op each; exactly W and b while B = 0 and E = 0
+        weight = torch.addmm(base.weight.reshape(d_out, -1), self.lora_B * ws, self.lora_A, alpha=s)
+        weight = weight.view(base.weight.shape)
+        bias = base.bias
+        if self.lora_E is not None:
+            bias_w = self._bias_weights(ws, w).to(self.lora_E.dtype)  # bf16 under autocast
+            if bias is None:
+                bias = torch.mv(self.lora_E.t(), bias_w) * s
+            else:
+                bias = torch.addmv(bias, self.lora_E.t(), bias_w, alpha=s)
+        if not self.is_conv:
+            return F.linear(x, weight, bias)
+        return _CONV[x.dim()](x, weight, bias)
 
     def _single(self, w: Tensor) -> Tensor:
         """Basis weights (m,) of a single condition: w of shape (m,), (1, m) or equal rows."""
@@ -126,21 +192,20 @@ class CondLoRALayer(nn.Module):
 
     def get_delta_weight(self, w: Tensor) -> Tensor:
         """dW = s * B diag(w ⊗ 1_r) A at one condition, shaped like the base weight."""
-        w = self._single(w).to(self.lora_B)
-        delta = self.scale * (self.lora_B * w.repeat_interleave(self.rank)) @ self.lora_A
+        ws = (self._single(w).to(self.lora_B) * self.scale).repeat_interleave(self.rank)
+        delta = (self.lora_B * ws) @ self.lora_A
         return delta.reshape(self.base_layer.weight.shape)
 
     def get_delta_bias(self, w: Tensor) -> Tensor | None:
         """db = s * w E at one condition (None without per-basis bias)."""
         if self.lora_E is None:
             return None
-        return self.scale * (self._bias_weights(self._single(w).to(self.lora_E)) @ self.lora_E)
+        w = self._single(w).to(self.lora_E) * self.scale
+        return self._bias_weights(w.repeat_interleave(self.rank), w) @ self.lora_E
 
-    def _bias_weights(self, w: Tensor) -> Tensor:
-        """w, or w ⊗ 1_r when E has one row per rank-1 component."""
-        if self.lora_E.shape[0] == self.num_bases:
-            return w
-        return w.repeat_interleave(self.rank, dim=-1)
+    def _bias_weights(self, ws: Tensor, w: Tensor) -> Tensor:
+        """The weights of E's rows: w, or w ⊗ 1_r when E has one row per rank-1 component."""
+        return w if self.lora_E.shape[0] == self.num_bases else ws
 
     @torch.no_grad()
     def merge(self, w: Tensor) -> None:

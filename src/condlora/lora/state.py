@@ -1,14 +1,25 @@
-"""The condition shared by all wrappers of one injection, and the hooks that capture `emb`."""
+"""The condition shared by all wrappers of one injection, and the hooks that capture `emb`.
+
+The state also evaluates the composers of every wrapper together: within one forward pass
+of the injected model (marked by `PassScope` hooks) the first wrapper to ask computes the
+basis weights of all L wrappers in one batched call, the others read their row.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
 from condlora.lora.composers import check_class_range, class_weights, time_input
 from condlora.lora.config import LoRAConfig
+
+
+def _rows_equal(x: Tensor | None) -> bool:
+    """True if x is None, has one row, or every row equals the first."""
+    return x is None or x.shape[0] == 1 or torch.equal(x, x[:1].expand_as(x))
 
 
 class ConditionState:
@@ -20,6 +31,63 @@ class ConditionState:
         self.y: Tensor | None = None  # (batch, num_classes) float class weights
         self.emb: Tensor | None = None  # (batch, emb_dim), given explicitly
         self.captured_emb: Tensor | None = None  # (batch, emb_dim), from the emb_module hook
+        self.composers: list[nn.Module] = []  # every wrapper's composer, in wrapping order
+        self.in_pass = False  # inside a forward pass of the injected model
+        self._weights: tuple[Tensor, Tensor] | None = None  # `lora_weights` of all L wrappers
+        self._shared: bool | None = None  # do all rows of the condition agree?
+
+    def register(self, composer: nn.Module) -> int:
+        """Add a wrapper's composer; returns its row in `basis_weights`."""
+        self.composers.append(composer)
+        return len(self.composers) - 1
+
+    def lora_weights(self, index: int) -> tuple[Tensor, Tensor]:
+        """(w ⊗ 1_r, w) of wrapper `index` at the current condition, shapes (batch or 1,
+        m*r) and (batch or 1, m): the factor on the rows of A x, and on the rows of E.
+
+        In a forward pass of the injected model every composer runs at the first request,
+        as one batched call for all L wrappers; outside one (a wrapper called directly)
+        each runs alone.
+        """
+        if not self.in_pass:
+            w = self.composers[index](**self.inputs())
+            return w.repeat_interleave(self.config.rank, dim=-1), w
+        if self._weights is None:
+            w = type(self.composers[0]).batched(self.composers, **self.inputs())
+            self._weights = (w.repeat_interleave(self.config.rank, dim=-1), w)
+        ws, w = self._weights
+        return ws[index], w[index]
+
+    def shared(self) -> bool:
+        """True if every row of the condition is the same (then so is every row of w(c)).
+
+        Composers act row by row, so equal rows of t, y and emb give equal rows of w; the
+        inputs are checked once per condition rather than w once per wrapper.
+        """
+        if self._shared is None:
+            inputs = self.inputs()
+            self._shared = all(_rows_equal(inputs[k]) for k in ("t", "y", "emb"))
+        return self._shared
+
+    def _changed(self) -> None:
+        self._weights, self._shared = None, None
+
+    def begin_pass(self) -> None:
+        """A forward pass of the injected model starts: nothing of an earlier pass is kept."""
+        self.captured_emb = None
+        self._changed()
+        self.in_pass = True
+
+    def end_pass(self) -> None:
+        """The pass ended (or raised): drop its tensors, so no graph is held or reused."""
+        self.captured_emb = None
+        self._changed()
+        self.in_pass = False
+
+    def capture(self, emb: Tensor) -> None:
+        """Store the embedding the host computed in this pass."""
+        self.captured_emb = emb
+        self._changed()
 
     def snapshot(self) -> tuple[Any, Any, Any]:
         """The explicit condition as stored (already checked), for `restore`."""
@@ -28,6 +96,7 @@ class ConditionState:
     def restore(self, snapshot: tuple[Any, Any, Any]) -> None:
         """Put back a condition taken by `snapshot` (no second check or conversion)."""
         self.t, self.y, self.emb = snapshot
+        self._changed()
 
     def set(self, t: Any = None, y: Any = None, emb: Any = None) -> None:
         """Check and store a user condition; inputs that the method does not read are ignored."""
@@ -40,6 +109,7 @@ class ConditionState:
         else:
             self.y = None
         self.emb = emb if method == "uc" else None
+        self._changed()
 
     def inputs(self) -> dict[str, Tensor | None]:
         """Keyword inputs for a composer; an explicit emb wins over the captured one."""
@@ -61,18 +131,22 @@ class EmbCapture:
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         """Store the module's output (first element if it returns a tuple)."""
-        self.state.captured_emb = output[0] if isinstance(output, (tuple, list)) else output
+        self.state.capture(output[0] if isinstance(output, (tuple, list)) else output)
 
 
-class EmbReset:
-    """Pre- and post-forward hook on the injected model: forget the emb of an earlier pass.
+class PassScope:
+    """Pre- (begin) and always-called post-forward (end) hook on the injected model.
 
-    Clearing after the pass also keeps the model deep-copyable (no graph tensor held).
+    Ending the pass drops its tensors, which also keeps the model deep-copyable.
     """
 
-    def __init__(self, state: ConditionState) -> None:
+    def __init__(self, state: ConditionState, begin: bool) -> None:
         self.state = state
+        self.begin = begin
 
     def __call__(self, module: nn.Module, *args: Any) -> None:
-        """Drop the captured embedding."""
-        self.state.captured_emb = None
+        """Mark the start or the end of a forward pass."""
+        if self.begin:
+            self.state.begin_pass()
+        else:
+            self.state.end_pass()

@@ -1,7 +1,8 @@
 """The demo's settings: sizes of the zoo, fine-tuning, encoder and scoring, with two presets.
 
 `DemoConfig()` is the full demo (200 training and 40 held-out subjects); `quick()` a smaller
-one for a first look; the test suite builds a tiny one by hand.
+one for a first look; `tiny()` one that the test suite (and a screenshot without a real demo)
+builds in seconds.
 """
 
 from __future__ import annotations
@@ -108,3 +109,20 @@ class DemoConfig:
 def quick() -> DemoConfig:
     """A smaller demo for a first look: 60 training and 12 held-out subjects, lighter scoring."""
     return DemoConfig(num_train=60, num_heldout=12, steps=100, encoder_steps=500)
+
+
+def tiny() -> DemoConfig:
+    """A demo of 6 training and 2 held-out subjects that runs in seconds (for tests)."""
+    return DemoConfig(
+        num_train=6,
+        num_heldout=2,
+        subjects_per_batch=4,
+        steps=12,
+        lr=2e-2,
+        encoder_steps=40,
+        judge_steps=20,
+        reference_images=6,
+        sample_steps=4,
+        curve_sizes=(3,),
+        grid_subjects=1,
+    )

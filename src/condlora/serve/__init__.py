@@ -1,0 +1,11 @@
+"""`condlora serve`: a local web page (gradio, the `demo` extra) to try both halves.
+
+synthesis     the Synthesis tab's work: a digits demo folder, LoRAs written from embeddings
+conditioning  the Conditioning tab's work: trained runs, class grids, class weights
+uploads       visitors' images and drawings checked and turned into digits
+downloads     a LoRA as one downloadable file (peft zipped, diffusers, kohya)
+plots         the embedding scatter and the TimeLoRA heat map (matplotlib)
+page          the page (gradio): synthesis_page, conditioning_page, widgets
+server        the temporary folder, the gradio settings, launch and shutdown
+cli           `condlora serve`
+"""

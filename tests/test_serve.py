@@ -1,0 +1,360 @@
+"""`condlora serve`: the page's work (uploads, downloads, demo, runs) and the page itself,
+driven by a real headless browser (playwright with the system's Chromium)."""
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from condlora.conditioning.config import load_config
+from condlora.conditioning.generate import generate
+from condlora.conditioning.runs import train_or_reuse
+from condlora.core.errors import CondloraError, DataError
+from condlora.lora.formats import read_lora
+from condlora.serve import uploads
+from condlora.serve.conditioning import RunCache, class_grid, find_runs, sweep, weighted_grid
+from condlora.serve.downloads import lora_download
+from condlora.serve.plots import pca_2d, project
+from condlora.serve.server import load_demo
+from condlora.serve.synthesis import GRID_ROWS, SynthDemo
+from condlora.synthesis.collection import LoRADataset
+
+from .conftest import CONFIGS, TINY
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def delta(weights):
+    """module -> dW = scale * B A (conv factors flattened): what a LoRA computes."""
+    out = {}
+    for name, m in weights.modules.items():
+        a, b = m.A.reshape(m.A.shape[0], -1), m.B.reshape(m.B.shape[0], -1)
+        out[name] = m.scale * b.double() @ a.double()
+    return out
+
+
+def assert_same_update(got, want):
+    got, want = delta(got), delta(want)
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-5), name
+
+
+def nearest_training_lora(folder: Path, subject: str):
+    """The training LoRA whose subject's embedding has the largest cosine with `subject`'s,
+    read plainly from the demo's files."""
+    from safetensors.torch import load_file
+
+    query = load_file(folder / "embeddings.safetensors")[subject]
+    train = LoRADataset(folder / "dataset" / "train.safetensors")
+    keys = torch.from_numpy(np.array(train.embeddings))
+    cosines = [float(k @ query / (k.norm() * query.norm())) for k in keys]
+    return train.lora(int(np.argmax(cosines)))
+
+
+# ---------------------------------------------------------------- uploads
+
+
+def _png(path: Path, pixels: np.ndarray) -> Path:
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _stroke(size: int = 64, dark_on_light: bool = True) -> np.ndarray:
+    """A vertical bar off-centre, 8 px wide, as a photo of a '1' on paper would be."""
+    ink = np.zeros((size, size), dtype=np.uint8)
+    ink[10:50, 40:48] = 255
+    return 255 - ink if dark_on_light else ink
+
+
+def test_bad_uploads_are_refused_in_one_line_naming_the_file(tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    with pytest.raises(DataError, match="notes.png is not an image"):
+        uploads.load_uploads([text], 16)
+    tiny = _png(tmp_path / "tiny.png", np.zeros((4, 40), dtype=np.uint8))
+    with pytest.raises(DataError, match="tiny.png is 40 x 4 pixels"):
+        uploads.load_uploads([tiny], 16)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\x89PNG" + bytes(uploads.MAX_BYTES))
+    with pytest.raises(DataError, match="big.png is too large"):
+        uploads.load_uploads([big], 16)
+    good = _png(tmp_path / "one.png", _stroke())
+    with pytest.raises(DataError, match="too many images: 33"):
+        uploads.load_uploads([good] * (uploads.MAX_FILES + 1), 16)
+    with pytest.raises(DataError, match="no images"):
+        uploads.load_uploads([], 16)
+    blank = _png(tmp_path / "blank.png", np.full((20, 20), 255, dtype=np.uint8))
+    with pytest.raises(DataError, match="blank.png is blank"):
+        uploads.load_uploads([blank], 16)
+
+
+def test_a_picture_becomes_a_centred_bright_digit_whatever_its_paper(tmp_path):
+    dark = uploads.load_uploads([_png(tmp_path / "a.png", _stroke())], 16)
+    light = uploads.load_uploads([_png(tmp_path / "b.png", _stroke(dark_on_light=False))], 16)
+    assert dark.shape == (1, 1, 16, 16)
+    assert torch.allclose(dark, light, atol=1e-6)  # ink is ink, on light or dark paper
+    digit = dark[0, 0]
+    assert float(digit.max()) == 1.0 and float(digit.min()) == -1.0
+    ink = (digit > 0).nonzero().float()
+    # the 40 x 8 bar fills the square's height but for the margins, centred
+    rows = int(ink[:, 0].max() - ink[:, 0].min()) + 1
+    assert abs(rows - 16 * (1 - 2 * uploads.MARGIN)) <= 1.5
+    assert abs(float(ink.mean(0)[0]) - 7.5) <= 0.6 and abs(float(ink.mean(0)[1]) - 7.5) <= 0.6
+    assert (digit[:, :3] == -1).all() and (digit[:, -3:] == -1).all()  # background left and right
+
+
+def test_a_canvas_is_read_as_ink_on_paper_and_an_empty_one_as_nothing():
+    canvas = np.zeros((64, 64, 4), dtype=np.uint8)  # transparent everywhere: white paper
+    assert uploads.drawing_grey({"composite": canvas}) is None
+    canvas[10:50, 30:36] = (0, 0, 0, 255)  # a black stroke
+    grey = uploads.drawing_grey({"composite": canvas})
+    assert grey[20, 32] == 0.0 and grey[0, 0] == 1.0
+    digit = uploads.to_digit(grey, 16)
+    assert digit.shape == (1, 16, 16) and float(digit.max()) == 1.0
+
+
+# ---------------------------------------------------------------- downloads
+
+
+@pytest.mark.parametrize("layout", ["peft", "diffusers", "kohya"])
+def test_a_download_reads_back_as_the_same_lora(tmp_path, layout):
+    from .synth_common import SPEC
+
+    vector = torch.randn(SPEC.size, generator=torch.Generator().manual_seed(1))
+    weights = SPEC.unflatten(vector)
+    path = lora_download(weights, layout, tmp_path / "downloads", "s0001/pca ridge")
+    assert path.parent.parent == tmp_path / "downloads"
+    suffix = ".zip" if layout == "peft" else ".safetensors"
+    assert path.name == f"s0001_pca_ridge-{layout}{suffix}"
+    if layout == "peft":
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(tmp_path / "unzipped")
+        path = tmp_path / "unzipped" / f"s0001_pca_ridge-{layout}"
+    base = SPEC.modules if layout == "kohya" else None  # kohya names need the base's modules
+    assert_same_update(read_lora(path, base), weights)
+
+
+# ---------------------------------------------------------------- the PCA plot
+
+
+def test_pca_plane_matches_the_covariance_eigenvectors():
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(0)) * torch.arange(1.0, 7.0)
+    mean, components = pca_2d(x)
+    centred = (x - x.mean(0)).double().numpy()
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    top = vectors[:, np.argsort(values)[::-1][:2]]  # the two largest-variance directions
+    got = project(x, mean, components).numpy()
+    want = centred @ top
+    for k in range(2):  # up to the sign of each direction
+        assert np.allclose(np.abs(got[:, k]), np.abs(want[:, k]), atol=1e-8)
+
+
+# ---------------------------------------------------------------- the demo folder
+
+
+def test_the_demo_writes_the_nearest_lora_and_samples_with_common_noise(tiny_demo, one_thread):
+    folder = tiny_demo[0]
+    demo = SynthDemo(folder)
+    assert demo.methods()[:2] == ["pca-ridge", "nearest"]
+    assert [name for _, name in demo.heldout_subjects()] == ["s0006", "s0007"]
+    written = demo.write_lora("nearest", demo.subject_embedding("s0007"))
+    assert_same_update(written.weights, nearest_training_lora(folder, "s0007"))
+    base = demo.samples(None, seed=3)
+    assert base.shape == (10 * GRID_ROWS, 1, 16, 16)
+    assert torch.equal(base, demo.samples(None, seed=3))
+    zero = demo.data.spec.unflatten(torch.zeros(demo.data.spec.size))
+    assert torch.allclose(demo.samples(zero, seed=3), base, atol=1e-5)  # same noise, no LoRA
+    assert not torch.allclose(demo.samples(demo.finetuned("s0007"), seed=3), base, atol=1e-3)
+    assert demo.finetuned("s0000") is None  # a training subject has no held-out ceiling
+    with pytest.raises(DataError, match="unknown method"):
+        demo.write_lora("magic", demo.subject_embedding("s0007"))
+
+
+def test_trained_synthesis_models_of_the_demo_are_methods_too(tmp_path, tiny_demo, one_thread):
+    from condlora.synthesis.config import load_synth_config
+    from condlora.synthesis.training import train_baseline
+
+    folder = tmp_path / "demo"
+    shutil.copytree(tiny_demo[0], folder)
+    dataset = folder / "dataset" / "train.safetensors"
+    cfg = load_synth_config(None, ["method=nearest", f"dataset={dataset}"])
+    model = train_baseline(cfg, folder / "methods" / "nearest-model")
+    (folder / "methods" / "vae-seed0").mkdir()  # a VAE alone is no method
+    shutil.copy(model / "model.safetensors", folder / "methods" / "vae-seed0")
+    demo = SynthDemo(folder)
+    assert demo.methods() == ["pca-ridge", "nearest", "nearest-model"]
+    written = demo.write_lora("nearest-model", demo.subject_embedding("s0006"), seed=1)
+    assert_same_update(written.weights, nearest_training_lora(folder, "s0006"))
+
+
+def test_a_missing_or_foreign_demo_folder_is_one_clear_line(tmp_path, tiny_demo):
+    demo, problem = load_demo(tmp_path / "nowhere", None, explicit=False)
+    assert demo is None and "condlora synth demo --out" in problem
+    with pytest.raises(DataError, match="demo folder not found"):
+        load_demo(tmp_path / "nowhere", None, explicit=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no demo.json"):
+        SynthDemo(tmp_path / "empty")
+    with pytest.raises(CondloraError, match="no finished run|run folder"):
+        SynthDemo(tiny_demo[0], base=tmp_path / "empty")
+
+
+# ---------------------------------------------------------------- runs of condlora train
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory):
+    """A folder holding one tiny ClassLoRA + TimeLoRA run (10 steps) and one foreign file."""
+    root = tmp_path_factory.mktemp("runs")
+    cfg = load_config(CONFIGS / "digits-classlora.yaml", [*TINY, "train.max_steps=10"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_or_reuse(cfg, root / "classlora", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    (root / "notes" / "deep").mkdir(parents=True)
+    (root / "notes" / "deep" / "checkpoint.safetensors").write_text("not a checkpoint")
+    return root
+
+
+def test_runs_are_found_and_sampled_with_class_weights(runs_root, one_thread):
+    assert find_runs(runs_root) == ["classlora"]  # the damaged checkpoint is left out
+    run = RunCache(runs_root).get("classlora")
+    assert run.classes == 10 and run.class_lora and len(run.tables()) > 0
+    images, columns = class_grid(run, None, 1.0, 3, seed=2, per_row=2)
+    assert images.shape == (20, 1, 16, 16) and columns == 2
+    one_hot = weighted_grid(run, {7: 1.0}, 1.0, 3, seed=2, count=2)
+    labels = torch.full((2,), 7)
+    plain = generate(run.denoiser, run.cfg, 2, labels, steps=3, seed=2)
+    assert torch.allclose(one_hot, plain, atol=1e-5)  # weight 1 on a class is that class
+    path, cols = sweep(run, 7, 1, 1.0, 3, seed=2, rows=2)
+    assert cols == 9 + 4 and path.shape == (2 * cols, 1, 16, 16)
+    assert torch.allclose(path.reshape(2, cols, 1, 16, 16)[:, 0], plain, atol=1e-5)
+    with pytest.raises(DataError, match="class 12 is not one of"):
+        class_grid(run, 12, 1.0, 3, seed=0, per_row=1)
+    with pytest.raises(DataError, match="no run"):
+        RunCache(runs_root).get("../elsewhere")
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):
+    import importlib.util
+
+    from condlora.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a)
+    )
+    assert main(["serve", "--port", "7861"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "condlora: error: condlora serve needs gradio (the demo extra): pip install -e '.[demo]'"
+    ]
+
+
+# ---------------------------------------------------------------- the page in a browser
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path, tiny_demo, runs_root):
+    """`condlora serve` in a subprocess on a free port, its temporary folder under tmp_path."""
+    port = free_port()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "condlora.cli", "serve", "--port", str(port)]
+    cmd += ["--synth", str(tiny_demo[0]), "--runs", str(runs_root)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("the server did not start:\n" + proc.stdout.read().decode()[-3000:])
+            time.sleep(0.3)
+    yield url, tmp
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert not list(tmp.iterdir())  # all the server wrote was in its folder, deleted on exit
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (CI installs it: apt-get)")
+def test_the_page_writes_a_lora_for_a_held_out_subject_and_refuses_a_bad_upload(
+    server, tiny_demo, tmp_path
+):
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=60_000)  # samplers on a busy CPU take their time
+
+    url, tmp = server
+    folder = tiny_demo[0]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM)
+        page = browser.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(url)
+        # a held-out subject, the nearest method, generate
+        page.locator("#subject input").click()
+        page.get_by_role("option", name="s0007", exact=False).click()
+        page.locator("#method input").click()
+        page.get_by_role("option", name="nearest", exact=True).click()
+        page.click("#generate")
+        expect(page.locator("#synth-status")).to_contain_text("nearest wrote the LoRA")
+        grid = page.locator("#grid-lora img")
+        expect(grid).to_be_visible()
+        expect(page.locator("#grid-finetuned img")).to_be_visible()
+        png = Image.open(io.BytesIO(page.request.get(grid.get_attribute("src")).body()))
+        assert png.size == ((10 * 17 + 1) * 6, (GRID_ROWS * 17 + 1) * 6)  # 10 x 3 digits, x6
+        # the download is a peft LoRA that condlora reads: the nearest training subject's
+        with page.expect_download() as download:
+            page.click("#download")
+        assert download.value.suggested_filename == "s0007-nearest-peft.zip"
+        download.value.save_as(tmp_path / "lora.zip")
+        with zipfile.ZipFile(tmp_path / "lora.zip") as archive:
+            archive.extractall(tmp_path / "lora")
+        got = read_lora(tmp_path / "lora" / "s0007-nearest-peft")
+        assert_same_update(got, nearest_training_lora(folder, "s0007"))
+        # a file that is not an image: a clear line on the page, kept in the server's folder
+        (tmp_path / "notes.png").write_text("this is not an image")
+        page.click("#mine")
+        page.locator("#uploads input[type=file]").set_input_files(tmp_path / "notes.png")
+        expect(page.locator("#synth-status")).to_contain_text("notes.png is not an image")
+        assert "Traceback" not in page.content()
+        kept = list(tmp.glob("condlora-serve-*/uploads/**/notes.png"))
+        assert kept and all(tmp in p.parents for p in kept)
+        # the conditioning tab: the run's ClassLoRA controls and a class grid
+        page.get_by_role("tab", name="Conditioning").click()
+        page.locator("#run input").click()
+        page.get_by_role("option", name="classlora").click()
+        expect(page.locator("#run-info")).to_contain_text("time+class")
+        expect(page.locator("#weight-a")).to_be_visible()
+        page.click("#sample")
+        expect(page.locator("#cond-grid img")).to_be_visible()
+        browser.close()
