@@ -33,6 +33,13 @@ from condlora.synthesis.collection import LoRADataset
 
 from .conftest import CONFIGS, TINY
 
+# the demo's generative models, one folder per seed (synthesis/demo/generative.py)
+GENERATIVE_SLUGS = (
+    "raw-diffusion-adalora",
+    "vae-prior-adalora",
+    "vae-prior-adanorm",
+    "vae-prior-uc-lora",
+)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -195,7 +202,8 @@ def test_trained_synthesis_models_of_the_demo_are_methods_too(tmp_path, tiny_dem
     (folder / "methods" / "vae-seed0").mkdir()  # a VAE alone is no method
     shutil.copy(model / "model.safetensors", folder / "methods" / "vae-seed0")
     demo = SynthDemo(folder)
-    assert demo.methods() == ["pca-ridge", "nearest", "nearest-model"]
+    trained = [f"{slug}-seed{s}" for slug in GENERATIVE_SLUGS for s in (0, 1, 2)]
+    assert demo.methods() == ["pca-ridge", "nearest", *sorted([*trained, "nearest-model"])]
     written = demo.write_lora("nearest-model", demo.subject_embedding("s0006"), seed=1)
     assert_same_update(written.weights, nearest_training_lora(folder, "s0006"))
 

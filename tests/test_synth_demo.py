@@ -15,6 +15,7 @@ from condlora.lora.formats import read_lora, write_lora
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.demo import bank as bank_mod
 from condlora.synthesis.demo.config import DemoConfig
+from condlora.synthesis.demo.generative import generative_methods
 from condlora.synthesis.demo.encoder import load_encoder, save_encoder, train_encoder
 from condlora.synthesis.demo.methods import (
     DemoData,
@@ -325,7 +326,15 @@ def test_vector_mse_is_in_standardised_coordinates_without_constant_ones():
 def test_tiny_demo_end_to_end_then_reused(tiny_demo, one_thread):
     out, cfg, base_cfg = tiny_demo  # the session's tiny demo (conftest), run once
     text = (out / "report.md").read_text()
-    for method in ("fine-tuned", "pca-ridge", "nearest", "no LoRA"):
+    generative = [m.name for m in generative_methods(cfg.generative)]
+    assert generative == [
+        "VAE + prior (ADALoRA)",
+        "VAE + prior (AdaNorm)",
+        "VAE + prior (UC-LoRA)",
+        "raw diffusion (ADALoRA)",
+    ]
+    methods = ["fine-tuned", *generative, "pca-ridge", "nearest", "no LoRA"]
+    for method in methods:
         assert f"| {method} |" in text
     for name in ("curve.png", "grid-s0006.png", "scores.json", "stages.json"):
         assert (out / name).is_file()
@@ -334,9 +343,18 @@ def test_tiny_demo_end_to_end_then_reused(tiny_demo, one_thread):
     runs = json.loads((out / "scores.json").read_text())["runs"]
     assert set(runs) == {
         f"{m}/{n}/{s}"
-        for m in ("fine-tuned", "pca-ridge", "nearest", "no LoRA")
-        for n, s in [(6, 0), (6, 1), (6, 2)] + ([(3, 0)] if m in ("pca-ridge", "nearest") else [])
+        for m in methods
+        for n, s in [(6, 0), (6, 1), (6, 2)]
+        + ([(3, 0)] if m in ("VAE + prior (ADALoRA)", "pca-ridge", "nearest") else [])
     }
+    # the three latent priors of a seed share that seed's VAE; raw diffusion has none
+    work = out / "methods"
+    for seed in (0, 1, 2):
+        assert (work / f"vae-seed{seed}" / "vae" / "checkpoint.safetensors").is_file()
+        for slug in ("vae-prior-adalora", "vae-prior-adanorm", "vae-prior-uc-lora"):
+            assert (work / f"{slug}-seed{seed}" / "vae").is_dir()
+        assert not (work / f"raw-diffusion-adalora-seed{seed}" / "vae").exists()
+    assert (work / "train-3" / "vae-prior-adalora-seed0" / "prior").is_dir()
     mean = lambda key, column: sum(runs[key][column]) / len(runs[key][column])  # noqa: E731
     for seed in (0, 1, 2):
         assert mean(f"fine-tuned/6/{seed}", "subject_score") > mean(
@@ -372,3 +390,21 @@ def test_cli_refuses_a_folder_of_another_demo_in_one_line(tmp_path, capsys):
     assert main(["synth", "demo", "--quick", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds a demo of another demo and base config" in err[0]
+
+
+def test_report_states_the_papers_two_claims_from_the_rows():
+    from condlora.synthesis.demo.report import claims
+
+    def row(name, score, mse):
+        return {"method": name, "subject_score": (score, 0.01), "mse": (mse, 0.0)}
+
+    rows = [
+        row("VAE + prior (ADALoRA)", 0.8, 0.5),
+        row("VAE + prior (AdaNorm)", 0.64, 0.6),
+        row("raw diffusion (ADALoRA)", 0.7, 1.4),
+    ]
+    text = "\n".join(claims(rows))
+    assert "0.800 on latents against 0.700 on raw vectors" in text
+    assert "0.500 against 1.400" in text
+    assert "0.800 with ADALoRA against 0.640 with AdaNorm (+25%)" in text
+    assert claims(rows[:1]) == []  # nothing to compare: no section

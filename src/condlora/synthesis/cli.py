@@ -196,7 +196,9 @@ def _demo(args: argparse.Namespace) -> None:
 
     cfg, base_cfg = demo_configs(args.quick)
     out = args.out or ("runs/synth-demo-quick" if args.quick else "runs/synth-demo")
-    report = run_demo(out, cfg, base_cfg)
+    if args.workers < 1:
+        raise CondloraError(f"--workers must be >= 1, got {args.workers}")
+    report = run_demo(out, cfg, base_cfg, workers=args.workers)
     print(f"wrote {report}")
 
 
@@ -209,6 +211,12 @@ def _add_demo(synth_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--quick", action="store_true", help="a smaller zoo (60 + 12 subjects) for a first look"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="generative models trained side by side, one thread each (default 2)",
     )
     p.set_defaults(func=_demo)
 

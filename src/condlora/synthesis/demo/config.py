@@ -25,10 +25,12 @@ class GenerativeConfig:
     """Sizes of the generative methods (`generative.py`): small VAE and priors, equal terms."""
 
     latent: int = 64  # VAE latent width
-    vae_hidden: int = 256  # VAE residual width (encoder and decoder)
+    vae_hidden: int = 128  # VAE residual width (encoder and decoder)
     vae_depth: int = 2  # VAE residual blocks (each side)
     vae_beta: float = 0.01  # weight of the KL term
-    vae_steps: int = 2000  # VAE training steps
+    vae_steps: int = 1000  # VAE training steps
+    vae_lr: float = 1e-2  # VAE learning rate (AdamW, warm-up then cosine decay)
+    vae_batch_size: int = 64  # VAE batch
     width: int = 256  # prior residual width (every conditioning, latent and raw alike)
     depth: int = 4  # prior residual blocks
     mlp_ratio: float = 2.0  # hidden width of each block's MLP / width
@@ -41,9 +43,9 @@ class GenerativeConfig:
     guidance: float = 1.0  # classifier-free guidance scale at sampling
     sampler: str = "ddim"  # prior sampler
     sample_steps: int = 50  # prior sampling steps
-    prior_steps: int = 2000  # prior training steps
-    batch_size: int = 64  # both stages
-    lr: float = 1e-3  # both stages (AdamW, warm-up then cosine decay)
+    prior_steps: int = 1200  # prior training steps
+    batch_size: int = 64  # prior batch
+    lr: float = 1e-3  # prior learning rate (AdamW, warm-up then cosine decay)
     ema_decay: float = 0.995  # both stages
 
 
@@ -125,4 +127,17 @@ def tiny() -> DemoConfig:
         sample_steps=4,
         curve_sizes=(3,),
         grid_subjects=1,
+        generative=GenerativeConfig(
+            latent=4,
+            vae_hidden=16,
+            vae_depth=1,
+            vae_steps=8,
+            width=16,
+            depth=1,
+            cond_width=8,
+            uc_bases=2,
+            sample_steps=3,
+            prior_steps=8,
+            batch_size=4,
+        ),
     )

@@ -122,6 +122,10 @@ class Method:
     on_curve: bool = True  # also scored against the collection's size (False: references that
     # do not learn from it, and costly variants kept off the curve to save time)
     seconds_per_lora: float | None = None  # a known cost per LoRA instead of timing `generate`
+    # the training stages `fit` would run, for running them ahead in parallel (generative.py);
+    # then `fit` only loads, and `train_seconds` reads back what the training took
+    stages: Callable[[DemoData, int], list] | None = None
+    train_seconds: Callable[[DemoData, int], float] | None = None
 
 
 def nearest(data: DemoData, seed: int) -> Generate:

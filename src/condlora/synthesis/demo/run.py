@@ -29,7 +29,7 @@ from condlora.metrics import DigitsClassifier, class_accuracy, classifier_output
 from condlora.synthesis.demo import report
 from condlora.synthesis.demo.config import DemoConfig
 from condlora.synthesis.demo.config import quick as quick_config
-from condlora.synthesis.demo.generative import generative_methods
+from condlora.synthesis.demo.generative import generative_methods, run_stages
 from condlora.synthesis.demo.methods import (
     DemoData,
     Method,
@@ -75,12 +75,13 @@ def run_demo(
     base_candidates: list[Path] | None = None,
     extra_methods: list[Method] | None = None,
     progress: bool = True,
+    workers: int = 2,
 ) -> Path:
     """Run (or finish) every stage of the demo in `out`; returns the report's path.
 
     base_candidates: finished runs of `base_cfg` to reuse (default: the quickstart's);
     extra_methods: the methods scored between fine-tuned and the simple ones (default:
-    `generative_methods()`).
+    `generative_methods()`); workers: generative models trained side by side.
     """
     out = Path(out)
     check_out_dir(out, cfg, base_cfg)
@@ -114,7 +115,7 @@ def run_demo(
         no_lora(),
     ]
     store = ScoreStore(out / SCORES_FILE)
-    _score_all(store, scoring, methods, data, out / "samples", cfg, clock, progress)
+    _score_all(store, scoring, methods, data, out / "samples", cfg, clock, progress, workers)
     info = _report_info(cfg, subs, judge, per_subject, data, targets, hold_x, hold_y)
     return _write_report(out, store, methods, data, subs, hold_x, hold_y, info, clock)
 
@@ -132,8 +133,10 @@ def _score_all(
     cfg: DemoConfig,
     clock: StageClock,
     progress: bool,
+    workers: int,
 ) -> None:
-    """Every (method, size, seed) run not in the store yet; grid samples of the first seed."""
+    """Every (method, size, seed) run not in the store yet; grid samples of the first seed.
+    The training stages of those runs go first, `workers` of them side by side."""
     full, first = data.size, cfg.score_seeds[0]
     runs = [(m, full, s) for m in methods for s in cfg.score_seeds]
     runs += [(m, n, first) for m in methods if m.on_curve for n in cfg.sizes() if n != full]
@@ -146,6 +149,12 @@ def _score_all(
     ]
     if not todo:
         return
+    stages = [st for m, n, s in todo if m.stages for st in m.stages(data.subset(n), s)]
+    if stages:
+        print(f"[demo] training generative models ({workers} at a time)")
+        start = time.perf_counter()
+        run_stages(stages, workers, progress)
+        clock.record("generative training", f"{time.perf_counter() - start:.0f} s")
     print(f"[demo] scoring: {len(todo)} runs")
     start = time.perf_counter()
     for method, size, seed in tqdm(todo, desc="scoring", disable=not progress):

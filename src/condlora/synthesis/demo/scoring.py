@@ -102,7 +102,7 @@ def score_method(
         "class_accuracy": class_accuracies(scoring.judge, samples).tolist(),
         "mse": vector_mse(vectors, scoring.finetuned, scoring.std).tolist(),
         "seconds_per_lora": method.seconds_per_lora if method.seconds_per_lora else seconds,
-        "fit_seconds": fitted - start,
+        "fit_seconds": method.train_seconds(data, seed) if method.train_seconds else fitted - start,
         "run_seconds": time.perf_counter() - start,
     }
     return record, samples
