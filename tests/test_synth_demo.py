@@ -15,8 +15,8 @@ from condlora.lora.formats import read_lora, write_lora
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.demo import bank as bank_mod
 from condlora.synthesis.demo.config import DemoConfig
-from condlora.synthesis.demo.generative import generative_methods
 from condlora.synthesis.demo.encoder import load_encoder, save_encoder, train_encoder
+from condlora.synthesis.demo.generative import generative_methods
 from condlora.synthesis.demo.methods import (
     DemoData,
     loo_residuals,

@@ -141,7 +141,7 @@ def run_stages(stages: list[Stage], workers: int, progress: bool = True) -> None
     """Train the unfinished stages, VAEs first, `workers` at a time in separate processes.
 
     Small networks use two cores poorly: two one-thread trainings side by side finish
-    1.4-1.9x sooner than one after the other on two threads (docs/RESULTS.md).
+    about 1.4x sooner than one after the other on two threads (docs/RESULTS.md).
     """
     unique = {s.run_dir: s for s in stages if not s.done()}
     for kind in ("vae", "prior"):
