@@ -198,14 +198,17 @@ def test_trained_synthesis_models_of_the_demo_are_methods_too(tmp_path, tiny_dem
     shutil.copytree(tiny_demo[0], folder)
     dataset = folder / "dataset" / "train.safetensors"
     cfg = load_synth_config(None, ["method=nearest", f"dataset={dataset}"])
-    model = train_baseline(cfg, folder / "methods" / "nearest-model")
-    (folder / "methods" / "vae-seed0").mkdir()  # a VAE alone is no method
-    shutil.copy(model / "model.safetensors", folder / "methods" / "vae-seed0")
+    train_baseline(cfg, folder / "methods" / "nearest-model")
+    # the demo's VAEs alone (vae-seedS, shared by its latent priors) are no method
+    assert (folder / "methods" / "vae-seed0" / "model.safetensors").is_file()
     demo = SynthDemo(folder)
     trained = [f"{slug}-seed{s}" for slug in GENERATIVE_SLUGS for s in (0, 1, 2)]
     assert demo.methods() == ["pca-ridge", "nearest", *sorted([*trained, "nearest-model"])]
     written = demo.write_lora("nearest-model", demo.subject_embedding("s0006"), seed=1)
     assert_same_update(written.weights, nearest_training_lora(folder, "s0006"))
+    # a generative model of the demo writes a LoRA of the collection's layout
+    made = demo.write_lora("vae-prior-adalora-seed0", demo.subject_embedding("s0006"), seed=1)
+    assert set(made.weights.modules) == set(written.weights.modules)
 
 
 def test_a_missing_or_foreign_demo_folder_is_one_clear_line(tmp_path, tiny_demo):
