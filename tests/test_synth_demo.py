@@ -408,3 +408,13 @@ def test_report_states_the_papers_two_claims_from_the_rows():
     assert "0.500 against 1.400" in text
     assert "0.800 with ADALoRA against 0.640 with AdaNorm (+25%)" in text
     assert claims(rows[:1]) == []  # nothing to compare: no section
+
+
+def test_cli_refuses_no_workers_in_one_line(tmp_path, capsys):
+    from condlora.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["synth", "demo", "--quick", "--workers", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workers must be >= 1, got 0" in err[0]
+    assert not out.exists()  # refused before anything is written
