@@ -109,8 +109,15 @@ class DemoConfig:
 
 
 def quick() -> DemoConfig:
-    """A smaller demo for a first look: 60 training and 12 held-out subjects, lighter scoring."""
-    return DemoConfig(num_train=60, num_heldout=12, steps=100, encoder_steps=500)
+    """A smaller demo for a first look: 60 training and 12 held-out subjects, half the
+    generative training steps."""
+    return DemoConfig(
+        num_train=60,
+        num_heldout=12,
+        steps=100,
+        encoder_steps=500,
+        generative=GenerativeConfig(vae_steps=500, prior_steps=600),
+    )
 
 
 def tiny() -> DemoConfig:
