@@ -62,3 +62,28 @@ def test_a_real_denoiser_samples_past_one_batch():
     assert isinstance(denoiser, Denoiser)
     out = generate(denoiser, cfg, 5, labels_for(cfg, 5), steps=2, batch_size=2)
     assert out.shape == (5, 1, 16, 16) and out.abs().max() <= 1
+
+
+class Recording(Shrink):
+    """Shrink that records the batch size of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x, sigma, class_labels=None):
+        self.sizes.append(len(x))
+        return super().forward(x, sigma, class_labels)
+
+
+def test_a_net_without_lora_samples_in_request_batches_not_by_class():
+    cfg = load_config(CONFIGS / "digits-baseline.yaml", TINY)
+    labels = labels_for(cfg, 6)  # 0..5: a class per sample, nothing to merge without LoRA
+    net = Recording()
+    out = generate(net, cfg, 6, labels, steps=3, batch_size=4, seed=2)
+    assert set(net.sizes) == {4, 2}  # the two requested batches, not six of one sample
+    # sample i starts from the i-th noise drawn in request order; x0 = x / 2 makes the
+    # sampler a positive multiple of that noise (clamped to [-1, 1]): the signs agree
+    g = torch.Generator().manual_seed(2)
+    first, second = torch.randn(4, 1, 16, 16, generator=g), torch.randn(2, 1, 16, 16, generator=g)
+    assert torch.equal(torch.sign(out), torch.sign(torch.cat([first, second])))

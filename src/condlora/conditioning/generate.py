@@ -11,6 +11,7 @@ from condlora.conditioning.config import Config
 from condlora.core.errors import CondloraError
 from condlora.core.images import save_grid
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
+from condlora.lora.context import lora_layers
 
 GRID_SAMPLES = 100  # a 10 x 10 grid
 
@@ -49,8 +50,9 @@ def generate(
     got before grouping (drawn in request order, batch_size samples at a time), so the
     deterministic samplers (heun, ddim) give each sample the same image however the
     samples are grouped. Stochastic samplers (ddpm, iddpm) draw their per-step noise
-    batch by batch; when the requested batches already share their class nothing is
-    regrouped and every draw is as before.
+    batch by batch; when the requested batches already share their class, or the
+    denoiser has no LoRA layers (nothing to merge; ten small batches cost more than one
+    large one), nothing is regrouped and every draw is as before.
     """
     device = next(denoiser.parameters()).device
     if labels is not None and cfg.diffusion.guidance != 1.0:
@@ -65,7 +67,12 @@ def generate(
         "progress": progress,
     }
     chunks = [slice(i, min(i + batch_size, num)) for i in range(0, num, batch_size)]
-    if labels is None or all(_one_condition(labels[c]) for c in chunks):
+    # grouping pays only where LoRA layers can merge; a plain net samples in request order
+    if (
+        labels is None
+        or not lora_layers(denoiser)
+        or all(_one_condition(labels[c]) for c in chunks)
+    ):
         out = []
         for c in chunks:
             cond = {} if labels is None else {"class_labels": labels[c].to(device)}
