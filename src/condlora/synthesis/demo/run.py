@@ -149,7 +149,8 @@ def _score_all(
     ]
     if not todo:
         return
-    stages = [st for m, n, s in todo if m.stages for st in m.stages(data.subset(n), s)]
+    subsets = {n: data.subset(n) for n in {n for _, n, _ in todo}}  # each file written once
+    stages = [st for m, n, s in todo if m.stages for st in m.stages(subsets[n], s)]
     if stages:
         print(f"[demo] training generative models ({workers} at a time)")
         start = time.perf_counter()
@@ -158,7 +159,7 @@ def _score_all(
     print(f"[demo] scoring: {len(todo)} runs")
     start = time.perf_counter()
     for method, size, seed in tqdm(todo, desc="scoring", disable=not progress):
-        record, samples = score_method(scoring, method, data.subset(size), seed, progress)
+        record, samples = score_method(scoring, method, subsets[size], seed, progress)
         if size == full and seed == first:
             keep = samples[: cfg.grid_subjects, :10].contiguous()
             save_file({"samples": keep}, _sample_file(samples_dir, method.name))
