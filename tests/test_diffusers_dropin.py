@@ -6,6 +6,8 @@ import torch
 
 from condlora.lora import LoRAConfig, conditioning, inject, lora_parameters, remove
 
+from .conftest import assert_same_function
+
 diffusers = pytest.importorskip("diffusers")
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -82,9 +84,10 @@ def run(model, call, inputs, seed=0):
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("method", ["time", "uc"])
 @pytest.mark.parametrize("mode", ["train", "sample"])
-def test_fresh_injection_leaves_outputs_exactly_unchanged(name, method, mode, one_thread):
-    """Training mode with per-sample timesteps (low-rank path) and sampling mode with one
-    timestep and class for the batch (merged path): the same bits as without LoRA."""
+def test_fresh_injection_leaves_outputs_unchanged(name, method, mode, one_thread):
+    """Training mode with per-sample timesteps (low-rank path): the same function to float
+    rounding; sampling mode with one timestep and class for the batch (merged path): the
+    same bits as without LoRA."""
     builder, emb_module, call = MODELS[name]
     model = builder().train(mode == "train")
     inputs = model_inputs(shared=mode == "sample")
@@ -92,7 +95,10 @@ def test_fresh_injection_leaves_outputs_exactly_unchanged(name, method, mode, on
         expected = run(model, call, inputs)
         names = inject(model, config(method, emb_module))
         assert len(names) >= 8
-        assert torch.equal(run(model, call, inputs), expected)
+        if mode == "sample":
+            assert torch.equal(run(model, call, inputs), expected)
+        else:
+            assert_same_function(run(model, call, inputs), expected)
         remove(model)
         assert torch.equal(run(model, call, inputs), expected)
 

@@ -75,16 +75,17 @@ def test_layer_gradients_match_plain_formula(kind, base_trainable):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def test_linear_of_realistic_width_is_bitwise_the_base_layer():
+def test_linear_of_realistic_width_computes_the_base_layer():
     """A fresh Linear of width 32+ on (batch, tokens, channels): the stacked matmul's first
-    d_out outputs are the base layer's, bit for bit (here; a BLAS may round tiny ones)."""
+    d_out outputs are the base layer's, to the rounding of a wider matmul (bit for bit on
+    some kernels, not on all)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.SiLU(), nn.Linear(64, 32))
     x = torch.randn(2, 16, 32)
     expected = model(x)
     inject(model, LoRAConfig(method="time", num_bases=4, targets=["0", "2"]))
     with conditioning(model, t=torch.tensor([0.2, 0.7])):
-        assert torch.equal(model(x), expected)
+        torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
 
 
 # --- composers: all layers at once --------------------------------------------------------

@@ -21,6 +21,8 @@ from condlora.lora import (
     unmerge,
 )
 
+from .conftest import assert_same_function
+
 C, BATCH = 8, 3
 
 
@@ -72,14 +74,22 @@ def cond(t: torch.Tensor) -> dict:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fresh_injection_keeps_tiny_model_output(method):
+    """Bit for bit when sampling (no gradients, one condition for the batch: the merged path,
+    where W + 0 is W); to float rounding in training mode, where [W; A] is one stacked matmul
+    whose kernel blocking differs from W's alone on some CPUs."""
     torch.manual_seed(0)
     model = TinyAttention()
     data = inputs()
     expected = model(**data)
+    shared = {"x": data["x"], "t": data["t"][:1]}  # one noise level (and class) for all
+    with torch.no_grad():
+        expected_shared = model(**shared)
     names = inject(model, tiny_config(method))
     assert names == ([] if method == "none" else ["out", "proj", "qkv"])
     with conditioning(model, **cond(data["t"])):
-        assert torch.equal(model(**data), expected)
+        torch.testing.assert_close(model(**data), expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad(), conditioning(model, t=shared["t"], y=torch.full((BATCH,), 3)):
+        assert torch.equal(model(**shared), expected_shared)
 
 
 def test_lora_changes_output_and_uc_uses_captured_emb():
@@ -224,8 +234,8 @@ def test_diffusers_unet(method, one_thread):
             assert all(n.endswith(("to_q", "to_k", "to_v", "to_out.0")) for n in names)
             assert all(isinstance(unet.get_submodule(n), CondLoRALayer) for n in names)
         t = steps / 999
-        with conditioning(unet, t=t, y=torch.tensor([1, 7])):
-            assert torch.equal(unet(x, steps).sample, expected)
+        with conditioning(unet, t=t, y=torch.tensor([1, 7])):  # per sample: low-rank path
+            assert_same_function(unet(x, steps).sample, expected)
             randomize(unet)
             changed = unet(x, steps).sample
         if method != "none":

@@ -142,7 +142,9 @@ def tiny_config(mode="adalora", arch="mlp", **kw):
 
 def tiny_uc(config):
     lora = uc_lora_config(config, num_bases=3)
-    lora.mlp_widths, lora.mlp_groups = [8, 8], 4
+    # 4 channels per GroupNorm group: with 2, each normalised pair is +-1 whatever its
+    # input, and the composer's output barely depends on the condition
+    lora.mlp_widths, lora.mlp_groups = [8, 8], 2
     return lora
 
 
@@ -175,12 +177,13 @@ def test_fresh_net_outputs_zero(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode", COND)
 def test_null_condition_convention(arch, mode):
+    torch.manual_seed(0)
     net = tiny_net(mode, arch)
     randomise(net)
     x, t, e = torch.randn(4, 8), torch.rand(4) * 999, torch.randn(4, 4)
     uncond = net(x, t)  # embedding=None: the whole batch unconditional
     cond = net(x, t, embedding=e)
-    assert not torch.allclose(cond, uncond)
+    assert (cond - uncond).abs().max() > 1e-2  # the condition matters, far above rounding
     # embedding=None is the learned null embedding in every row
     null = net.null_embedding.detach().expand(4, -1)
     torch.testing.assert_close(uncond, net(x, t, embedding=null))

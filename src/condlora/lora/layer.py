@@ -167,7 +167,11 @@ class CondLoRALayer(nn.Module):
         d_out, s = self.lora_B.shape[0], self.scale
         # one op each; exactly W and b while B = 0 and E = 0
         weight = torch.addmm(base.weight.reshape(d_out, -1), self.lora_B * ws, self.lora_A, alpha=s)
-        weight = weight.view(base.weight.shape)
+        if self.is_conv:
+            weight = weight.view(base.weight.shape)
+        else:  # torch's matmul picks its kernel by the weight's requires_grad, even without
+            # gradients: W's flag, so that a fresh LoRA (dW = 0) gives the base layer's bits
+            weight.requires_grad_(base.weight.requires_grad)
         bias = base.bias
         if self.lora_E is not None:
             bias_w = self._bias_weights(ws, w).to(self.lora_E.dtype)  # bf16 under autocast
