@@ -203,10 +203,14 @@ def test_fine_tuning_a_subject_in_company_or_alone_gives_the_same_lora(base):
     styles = sample_styles(3, cfg.ranges, seed=5)
     together = fine_tune(base, styles, images[:50], labels[:50], cfg, seed=0)
     alone = fine_tune(base, styles[2:], images[:50], labels[:50], cfg, seed=0)
+
+    def relative(a, b):  # batch shapes change the kernels' rounding, which Adam amplifies
+        return ((a - b).norm() / b.norm()).item()
+
     for name, module in alone[0].modules.items():
-        assert torch.allclose(together[2].modules[name].A, module.A, atol=1e-6)
-        assert torch.allclose(together[2].modules[name].B, module.B, atol=1e-6)
-    assert not torch.allclose(together[0].modules[name].B, module.B, atol=1e-4)
+        assert relative(together[2].modules[name].A, module.A) < 1e-5
+        assert relative(together[2].modules[name].B, module.B) < 1e-5  # 1e-7 measured
+    assert relative(together[0].modules[name].B, module.B) > 0.1  # another subject's LoRA
 
 
 def test_peft_export_round_trips_and_applies_the_banks_update(base, tmp_path):

@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from condlora.conditioning.build import image_channels, num_classes
 from condlora.conditioning.config import Config
 from condlora.core.errors import CondloraError
 from condlora.core.images import save_grid
+from condlora.core.progress import progress_bar
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
 from condlora.lora.context import lora_layers
 
@@ -40,7 +42,7 @@ def generate(
     sampler: str | None = None,
     seed: int = 0,
     batch_size: int = 500,
-    progress: bool = False,
+    progress: bool | dict = False,
 ) -> torch.Tensor:
     """`num` images in [-1, 1] (N, C, R, R), sampled in batches with a seeded generator.
 
@@ -53,39 +55,68 @@ def generate(
     batch by batch; when the requested batches already share their class, or the
     denoiser has no LoRA layers (nothing to merge; ten small batches cost more than one
     large one), nothing is regrouped and every draw is as before.
+
+    progress: one bar over the samples (True, or a dict of tqdm options such as desc).
     """
     device = next(denoiser.parameters()).device
     if labels is not None and cfg.diffusion.guidance != 1.0:
         denoiser = GuidedDenoiser(denoiser, cfg.diffusion.guidance, num_classes(cfg))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    shape = (image_channels(cfg), cfg.data.resolution, cfg.data.resolution)
     run = {
         "sampler": sampler or cfg.diffusion.sampler,
         "steps": steps or cfg.diffusion.sample_steps,
-        "generator": generator,
+        "generator": torch.Generator(device=device).manual_seed(seed),
         "device": device,
-        "progress": progress,
     }
+    shape = (image_channels(cfg), cfg.data.resolution, cfg.data.resolution)
     chunks = [slice(i, min(i + batch_size, num)) for i in range(0, num, batch_size)]
-    # grouping pays only where LoRA layers can merge; a plain net samples in request order
-    if (
-        labels is None
-        or not lora_layers(denoiser)
-        or all(_one_condition(labels[c]) for c in chunks)
-    ):
-        out = []
-        for c in chunks:
-            cond = {} if labels is None else {"class_labels": labels[c].to(device)}
-            out.append(sample(denoiser, (c.stop - c.start, *shape), **run, **cond).cpu())
-        return torch.cat(out).clamp(-1, 1)
+    with progress_bar(progress, total=num, desc="sampling", unit="img") as bar:
+        # grouping pays only where LoRA layers can merge; a plain net samples in request order
+        if (
+            labels is None
+            or not lora_layers(denoiser)
+            or all(_one_condition(labels[c]) for c in chunks)
+        ):
+            return _in_request_order(denoiser, labels, chunks, shape, run, bar)
+        return _by_class(denoiser, labels, chunks, shape, run, batch_size, bar)
+
+
+def _in_request_order(
+    denoiser: Denoiser,
+    labels: torch.Tensor | None,
+    chunks: list[slice],
+    shape: tuple[int, ...],
+    run: dict,
+    bar: tqdm,
+) -> torch.Tensor:
+    """The requested batches as they are."""
+    out = []
+    for c in chunks:
+        cond = {} if labels is None else {"class_labels": labels[c].to(run["device"])}
+        out.append(sample(denoiser, (c.stop - c.start, *shape), **run, **cond).cpu())
+        bar.update(c.stop - c.start)
+    return torch.cat(out).clamp(-1, 1)
+
+
+def _by_class(
+    denoiser: Denoiser,
+    labels: torch.Tensor,
+    chunks: list[slice],
+    shape: tuple[int, ...],
+    run: dict,
+    batch_size: int,
+    bar: tqdm,
+) -> torch.Tensor:
+    """Batches of one class each, every sample from the noise it would get in request order."""
+    device, generator = run["device"], run["generator"]
     noise = torch.cat(
         [torch.randn(c.stop - c.start, *shape, generator=generator, device=device) for c in chunks]
     )
-    out = torch.empty(num, *shape)
+    out = torch.empty(len(labels), *shape)
     for idx in class_groups(labels, batch_size):
         cond = {"class_labels": labels[idx].to(device)}
         x = sample(denoiser, (len(idx), *shape), noise=noise[idx.to(device)], **run, **cond)
         out[idx] = x.cpu()
+        bar.update(len(idx))
     return out.clamp(-1, 1)
 
 

@@ -69,16 +69,21 @@ def saved_step(run_dir: Path, cfg: Config) -> int:
 
 
 def train_or_reuse(
-    cfg: Config, run_dir: str | Path, progress: bool = True, callbacks: Iterable[Callback] = ()
+    cfg: Config,
+    run_dir: str | Path,
+    progress: bool | dict = True,
+    callbacks: Iterable[Callback] = (),
+    grids: bool = True,
 ) -> float:
     """Train `cfg` in `run_dir` to train.max_steps, resuming a partial run of the same config.
 
     A finished run of the same config is reused. Returns the seconds spent training now.
+    grids: sample grids in the run folder during and after training.
     """
     run_dir = Path(run_dir)
     done = saved_step(run_dir, cfg)
     if done >= cfg.train.max_steps:
         return 0.0
     start = time.time()
-    image_trainer(cfg, run_dir, resume=done > 0, callbacks=callbacks).run(progress)
+    image_trainer(cfg, run_dir, resume=done > 0, callbacks=callbacks, grids=grids).run(progress)
     return time.time() - start

@@ -128,11 +128,14 @@ def image_trainer(
     resume: bool = False,
     init_path: str | Path | None = None,
     callbacks: Iterable[Callback] = (),
+    grids: bool = True,
 ) -> Trainer:
-    """A Trainer for an image config, with sample grids and any extra callbacks."""
+    """A Trainer for an image config, with sample grids (unless `grids` is False) and any
+    extra callbacks."""
     check_run_folder(Path(out_dir), resume)  # before the data is read or the model built
     task = image_task(cfg, None if resume else init_path)
-    return Trainer(task, out_dir, resume=resume, callbacks=[SampleGrids(), *callbacks])
+    callbacks = [*([SampleGrids()] if grids else []), *callbacks]
+    return Trainer(task, out_dir, resume=resume, callbacks=callbacks)
 
 
 def train(
@@ -140,7 +143,7 @@ def train(
     out_dir: str | Path,
     resume: bool = False,
     max_steps: int | None = None,
-    progress: bool = True,
+    progress: bool | dict = True,
     init_path: str | Path | None = None,
 ) -> dict:
     """Train a config into `out_dir` (or continue it); max_steps replaces train.max_steps."""

@@ -16,7 +16,9 @@ def _quickstart(args: argparse.Namespace) -> None:
 
     if args.steps is not None and args.steps < 1:
         raise CondloraError(f"--steps must be >= 1, got {args.steps}")
-    report = run_quickstart(Path(args.out), steps=args.steps)
+    if args.workers < 1:
+        raise CondloraError(f"--workers must be >= 1, got {args.workers}")
+    report = run_quickstart(Path(args.out), steps=args.steps, workers=args.workers)
     print(f"report: {report}")
 
 
@@ -108,4 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="runs/quickstart", help="output folder")
     p.add_argument("--steps", type=int, help="training steps per model (default: the configs')")
+    p.add_argument(
+        "--workers", type=int, default=2, help="models trained side by side, one thread each"
+    )
     p.set_defaults(func=_quickstart)

@@ -113,7 +113,9 @@ def real_images(cfg: Config) -> torch.Tensor:
     return torch.cat([train_x, hold_x]) if cfg.data.name == "digits" else train_x
 
 
-def digits_classifier(cfg: Config, cache_dir: str | Path) -> DigitsClassifier:
+def digits_classifier(
+    cfg: Config, cache_dir: str | Path, progress: bool | dict = False
+) -> DigitsClassifier:
     """The digits classifier cached in `cache_dir`, trained (seeded) on the training split."""
     path = Path(cache_dir) / CLASSIFIER_FILE
     if path.exists():
@@ -126,7 +128,7 @@ def digits_classifier(cfg: Config, cache_dir: str | Path) -> DigitsClassifier:
             return model
     (images, labels), _ = build_data(cfg)
     print(f"training the digits classifier ({CLASSIFIER_STEPS} steps), cached in {path}")
-    model = train_digits_classifier(images, labels, steps=CLASSIFIER_STEPS)
+    model = train_digits_classifier(images, labels, steps=CLASSIFIER_STEPS, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_classifier(model, path)
     return model

@@ -5,66 +5,171 @@ small classifier trained on the real training digits: the fraction of samples
 classified as the requested class, and the Frechet distance of their features to
 the held-out real digits, next to the same distance for real training digits
 (the floor a perfect model would reach at these set sizes).
+
+The two models train and sample side by side, one thread each, in worker processes
+(`workers`): nets this small use two cores poorly from one process. Each stage shows a
+progress bar with its ETA; the sample grids are the first evaluation samples of each
+class, so nothing is sampled twice.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from condlora.conditioning.build import build_data
 from condlora.conditioning.config import load_config
-from condlora.conditioning.generate import generate, labels_for, save_sample_grid
+from condlora.conditioning.generate import generate, labels_for
 from condlora.conditioning.param_counts import parameter_summary
-from condlora.conditioning.runs import load_run, train_or_reuse
+from condlora.conditioning.runs import load_run, saved_step, train_or_reuse
 from condlora.core.config import find_config
+from condlora.core.images import save_grid
 from condlora.evaluation.evaluate import digits_classifier
 from condlora.metrics import digits_metrics
 
 MODELS = {"baseline": "digits-baseline.yaml", "uclora": "digits-uclora.yaml"}
 EVAL_SAMPLES = 1500  # as many as real training digits, so the real-to-real floor matches
+SAMPLE_SEED = 1
+GRID_PER_CLASS = 10  # a 10 x 10 grid, one row per class
+
+
+@dataclass
+class ModelJob:
+    """One model's share of the quickstart: what a worker process needs to run it."""
+
+    name: str  # "baseline" / "uclora": the run folder's name and the report's row
+    config_file: str  # a config of configs/ (found by find_config)
+    out: Path  # the quickstart folder
+    overrides: list[str]  # key=value for the config
+    num: int  # evaluation samples
+    bar_line: int  # the terminal line of its progress bars (0: none shown)
+
+
+def train_and_sample(job: ModelJob) -> dict:
+    """Train the model (or reuse its finished run), then sample `num` class-conditional
+    digits with its EMA weights: the report's row, with `samples` and `labels`."""
+    cfg = load_config(find_config(job.config_file), job.overrides)
+
+    def bar(stage: str) -> bool | dict:
+        if not job.bar_line:
+            return False
+        return {"desc": f"{job.name}: {stage}", "position": job.bar_line - 1, "leave": True}
+
+    # no grids of the run: the report's come from the evaluation samples
+    seconds = train_or_reuse(cfg, job.out / job.name, progress=bar("training"), grids=False)
+    cfg, denoiser, _ = load_run(job.out / job.name)
+    labels = labels_for(cfg, job.num)
+    start = time.time()
+    samples = generate(denoiser, cfg, job.num, labels, seed=SAMPLE_SEED, progress=bar("sampling"))
+    return {
+        "name": job.name,
+        "config": job.config_file,
+        "steps": cfg.train.max_steps,
+        "train_seconds": seconds,
+        "sample_seconds": time.time() - start,
+        "parameters": parameter_summary(denoiser),
+        "samples": samples,
+        "labels": labels,
+    }
+
+
+def _one_thread_job(job: ModelJob) -> dict:
+    """A worker's call: one thread, so two workers share two cores without contention."""
+    torch.set_num_threads(1)
+    return train_and_sample(job)
+
+
+def run_jobs(jobs: list[ModelJob], workers: int, meanwhile: Callable[[], None]) -> list[dict]:
+    """Every job's row, `workers` processes at a time (1: in this process, in order);
+    `meanwhile()` runs in this process while the workers do (its result is dropped)."""
+    if workers <= 1:
+        meanwhile()
+        return [train_and_sample(job) for job in jobs]
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        futures = [pool.submit(_one_thread_job, job) for job in jobs]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the workers hold the cores
+        try:
+            meanwhile()
+        finally:
+            torch.set_num_threads(threads)
+        return [future.result() for future in futures]
 
 
 def run_quickstart(
-    out: Path, steps: int | None = None, overrides: list[str] = (), num: int = EVAL_SAMPLES
+    out: Path,
+    steps: int | None = None,
+    overrides: list[str] = (),
+    num: int = EVAL_SAMPLES,
+    workers: int = 2,
+    progress: bool = True,
 ) -> Path:
     """Train, sample and evaluate both models; write `report.md` in `out`; return its path.
 
     steps replaces the configs' training steps, overrides are key=value for both configs (a
-    tiny net in the tests), num is the number of samples scored per model.
+    tiny net in the tests), num is the number of samples scored per model, workers the
+    models trained side by side.
     """
+    start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     overrides = [*overrides, *([f"train.max_steps={steps}"] if steps else [])]
-    rows = []
-    for name, file in MODELS.items():
-        cfg = load_config(find_config(file), overrides)
-        n_steps = cfg.train.max_steps
-        print(f"[quickstart] training {name} ({file}) for {n_steps} steps")
-        seconds = train_or_reuse(cfg, out / name)
-        rows.append({"name": name, "config": file, "steps": n_steps, "train_seconds": seconds})
-
+    jobs = [
+        ModelJob(name, file, out, list(overrides), num, bar_line=i + 1 if progress else 0)
+        for i, (name, file) in enumerate(MODELS.items())
+    ]
+    for job in jobs:  # a bad override or a folder of another config: refused before any work
+        check_job(job)
+    print(f"[quickstart] training and sampling {', '.join(MODELS)} ({workers} at a time)")
     cfg = load_config(find_config(MODELS["baseline"]))
-    (train_x, _), (hold_x, _) = build_data(cfg)
-    print("[quickstart] the digits classifier that judges the samples")
-    classifier = digits_classifier(cfg, out)  # trained once (seeded), cached in `out`
-    floor = digits_metrics(classifier, train_x[:num], None, hold_x)["frechet_distance"]
+    judge = {}
 
+    def train_judge() -> None:  # the judge, trained (seeded) once and cached in `out`
+        judge["classifier"] = digits_classifier(cfg, out, progress=_judge_bar(progress, jobs))
+
+    rows = run_jobs(jobs, workers, train_judge)
+    (train_x, _), (hold_x, _) = build_data(cfg)
+    classifier = judge["classifier"]
+    floor = digits_metrics(classifier, train_x[:num], None, hold_x)["frechet_distance"]
     for row in rows:
-        cfg, denoiser, _ = load_run(out / row["name"])
-        print(f"[quickstart] sampling {num} digits from {row['name']}")
-        labels = labels_for(cfg, num)
-        start = time.time()
-        samples = generate(denoiser, cfg, num, labels, seed=1)
-        row["sample_seconds"] = time.time() - start
+        samples, labels = row.pop("samples"), row.pop("labels")
         row.update(digits_metrics(classifier, samples, labels, hold_x))
-        row["parameters"] = parameter_summary(denoiser)
-        save_sample_grid(denoiser, cfg, out / f"{row['name']}.png", seed=2)
+        grid, per_class = class_grid(samples, labels)
+        save_grid(grid, out / f"{row['name']}.png", nrow=per_class)
     report = out / "report.md"
-    report.write_text(render_report(rows, floor, len(hold_x), num))
+    report.write_text(render_report(rows, floor, len(hold_x), num, time.time() - start))
     return report
 
 
-def render_report(rows: list[dict], floor: float, n_holdout: int, num: int) -> str:
+def check_job(job: ModelJob) -> None:
+    """Refuse, before any work, a config that does not load or a run folder of another one."""
+    cfg = load_config(find_config(job.config_file), job.overrides)
+    saved_step(job.out / job.name, cfg)
+
+
+def _judge_bar(progress: bool, jobs: list[ModelJob]) -> bool | dict:
+    """The judge's bar, on the line below the models' bars."""
+    return {"position": len(jobs), "leave": True} if progress else False
+
+
+def class_grid(samples: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The first samples of each class, one row per class (classes in order), and the row
+    length: up to GRID_PER_CLASS, as many as every class has."""
+    classes = torch.unique(labels)
+    per_class = min(GRID_PER_CLASS, *((labels == c).sum().item() for c in classes))
+    rows = [samples[labels == c][:per_class] for c in classes]
+    return torch.cat(rows), per_class
+
+
+def render_report(
+    rows: list[dict], floor: float, n_holdout: int, num: int, seconds: float | None = None
+) -> str:
     """The Markdown report: a table of both models and their sample grids."""
     lines = [
         "# condlora quickstart: scale-and-shift baseline vs UC-LoRA on digits",
@@ -85,9 +190,12 @@ def render_report(rows: list[dict], floor: float, n_holdout: int, num: int) -> s
             f"| {r['train_seconds']:.0f} | {r['class_accuracy']:.1%} | {r['frechet_distance']:.2f} "
             f"| {r['frechet_distance'] / floor:.2f} |"
         )
-    lines += ["", "Train time 0 means the run was already trained and was reused.", ""]
+    lines += ["", "Train time 0 means the run was already trained and was reused."]
+    if seconds is not None:
+        lines.append(f"The quickstart took {seconds:.0f} s in all (the models side by side).")
+    lines.append("")
     for r in rows:
         lines += [f"## {r['name']} ({r['config']})", "", f"![{r['name']}]({r['name']}.png)", ""]
-        lines.append("One row per class, 0 to 9, EMA weights.")
+        lines.append("One row per class, 0 to 9: the first evaluation samples, EMA weights.")
         lines.append("")
     return "\n".join(lines)

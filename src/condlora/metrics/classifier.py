@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.core.errors import DataError
+from condlora.core.progress import progress_bar
 from condlora.core.safetensors_io import load_state_checked, read_weights, write_weights
 
 FEATURE_DIM = 128
@@ -80,6 +81,7 @@ def train_digits_classifier(
     steps: int = 600,
     seed: int = 0,
     batch_size: int = 128,
+    progress: bool | dict = False,
 ) -> DigitsClassifier:
     """Train a DigitsClassifier (AdamW, linear LR decay, 1-px shifts); returns it in eval mode.
 
@@ -100,14 +102,16 @@ def train_digits_classifier(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     model.train()
     start = time.perf_counter()
-    for _ in range(steps):
-        index = torch.randint(0, len(images), (batch_size,), generator=generator)
-        x = random_shift(images[index], generator)
-        loss = F.cross_entropy(model(x), labels[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    with progress_bar(progress, total=steps, desc="digits classifier", unit="step") as bar:
+        for _ in range(steps):
+            index = torch.randint(0, len(images), (batch_size,), generator=generator)
+            x = random_shift(images[index], generator)
+            loss = F.cross_entropy(model(x), labels[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            bar.update()
     model.train_seconds = time.perf_counter() - start
     return model.eval()
 

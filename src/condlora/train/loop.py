@@ -34,6 +34,7 @@ from condlora.core.config import check_fields, to_dict
 from condlora.core.errors import CondloraError
 from condlora.core.jsonl import append_jsonl, truncate_jsonl
 from condlora.core.paths import check_output_folder
+from condlora.core.progress import progress_bar
 from condlora.train.checkpoint import (
     CHECKPOINT_NAME,
     load_training_state,
@@ -350,15 +351,16 @@ class Trainer:
         for callback in self.callbacks:
             callback.after_save(self)
 
-    def run(self, progress: bool = True) -> dict:
-        """Train until train.max_steps; returns the last logged metrics."""
+    def run(self, progress: bool | dict = True) -> dict:
+        """Train until train.max_steps; returns the last logged metrics.
+
+        progress: a bar over the steps (True, or a dict of tqdm options such as desc)."""
         t = self.train_cfg
         end = t.max_steps
         for callback in self.callbacks:
             callback.on_start(self)
-        bar = tqdm(
-            total=end, initial=self.step, disable=not (progress and self.acc.is_main_process)
-        )
+        shown = progress if self.acc.is_main_process else False
+        bar = progress_bar(shown, total=end, initial=self.step, unit="step")
         log, window, start = {}, [], time.time()
         try:
             with _sigterm_as_interrupt():
