@@ -150,6 +150,7 @@ def measure_net(net: str, args: argparse.Namespace) -> dict:
         }
     base = rows["baseline"]
     for row in rows.values():
+        row["param_ratio"] = row["parameters"] / base["parameters"]  # memory's yardstick
         row["train_time_ratio"] = row["train_ms"] / base["train_ms"]
         row["train_memory_ratio"] = row["train_memory_mib"] / base["train_memory_mib"]
         row["sampling_time_ratio"] = row["sampling_ms"] / base["sampling_ms"]
@@ -162,8 +163,14 @@ def measure_net(net: str, args: argparse.Namespace) -> dict:
 def print_net(net: str, result: dict) -> None:
     """One network's table."""
     print(f"\n{NET_TITLES[net]}, batch {result['batch']}")
-    header = ["method", "parameters", "train step (ms)", "x base", "train memory (MiB)"]
-    header += ["x base", "sampling, class-grouped (ms)", "x base", "per-sample classes (ms)"]
+    header = ["method", "parameters", "param_ratio", "train step (ms)", "x base"]
+    header += [
+        "train memory (MiB)",
+        "x base",
+        "sampling, class-grouped (ms)",
+        "x base",
+        "per-sample classes (ms)",
+    ]
     header += ["x base"]
     rows = []
     for method, r in result["methods"].items():
@@ -171,6 +178,7 @@ def print_net(net: str, result: dict) -> None:
             [
                 method,
                 f"{r['parameters']:,}",
+                f"{r['param_ratio']:.3f}",
                 f"{r['train_ms']:.1f}",
                 f"{r['train_time_ratio']:.3f}",
                 f"{r['train_memory_mib']:.1f}",

@@ -41,6 +41,14 @@ TINY_EDM += ["net.attn_resolutions=[16]", "net.dropout=0", "lora.mlp_widths=[16,
 TINY_EDM += ["lora.mlp_groups=4"]
 
 
+def pytest_sessionstart(session):
+    """Print pytest-randomly's seed even under -q, so a failing order can be replayed."""
+    seed = getattr(session.config.option, "randomly_seed", None)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if isinstance(seed, int) and reporter is not None:
+        reporter.write_line(f"test order shuffled: replay it with --randomly-seed={seed}")
+
+
 def _seed_for(node_id: str) -> None:
     torch.manual_seed(zlib.crc32(node_id.encode()))
 

@@ -539,6 +539,7 @@ def test_there_are_at_least_80_distinct_cases():
     assert len(CASES) >= 80
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["checkpoint truncated", "config not text", "num not a number"])
 def test_no_traceback_reaches_the_terminal(name, shared, tmp_path):
     argv = [str(a) for a in CASES[name](shared, tmp_path)]

@@ -22,6 +22,7 @@ def run_benchmark(name: str, argv: list[str], capsys) -> dict:
     return json.loads(lines[-1])
 
 
+@pytest.mark.slow
 def test_overhead_smoke(capsys, one_thread):
     result = run_benchmark("overhead", ["--smoke"], capsys)
     assert result["benchmark"] == "overhead" and result["smoke"]
@@ -35,6 +36,8 @@ def test_overhead_smoke(capsys, one_thread):
     digits = result["results"]["digits"]["methods"]
     assert set(digits) == {"baseline", "time", "time+class", "uc", "uc, only LoRA"}
     assert digits["uc"]["parameters"] > digits["baseline"]["parameters"]
+    uc = digits["uc"]
+    assert uc["param_ratio"] == uc["parameters"] / digits["baseline"]["parameters"]
 
 
 def test_vs_diffusers_smoke(capsys, one_thread):

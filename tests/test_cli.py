@@ -15,6 +15,7 @@ from condlora.train.checkpoint import CHECKPOINT_NAME
 from .conftest import CONFIGS, REPO
 
 
+@pytest.mark.slow
 def test_train_resume_sample(tmp_path, tiny_overrides, capsys):
     run = tmp_path / "run"
     args = ["train", "--config", str(CONFIGS / "digits-uclora.yaml"), "--out", str(run)]
@@ -75,6 +76,7 @@ def run_cli(*args, cwd=REPO):
         (["lora.targets=[nothing_here]"], "nothing_here"),
     ],
 )
+@pytest.mark.slow
 def test_user_mistakes_get_one_line_and_exit_2(extra, fragment):
     result = run_cli("info", "--config", "configs/digits-uclora.yaml", *extra)
     assert result.returncode == 2

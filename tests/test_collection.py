@@ -214,6 +214,7 @@ MEMORY_CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="peak memory read from /proc (VmHWM)")
 def test_collection_larger_than_the_memory_growth(tmp_path):
     """200 MiB of vectors, written and read back by a process that grows by < 50 MiB."""

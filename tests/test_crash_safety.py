@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from condlora.conditioning.runs import read_run_checkpoint
@@ -53,6 +54,7 @@ def kill_after_progress(proc, out, at_least, rng):
     proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_writes_then_resume_is_bit_identical(tmp_path):
     rng = random.Random(0)
     straight = start(tmp_path / "straight")

@@ -24,6 +24,7 @@ def train_then_sample(tmp_path, data_args, label=None):
     return run, grid
 
 
+@pytest.mark.slow
 def test_cifar10_trains_and_samples_without_the_data(tmp_path):
     _write_cifar(tmp_path / "cifar-10-batches-py")
     data = [f"data.path={tmp_path / 'cifar-10-batches-py'}", "data.name=cifar10"]
@@ -43,6 +44,7 @@ def write_folder(root, classes, per_class=6):
             Image.fromarray(pixels).save(root / name / f"{k}.png")
 
 
+@pytest.mark.slow
 def test_image_folder_classes_come_from_subfolders(tmp_path):
     write_folder(tmp_path / "imgs", ["cats", "dogs", "owls"])
     data = ["data.name=folder", f"data.path={tmp_path / 'imgs'}", "data.holdout=3"]

@@ -115,6 +115,7 @@ def test_second_evaluation_reads_the_cached_reference(tiny_run, monkeypatch):
     assert calls == [1797, 20, 1797]
 
 
+@pytest.mark.slow
 def test_real_digits_score_zero_fd_against_their_reference(tiny_run):
     cfg = load_run(tiny_run)[0]
     judge = evaluate.make_judge(cfg, "digits", tiny_run)

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import pytest
 import yaml
 from PIL import Image
 
@@ -35,6 +36,7 @@ def write_grid(folder, steps=6):
     return path
 
 
+@pytest.mark.slow
 def test_tiny_grid_report_and_rerun(tmp_path, classifier_file, monkeypatch, capsys):
     monkeypatch.setattr(reference, "FLOOR_SPLITS", 2)
     out = tmp_path / "out"
@@ -106,6 +108,7 @@ def test_shipped_paper_grid_builds():
     assert modes["baseline"] == ("scale_shift", "none", True)
 
 
+@pytest.mark.slow
 def test_a_stopped_run_resumes_where_it_stopped(tmp_path, classifier_file, monkeypatch):
     monkeypatch.setattr(reference, "FLOOR_SPLITS", 2)
     out = tmp_path / "out"

@@ -127,6 +127,7 @@ def test_inception_save_load_roundtrip(tmp_path, inception, small_images, small_
         assert torch.equal(loaded(small_images), small_out), name
 
 
+@pytest.mark.slow
 def test_inception_load_errors(tmp_path, inception):
     with pytest.raises(DataError, match="not found at .*pt_inception-2015-12-05-6726825d.pth"):
         load_fid_inception(tmp_path / "nope.pth")

@@ -275,6 +275,7 @@ def test_the_originals_load(kind, originals, tmp_path, monkeypatch):
     LOADERS[kind](tmp_path / "f.safetensors")  # and without the spy: no error at all
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(LOADERS))
 def test_fuzzed_files_load_or_raise_condlora_errors(kind, originals, tmp_path, monkeypatch):
     @FUZZ

@@ -263,6 +263,7 @@ def test_bad_inputs_give_one_line_and_leave_files_alone(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     bad = tmp_path / "junk.safetensors"
     bad.write_bytes(b"\x00" * 64)

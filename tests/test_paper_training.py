@@ -36,6 +36,7 @@ def fixed_loss(denoiser, x0, y, iddpm: bool) -> float:
     "config, tiny",
     [("cifar10-iddpm-cond-lora.yaml", TINY_ADM), ("cifar10-edm-cond-lora.yaml", TINY_EDM)],
 )
+@pytest.mark.slow
 def test_objective_trains_tiny_paper_net_and_samples(config, tiny, one_thread):
     iddpm = "iddpm" in config
     cfg = load_config(CONFIGS / config, tiny)
@@ -65,6 +66,7 @@ def test_objective_trains_tiny_paper_net_and_samples(config, tiny, one_thread):
         ("cifar10-edm-cond-onlylora.yaml", TINY_EDM, ["diffusion.sample_steps=3"]),
     ],
 )
+@pytest.mark.slow
 def test_cli_trains_paper_config_with_its_sampler_and_augmentation(
     config, tiny, extra, tmp_path, one_thread
 ):

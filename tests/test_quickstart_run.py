@@ -3,6 +3,8 @@
 import re
 import shutil
 
+import pytest
+
 from condlora.cli import main
 from condlora.evaluation.evaluate import CLASSIFIER_FILE
 from condlora.evaluation.quickstart import run_quickstart
@@ -10,6 +12,7 @@ from condlora.evaluation.quickstart import run_quickstart
 from .conftest import TINY
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end_on_a_tiny_budget(tmp_path, classifier_file, capsys):
     out = tmp_path / "qs"
     out.mkdir()

@@ -34,6 +34,9 @@ from condlora.synthesis.collection import LoRADataset
 from .conftest import CONFIGS, TINY
 
 # the demo's generative models, one folder per seed (synthesis/demo/generative.py)
+# the page needs trained runs and the tiny demo: seconds to build, so the slow tier
+pytestmark = pytest.mark.slow
+
 GENERATIVE_SLUGS = (
     "raw-diffusion-adalora",
     "vae-prior-adalora",

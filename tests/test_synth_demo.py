@@ -327,6 +327,7 @@ def test_vector_mse_is_in_standardised_coordinates_without_constant_ones():
 # ---------------------------------------------------------------- the tiny demo end to end
 
 
+@pytest.mark.slow
 def test_tiny_demo_end_to_end_then_reused(tiny_demo, one_thread):
     out, cfg, base_cfg = tiny_demo  # the session's tiny demo (conftest), run once
     text = (out / "report.md").read_text()

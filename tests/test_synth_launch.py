@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from condlora.synthesis.model import MODEL_FILE
@@ -13,6 +14,7 @@ from .conftest import REPO
 from .synth_common import TINY, linear_collection
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_tiny_synthesis_config(tmp_path):
     """`accelerate launch` with two CPU processes (gloo DDP) on `synth train --config`."""
     dataset = linear_collection(tmp_path / "ds.safetensors")[0]

@@ -141,6 +141,7 @@ def test_raw_vector_prior_and_separate_vae_folder(collection, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_the_pipeline_learns_a_linear_collection(tmp_path):
     """VAE + x0 prior, 150 steps each: LoRAs for unseen embeddings beat the mean LoRA."""
     path, vectors, emb, mixing, offset = linear_collection(tmp_path / "ds", n=64, noise=0.0)

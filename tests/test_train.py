@@ -106,6 +106,7 @@ def test_adamw_falls_back_where_fused_is_refused(monkeypatch):
     assert isinstance(opt, OldAdamW) and not opt.defaults["fused"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits-uclora.yaml", "digits-classlora.yaml"])
 def test_resume_continues_exactly(tmp_path, tiny_overrides, name):
     cfg = tiny(name, tiny_overrides + ["train.max_steps=8"])
@@ -157,6 +158,7 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, tiny_overrid
         image_trainer(cfg, tmp_path / "run")
 
 
+@pytest.mark.slow
 def test_loss_falls_on_digits(tmp_path, tiny_overrides):
     cfg = tiny("digits-baseline.yaml", tiny_overrides + ["train.lr=3e-3", "train.log_every=20"])
     train(cfg, tmp_path, max_steps=80, progress=False)
@@ -176,6 +178,7 @@ def test_learning_rate_schedule(tiny_overrides):
     assert learning_rate(t, 1000) == 1.0
 
 
+@pytest.mark.slow
 def test_compile_option_compiles_the_loss_module(tmp_path, tiny_overrides):
     compiled = image_trainer(
         tiny("digits-baseline.yaml", [*tiny_overrides, "train.compile=true"]), tmp_path / "c"
@@ -186,6 +189,7 @@ def test_compile_option_compiles_the_loss_module(tmp_path, tiny_overrides):
     assert compiled.loss_fn._orig_mod.denoiser is compiled.model  # checkpoints: plain keys
 
 
+@pytest.mark.slow
 def test_two_processes_split_the_global_batch(tmp_path, tiny_overrides):
     """Two CPU processes under accelerate (gloo DDP): one checkpoint, half the batch each.
 

@@ -184,6 +184,7 @@ def test_fresh_run_starts_a_new_log(tmp_path, tiny_overrides):
     ] == [5]
 
 
+@pytest.mark.slow
 def test_init_from_a_baseline_keeps_its_function_then_trains(tmp_path, tiny_overrides):
     base_cfg = tiny("digits-baseline.yaml", tiny_overrides)
     train(base_cfg, tmp_path / "base", max_steps=3, progress=False)
@@ -254,6 +255,7 @@ def test_metrics_go_to_tensorboard(tmp_path, tiny_overrides):
     assert [e.step for e in acc.Scalars("loss")] == [5]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits(tmp_path, tiny_overrides):
     args = [sys.executable, "-m", "condlora.cli", "train", "--config"]
     args += [str(CONFIGS / "digits-baseline.yaml"), "--out", str(tmp_path), "--quiet"]

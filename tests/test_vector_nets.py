@@ -325,6 +325,7 @@ def toy_losses(mode):
     return first, held_out()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", COND)
 def test_conditioning_beats_unconditional_on_a_toy_problem(mode):
     first, conditioned = toy_losses(mode)
