@@ -7,9 +7,9 @@ the held-out real digits, next to the same distance for real training digits
 (the floor a perfect model would reach at these set sizes).
 
 The two models train and sample side by side, one thread each, in worker processes
-(`workers`): nets this small use two cores poorly from one process. Each stage shows a
-progress bar with its ETA; the sample grids are the first evaluation samples of each
-class, so nothing is sampled twice.
+(`workers`): nets this small use two cores poorly from one process; the judge trains in
+the first worker that is free. Each stage shows a progress bar with its ETA; the sample
+grids are the first evaluation samples of each class, so nothing is sampled twice.
 """
 
 from __future__ import annotations
@@ -79,27 +79,27 @@ def train_and_sample(job: ModelJob) -> dict:
     }
 
 
-def _one_thread_job(job: ModelJob) -> dict:
-    """A worker's call: one thread, so two workers share two cores without contention."""
+def train_judge(out: Path, progress: bool | dict) -> None:
+    """The digits classifier that judges the samples, trained (seeded) once and cached in
+    `out`."""
+    digits_classifier(load_config(find_config(MODELS["baseline"])), out, progress=progress)
+
+
+def _one_thread(fn: Callable, *args: object) -> object:
+    """A worker's call: one thread, so the workers share the cores without contention."""
     torch.set_num_threads(1)
-    return train_and_sample(job)
+    return fn(*args)
 
 
-def run_jobs(jobs: list[ModelJob], workers: int, meanwhile: Callable[[], None]) -> list[dict]:
-    """Every job's row, `workers` processes at a time (1: in this process, in order);
-    `meanwhile()` runs in this process while the workers do (its result is dropped)."""
+def run_parallel(calls: list[tuple[Callable, tuple]], workers: int) -> list:
+    """Each call's result in order, `workers` processes at a time (1: here, one by one).
+
+    A pool of two takes the first two calls at once and the next as soon as one is done."""
     if workers <= 1:
-        meanwhile()
-        return [train_and_sample(job) for job in jobs]
+        return [fn(*args) for fn, args in calls]
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-        futures = [pool.submit(_one_thread_job, job) for job in jobs]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the workers hold the cores
-        try:
-            meanwhile()
-        finally:
-            torch.set_num_threads(threads)
+    with ProcessPoolExecutor(min(workers, len(calls)), mp_context=context) as pool:
+        futures = [pool.submit(_one_thread, fn, *args) for fn, args in calls]
         return [future.result() for future in futures]
 
 
@@ -115,7 +115,8 @@ def run_quickstart(
 
     steps replaces the configs' training steps, overrides are key=value for both configs (a
     tiny net in the tests), num is the number of samples scored per model, workers the
-    models trained side by side.
+    processes that train side by side (UC-LoRA, the longest, first; the judge in the first
+    free worker).
     """
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -127,15 +128,13 @@ def run_quickstart(
     for job in jobs:  # a bad override or a folder of another config: refused before any work
         check_job(job)
     print(f"[quickstart] training and sampling {', '.join(MODELS)} ({workers} at a time)")
+    judge_bar = {"position": len(jobs), "leave": True} if progress else False
+    calls = [(train_and_sample, (job,)) for job in reversed(jobs)]  # the longest first
+    *rows, _ = run_parallel([*calls, (train_judge, (out, judge_bar))], workers)
+    rows.reverse()  # in the order of MODELS
     cfg = load_config(find_config(MODELS["baseline"]))
-    judge = {}
-
-    def train_judge() -> None:  # the judge, trained (seeded) once and cached in `out`
-        judge["classifier"] = digits_classifier(cfg, out, progress=_judge_bar(progress, jobs))
-
-    rows = run_jobs(jobs, workers, train_judge)
+    classifier = digits_classifier(cfg, out)  # trained above: read from `out`
     (train_x, _), (hold_x, _) = build_data(cfg)
-    classifier = judge["classifier"]
     floor = digits_metrics(classifier, train_x[:num], None, hold_x)["frechet_distance"]
     for row in rows:
         samples, labels = row.pop("samples"), row.pop("labels")
@@ -151,11 +150,6 @@ def check_job(job: ModelJob) -> None:
     """Refuse, before any work, a config that does not load or a run folder of another one."""
     cfg = load_config(find_config(job.config_file), job.overrides)
     saved_step(job.out / job.name, cfg)
-
-
-def _judge_bar(progress: bool, jobs: list[ModelJob]) -> bool | dict:
-    """The judge's bar, on the line below the models' bars."""
-    return {"position": len(jobs), "leave": True} if progress else False
 
 
 def class_grid(samples: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
