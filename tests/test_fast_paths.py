@@ -23,12 +23,13 @@ from condlora.lora import (
     lora_parameters,
     lora_state_dict,
 )
+from condlora.lora.composers import ParameterStacks
 from condlora.lora.lowrank import StackedLoRA
 from condlora.lora.state import ConditionState
 
 from .conftest import CONFIGS
 from .test_lora import make_condition, make_input, make_layer, randomize, reference
-from .test_lora_inject import TinyAttention, inputs, tiny_config
+from .test_lora_inject import BATCH, TinyAttention, inputs, tiny_config
 
 # --- the stacked low-rank function -------------------------------------------------------
 
@@ -186,6 +187,53 @@ def test_weights_of_one_pass_are_not_reused_by_the_next():
     fresh = copy.deepcopy(model)
     with conditioning(fresh, t=data["t"], y=torch.tensor([1, 4, 2])):
         torch.testing.assert_close(again, fresh(**data))
+
+
+def test_parameter_stacks_are_reused_only_while_the_parameters_are_unchanged():
+    a, b = nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.randn(2, 3))
+    stacks = ParameterStacks()
+    with torch.no_grad():
+        first = stacks([a, b])
+        assert stacks([a, b]) is first and torch.equal(first, torch.stack([a, b]))
+        assert torch.equal(stacks([a, b], cat=True), torch.cat([a, b]))
+        a.add_(1.0)  # an optimizer or EMA step: in place, a new version
+        assert torch.equal(stacks([a, b]), torch.stack([a, b]))
+        b.data = torch.zeros(2, 3)  # new storage
+        assert torch.equal(stacks([a, b])[1], torch.zeros(2, 3))
+    stacked = stacks([a, b])  # with gradients: a fresh stack in the graph
+    assert stacked.requires_grad and stacked.grad_fn is not None
+    assert copy.deepcopy(stacks)._cache == {}
+
+
+@pytest.mark.parametrize("method", ["time", "class", "uc", "time+class"])
+def test_a_shared_condition_is_composed_once_and_matches_the_batch(method):
+    """Sampling (no gradients, one condition for the batch): the composers run on one row,
+    and every layer's output is what the same condition gives on the low-rank path."""
+    torch.manual_seed(0)
+    model = TinyAttention()
+    inject(model, tiny_config(method))
+    randomize_lora(model)
+    x = inputs()["x"]
+    t, y = torch.full((BATCH,), 0.3), torch.full((BATCH,), 4)
+    rows = []
+    composer_cls = type(lora_layers(model)["qkv"].composer)
+    batched = composer_cls.batched
+
+    def recording(composers, **kw):
+        out = batched(composers, **kw)
+        rows.append(out.shape[1])
+        return out
+
+    with conditioning(model, t=t, y=y):
+        expected = model(x, t)  # gradients on: the full batch, low-rank path
+        composer_cls.batched = staticmethod(recording)
+        try:
+            with torch.no_grad():
+                got = model(x, t)
+        finally:
+            composer_cls.batched = staticmethod(batched)
+    assert rows == [1]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_state_dict_names_are_unchanged():

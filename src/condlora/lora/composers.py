@@ -12,6 +12,7 @@ the cost does not grow with a Python loop over layers. `forward` is `batched` of
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,9 +77,35 @@ def hat_table(num_rows: int, num_bases: int) -> Tensor:
     return table.float()
 
 
-def stack(tensors: list[Tensor]) -> Tensor:
-    """torch.stack, without a copy for a single tensor."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+def stack(tensors: list[Tensor], cat: bool = False) -> Tensor:
+    """torch.stack (or torch.cat), without a copy for a single tensor."""
+    if len(tensors) == 1:
+        return tensors[0] if cat else tensors[0].unsqueeze(0)
+    return torch.cat(tensors) if cat else torch.stack(tensors)
+
+
+class ParameterStacks:
+    """`stack` of the same parameter lists, kept between calls without gradients until one of
+    the parameters changes (its version counter or its storage): sampling then does not copy
+    every layer's parameters at every denoiser call. With gradients it stacks anew."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, tuple[tuple, Tensor]] = {}
+
+    def __call__(self, tensors: list[Tensor], cat: bool = False) -> Tensor:
+        """stack(tensors, cat), from the cache where it is still valid."""
+        if torch.is_grad_enabled():
+            return stack(tensors, cat)
+        key = (cat, *map(id, tensors))
+        stamp = tuple((t._version, t.data_ptr()) for t in tensors)
+        hit = self._cache.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = self._cache[key] = (stamp, stack(tensors, cat))
+        return hit[1]
+
+    def __getstate__(self) -> dict:
+        """Copies and pickles start empty (their parameters are other tensors)."""
+        return {"_cache": {}}
 
 
 class Composer(nn.Module):
@@ -87,7 +114,13 @@ class Composer(nn.Module):
     num_weights: int
 
     @staticmethod
-    def batched(composers: list, t: object = None, y: object = None, emb: object = None) -> Tensor:
+    def batched(
+        composers: list,
+        t: object = None,
+        y: object = None,
+        emb: object = None,
+        stacks: Callable = stack,
+    ) -> Tensor:
         """(L, batch, m): the basis weights of L composers of this class at one condition."""
         raise NotImplementedError
 
@@ -105,11 +138,17 @@ class TimeComposer(Composer):
         self.omega = nn.Parameter(hat_table(num_rows, num_bases))  # (T, m)
 
     @staticmethod
-    def batched(composers: list, t: object = None, y: object = None, emb: object = None) -> Tensor:
+    def batched(
+        composers: list,
+        t: object = None,
+        y: object = None,
+        emb: object = None,
+        stacks: Callable = stack,
+    ) -> Tensor:
         """Interpolated table rows for normalised times t in [0, 1], every table at once."""
         if t is None:
             raise _missing("TimeLoRA", "t")
-        omega = stack([c.omega for c in composers])  # (L, T, m)
+        omega = stacks([c.omega for c in composers])  # (L, T, m)
         rows = omega.shape[1]
         pos = time_input(t).to(omega.device) * (rows - 1)
         # Snap positions within 1e-3 of an integer, so t = k/(T-1) in float32 hits row k exactly.
@@ -134,14 +173,20 @@ class ClassComposer(Composer):
             self.mix = nn.Parameter(torch.randn(num_classes, class_bases) / math.sqrt(class_bases))
 
     @staticmethod
-    def batched(composers: list, t: object = None, y: object = None, emb: object = None) -> Tensor:
+    def batched(
+        composers: list,
+        t: object = None,
+        y: object = None,
+        emb: object = None,
+        stacks: Callable = stack,
+    ) -> Tensor:
         """Basis weights for class indices (batch,) or class weights (batch, num_classes)."""
         if y is None:
             raise _missing("ClassLoRA", "y")
         w = class_weights(y, composers[0].num_classes)
         if composers[0].mix is None:  # one-hot selection: the same weights for every layer
             return w.expand(len(composers), -1, -1)
-        mix = stack([c.mix for c in composers])  # (L, num_classes, class_bases)
+        mix = stacks([c.mix for c in composers])  # (L, num_classes, class_bases)
         return w.to(mix.device, mix.dtype) @ mix
 
 
@@ -178,7 +223,13 @@ class UCComposer(Composer):
         self.mlp = nn.Sequential(*layers)
 
     @staticmethod
-    def batched(composers: list, t: object = None, y: object = None, emb: object = None) -> Tensor:
+    def batched(
+        composers: list,
+        t: object = None,
+        y: object = None,
+        emb: object = None,
+        stacks: Callable = stack,
+    ) -> Tensor:
         """MLP outputs (L, batch, m) for an embedding of shape (batch, emb_dim)."""
         emb_dim = composers[0].emb_dim
         if emb is None:
@@ -193,27 +244,27 @@ class UCComposer(Composer):
         # first Linear: the L weights stacked along the output, one matmul -> (batch, L*width)
         h = F.linear(
             emb.to(first.device, first.dtype),
-            torch.cat([mlp[0].weight for mlp in mlps]),
-            torch.cat([mlp[0].bias for mlp in mlps]),
+            stacks([mlp[0].weight for mlp in mlps], cat=True),
+            stacks([mlp[0].bias for mlp in mlps], cat=True),
         )
         h = h.view(emb.shape[0], len(mlps), -1).transpose(0, 1)  # (L, batch, width)
         for i, module in enumerate(mlps[0][1:], start=1):  # the depth, not the layers
             if isinstance(module, nn.SiLU):
                 h = F.silu(h)
             elif isinstance(module, nn.GroupNorm):
-                h = _stacked_group_norm(h, [mlp[i] for mlp in mlps])
+                h = _stacked_group_norm(h, [mlp[i] for mlp in mlps], stacks)
             else:  # Linear: (L, batch, width) @ (L, width, width') + bias, one batched matmul
-                weight = stack([mlp[i].weight for mlp in mlps]).transpose(1, 2)
-                h = torch.baddbmm(stack([mlp[i].bias for mlp in mlps]).unsqueeze(1), h, weight)
+                weight = stacks([mlp[i].weight for mlp in mlps]).transpose(1, 2)
+                h = torch.baddbmm(stacks([mlp[i].bias for mlp in mlps]).unsqueeze(1), h, weight)
         return h
 
 
-def _stacked_group_norm(h: Tensor, norms: list[nn.GroupNorm]) -> Tensor:
+def _stacked_group_norm(h: Tensor, norms: list[nn.GroupNorm], stacks: Callable = stack) -> Tensor:
     """GroupNorm of each of the L layers on its slice of h (L, batch, width), at once."""
     num, batch, width = h.shape
     normed = F.group_norm(h.reshape(num * batch, width), norms[0].num_groups, eps=norms[0].eps)
-    gamma = stack([n.weight for n in norms]).unsqueeze(1)
-    beta = stack([n.bias for n in norms]).unsqueeze(1)
+    gamma = stacks([n.weight for n in norms]).unsqueeze(1)
+    beta = stacks([n.bias for n in norms]).unsqueeze(1)
     return torch.addcmul(beta, normed.view(num, batch, width), gamma)
 
 
@@ -226,12 +277,18 @@ class ConcatComposer(Composer):
         self.num_weights = sum(p.num_weights for p in parts.values())
 
     @staticmethod
-    def batched(composers: list, t: object = None, y: object = None, emb: object = None) -> Tensor:
+    def batched(
+        composers: list,
+        t: object = None,
+        y: object = None,
+        emb: object = None,
+        stacks: Callable = stack,
+    ) -> Tensor:
         """Concatenated basis weights of every part."""
         ws = []
         for key, part in composers[0].parts.items():
             same_parts = [c.parts[key] for c in composers]
-            ws.append(type(part).batched(same_parts, t=t, y=y, emb=emb))
+            ws.append(type(part).batched(same_parts, t=t, y=y, emb=emb, stacks=stacks))
         batch = max(w.shape[1] for w in ws)
         if any(w.shape[1] not in (1, batch) for w in ws):
             sizes = [w.shape[1] for w in ws]
