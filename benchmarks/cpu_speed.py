@@ -3,7 +3,9 @@
 For digits-baseline and digits-uclora, a train step (as `condlora train` runs it: forward,
 backward, gradient clipping, fused AdamW, EMA) and a class-grouped sampling call, each in
 fp32, under bf16 autocast (`train.mixed_precision=bf16`), with `torch.compile` of the loss
-(`train.compile=true`) and with both; all variants measured side by side in one process
+(`train.compile=true`), with both, and with oneDNN's implicit bf16 (`bf16-implicit`: the
+float32 convolutions and matmuls computed in bf16 inside the kernels, no casts); all
+variants measured side by side in one process
 (medians over the repeats after warm-up; compilation happens in the warm-up), ratios to
 fp32. bf16 pays on CPUs with AMX / AVX-512 bf16 units; elsewhere it emulates.
 
@@ -26,16 +28,33 @@ from condlora.train.loop import adamw
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = {"baseline": "digits-baseline", "uclora": "digits-uclora"}
-VARIANTS = {  # name -> (bf16 autocast, torch.compile)
-    "fp32": (False, False),
-    "bf16": (True, False),
-    "compile": (False, True),
-    "bf16+compile": (True, True),
+VARIANTS = {  # name -> (bf16: "autocast" | "implicit" | None, torch.compile)
+    "fp32": (None, False),
+    "bf16": ("autocast", False),
+    "compile": (None, True),
+    "bf16+compile": ("autocast", True),
+    # oneDNN's float32 convolutions and matmuls computed in bf16 inside the kernels
+    # (torch >= 2.9: torch.backends.mkldnn.{conv,matmul}.fp32_precision), no casts around them
+    "bf16-implicit": ("implicit", False),
 }
 SMOKE = ["net.model_channels=8", "net.channel_mult=[1, 2]", "net.num_blocks=1"]
 
 
-def calls(config: str, bf16: bool, compiled: bool, args: argparse.Namespace) -> dict:
+@contextlib.contextmanager
+def implicit_bf16():  # noqa: ANN201
+    """oneDNN's float32 convolutions and matmuls in bf16 for the block (restored after)."""
+    backends = [torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul]
+    saved = [b.fp32_precision for b in backends]
+    try:
+        for b in backends:
+            b.fp32_precision = "bf16"
+        yield
+    finally:
+        for b, value in zip(backends, saved, strict=True):
+            b.fp32_precision = value
+
+
+def calls(config: str, bf16: str | None, compiled: bool, args: argparse.Namespace) -> dict:
     """The train step and the sampling call of one config in one variant."""
     cfg = load_config(CONFIGS / f"{config}.yaml", SMOKE if args.smoke else [])
     torch.manual_seed(0)
@@ -57,15 +76,18 @@ def calls(config: str, bf16: bool, compiled: bool, args: argparse.Namespace) -> 
     step = [0]
 
     def precision():  # noqa: ANN202
-        if not bf16:
-            return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        if bf16 == "implicit":
+            return implicit_bf16()
+        if bf16 == "autocast":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def train() -> None:
         model.train()
         with precision():
             loss = loss_fn(x, class_labels=y)
-        loss.backward()
+        with implicit_bf16() if bf16 == "implicit" else contextlib.nullcontext():
+            loss.backward()  # outside autocast, as torch recommends; implicit bf16 applies
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

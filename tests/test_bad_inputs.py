@@ -163,6 +163,19 @@ def train(s, d, *extra, config=None):
     return ["train", "--config", config or s / "tiny.yaml", "--out", d / "new", "--quiet", *extra]
 
 
+def foreign_folder(d):
+    """d/new holding another program's config.yaml and metrics.jsonl, and no checkpoint."""
+    write(d, "new/config.yaml", "something: else\n")
+    write(d, "new/metrics.jsonl", '{"step": 7, "loss": 0.5}\n')
+    return d
+
+
+def named_config(s, d, name):
+    """The tiny config with `name:` set, trained without --out (runs/<name>)."""
+    text = (s / "tiny.yaml").read_text() + f"name: {name!r}\n"
+    return ["train", "--config", write(d, "c.yaml", text), "--quiet"]
+
+
 def info(s, *overrides, config=None):
     return ["info", "--config", config or s / "tiny.yaml", *overrides]
 
@@ -496,6 +509,14 @@ CASES = {
         "info",
         lora_file(s, d, tensors={"w": torch.ones(2)}),
     ],
+    # run folders that hold something else, names that leave runs/ (issue 24)
+    "train into a folder of other files": lambda s, d: train(s, foreign_folder(d)),
+    "train into it with steps": lambda s, d: train(s, foreign_folder(d), "--max-steps", "2"),
+    "config name absolute": lambda s, d: named_config(s, d, str(d / "elsewhere")),
+    "config name climbs": lambda s, d: named_config(s, d, "../../elsewhere"),
+    "config name is a path": lambda s, d: named_config(s, d, "a/b"),
+    "serve runs is a file": lambda s, d: ["serve", "--runs", s / "lora.safetensors"],
+    "serve runs missing": lambda s, d: ["serve", "--runs", d / "none"],
     "lora convert unknown out": lambda s, d: [
         "lora",
         "convert",

@@ -51,9 +51,10 @@ def test_vs_diffusers_smoke(capsys, one_thread):
 
 def test_cpu_speed_smoke(capsys, one_thread):
     # torch.compile is left out here: compiling takes minutes on a small CPU
-    result = run_benchmark("cpu_speed", ["--smoke", "--variants", "fp32,bf16"], capsys)
+    variants = "fp32,bf16,bf16-implicit"
+    result = run_benchmark("cpu_speed", ["--smoke", "--variants", variants], capsys)
     assert result["benchmark"] == "cpu_speed"
     assert set(result["results"]) == {
-        f"{m} {v}" for m in ("baseline", "uclora") for v in ("fp32", "bf16")
+        f"{m} {v}" for m in ("baseline", "uclora") for v in variants.split(",")
     }
     assert result["results"]["uclora fp32"]["train_time_ratio"] == 1.0

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,7 @@ import condlora.metrics.reference as reference
 from condlora.cli import main
 from condlora.conditioning.build import build_denoiser
 from condlora.evaluation.evaluate import CLASSIFIER_FILE
+from condlora.evaluation.experiment import RUN_FILE
 from condlora.evaluation.report import mean_std, read_jsonl
 from condlora.train.checkpoint import checkpoint_step
 
@@ -137,3 +139,44 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path, classifier_file, monke
     assert checkpoint_step(run / "checkpoint.safetensors") == 6
     assert [p["step"] for p in read_jsonl(run / "curve.jsonl")] == [3, 6]
     assert json.loads((run / "metrics.json").read_text())["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_kill_while_writing_run_records_then_a_rerun_finishes(
+    tmp_path, classifier_file, monkeypatch, capsys
+):
+    """A kill inside a record's write leaves the old file (atomic writes); records damaged
+    by other means are named, made again, and the rerun runs to the end."""
+    monkeypatch.setattr(reference, "FLOOR_SPLITS", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(classifier_file, out / CLASSIFIER_FILE)
+    spec = yaml.safe_load(write_grid(tmp_path).read_text())
+    spec |= {"seeds": [0], "variants": spec["variants"][1:]}
+    grid = tmp_path / "one.yaml"
+    grid.write_text(yaml.safe_dump(spec))
+    real_write_text = Path.write_text
+
+    def killed_mid_write(self, text, *args, **kwargs):  # half the bytes, then the kill
+        if self.name == "metrics.json.tmp":
+            real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed_mid_write)
+    assert main(["experiment", str(grid), "--out", str(out), "--quiet"]) == 130
+    run = out / "tc" / "seed-0"
+    assert not (run / "metrics.json").exists() and not (run / "metrics.json.tmp").exists()
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    assert main(["experiment", str(grid), "--out", str(out), "--quiet"]) == 0
+
+    record = json.loads((run / RUN_FILE).read_text())
+    (run / RUN_FILE).write_text(json.dumps(record)[:10])  # as an in-place write killed
+    (run / "metrics.json").write_text('{"step": 6, "fd"')
+    capsys.readouterr()
+    assert main(["experiment", str(grid), "--out", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"{RUN_FILE} is damaged" in err and "metrics.json is damaged" in err
+    assert json.loads((run / "metrics.json").read_text())["step"] == 6
+    assert json.loads((run / RUN_FILE).read_text())["variant"] == "tc"
+    assert (out / "report.md").is_file()

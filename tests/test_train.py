@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -168,14 +169,27 @@ def test_loss_falls_on_digits(tmp_path, tiny_overrides):
 
 def test_learning_rate_schedule(tiny_overrides):
     t = tiny("digits-baseline.yaml", tiny_overrides + ["train.max_steps=105", "train.lr=1.0"]).train
-    assert learning_rate(t, 0) == pytest.approx(0.2)  # warm-up over 5 steps
-    assert learning_rate(t, 4) == pytest.approx(1.0)
+    assert learning_rate(t, 0) == 0.0  # warm-up over 5 steps, from 0
+    assert learning_rate(t, 4) == pytest.approx(0.8)
+    assert learning_rate(t, 5) == pytest.approx(1.0)
     assert learning_rate(t, 55) == pytest.approx(0.5)  # half-way through the cosine
     assert learning_rate(t, 104) == pytest.approx(0.5 * (1 + math.cos(math.pi * 99 / 100)))
     t = tiny(
         "digits-baseline.yaml", tiny_overrides + ["train.lr_schedule=constant", "train.lr=1.0"]
     ).train
     assert learning_rate(t, 1000) == 1.0
+    assert learning_rate(replace(t, warmup_steps=0), 0) == 1.0  # no warm-up: the peak at once
+
+
+def test_warm_up_is_edms():
+    """EDM's training loop: lr * min(cur_nimg / max(lr_rampup_kimg * 1000, 1e-8), 1), with
+    cur_nimg the images seen before the step (CIFAR-10: batch 512, 10 Mimg ramp-up)."""
+    t = load_config(CONFIGS / "cifar10-edm-cond-lora.yaml").train
+    rampup_kimg = t.warmup_steps * t.batch_size / 1000  # 19531 steps of 512: 10 Mimg
+    for step in [0, 1, 2, 1000, 19530, 19531, 19532, 100000]:
+        cur_nimg = step * t.batch_size
+        edm = t.lr * min(cur_nimg / max(rampup_kimg * 1000, 1e-8), 1)
+        assert learning_rate(t, step) == pytest.approx(edm, rel=1e-12, abs=0), step
 
 
 @pytest.mark.slow

@@ -176,12 +176,21 @@ def test_metrics_log_keeps_each_step_once_after_a_kill(tmp_path, tiny_overrides)
 
 
 def test_fresh_run_starts_a_new_log(tmp_path, tiny_overrides):
-    (tmp_path / "metrics.jsonl").write_text('{"step": 99, "loss": 1}\n')  # no checkpoint
+    """A start of the same run killed before its first checkpoint (its config.yaml and log
+    lines, no checkpoint) is started again with a new log; other files are refused."""
     cfg = tiny("digits-baseline.yaml", tiny_overrides + ["train.max_steps=5"])
+    train(cfg, tmp_path, progress=False)
+    (tmp_path / CHECKPOINT_NAME).unlink()
+    with (tmp_path / "metrics.jsonl").open("a") as log:
+        log.write('{"step": 99, "loss": 1}\n')
     train(cfg, tmp_path, progress=False)
     assert [
         json.loads(s)["step"] for s in (tmp_path / "metrics.jsonl").read_text().splitlines()
     ] == [5]
+    (tmp_path / CHECKPOINT_NAME).unlink()
+    other = tiny("digits-baseline.yaml", tiny_overrides + ["train.max_steps=6"])
+    with pytest.raises(CondloraError, match="not a start of this run"):
+        train(other, tmp_path, progress=False)
 
 
 @pytest.mark.slow

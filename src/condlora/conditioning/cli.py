@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from condlora.core.errors import CondloraError
+from condlora.core.paths import default_run_folder
 
 # Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
 
@@ -19,7 +20,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.max_steps is not None and args.max_steps < 1:
         raise CondloraError(f"--max-steps must be >= 1, got {args.max_steps}")
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    out = Path(args.out) if args.out else default_run_folder(cfg.name)
     train(
         cfg,
         out,

@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from condlora.core.errors import CondloraError
+
+FOLDER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a name that is one folder, in place
+
+
+def check_folder_name(name: str, what: str) -> str:
+    """A name that makes one folder in place: letters, digits, '_-.', not '.' or '..'."""
+    if not isinstance(name, str) or not FOLDER_NAME.match(name) or name in (".", ".."):
+        raise CondloraError(
+            f"{what} must be letters, digits, '_-.' (one folder name, no path), got {name!r}"
+        )
+    return name
+
+
+def default_run_folder(name: str) -> Path:
+    """runs/<name> for a config's `name:` when no --out is given (the name checked)."""
+    return Path("runs") / check_folder_name(name, "the config's name")
 
 
 def _nearest_existing(path: Path) -> Path:

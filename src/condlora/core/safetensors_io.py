@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from condlora.core.errors import CondloraError
+from condlora.core.files import replace_atomically
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 # bytes per element of the dtypes that torch reads (safetensors' names)
@@ -43,24 +44,16 @@ DTYPE_BYTES = {
 }
 
 
-def write_weights(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+def write_weights(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict, sync: bool = False
+) -> None:
     """Write tensors and string metadata; temporary file then rename, so no half-written file.
 
     On any failure the temporary file is removed and the old file (if any) is untouched;
-    a path that cannot be written raises CondloraError.
+    a path that cannot be written raises CondloraError. `sync`: flushed to disk (checkpoints).
     """
-    path = Path(path)
-    if path.is_dir():
-        raise CondloraError(f"cannot write {path}: it is a folder")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise CondloraError(f"cannot write {path}: {err.strerror or err}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), sync)
 
 
 def _fail(error: type[Exception], path: Path, why: str) -> Exception:

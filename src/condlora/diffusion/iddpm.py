@@ -39,15 +39,20 @@ LN2 = math.log(2.0)
 def space_timesteps(num_timesteps: int, num_steps: int) -> Tensor:
     """num_steps timesteps of 0..T-1, evenly spaced with both ends kept (IDDPM sec. 4), increasing.
 
-    One step keeps only T-1 (IDDPM's spacing would keep 0, which cannot start a chain).
+    improved-diffusion's rule exactly (`space_timesteps` with one section): a float index
+    advanced by a stride of (T - 1) / (num_steps - 1), rounded half to even, so exact .5
+    ties fall where they fall there; one step keeps step 0, as there. More steps than T
+    keep all T.
     """
     if num_steps < 1:
         raise ConfigError(f"the number of sampling steps must be >= 1, got {num_steps}")
     num_steps = min(num_steps, num_timesteps)
-    if num_steps == 1:
-        return torch.tensor([num_timesteps - 1])
-    stride = (num_timesteps - 1) / (num_steps - 1)
-    return torch.tensor([round(i * stride) for i in range(num_steps)])
+    stride = 1.0 if num_steps == 1 else (num_timesteps - 1) / (num_steps - 1)
+    index, steps = 0.0, []
+    for _ in range(num_steps):
+        steps.append(round(index))
+        index += stride  # accumulated, not i * stride: the rounding of the original
+    return torch.tensor(steps)
 
 
 class IDDPMPrecond(EpsPrecond):

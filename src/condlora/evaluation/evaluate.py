@@ -34,6 +34,7 @@ from condlora.conditioning.config import Config
 from condlora.conditioning.generate import generate, labels_for
 from condlora.conditioning.runs import load_run
 from condlora.core.errors import CondloraError, DataError
+from condlora.core.files import write_text_atomic
 from condlora.core.paths import check_output_file, check_output_folder
 from condlora.metrics import (
     DigitsClassifier,
@@ -288,7 +289,7 @@ def evaluate_run(
         "eval_seconds": round(time.time() - start, 2),
         "warnings": notes,
     }
-    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(run_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n", sync=True)
     return metrics
 
 

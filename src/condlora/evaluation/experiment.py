@@ -18,6 +18,7 @@ from condlora.conditioning.config import Config
 from condlora.conditioning.generate import generate, labels_for
 from condlora.conditioning.param_counts import parameter_summary
 from condlora.conditioning.runs import saved_step, train_or_reuse
+from condlora.core.files import read_json_record, write_text_atomic
 from condlora.core.jsonl import append_jsonl, truncate_jsonl
 from condlora.diffusion import Denoiser
 from condlora.evaluation.evaluate import (
@@ -67,10 +68,9 @@ def curve_point(denoiser: Denoiser, cfg: Config, spec: EvalSpec, judge: Judge) -
 
 
 def _eval_is_current(run_dir: Path, spec: EvalSpec, step: int) -> dict | None:
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
+    m = read_json_record(run_dir / METRICS_FILE)
+    if m is None:
         return None
-    m = json.loads(path.read_text())
     wanted = {"step": step, "num_samples": spec.num, "feature": spec.feature, "seed": spec.seed}
     wanted |= {"sampler": spec.sampler} if spec.sampler else {}
     wanted |= {"steps": spec.steps} if spec.steps else {}
@@ -87,12 +87,13 @@ def train_and_evaluate(
     if done == 0:  # the evaluation of a run that was never saved is stale
         (run_dir / METRICS_FILE).unlink(missing_ok=True)
     record_path = run_dir / RUN_FILE
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record |= {"variant": variant.name, "seed": seed, "run": str(run_dir)}
+    saved = read_json_record(record_path)  # None: missing, or damaged (then made again)
+    record = (saved or {}) | {"variant": variant.name, "seed": seed, "run": str(run_dir)}
     if done < exp.steps:
         seconds = train_or_reuse(cfg, run_dir, progress, [CurvePoints(exp.eval, judge)])
         record["train_seconds"] = record.get("train_seconds", 0.0) + seconds
-        record_path.write_text(json.dumps(record, indent=2) + "\n")
+    if done < exp.steps or (saved is None and done > 0):
+        write_text_atomic(record_path, json.dumps(record, indent=2) + "\n", sync=True)
     metrics = _eval_is_current(run_dir, exp.eval, exp.steps)
     record["reused_eval"] = metrics is not None
     if metrics is None:
@@ -154,5 +155,5 @@ def run_experiment(
         }
         for v in variants
     ]
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
     return write_report(exp, summary, out)

@@ -21,7 +21,6 @@ the metric-vs-step curve. A rerun reuses finished runs and evaluations and resum
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +30,8 @@ from condlora.conditioning.build import resolve_data
 from condlora.conditioning.config import Config, load_config
 from condlora.core.config import find_config, from_dict, read_text_file, yaml_problem
 from condlora.core.errors import ConfigError
+from condlora.core.paths import FOLDER_NAME
 from condlora.evaluation.evaluate import FEATURES
-
-NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass
@@ -92,7 +90,7 @@ def load_experiment(
 
 
 def _check(exp: Experiment, variants: list[Variant]) -> None:
-    if not NAME.match(exp.name):
+    if not FOLDER_NAME.match(exp.name) or exp.name in (".", ".."):
         raise ConfigError(f"experiment name must be letters, digits, '_-.', got {exp.name!r}")
     if exp.steps < 1:
         raise ConfigError(f"experiment steps must be >= 1, got {exp.steps}")
@@ -109,7 +107,7 @@ def _check(exp: Experiment, variants: list[Variant]) -> None:
         raise ConfigError("an experiment needs at least one variant")
     names = [v.name for v in variants]
     for v in variants:
-        if not NAME.match(v.name) or names.count(v.name) > 1:
+        if not FOLDER_NAME.match(v.name) or v.name in (".", "..") or names.count(v.name) > 1:
             raise ConfigError(f"variant names must be unique folder names, got {v.name!r}")
         if not v.config:
             raise ConfigError(f"variant {v.name} needs a config")

@@ -29,6 +29,7 @@ from condlora.conditioning.generate import generate, labels_for
 from condlora.conditioning.param_counts import parameter_summary
 from condlora.conditioning.runs import load_run, saved_step, train_or_reuse
 from condlora.core.config import find_config
+from condlora.core.files import write_text_atomic
 from condlora.core.images import save_grid
 from condlora.evaluation.evaluate import digits_classifier
 from condlora.metrics import digits_metrics
@@ -142,7 +143,7 @@ def run_quickstart(
         grid, per_class = class_grid(samples, labels)
         save_grid(grid, out / f"{row['name']}.png", nrow=per_class)
     report = out / "report.md"
-    report.write_text(render_report(rows, floor, len(hold_x), num, time.time() - start))
+    write_text_atomic(report, render_report(rows, floor, len(hold_x), num, time.time() - start))
     return report
 
 

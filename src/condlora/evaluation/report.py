@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from condlora.conditioning.build import num_classes
 from condlora.conditioning.generate import save_sample_grid
 from condlora.conditioning.runs import load_run
+from condlora.core.files import write_text_atomic
 from condlora.core.images import save_grid
 from condlora.core.jsonl import read_jsonl
 from condlora.evaluation.diagnostics import (
@@ -126,7 +127,7 @@ def write_report(exp: Experiment, summary: list[dict], out: Path) -> Path:
         "curve": plot_series(summary, "curve.jsonl", "fd", ylabel, out / "fd.png", floor),
     }
     path = out / "report.md"
-    path.write_text(render(exp, summary, figures, plots))
+    write_text_atomic(path, render(exp, summary, figures, plots))
     return path
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from condlora.core.errors import CondloraError
 
 DEFAULT_SYNTH = "runs/synth-demo"
+DEFAULT_RUNS = "runs"
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -18,11 +19,18 @@ def _serve(args: argparse.Namespace) -> None:
         )
     if not 1 <= args.port <= 65535:
         raise CondloraError(f"--port must be in 1..65535, got {args.port}")
+    runs = Path(args.runs or DEFAULT_RUNS)
+    if runs.exists() and not runs.is_dir():
+        raise CondloraError(f"--runs {runs} is a file, not a folder of `condlora train` runs")
+    if args.runs and not runs.exists():  # the default may be missing: no runs to list yet
+        raise CondloraError(
+            f"--runs {runs} does not exist: give the folder of `condlora train` runs"
+        )
     from condlora.serve.server import serve
 
     synth = Path(args.synth or DEFAULT_SYNTH)
     base = Path(args.base) if args.base else None
-    serve(Path(args.runs), synth, base, args.host, args.port, explicit_synth=bool(args.synth))
+    serve(runs, synth, base, args.host, args.port, explicit_synth=bool(args.synth))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,9 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="a local web page to try synthesis and trained runs")
     p.add_argument(
         "--runs",
-        default="runs",
         metavar="DIR",
-        help="folder of `condlora train` runs (default runs)",
+        help=f"folder of `condlora train` runs (default {DEFAULT_RUNS})",
     )
     p.add_argument(
         "--synth", metavar="DIR", help=f"a `condlora synth demo` folder (default {DEFAULT_SYNTH})"

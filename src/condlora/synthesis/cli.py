@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from condlora.core.errors import CondloraError
+from condlora.core.paths import default_run_folder
 
 # Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
 
@@ -113,7 +114,7 @@ def _train(args: argparse.Namespace) -> None:
     from condlora.synthesis.training import train_synthesis
 
     cfg = _config(args)
-    out = Path(args.out) if args.out else Path("runs") / cfg.name
+    out = Path(args.out) if args.out else default_run_folder(cfg.name)
     train_synthesis(cfg, out, resume=args.resume, progress=not args.quiet)
     print(f"model folder: {out}")
 

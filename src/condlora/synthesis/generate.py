@@ -12,6 +12,7 @@ prediction, repeated num times; "nearest": the num nearest LoRAs of the collecti
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,8 @@ class SynthModel:
         """The guidance scale to use; ConfigError if the prior cannot be guided."""
         assert self.prior_cfg is not None
         g = self.prior_cfg.prior.guidance if guidance is None else float(guidance)
+        if not math.isfinite(g) or g < 0:
+            raise ConfigError(f"--guidance must be a finite number >= 0, got {g}")
         if g != 1.0 and self.prior_cfg.prior.cond_dropout <= 0:
             raise ConfigError(
                 f"--guidance {g}: the prior in {self.folder} was trained without condition "

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from condlora.core.config import to_dict
 from condlora.core.errors import ConfigError, DataError
+from condlora.core.files import write_text_atomic
 from condlora.core.jsonl import read_jsonl
 from condlora.diffusion import Denoiser
 from condlora.synthesis.baselines import Nearest, collection_embeddings, fit_pca_ridge
@@ -161,7 +162,7 @@ def _refuse_existing_model(out: Path) -> None:
 
 def _write_model(info: ModelInfo, cfg: SynthConfig, out: Path) -> None:
     info.write(out)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def train_vae(

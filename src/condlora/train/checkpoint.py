@@ -74,7 +74,7 @@ def save_checkpoint(
         "step": str(step),
         "optim_param_groups": groups,
     }
-    write_weights(path, tensors, metadata)
+    write_weights(path, tensors, metadata, sync=True)
 
 
 def _check_kind(path: Path, meta: dict, kind: str) -> None:

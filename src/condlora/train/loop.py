@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from condlora.core.config import check_fields, to_dict
 from condlora.core.errors import CondloraError
+from condlora.core.files import write_text_atomic
 from condlora.core.jsonl import append_jsonl, truncate_jsonl
 from condlora.core.paths import check_output_folder
 from condlora.core.progress import progress_bar
@@ -101,8 +102,10 @@ def batch_indices(k: int, n: int, batch: int, seed: int) -> torch.Tensor:
 
 
 def learning_rate(t: TrainConfig, step: int) -> float:
-    """Linear warm-up to the peak learning rate, then constant or cosine decay to 0."""
-    warm = min(1.0, (step + 1) / max(1, t.warmup_steps))
+    """Linear warm-up from 0 at step 0 to the peak learning rate, then constant or cosine
+    decay to 0. The warm-up is EDM's, lr * min(images seen / ramp-up images, 1) with the
+    images seen before this step (and HF's linear warm-up): step k has lr * k / warmup."""
+    warm = min(1.0, step / t.warmup_steps) if t.warmup_steps > 0 else 1.0
     if t.lr_schedule == "constant" or step < t.warmup_steps:
         return t.lr * warm
     progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
@@ -162,8 +165,16 @@ def check_train_config(t: TrainConfig) -> None:
     check_fields(t, "train")
 
 
-def check_run_folder(out: Path, resume: bool) -> None:
-    """Refuse a run folder that cannot hold this run, before anything is built or trained."""
+def config_text(cfg: Any) -> str:
+    """The config.yaml a run folder holds for `cfg`."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def check_run_folder(out: Path, resume: bool, cfg: Any = None) -> None:
+    """Refuse a run folder that cannot hold this run, before anything is built or trained.
+
+    A new run goes only into a new or empty folder, or one where a run of this same config
+    started and wrote no checkpoint yet (its config.yaml says so): never over other files."""
     out, ckpt = Path(out), Path(out) / CHECKPOINT_NAME
     if out.exists() and not out.is_dir():
         raise CondloraError(f"--out {out} is a file, not a folder")
@@ -176,6 +187,13 @@ def check_run_folder(out: Path, resume: bool) -> None:
             f"{out} already holds a run: pass --resume to continue it, or --out for a new one"
         )
     check_output_folder(out, "run folder")
+    if not resume and cfg is not None and out.is_dir() and any(out.iterdir()):
+        saved = out / "config.yaml"
+        if not saved.is_file() or saved.read_text(errors="replace") != config_text(cfg):
+            raise CondloraError(
+                f"{out} holds files that are not a start of this run (no checkpoint, "
+                "another or no config.yaml): choose a new --out, or empty that folder"
+            )
 
 
 def _nonfinite_weights(module: nn.Module) -> list[str]:
@@ -239,7 +257,7 @@ class Trainer:
                 f"train.batch_size {t.batch_size} is not divisible by "
                 f"{self.acc.num_processes} processes"
             )
-        check_run_folder(self.out, resume)
+        check_run_folder(self.out, resume, self.cfg)
         model = task.model
         self.model = model
         self.ema = EMA(
@@ -283,7 +301,7 @@ class Trainer:
         if not self.acc.is_main_process:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        write_text_atomic(self.out / "config.yaml", config_text(self.cfg), sync=True)
         # a kill after the last checkpoint logged steps that will be redone
         truncate_jsonl(self.out / METRICS_FILE, self.step)
 

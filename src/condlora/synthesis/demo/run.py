@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from condlora.conditioning.build import build_data
 from condlora.conditioning.config import Config, load_config
 from condlora.core.config import find_config
+from condlora.core.files import write_text_atomic
 from condlora.metrics import DigitsClassifier, class_accuracy, classifier_outputs
 from condlora.synthesis.demo import report
 from condlora.synthesis.demo.config import DemoConfig
@@ -53,7 +54,6 @@ from condlora.synthesis.demo.stages import (
     digits_judge,
     embeddings_file,
     subject_encoder,
-    write_text,
 )
 from condlora.synthesis.demo.styles import FACTORS, apply_style, describe
 from condlora.synthesis.demo.zoo import Subjects, build_zoo, make_subjects
@@ -242,7 +242,7 @@ def _write_report(
     names = ["real styled digits"] + [m.name for m in methods]
     text = report.render(info, rows, curve, clock.times, grids, names)
     path = out / "report.md"
-    write_text(path, text)
+    write_text_atomic(path, text)
     return path
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from condlora.core.files import write_text_atomic
 from condlora.diffusion import Denoiser
 from condlora.metrics import DigitsClassifier, classifier_outputs
 from condlora.synthesis.demo.config import DemoConfig
@@ -123,9 +123,7 @@ class ScoreStore:
     def put(self, key: str, record: dict) -> None:
         """Keep a run and rewrite the file."""
         self.runs[key] = record
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"runs": self.runs}, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps({"runs": self.runs}, indent=1, sort_keys=True))
 
     def seed_means(self, method: str, size: int, seeds: tuple[int, ...], column: str) -> Tensor:
         """[seeds] subject-mean of a column for each seed."""

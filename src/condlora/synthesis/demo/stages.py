@@ -21,6 +21,7 @@ from condlora.conditioning.config import Config
 from condlora.conditioning.runs import load_run, saved_step, train_or_reuse
 from condlora.core.config import to_dict
 from condlora.core.errors import CondloraError
+from condlora.core.files import write_text_atomic
 from condlora.diffusion import Denoiser
 from condlora.metrics import (
     DigitsClassifier,
@@ -52,7 +53,7 @@ class StageClock:
     def record(self, stage: str, text: str) -> None:
         """Keep a stage's time (or how it was reused) and rewrite the file."""
         self.times[stage] = text
-        write_text(self.path, json.dumps(self.times, indent=1))
+        write_text_atomic(self.path, json.dumps(self.times, indent=1))
 
     def timed(self, stage: str, work: Callable[[], object]) -> object:
         """Run `work`, record its seconds under `stage`, return its result."""
@@ -61,12 +62,6 @@ class StageClock:
         result = work()
         self.record(stage, f"{time.perf_counter() - start:.0f} s")
         return result
-
-
-def write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_out_dir(out: Path, cfg: DemoConfig, base_cfg: Config) -> None:
@@ -83,7 +78,7 @@ def check_out_dir(out: Path, cfg: DemoConfig, base_cfg: Config) -> None:
             )
         return
     out.mkdir(parents=True, exist_ok=True)
-    write_text(path, json.dumps(record, indent=1, sort_keys=True))
+    write_text_atomic(path, json.dumps(record, indent=1, sort_keys=True))
 
 
 def base_model(

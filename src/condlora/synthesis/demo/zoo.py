@@ -17,7 +17,6 @@ subjects is on disk before the next starts, so an interrupted zoo resumes where 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from condlora.core.files import write_text_atomic
 from condlora.diffusion import Denoiser, EDMPrecond, Preconditioner
 from condlora.lora.formats import LoRAWeights, write_lora
 from condlora.lora.formats.peft import WEIGHTS_NAME
@@ -150,9 +150,7 @@ def _read_timing(zoo_dir: Path) -> dict[str, list[float]]:
 
 
 def _write_timing(zoo_dir: Path, timing: dict[str, list[float]]) -> None:
-    tmp = zoo_dir / (TIMING_FILE + ".tmp")
-    tmp.write_text(json.dumps(timing, indent=1, sort_keys=True))
-    os.replace(tmp, zoo_dir / TIMING_FILE)
+    write_text_atomic(zoo_dir / TIMING_FILE, json.dumps(timing, indent=1, sort_keys=True))
 
 
 def build_zoo(

@@ -1,0 +1,69 @@
+"""Atomic file writes: a temporary file beside the target, then a rename, so a reader never
+sees a half-written artefact (weights, configs, reports, run records); with `sync`, the
+file and its folder are flushed to disk first, so a power cut keeps the old or the new."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from condlora.core.errors import CondloraError
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder (the rename in it); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_atomically(path: str | Path, write: Callable[[Path], None], sync: bool = False) -> Path:
+    """write(tmp) then rename tmp over `path`; on failure the old file is untouched and the
+    temporary one removed. An OSError becomes a one-line CondloraError."""
+    path = Path(path)
+    if path.is_dir():
+        raise CondloraError(f"cannot write {path}: it is a folder")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        if sync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if sync:
+            _sync_folder(path.parent)
+    except OSError as err:
+        raise CondloraError(f"cannot write {path}: {err.strerror or err}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str, sync: bool = False) -> Path:
+    """A text file (UTF-8) written atomically; `sync` for run records and checkpoints' kin."""
+    return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), sync)
+
+
+def read_json_record(path: str | Path) -> dict | None:
+    """A JSON object that condlora wrote and can rebuild (metrics, run records): None if it
+    is missing, or damaged (a warning names it, and the caller makes it again)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        record = err
+    if isinstance(record, dict):
+        return record
+    why = record if isinstance(record, Exception) else "not a JSON object"
+    print(f"condlora: warning: {path} is damaged ({why}); it is made again", file=sys.stderr)
+    return None
