@@ -202,6 +202,26 @@ def kohya(down=None, up=None, alpha=None):
     }
 
 
+def peft_folder(d, config):
+    """A peft adapter folder: one good module, the given adapter_config.json."""
+    folder = d / "adapter"
+    folder.mkdir()
+    stem = "base_model.model.mid.to_q"
+    tensors = {f"{stem}.lora_A.weight": torch.ones(2, 8), f"{stem}.lora_B.weight": torch.ones(8, 2)}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    write(folder, "adapter_config.json", json.dumps({"target_modules": ["to_q"]} | config))
+    return folder
+
+
+def diffusers_file(d, metadata):
+    """A diffusers LoRA file (one module) with the given adapter metadata text."""
+    path = d / "d.safetensors"
+    tensors = {"unet.mid.to_q.lora_A.weight": torch.ones(2, 8)}
+    tensors["unet.mid.to_q.lora_B.weight"] = torch.ones(8, 2)
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": metadata})
+    return path
+
+
 def experiment(d, text):
     return write(d, "exp.yaml", text)
 
@@ -508,6 +528,65 @@ CASES = {
         "lora",
         "info",
         lora_file(s, d, tensors={"w": torch.ones(2)}),
+    ],
+    # odd but parseable LoRA contents (issue 24)
+    "lora 0-d factor": lambda s, d: [
+        "lora",
+        "info",
+        lora_file(s, d, tensors=kohya(torch.tensor(1.0))),
+    ],
+    "lora file rank 0": lambda s, d: [
+        "lora",
+        "info",
+        lora_file(s, d, tensors=kohya(torch.zeros(0, 8), torch.zeros(8, 0))),
+    ],
+    "lora alpha of shape [0]": lambda s, d: [
+        "lora",
+        "info",
+        lora_file(s, d, tensors=kohya(alpha=torch.zeros(0))),
+    ],
+    "lora alpha of two numbers": lambda s, d: [
+        "lora",
+        "info",
+        lora_file(s, d, tensors=kohya(alpha=torch.ones(2))),
+    ],
+    "peft alpha text": lambda s, d: ["lora", "info", peft_folder(d, {"r": 2, "lora_alpha": "x"})],
+    "peft alpha list": lambda s, d: ["lora", "info", peft_folder(d, {"r": 2, "lora_alpha": [1]})],
+    "peft alpha bool": lambda s, d: ["lora", "info", peft_folder(d, {"r": 2, "lora_alpha": True})],
+    "peft r 0": lambda s, d: ["lora", "info", peft_folder(d, {"r": 0, "lora_alpha": 2})],
+    "peft r fractional": lambda s, d: ["lora", "info", peft_folder(d, {"r": 2.5, "lora_alpha": 2})],
+    "peft rank_pattern list": lambda s, d: [
+        "lora",
+        "info",
+        peft_folder(d, {"r": 2, "lora_alpha": 2, "rank_pattern": [1]}),
+    ],
+    "peft alpha_pattern value text": lambda s, d: [
+        "lora",
+        "info",
+        peft_folder(d, {"r": 2, "lora_alpha": 2, "alpha_pattern": {"to_q": "big"}}),
+    ],
+    "diffusers metadata a list": lambda s, d: ["lora", "info", diffusers_file(d, "[1, 2]")],
+    "diffusers metadata a number": lambda s, d: ["lora", "info", diffusers_file(d, "3")],
+    "convert peft alpha list": lambda s, d: [
+        "lora",
+        "convert",
+        peft_folder(d, {"r": 2, "lora_alpha": [1]}),
+        "--to",
+        "kohya",
+        "--out",
+        d / "k.safetensors",
+    ],
+    "synth generate negative guidance": lambda s, d: [
+        "synth",
+        "generate",
+        "--model",
+        d / "none",
+        "--embedding",
+        d / "e.safetensors",
+        "--out",
+        d / "lora",
+        "--guidance",
+        "-5",
     ],
     # run folders that hold something else, names that leave runs/ (issue 24)
     "train into a folder of other files": lambda s, d: train(s, foreign_folder(d)),

@@ -6,6 +6,7 @@ To add a subcommand, write an `_add_<name>(synth_sub)` function and list it in S
 from __future__ import annotations
 
 import argparse
+import math
 
 from condlora.core.errors import CondloraError
 from condlora.core.paths import default_run_folder
@@ -151,6 +152,8 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.num < 1:
         raise CondloraError(f"--num must be at least 1, got {args.num}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise CondloraError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     model = SynthModel.load(args.model)
     embedding = _embedding(args, model)
     paths = write_generated(

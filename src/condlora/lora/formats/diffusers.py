@@ -19,7 +19,13 @@ from torch import Tensor
 
 from condlora.core.errors import LoRAError
 from condlora.lora.formats.peft import check_config, check_writable, config_scales, lora_config
-from condlora.lora.formats.weights import LoRAWeights, group_by_module, make_module
+from condlora.lora.formats.weights import (
+    LoRAWeights,
+    alpha_value,
+    factor_ranks,
+    group_by_module,
+    make_module,
+)
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 UNET_PREFIX = "unet."
@@ -37,6 +43,8 @@ def adapter_config(metadata: Mapping[str, str], where: str) -> dict | None:
         config = json.loads(raw)
     except json.JSONDecodeError as err:
         raise LoRAError(f"{where}: metadata {METADATA_KEY!r} is not JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise LoRAError(f"{where}: metadata {METADATA_KEY!r} is not a JSON object")
     if any(k.startswith(UNET_PREFIX) for k in config):
         config = {k[len(UNET_PREFIX) :]: v for k, v in config.items() if k.startswith(UNET_PREFIX)}
     return config or None
@@ -50,7 +58,7 @@ def from_diffusers(
     unet = {k: v for k, v in tensors.items() if k not in text}
     prefix = UNET_PREFIX if any(k.startswith(UNET_PREFIX) for k in unet) else ""
     groups = group_by_module(unet, prefix, KEYS, where)
-    ranks = {module: parts["A"].shape[0] for module, parts in groups.items()}
+    ranks = factor_ranks(groups, where)
     config = adapter_config(metadata, where)
     if config is not None:
         check_config(config, where)
@@ -59,7 +67,7 @@ def from_diffusers(
         scales = dict.fromkeys(ranks, 1.0)
     for module, parts in groups.items():
         if "alpha" in parts:
-            scales[module] = float(parts["alpha"].double().reshape(-1)[0]) / ranks[module]
+            scales[module] = alpha_value(parts["alpha"], module, where) / ranks[module]
     modules = {
         module: make_module(module, parts["A"], parts["B"], scales[module], where)
         for module, parts in sorted(groups.items())

@@ -20,7 +20,9 @@ from condlora.core.errors import LoRAError
 from condlora.lora.formats.weights import (
     BaseMismatch,
     LoRAWeights,
+    alpha_value,
     clean_number,
+    factor_ranks,
     group_by_module,
     make_module,
 )
@@ -67,10 +69,11 @@ def from_kohya(
     groups = group_by_module(unet, UNET_PREFIX, KEYS, where)
     table = stem_table(base_modules) if base_modules is not None else None
     modules = {}
+    ranks = factor_ranks(groups, where)
     for stem, parts in sorted(groups.items()):
         name = resolve(stem, table, where) if table is not None else stem
-        rank = parts["A"].shape[0]
-        alpha = float(parts["alpha"].double().reshape(-1)[0]) if "alpha" in parts else rank
+        rank = ranks[stem]
+        alpha = alpha_value(parts["alpha"], stem, where) if "alpha" in parts else rank
         modules[name] = make_module(name, parts["A"], parts["B"], alpha / rank, where)
     hints = {k: metadata[k] for k in HINT_KEYS if metadata.get(k)}
     return LoRAWeights(modules, "kohya", text, resolved=table is not None, hints=hints)

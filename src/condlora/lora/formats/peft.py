@@ -17,7 +17,14 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
-from condlora.lora.formats.weights import LoRAWeights, clean_number, group_by_module, make_module
+from condlora.lora.formats.weights import (
+    LoRAWeights,
+    clean_number,
+    config_number,
+    factor_ranks,
+    group_by_module,
+    make_module,
+)
 
 PREFIX = "base_model.model."
 KEYS = {".lora_A.weight": "A", ".lora_B.weight": "B"}
@@ -39,16 +46,22 @@ def pattern_key(patterns: Mapping[str, object], module: str, where: str) -> str 
 
 def config_scales(config: Mapping, ranks: Mapping[str, int], where: str) -> dict[str, float]:
     """Each module's scale from a LoraConfig dict; its r must be the rank found in the file."""
-    r = config.get("r", PEFT_DEFAULTS["r"])
-    alpha = config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
+    r = config_number(config.get("r", PEFT_DEFAULTS["r"]), "r", where, positive_int=True)
+    alpha = config_number(
+        config.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"]), "lora_alpha", where
+    )
+    rank_pattern = _pattern(config, "rank_pattern", where)
+    alpha_pattern = _pattern(config, "alpha_pattern", where)
     scales = {}
     for module, rank in ranks.items():
         key = pattern_key(rank_pattern, module, where)
-        module_r = rank_pattern[key] if key is not None else r
+        module_r = r
+        if key is not None:
+            module_r = config_number(rank_pattern[key], f"rank_pattern[{key!r}]", where, True)
         key = pattern_key(alpha_pattern, module, where)
-        module_alpha = alpha_pattern[key] if key is not None else alpha
+        module_alpha = alpha
+        if key is not None:
+            module_alpha = config_number(alpha_pattern[key], f"alpha_pattern[{key!r}]", where)
         if module_r != rank:
             raise LoRAError(
                 f"{where}: the config gives module {module} rank {module_r} "
@@ -57,6 +70,14 @@ def config_scales(config: Mapping, ranks: Mapping[str, int], where: str) -> dict
         denominator = math.sqrt(module_r) if config.get("use_rslora") else module_r
         scales[module] = float(module_alpha) / denominator
     return scales
+
+
+def _pattern(config: Mapping, key: str, where: str) -> Mapping:
+    """rank_pattern / alpha_pattern: a mapping of module patterns (absent or null: empty)."""
+    value = config.get(key) or {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise LoRAError(f"{where}: config {key} must map module patterns to numbers, got {value!r}")
+    return value
 
 
 def check_config(config: Mapping, where: str) -> None:
@@ -71,7 +92,7 @@ def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoR
     """peft state dict + adapter config -> LoRAWeights."""
     check_config(config, where)
     groups = group_by_module(tensors, PREFIX, KEYS, where)
-    ranks = {module: parts["A"].shape[0] for module, parts in groups.items()}
+    ranks = factor_ranks(groups, where)
     scales = config_scales(config, ranks, where)
     modules = {
         module: make_module(module, parts["A"], parts["B"], scales[module], where)

@@ -168,6 +168,48 @@ def group_by_module(
     return groups
 
 
+def factor_ranks(groups: Mapping[str, Mapping[str, Tensor]], where: str) -> dict[str, int]:
+    """Each module's rank r from its factors, after checking that they are LoRA factors
+    (2-d or 4-d, the same for A and B) of rank >= 1; LoRAError naming the module if not."""
+    ranks = {}
+    for module, parts in groups.items():
+        a, b = parts["A"], parts["B"]
+        if a.dim() not in (2, 4) or b.dim() != a.dim():
+            raise LoRAError(
+                f"{where}: module {module}: A {tuple(a.shape)} and B {tuple(b.shape)} are "
+                "neither linear (2-d) nor conv (4-d) LoRA factors"
+            )
+        if a.shape[0] == 0:
+            raise LoRAError(f"{where}: module {module} has rank 0 (empty factors)")
+        ranks[module] = a.shape[0]
+    return ranks
+
+
+def alpha_value(alpha: Tensor, module: str, where: str) -> float:
+    """A stored `.alpha`: one finite number (a scalar or a one-element tensor)."""
+    if alpha.numel() != 1 or alpha.dtype == torch.bool:
+        raise LoRAError(
+            f"{where}: module {module}: alpha must be one number, got a {alpha.dtype} tensor "
+            f"of shape {tuple(alpha.shape)}"
+        )
+    value = float(alpha.double().reshape(()))
+    if not math.isfinite(value):
+        raise LoRAError(f"{where}: module {module}: alpha {value} is not finite")
+    return value
+
+
+def config_number(value: object, key: str, where: str, positive_int: bool = False) -> float:
+    """A number from an adapter config (r, lora_alpha, a pattern's value); LoRAError if it is
+    text, a list, a bool, not finite, or (for a rank) not an integer >= 1."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and positive_int:
+        ok = float(value).is_integer() and value >= 1
+    if not ok or not math.isfinite(float(value)):
+        kind = "an integer >= 1" if positive_int else "a finite number"
+        raise LoRAError(f"{where}: config {key} must be {kind}, got {value!r}")
+    return value
+
+
 def clean_number(x: float) -> float | int:
     """x rounded to 12 significant digits, an int when whole (27.000000000000004 -> 27)."""
     y = float(f"{x:.12g}")
