@@ -1,38 +1,17 @@
-"""The package layout: who may import whom (DESIGN.md section 5), read from the source's AST."""
+"""The package layout: the layers contract (import-linter, pyproject.toml), every module
+imports, no import cycles, and CI runs the README's test command."""
 
 import ast
 import importlib
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "condlora"
-# Each package may import itself and the packages listed; `core` is the ground floor.
-ALLOWED = {
-    "core": set(),
-    "lora": {"core"},
-    "nets": {"core"},
-    "diffusion": {"core"},
-    "data": {"core"},
-    "metrics": {"core"},
-    "train": {"core"},
-    "conditioning": {"core", "lora", "nets", "diffusion", "data", "metrics", "train"},
-    "synthesis": {"core", "lora", "nets", "diffusion", "data", "metrics", "train", "conditioning"},
-    "evaluation": {"core", "lora", "nets", "diffusion", "data", "metrics", "train", "conditioning"},
-    # the web page sits on both halves (and the diagnostics); only the roof imports it
-    "serve": {
-        "core",
-        "lora",
-        "nets",
-        "diffusion",
-        "data",
-        "metrics",
-        "train",
-        "conditioning",
-        "synthesis",
-        "evaluation",
-    },
-}
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src" / "condlora"
 
 
 def modules() -> list[str]:
@@ -43,24 +22,26 @@ def modules() -> list[str]:
 
 
 def imports(module: str) -> set[str]:
-    """Every condlora module that `module` imports (at any depth of its code)."""
+    """Every condlora module that `module` imports (at any depth of its code), relative
+    imports resolved against its package."""
     path = SRC.parent / Path(*module.split("."))
-    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    is_package = path.is_dir()
+    path = path / "__init__.py" if is_package else path.with_suffix(".py")
+    here = module.split(".") if is_package else module.split(".")[:-1]
     known, found = set(modules()), set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("condlora"):
-            subs = {f"{node.module}.{a.name}" for a in node.names} & known
+        if isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - node.level + 1] if node.level else []
+            name = ".".join([*base, *([node.module] if node.module else [])])
+            if not name.startswith("condlora"):
+                continue
+            subs = {f"{name}.{a.name}" for a in node.names} & known
             found |= subs  # `from pkg import submodule` imports the submodule ...
             if len(subs) < len(node.names):  # ... and `from pkg import name` the package
-                found.add(node.module)
+                found.add(name)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("condlora"))
     return found & known
-
-
-def package(module: str) -> str:
-    parts = module.split(".")
-    return parts[1] if len(parts) > 2 or (SRC / parts[-1]).is_dir() else parts[-1]
 
 
 @pytest.mark.parametrize("module", modules())
@@ -68,17 +49,40 @@ def test_every_module_imports(module):
     importlib.import_module(module)
 
 
-def test_imports_only_point_down():
-    wrong = []
-    for module in modules():
-        own = package(module)
-        if own not in ALLOWED:  # cli.py and the package root: the roof may import anything
-            continue
-        for target in imports(module):
-            other = package(target)
-            if other != own and other not in ALLOWED[own] and other in ALLOWED:
-                wrong.append(f"{module} -> {target}")
-    assert not wrong, "imports that point up or sideways:\n" + "\n".join(wrong)
+def lint_imports(src: Path) -> subprocess.CompletedProcess:
+    """import-linter's check of pyproject.toml's layers contract on the package in `src`."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    command = [shutil.which("lint-imports") or "lint-imports", "--no-logo", "--no-cache"]
+    command.append(str(REPO / "pyproject.toml"))
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=src)
+
+
+def test_the_layers_contract_holds_and_names_every_package():
+    result = lint_imports(SRC.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 kept, 0 broken" in result.stdout
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    layers = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    named = {p.strip() for layer in layers["contracts"][0]["layers"] for p in layer.split("|")}
+    packages = {f"condlora.{p.name}" for p in SRC.iterdir() if (p / "__init__.py").is_file()}
+    assert packages | {"condlora.cli"} == named  # every package has its place
+
+
+@pytest.mark.parametrize(
+    "where, planted",
+    [
+        ("core/labels.py", "from ..serve import cli as _planted  # noqa"),  # relative, upward
+        ("lora/io.py", "from condlora.nets import unet as _planted  # noqa"),  # sideways
+        ("train/ema.py", "import condlora.evaluation.quickstart as _planted  # noqa"),
+    ],
+)
+def test_a_planted_upward_import_breaks_the_contract(tmp_path, where, planted):
+    copy = tmp_path / "src"
+    shutil.copytree(SRC, copy / "condlora", ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / "condlora" / where
+    target.write_text(target.read_text() + "\n" + planted + "\n")
+    result = lint_imports(copy)
+    assert result.returncode != 0 and "BROKEN" in result.stdout, result.stdout
 
 
 def test_no_import_cycles_between_modules():
