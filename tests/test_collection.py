@@ -170,6 +170,30 @@ def test_bad_collections_give_one_line_and_keep_the_old_dataset(tmp_path, capsys
     assert main([*base_args, "--skip-bad"]) == 0
     assert "skipped broken: unreadable:" in capsys.readouterr().out
 
+    # odd but parseable files (issue 24): named with the reason, the rest collected
+    (folder / "broken.safetensors").unlink()
+    before = out.read_bytes()
+    odd = {"zero_alpha": torch.zeros(0), "two_alphas": torch.ones(2)}
+    for name, alpha in odd.items():
+        lora = {f"unet.{name}.lora_A.weight": torch.ones(2, 4)}
+        lora |= {f"unet.{name}.lora_B.weight": torch.ones(4, 2), f"unet.{name}.alpha": alpha}
+        save_file(lora, folder / f"{name}.safetensors")
+    save_file(
+        {"unet.m.lora_A.weight": torch.ones(0, 4), "unet.m.lora_B.weight": torch.ones(4, 0)},
+        folder / "rank_zero.safetensors",
+    )
+    assert main(base_args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("condlora: error: ") and err.count("\n") == 1, err
+    assert "rank_zero.safetensors: module m has rank 0" in err  # the first bad one, by name
+    assert out.read_bytes() == before
+    assert main([*base_args, "--skip-bad"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped rank_zero: unreadable:" in printed and "has rank 0" in printed
+    assert "skipped zero_alpha: unreadable:" in printed and "alpha must be one number" in printed
+    assert "skipped two_alphas: unreadable:" in printed
+    assert f"took {len(members)} LoRAs" in printed
+
 
 MEMORY_CHILD = textwrap.dedent(
     """
