@@ -165,3 +165,21 @@ def test_the_paper_config_has_the_sd15_to_q_to_v_size():
         if name.endswith(("to_q", "to_v"))
     ]
     assert len(sizes) == 64 and sum(sizes) == 99648
+
+
+def test_a_resume_with_a_damaged_checkpoint_writes_nothing(trained, tmp_path, capsys):
+    """`synth train --resume` reads every checkpoint it would continue before any stage writes:
+    a truncated prior checkpoint is refused in one line and the model folder stays as it was."""
+    _, dataset, model = trained
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    prior = folder / "prior" / "checkpoint.safetensors"
+    prior.write_bytes(prior.read_bytes()[: prior.stat().st_size // 2])
+    before = snapshot(folder)
+    config = tmp_path / "synth.yaml"
+    config.write_text("name: tiny\n")
+    args = ["synth", "train", "--config", str(config), "--dataset", str(dataset)]
+    args += ["--out", str(folder), "--resume", "--quiet", *TINY, "prior.cond_dropout=0"]
+    fails_in_one_line(capsys, args, r"prior.checkpoint\.safetensors")
+    assert snapshot(folder) == before
+    assert not list(folder.rglob("*.tmp"))

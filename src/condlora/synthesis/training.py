@@ -33,6 +33,7 @@ from condlora.diffusion import Denoiser
 from condlora.synthesis.baselines import Nearest, collection_embeddings, fit_pca_ridge
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.config import (
+    PriorRunConfig,
     SynthConfig,
     VAERunConfig,
     prior_run_config,
@@ -53,7 +54,7 @@ from condlora.synthesis.model import (
     open_dataset,
 )
 from condlora.synthesis.vae import LoRAVAE
-from condlora.train.checkpoint import CHECKPOINT_NAME, load_ema
+from condlora.train.checkpoint import CHECKPOINT_NAME, load_ema, read_checkpoint
 from condlora.train.config import TrainConfig
 from condlora.train.loop import METRICS_FILE, Callback, Trainer, TrainTask, batch_indices
 
@@ -300,6 +301,16 @@ def train_baseline(cfg: SynthConfig, out_dir: str | Path) -> Path:
     return out
 
 
+def check_resumable(out: Path) -> None:
+    """Before any stage writes: every checkpoint that --resume would continue reads whole
+    (a damaged one is refused in one line, with the model folder as it was)."""
+    stages = ((VAE_DIR, VAERunConfig, VAE_KIND), (PRIOR_DIR, PriorRunConfig, PRIOR_KIND))
+    for folder, config_class, kind in stages:
+        path = out / folder / CHECKPOINT_NAME
+        if path.is_file():
+            read_checkpoint(path, config_class, kind)
+
+
 def train_synthesis(
     cfg: SynthConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
 ) -> Path:
@@ -308,6 +319,8 @@ def train_synthesis(
     out = Path(out_dir)
     if cfg.method != "diffusion":
         return train_baseline(cfg, out)
+    if resume:
+        check_resumable(out)
     if cfg.use_vae:
         resume_vae = resume and (out / VAE_DIR / CHECKPOINT_NAME).is_file()
         train_vae(cfg, out, resume=resume_vae, progress=progress)
