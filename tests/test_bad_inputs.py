@@ -113,6 +113,12 @@ def poison(value, prefix):
     return edit
 
 
+def huge_ema(weights):
+    """Finite EMA weights whose samples overflow: every output-conv weight at 1e30."""
+    for key in [k for k in weights if k.startswith("ema.") and "conv_out" in k]:
+        weights[key] = torch.full_like(weights[key], 1e30)
+
+
 def header_edit(fn):
     """Bytes of a safetensors file with its JSON header changed by fn(header dict)."""
 
@@ -408,6 +414,7 @@ CASES = {
     "EMA tensor missing": lambda s, d: sample(copy_run(s, d, tensors=drop_ema_tensor)),
     "EMA tensor wrong shape": lambda s, d: sample(copy_run(s, d, tensors=reshape_ema_tensor)),
     "EMA with NaN": lambda s, d: sample(copy_run(s, d, tensors=poison(math.nan, "ema."))),
+    "finite EMA giving inf samples": lambda s, d: sample(copy_run(s, d, tensors=huge_ema)),
     "EMA with inf": lambda s, d: sample(copy_run(s, d, tensors=poison(math.inf, "ema."))),
     "unexpected tensor": lambda s, d: sample(
         copy_run(s, d, tensors=lambda w: w.update(junk=torch.zeros(1)))

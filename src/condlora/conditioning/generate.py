@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from condlora.conditioning.build import image_channels, num_classes
 from condlora.conditioning.config import Config
-from condlora.core.errors import CondloraError
+from condlora.core.errors import CondloraError, DataError
 from condlora.core.images import save_grid
 from condlora.core.progress import progress_bar
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
@@ -76,8 +76,15 @@ def generate(
             or not lora_layers(denoiser)
             or all(_one_condition(labels[c]) for c in chunks)
         ):
-            return _in_request_order(denoiser, labels, chunks, shape, run, bar)
-        return _by_class(denoiser, labels, chunks, shape, run, batch_size, bar)
+            images = _in_request_order(denoiser, labels, chunks, shape, run, bar)
+        else:
+            images = _by_class(denoiser, labels, chunks, shape, run, batch_size, bar)
+    if not torch.isfinite(images).all():  # before the clamp, which would hide an inf
+        raise DataError(
+            "the samples hold NaN or inf values (the weights or the sampler diverged); "
+            "nothing written"
+        )
+    return images.clamp(-1, 1)
 
 
 def _in_request_order(
@@ -94,7 +101,7 @@ def _in_request_order(
         cond = {} if labels is None else {"class_labels": labels[c].to(run["device"])}
         out.append(sample(denoiser, (c.stop - c.start, *shape), **run, **cond).cpu())
         bar.update(c.stop - c.start)
-    return torch.cat(out).clamp(-1, 1)
+    return torch.cat(out)
 
 
 def _by_class(
@@ -117,7 +124,7 @@ def _by_class(
         x = sample(denoiser, (len(idx), *shape), noise=noise[idx.to(device)], **run, **cond)
         out[idx] = x.cpu()
         bar.update(len(idx))
-    return out.clamp(-1, 1)
+    return out
 
 
 def _one_condition(labels: torch.Tensor) -> bool:

@@ -7,8 +7,9 @@ from tqdm.auto import tqdm
 
 def progress_bar(progress: bool | dict, **defaults: object) -> tqdm:
     """A tqdm bar: off for False, `defaults` for True, `defaults` updated by a dict of options
-    (desc, position, leave ...). Use it as a context manager so that it is closed."""
+    (desc, position, leave ...). Shown only on a terminal (tqdm's disable=None), so logs and
+    captured output get no bar lines. Use it as a context manager so that it is closed."""
     options = dict(defaults)
     if isinstance(progress, dict):
         options.update(progress)
-    return tqdm(disable=not progress, **options)
+    return tqdm(disable=None if progress else True, **options)
