@@ -110,8 +110,8 @@ def test_shipped_paper_grid_builds():
     assert modes["baseline"] == ("scale_shift", "none", True)
 
 
-@pytest.mark.slow
-def test_a_stopped_run_resumes_where_it_stopped(tmp_path, classifier_file, monkeypatch):
+def one_run_grid(tmp_path, classifier_file, monkeypatch):
+    """(out folder with the cached judge, a grid of one variant and one seed)."""
     monkeypatch.setattr(reference, "FLOOR_SPLITS", 2)
     out = tmp_path / "out"
     out.mkdir()
@@ -120,6 +120,12 @@ def test_a_stopped_run_resumes_where_it_stopped(tmp_path, classifier_file, monke
     spec |= {"seeds": [0], "variants": spec["variants"][1:]}
     grid = tmp_path / "one.yaml"
     grid.write_text(yaml.safe_dump(spec))
+    return out, grid
+
+
+@pytest.mark.slow
+def test_a_stopped_run_resumes_where_it_stopped(tmp_path, classifier_file, monkeypatch):
+    out, grid = one_run_grid(tmp_path, classifier_file, monkeypatch)
     step = experiment.Trainer.train_step
     stopped = []
 
@@ -147,14 +153,7 @@ def test_a_kill_while_writing_run_records_then_a_rerun_finishes(
 ):
     """A kill inside a record's write leaves the old file (atomic writes); records damaged
     by other means are named, made again, and the rerun runs to the end."""
-    monkeypatch.setattr(reference, "FLOOR_SPLITS", 2)
-    out = tmp_path / "out"
-    out.mkdir()
-    shutil.copy(classifier_file, out / CLASSIFIER_FILE)
-    spec = yaml.safe_load(write_grid(tmp_path).read_text())
-    spec |= {"seeds": [0], "variants": spec["variants"][1:]}
-    grid = tmp_path / "one.yaml"
-    grid.write_text(yaml.safe_dump(spec))
+    out, grid = one_run_grid(tmp_path, classifier_file, monkeypatch)
     real_write_text = Path.write_text
 
     def killed_mid_write(self, text, *args, **kwargs):  # half the bytes, then the kill
