@@ -208,8 +208,9 @@ def test_fine_tuning_a_subject_in_company_or_alone_gives_the_same_lora(base):
         return ((a - b).norm() / b.norm()).item()
 
     for name, module in alone[0].modules.items():
-        assert relative(together[2].modules[name].A, module.A) < 1e-5
-        assert relative(together[2].modules[name].B, module.B) < 1e-5  # 1e-7 measured
+        assert relative(together[2].modules[name].A, module.A) < 1e-3
+        # measured: 1.5e-7 on AVX-512, 2.2e-5 with AVX2 on one thread; another subject 0.69
+        assert relative(together[2].modules[name].B, module.B) < 1e-3
     assert relative(together[0].modules[name].B, module.B) > 0.1  # another subject's LoRA
 
 
