@@ -183,3 +183,22 @@ def test_a_resume_with_a_damaged_checkpoint_writes_nothing(trained, tmp_path, ca
     fails_in_one_line(capsys, args, r"prior.checkpoint\.safetensors")
     assert snapshot(folder) == before
     assert not list(folder.rglob("*.tmp"))
+
+
+def test_output_paths_under_a_file_are_one_line(trained, tmp_path, capsys):
+    """An --out whose parent is a file (issue 24): refused in one line, nothing written."""
+    _, dataset, model = trained
+    (tmp_path / "afile").write_text("x")
+    e = tmp_path / "e.safetensors"
+    save_file({"e": torch.randn(4)}, str(e))
+    generate = ["synth", "generate", "--model", str(model), "--embedding", str(e)]
+    for fmt in ("peft", "kohya"):
+        out = tmp_path / "afile" / f"lora-{fmt}"
+        fails_in_one_line(capsys, [*generate, "--format", fmt, "--out", str(out)], "afile")
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    collect = ["synth", "collect", "--loras", str(loras), "--embeddings", str(e)]
+    fails_in_one_line(
+        capsys, [*collect, "--out", str(tmp_path / "afile" / "d.safetensors")], "afile"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "e.safetensors", "loras"]

@@ -34,6 +34,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from condlora.core.errors import DataError, LoRAError
+from condlora.core.paths import check_output_file
 from condlora.lora.canonical import canonicalize
 from condlora.lora.formats import BaseMismatch, LoRAWeights, read_lora
 from condlora.lora.formats.files import as_base_modules
@@ -320,6 +321,7 @@ def collect(
     base, out = as_base_modules(base_modules), Path(out)
     if out.is_dir():
         raise DataError(f"dataset path {out} is a folder; give a file name")
+    check_output_file(out, "dataset path")  # before the scan: a place that cannot be written
     found = [(n, p) for n, p in find_loras(loras_dir) if p.resolve() != out.resolve()]
     candidates, signatures, skipped = _scan(found, base, skip_bad)
     if not candidates:

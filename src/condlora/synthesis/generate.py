@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import ConfigError, DataError
+from condlora.core.paths import check_output_folder
 from condlora.diffusion import Denoiser, EmbeddingGuidedDenoiser, sample
 from condlora.lora.formats import LoRAWeights, write_lora
 from condlora.synthesis.baselines import Nearest, PCARidge
@@ -191,6 +192,8 @@ def write_generated(
     seed: int = 0,
 ) -> list[Path]:
     """Generate `num` LoRAs for one embedding and write them (see `output_paths`)."""
+    for path in output_paths(out, num):  # before the sampling: a place that cannot be written
+        check_output_folder(path.parent, "the folder of --out")
     vectors = model.vectors(embedding, num, guidance, seed)
     if vectors.shape[0] != 1:
         raise DataError(f"one embedding per generate call, got {vectors.shape[0]}")

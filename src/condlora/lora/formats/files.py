@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
+from condlora.core.paths import check_output_folder
 from condlora.core.safetensors_io import read_header, read_weights
 from condlora.lora.formats import diffusers, kohya, peft
 from condlora.lora.formats.weights import BaseModules, LoRAWeights
@@ -149,6 +150,7 @@ def write_lora(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> li
         tensors, config = peft.to_peft(weights)
         if path.exists() and not path.is_dir():
             raise LoRAError(f"peft LoRAs are folders, but {path} is a file")
+        check_output_folder(path, "LoRA folder")
         path.mkdir(parents=True, exist_ok=True)
         files = {
             path / peft.WEIGHTS_NAME: (tensors, {"format": "pt"}),
@@ -160,10 +162,12 @@ def write_lora(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> li
         if path.suffix != ".safetensors":
             if layout == "kohya" or (path.exists() and not path.is_dir()):
                 raise LoRAError(f"{layout} LoRAs are .safetensors files, got {path}")
+            check_output_folder(path, "LoRA folder")
             path.mkdir(parents=True, exist_ok=True)
             path = path / diffusers.WEIGHTS_NAME
         if path.is_dir():
             raise LoRAError(f"{path} is a folder, not a {layout} LoRA file")
+        check_output_folder(path.parent, "the folder of the LoRA file")
         path.parent.mkdir(parents=True, exist_ok=True)
         files = {path: (tensors, metadata)}
     else:
