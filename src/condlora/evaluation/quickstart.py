@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from condlora.conditioning.build import build_data
-from condlora.conditioning.config import load_config
+from condlora.conditioning.config import Config, load_config
 from condlora.conditioning.generate import generate, labels_for
 from condlora.conditioning.param_counts import parameter_summary
 from condlora.conditioning.runs import load_run, saved_step, train_or_reuse
@@ -45,9 +45,9 @@ class ModelJob:
     """One model's share of the quickstart: what a worker process needs to run it."""
 
     name: str  # "baseline" / "uclora": the run folder's name and the report's row
-    config_file: str  # a config of configs/ (found by find_config)
+    config_file: str  # a config of configs/ (the report names it)
+    cfg: Config  # that config with the overrides, loaded (and checked) once
     out: Path  # the quickstart folder
-    overrides: list[str]  # key=value for the config
     num: int  # evaluation samples
     bar_line: int  # the terminal line of its progress bars (0: none shown)
 
@@ -55,7 +55,7 @@ class ModelJob:
 def train_and_sample(job: ModelJob) -> dict:
     """Train the model (or reuse its finished run), then sample `num` class-conditional
     digits with its EMA weights: the report's row, with `samples` and `labels`."""
-    cfg = load_config(find_config(job.config_file), job.overrides)
+    cfg = job.cfg
 
     def bar(stage: str) -> bool | dict:
         if not job.bar_line:
@@ -122,12 +122,12 @@ def run_quickstart(
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     overrides = [*overrides, *([f"train.max_steps={steps}"] if steps else [])]
-    jobs = [
-        ModelJob(name, file, out, list(overrides), num, bar_line=i + 1 if progress else 0)
-        for i, (name, file) in enumerate(MODELS.items())
-    ]
-    for job in jobs:  # a bad override or a folder of another config: refused before any work
-        check_job(job)
+    # a bad override or a folder of another config: refused here, before any work
+    jobs = []
+    for i, (name, file) in enumerate(MODELS.items()):
+        cfg = load_config(find_config(file), overrides)
+        saved_step(out / name, cfg)
+        jobs.append(ModelJob(name, file, cfg, out, num, bar_line=i + 1 if progress else 0))
     print(f"[quickstart] training and sampling {', '.join(MODELS)} ({workers} at a time)")
     judge_bar = {"position": len(jobs), "leave": True} if progress else False
     calls = [(train_and_sample, (job,)) for job in reversed(jobs)]  # the longest first
@@ -145,12 +145,6 @@ def run_quickstart(
     report = out / "report.md"
     write_text_atomic(report, render_report(rows, floor, len(hold_x), num, time.time() - start))
     return report
-
-
-def check_job(job: ModelJob) -> None:
-    """Refuse, before any work, a config that does not load or a run folder of another one."""
-    cfg = load_config(find_config(job.config_file), job.overrides)
-    saved_step(job.out / job.name, cfg)
 
 
 def class_grid(samples: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
