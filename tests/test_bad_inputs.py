@@ -182,6 +182,10 @@ def named_config(s, d, name):
     return ["train", "--config", write(d, "c.yaml", text), "--quiet"]
 
 
+def convert(source, to, out):
+    return ["lora", "convert", source, "--to", to, "--out", out]
+
+
 def info(s, *overrides, config=None):
     return ["info", "--config", config or s / "tiny.yaml", *overrides]
 
@@ -574,15 +578,9 @@ CASES = {
     ],
     "diffusers metadata a list": lambda s, d: ["lora", "info", diffusers_file(d, "[1, 2]")],
     "diffusers metadata a number": lambda s, d: ["lora", "info", diffusers_file(d, "3")],
-    "convert peft alpha list": lambda s, d: [
-        "lora",
-        "convert",
-        peft_folder(d, {"r": 2, "lora_alpha": [1]}),
-        "--to",
-        "kohya",
-        "--out",
-        d / "k.safetensors",
-    ],
+    "convert peft alpha list": lambda s, d: convert(
+        peft_folder(d, {"r": 2, "lora_alpha": [1]}), "kohya", d / "k.safetensors"
+    ),
     "synth generate negative guidance": lambda s, d: [
         "synth",
         "generate",
@@ -603,33 +601,13 @@ CASES = {
     "config name is a path": lambda s, d: named_config(s, d, "a/b"),
     "serve runs is a file": lambda s, d: ["serve", "--runs", s / "lora.safetensors"],
     "serve runs missing": lambda s, d: ["serve", "--runs", d / "none"],
-    "lora convert out under a file": lambda s, d: [
-        "lora",
-        "convert",
-        s / "lora.safetensors",
-        "--to",
-        "peft",
-        "--out",
-        write(d, "afile", "x") / "peft",
-    ],
-    "lora convert file out under a file": lambda s, d: [
-        "lora",
-        "convert",
-        s / "lora.safetensors",
-        "--to",
-        "kohya",
-        "--out",
-        write(d, "afile", "x") / "k.safetensors",
-    ],
-    "lora convert unknown out": lambda s, d: [
-        "lora",
-        "convert",
-        s / "lora.safetensors",
-        "--to",
-        "kohya",
-        "--out",
-        d / "x.txt",
-    ],
+    "lora convert out under a file": lambda s, d: convert(
+        s / "lora.safetensors", "peft", write(d, "afile", "x") / "peft"
+    ),
+    "lora convert file out under a file": lambda s, d: convert(
+        s / "lora.safetensors", "kohya", write(d, "afile", "x") / "k.safetensors"
+    ),
+    "lora convert unknown out": lambda s, d: convert(s / "lora.safetensors", "kohya", d / "x.txt"),
 }
 
 
