@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from condlora.conditioning.build import build_denoiser
-from condlora.conditioning.config import load_config
 from condlora.data import load_cifar10
 from condlora.diffusion import sample
+from condlora.image.build import build_denoiser
+from condlora.image.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = ["baseline", "lora", "onlylora"]

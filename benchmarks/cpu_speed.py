@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from timing import interleaved, machine, print_json, print_table
 
-from condlora.conditioning.build import build_denoiser
-from condlora.conditioning.config import load_config
+from condlora.image.build import build_denoiser
+from condlora.image.config import load_config
 from condlora.train.ema import EMA
 from condlora.train.loop import adamw
 

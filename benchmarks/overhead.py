@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from timing import interleaved, machine, peak_step_bytes, print_json, print_table, tensor_bytes
 
-from condlora.conditioning.build import build_denoiser, image_channels, num_classes
-from condlora.conditioning.config import load_config
+from condlora.image.build import build_denoiser, image_channels, num_classes
+from condlora.image.config import load_config
 from condlora.train.ema import EMA
 from condlora.train.loop import adamw
 

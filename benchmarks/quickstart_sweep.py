@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from condlora.conditioning.build import build_data
-from condlora.conditioning.config import load_config
-from condlora.conditioning.generate import generate, labels_for
-from condlora.conditioning.runs import load_run, train_or_reuse
+from condlora.apps.quickstart import EVAL_SAMPLES, SAMPLE_SEED
 from condlora.core.config import find_config
 from condlora.evaluation.evaluate import digits_classifier
-from condlora.evaluation.quickstart import EVAL_SAMPLES, SAMPLE_SEED
+from condlora.image.build import build_data
+from condlora.image.config import load_config
+from condlora.image.generate import generate, labels_for
+from condlora.image.runs import load_run, train_or_reuse
 from condlora.metrics import digits_metrics
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import time
 from pathlib import Path
 
 import torch
 
+from condlora.apps.reporting import provenance
 from condlora.diffusion import EmbeddingGuidedDenoiser, sample
 from condlora.synthesis.config import load_synth_config, resolve
 from condlora.synthesis.model import build_prior
@@ -134,12 +134,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"device {args.device}, batch {args.batch}, bf16 {args.bf16}, peak memory {peak:.2f} GiB")
     summary = {
         "benchmark": "synthesis_scale",
+        **provenance(),
         "config": str(args.config),
         "device": args.device,
-        "device_name": torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
         "batch": args.batch,
         "bf16": args.bf16,
         "peak_memory_gib": round(peak, 2),

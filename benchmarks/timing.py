@@ -8,16 +8,15 @@ after the warm-up ones. A slow phase of the machine then hits every configuratio
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from condlora.apps.reporting import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 CLOCKS = ("wall", "cpu")  # cpu: this process's CPU time (steadier on a shared machine)
@@ -80,42 +79,9 @@ def peak_step_bytes(step: Callable[[], object], device: str) -> int:
     return peak
 
 
-def commit() -> str:
-    """The repository's commit (with "+changes" when the tree differs from it)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (head or "unknown") + ("+changes" if dirty else "")
-
-
 def machine(device: str) -> dict:
-    """Where the figures come from: CPU, cores, threads, device, torch, date, commit."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "date": time.strftime("%Y-%m-%d"),
-        "commit": commit(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": device,
-    }
+    """Where the figures come from: commit, date, CPU, cores, threads, torch, device."""
+    info = provenance() | {"device": device}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

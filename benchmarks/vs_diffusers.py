@@ -29,8 +29,8 @@ from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from timing import interleaved, machine, print_json, print_table
 from torch import nn
 
-from condlora.conditioning.build import build_net
-from condlora.conditioning.config import load_config
+from condlora.image.build import build_net
+from condlora.image.config import load_config
 from condlora.lora import LoRAConfig, inject
 from condlora.train.loop import adamw
 

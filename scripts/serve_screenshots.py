@@ -32,10 +32,10 @@ TINY_NET += ["train.sample_every=0", "train.ckpt_every=0", "diffusion.sample_ste
 
 
 def tiny_demo(folder: Path) -> Path:
-    """The tiny demo (condlora.synthesis.demo.config.tiny) in `folder`."""
-    from condlora.conditioning.config import load_config
-    from condlora.synthesis.demo.config import tiny
-    from condlora.synthesis.demo.run import run_demo
+    """The tiny demo (condlora.apps.synthesis_demo.config.tiny) in `folder`."""
+    from condlora.apps.synthesis_demo.config import tiny
+    from condlora.apps.synthesis_demo.run import run_demo
+    from condlora.image.config import load_config
 
     base_cfg = load_config(
         REPO / "configs" / "digits-baseline.yaml", [*TINY_NET, "train.max_steps=40"]
@@ -46,8 +46,8 @@ def tiny_demo(folder: Path) -> Path:
 
 def tiny_run(root: Path) -> Path:
     """A ClassLoRA + TimeLoRA run of 20 steps in root/classlora."""
-    from condlora.conditioning.config import load_config
-    from condlora.conditioning.runs import train_or_reuse
+    from condlora.image.config import load_config
+    from condlora.image.runs import train_or_reuse
 
     cfg = load_config(REPO / "configs" / "digits-classlora.yaml", [*TINY_NET, "train.max_steps=20"])
     train_or_reuse(cfg, root / "classlora", progress=False)

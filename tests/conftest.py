@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from condlora.conditioning.build import build_data
-from condlora.conditioning.config import load_config
+from condlora.apps.synthesis_demo.config import tiny as tiny_demo_config
+from condlora.apps.synthesis_demo.run import run_demo
 from condlora.evaluation.evaluate import CLASSIFIER_FILE
+from condlora.image.build import build_data
+from condlora.image.config import load_config
 from condlora.metrics import save_classifier, train_digits_classifier
-from condlora.synthesis.demo.config import tiny as tiny_demo_config
-from condlora.synthesis.demo.run import run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from condlora.conditioning.build import build_denoiser, build_net
-from condlora.conditioning.config import load_config
 from condlora.core.errors import ConfigError
 from condlora.diffusion import EDMPrecond, EpsPrecond
+from condlora.image.build import build_denoiser, build_net
+from condlora.image.config import load_config
 from condlora.lora import CondLoRALayer, lora_layers
 
 from .conftest import CONFIGS

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from condlora.cli import main
-from condlora.conditioning.config import load_config
-from condlora.conditioning.runs import read_run_checkpoint as read_checkpoint
+from condlora.image.config import load_config
+from condlora.image.runs import read_run_checkpoint as read_checkpoint
 from condlora.train.checkpoint import CHECKPOINT_NAME
 
 from .conftest import CONFIGS, REPO
@@ -99,7 +99,7 @@ def test_lora_only_without_a_class_path_is_refused(capsys):
 
 
 def test_sampled_labels_follow_the_request(tmp_path, tiny_overrides):
-    from condlora.conditioning.generate import labels_for
+    from condlora.image.generate import labels_for
 
     cfg = load_config(CONFIGS / "digits-baseline.yaml", tiny_overrides)
     assert labels_for(cfg, 12).tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]

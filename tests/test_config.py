@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from condlora.conditioning.config import Config, config_from_json, load_config
 from condlora.core.config import parse_overrides, to_dict
 from condlora.core.errors import ConfigError
+from condlora.image.config import Config, config_from_json, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from condlora.cli import main
-from condlora.conditioning.build import build_data, num_classes, resolve_data
-from condlora.conditioning.config import load_config
 from condlora.core.errors import ConfigError
+from condlora.image.build import build_data, num_classes, resolve_data
+from condlora.image.config import load_config
 
 from .conftest import CONFIGS
 from .test_data_files import _write_cifar

@@ -5,9 +5,6 @@ import math
 import pytest
 import torch
 
-from condlora.conditioning.build import build_denoiser
-from condlora.conditioning.config import load_config
-from condlora.conditioning.generate import generate
 from condlora.evaluation.diagnostics import (
     class_mix_weights,
     has_class_lora,
@@ -16,6 +13,9 @@ from condlora.evaluation.diagnostics import (
     time_similarity,
     time_tables,
 )
+from condlora.image.build import build_denoiser
+from condlora.image.config import load_config
+from condlora.image.generate import generate
 from condlora.lora import TimeComposer, hat_table
 
 from .conftest import CONFIGS, TINY

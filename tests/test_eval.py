@@ -11,12 +11,12 @@ from scipy import linalg
 import condlora.evaluation.evaluate as evaluate
 import condlora.metrics.reference as reference
 from condlora.cli import main
-from condlora.conditioning.build import build_data
-from condlora.conditioning.config import load_config
-from condlora.conditioning.generate import generate, labels_for
-from condlora.conditioning.runs import load_run
-from condlora.conditioning.task import train
 from condlora.data import load_digits_images
+from condlora.image.build import build_data
+from condlora.image.config import load_config
+from condlora.image.generate import generate, labels_for
+from condlora.image.runs import load_run
+from condlora.image.task import train
 from condlora.metrics import load_classifier, save_classifier, train_digits_classifier
 from condlora.metrics.kid import kid_from_features
 from condlora.metrics.reference import floor_at_sizes

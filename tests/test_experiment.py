@@ -8,14 +8,15 @@ import pytest
 import yaml
 from PIL import Image
 
-import condlora.evaluation.experiment as experiment
-import condlora.evaluation.experiment_file as experiment_file
+import condlora.apps.experiment.runner as experiment
+import condlora.apps.experiment.spec as experiment_file
 import condlora.metrics.reference as reference
+from condlora.apps.experiment.runner import RUN_FILE
+from condlora.apps.reporting import mean_std
 from condlora.cli import main
-from condlora.conditioning.build import build_denoiser
+from condlora.core.jsonl import read_jsonl
 from condlora.evaluation.evaluate import CLASSIFIER_FILE
-from condlora.evaluation.experiment import RUN_FILE
-from condlora.evaluation.report import mean_std, read_jsonl
+from condlora.image.build import build_denoiser
 from condlora.train.checkpoint import checkpoint_step
 
 from .conftest import CONFIGS, REPO, TINY

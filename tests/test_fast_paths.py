@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from condlora.conditioning.build import build_denoiser
-from condlora.conditioning.config import load_config
-from condlora.conditioning.generate import class_groups, generate
 from condlora.diffusion import sample
+from condlora.image.build import build_denoiser
+from condlora.image.config import load_config
+from condlora.image.generate import class_groups, generate
 from condlora.lora import (
     ClassComposer,
     CondLoRALayer,

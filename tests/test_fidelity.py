@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from condlora.conditioning.build import build_denoiser, lora_config
-from condlora.conditioning.config import Config, load_config
 from condlora.core.config import from_dict
 from condlora.core.errors import ConfigError, LoRAError
 from condlora.diffusion import Denoiser, make_precond
+from condlora.image.build import build_denoiser, lora_config
+from condlora.image.config import Config, load_config
 from condlora.lora import LoRAConfig
 from condlora.lora.composers import UCComposer, build_composer
 from condlora.nets import DDPMppUNet

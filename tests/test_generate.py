@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from condlora.conditioning.config import load_config
-from condlora.conditioning.generate import generate, labels_for
 from condlora.diffusion import Denoiser, make_precond
+from condlora.image.config import load_config
+from condlora.image.generate import generate, labels_for
 
 from .conftest import CONFIGS, TINY
 
@@ -55,7 +55,7 @@ def test_every_batch_draws_new_noise_and_a_seed_repeats():
 
 def test_a_real_denoiser_samples_past_one_batch():
     cfg = load_config(CONFIGS / "digits-baseline.yaml", TINY)
-    from condlora.conditioning.build import build_denoiser
+    from condlora.image.build import build_denoiser
 
     torch.manual_seed(0)
     denoiser = build_denoiser(cfg).eval()

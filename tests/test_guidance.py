@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from condlora.conditioning.build import build_denoiser
-from condlora.conditioning.config import load_config
-from condlora.conditioning.task import ImageBatches
 from condlora.core.errors import CondloraError
 from condlora.core.labels import class_weights
 from condlora.diffusion import GuidedDenoiser
+from condlora.image.build import build_denoiser
+from condlora.image.config import load_config
+from condlora.image.task import ImageBatches
 
 from .conftest import CONFIGS
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from condlora.cli import main
-from condlora.conditioning.build import build_denoiser, build_net, lora_config
-from condlora.conditioning.config import load_config
+from condlora.image.build import build_denoiser, build_net, lora_config
+from condlora.image.config import load_config
 from condlora.lora import conditioning, inject
 from condlora.nets import ADMUNet, DDPMppUNet
 from condlora.nets.adm import AttentionBlock

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from condlora.cli import main
-from condlora.conditioning.build import build_denoiser
-from condlora.conditioning.config import load_config
 from condlora.data import load_digits_images
 from condlora.diffusion import IDDPMDenoiser, sample
+from condlora.image.build import build_denoiser
+from condlora.image.config import load_config
 from tests import conftest
 from tests.conftest import CONFIGS
 

@@ -14,16 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from condlora.conditioning.build import build_denoiser, build_net
-from condlora.conditioning.config import load_config
-from condlora.conditioning.edm_pickle import load_edm_pickle
-from condlora.conditioning.pretrained import (
+from condlora.core.errors import CondloraError
+from condlora.image.build import build_denoiser, build_net
+from condlora.image.config import load_config
+from condlora.image.edm_pickle import load_edm_pickle
+from condlora.image.pretrained import (
     init_from,
     load_pretrained,
     read_edm_snapshot,
     read_iddpm_checkpoint,
 )
-from condlora.core.errors import CondloraError
 from condlora.nets import DDPMppUNet
 from condlora.nets.ddpmpp import UNetBlock
 from tests.conftest import CONFIGS, TINY_ADM, TINY_EDM, assert_same_function
@@ -358,7 +358,7 @@ def test_broken_and_foreign_pickles_are_one_line_errors(tmp_path, edm_persistenc
 
 
 def test_condlora_checkpoint_backbone_loads_under_another_lora(tmp_path):
-    from condlora.conditioning.task import IMAGE_KIND
+    from condlora.image.task import IMAGE_KIND
     from condlora.train.checkpoint import save_checkpoint
 
     base_cfg = config("edm-cond-baseline")

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
+from condlora.apps.quickstart import run_quickstart
 from condlora.cli import main
 from condlora.evaluation.evaluate import CLASSIFIER_FILE
-from condlora.evaluation.quickstart import run_quickstart
 
 from .conftest import TINY
 

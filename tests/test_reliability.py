@@ -8,14 +8,14 @@ import torch
 from PIL import Image
 
 import condlora.core.safetensors_io as sio
-from condlora.conditioning.build import build_denoiser
-from condlora.conditioning.checks import check_model_size, sampling_config
-from condlora.conditioning.config import Config, load_config
 from condlora.core.config import Each, OneOf, Range, check_fields
 from condlora.core.errors import CondloraError, ConfigError, DataError, LoRAError
 from condlora.core.images import save_grid
 from condlora.core.jsonl import read_jsonl
 from condlora.core.safetensors_io import read_weights, write_weights
+from condlora.image.build import build_denoiser
+from condlora.image.checks import check_model_size, sampling_config
+from condlora.image.config import Config, load_config
 from condlora.lora import load_lora
 from condlora.metrics import frechet_of_features, frechet_to_stats, gaussian_stats
 from condlora.metrics.kid import kid_from_features

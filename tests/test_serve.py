@@ -18,17 +18,17 @@ import pytest
 import torch
 from PIL import Image
 
-from condlora.conditioning.config import load_config
-from condlora.conditioning.generate import generate
-from condlora.conditioning.runs import train_or_reuse
+from condlora.apps.serve import uploads
+from condlora.apps.serve.conditioning import RunCache, class_grid, find_runs, sweep, weighted_grid
+from condlora.apps.serve.downloads import lora_download
+from condlora.apps.serve.plots import pca_2d, project
+from condlora.apps.serve.server import load_demo
+from condlora.apps.serve.synthesis import GRID_ROWS, SynthDemo
 from condlora.core.errors import CondloraError, DataError
+from condlora.image.config import load_config
+from condlora.image.generate import generate
+from condlora.image.runs import train_or_reuse
 from condlora.lora.formats import read_lora
-from condlora.serve import uploads
-from condlora.serve.conditioning import RunCache, class_grid, find_runs, sweep, weighted_grid
-from condlora.serve.downloads import lora_download
-from condlora.serve.plots import pca_2d, project
-from condlora.serve.server import load_demo
-from condlora.serve.synthesis import GRID_ROWS, SynthDemo
 from condlora.synthesis.collection import LoRADataset
 
 from .conftest import CONFIGS, TINY

@@ -8,16 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from condlora.conditioning.build import build_denoiser
-from condlora.conditioning.config import load_config
-from condlora.core.errors import CondloraError
-from condlora.lora.formats import read_lora, write_lora
-from condlora.synthesis.collection import LoRADataset
-from condlora.synthesis.demo import bank as bank_mod
-from condlora.synthesis.demo.config import DemoConfig
-from condlora.synthesis.demo.encoder import load_encoder, save_encoder, train_encoder
-from condlora.synthesis.demo.generative import generative_methods
-from condlora.synthesis.demo.methods import (
+from condlora.apps.synthesis_demo import bank as bank_mod
+from condlora.apps.synthesis_demo.config import DemoConfig
+from condlora.apps.synthesis_demo.encoder import load_encoder, save_encoder, train_encoder
+from condlora.apps.synthesis_demo.generative import generative_methods
+from condlora.apps.synthesis_demo.methods import (
     DemoData,
     loo_residuals,
     nearest,
@@ -25,9 +20,9 @@ from condlora.synthesis.demo.methods import (
     ridge_weights,
     write_dataset,
 )
-from condlora.synthesis.demo.run import run_demo
-from condlora.synthesis.demo.scoring import vector_mse
-from condlora.synthesis.demo.styles import (
+from condlora.apps.synthesis_demo.run import run_demo
+from condlora.apps.synthesis_demo.scoring import vector_mse
+from condlora.apps.synthesis_demo.styles import (
     StyleRanges,
     affine_matrices,
     apply_style,
@@ -35,7 +30,12 @@ from condlora.synthesis.demo.styles import (
     thicken,
     warp,
 )
-from condlora.synthesis.demo.zoo import fine_tune, zoo_loss
+from condlora.apps.synthesis_demo.zoo import fine_tune, zoo_loss
+from condlora.core.errors import CondloraError
+from condlora.image.build import build_denoiser
+from condlora.image.config import load_config
+from condlora.lora.formats import read_lora, write_lora
+from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.flatten import FlatSpec
 
 from .conftest import CONFIGS, TINY, assert_same_function
@@ -399,7 +399,7 @@ def test_cli_refuses_a_folder_of_another_demo_in_one_line(tmp_path, capsys):
 
 
 def test_report_states_the_papers_two_claims_from_the_rows():
-    from condlora.synthesis.demo.report import claims
+    from condlora.apps.synthesis_demo.report import claims
 
     def row(name, score, mse):
         return {"method": name, "subject_score": (score, 0.01), "mse": (mse, 0.0)}

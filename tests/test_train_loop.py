@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from condlora.cli import main
-from condlora.conditioning.build import build_denoiser
-from condlora.conditioning.config import load_config
-from condlora.conditioning.runs import read_run_checkpoint
-from condlora.conditioning.task import image_trainer, train
 from condlora.core.errors import CondloraError
+from condlora.image.build import build_denoiser
+from condlora.image.config import load_config
+from condlora.image.runs import read_run_checkpoint
+from condlora.image.task import image_trainer, train
 from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from condlora.train.config import TrainConfig
 from condlora.train.loop import Trainer, TrainingDiverged, TrainTask, batch_indices

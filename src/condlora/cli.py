@@ -6,11 +6,12 @@ import argparse
 import sys
 import traceback
 
-from condlora.conditioning import cli as conditioning_cli
+from condlora.apps import cli as apps_cli
+from condlora.apps.serve import cli as serve_cli
 from condlora.core.errors import CondloraError
 from condlora.evaluation import cli as evaluation_cli
+from condlora.image import cli as image_cli
 from condlora.lora import cli as lora_cli
-from condlora.serve import cli as serve_cli
 from condlora.synthesis import cli as synthesis_cli
 
 
@@ -21,7 +22,7 @@ def _info(args: argparse.Namespace) -> None:
     if read_yaml(args.config).get("kind") == "synthesis":
         from condlora.synthesis.info import info_lines
     else:
-        from condlora.conditioning.param_counts import info_lines
+        from condlora.image.param_counts import info_lines
     print("\n".join(info_lines(args.config, args.overrides)))
 
 
@@ -32,13 +33,18 @@ def _register_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_info)
 
 
+def _register_synth(sub: argparse._SubParsersAction) -> None:
+    synthesis_cli.register(sub, extra=(apps_cli.add_synth_demo,))
+
+
 REGISTRARS = (
-    conditioning_cli.register,
+    image_cli.register,
     _register_info,
     evaluation_cli.register,
+    apps_cli.register,
     lora_cli.register,
     serve_cli.register,
-    synthesis_cli.register,
+    _register_synth,
 )
 
 

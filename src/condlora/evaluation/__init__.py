@@ -1,4 +1,3 @@
-"""The applications that score runs: `condlora eval` (`evaluate`), `experiment` (`experiment`,
-`experiment_file`, `report`, `diagnostics`) and `quickstart` (`quickstart`), with their
-commands (`cli`). Import from the modules; nothing is imported here, so the command line
-starts fast."""
+"""Scoring image runs: `condlora eval` (`evaluate`, `cli`) and the diagnostics of a
+conditional-LoRA run (`diagnostics`: TimeLoRA / ClassLoRA weights). Import from the
+modules; nothing is imported here, so the command line starts fast."""

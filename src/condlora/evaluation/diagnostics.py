@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from condlora.conditioning.config import Config
-from condlora.conditioning.generate import generate
 from condlora.diffusion import Denoiser
+from condlora.image.config import Config
+from condlora.image.generate import generate
 from condlora.lora import ClassComposer, TimeComposer, hat_table
 
 SCALES = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable, Sequence
 
 from condlora.core.errors import CondloraError
 from condlora.core.paths import default_run_folder
@@ -195,36 +196,6 @@ def _add_info(synth_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: print_info(args.config, args.overrides))
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from condlora.synthesis.demo.run import demo_configs, run_demo
-
-    cfg, base_cfg = demo_configs(args.quick)
-    out = args.out or ("runs/synth-demo-quick" if args.quick else "runs/synth-demo")
-    if args.workers < 1:
-        raise CondloraError(f"--workers must be >= 1, got {args.workers}")
-    report = run_demo(out, cfg, base_cfg, workers=args.workers)
-    print(f"wrote {report}")
-
-
-def _add_demo(synth_sub: argparse._SubParsersAction) -> None:
-    p = synth_sub.add_parser(
-        "demo", help="embedded end-to-end demo: a zoo of handwriting-style LoRAs on the digits"
-    )
-    p.add_argument(
-        "--out", metavar="DIR", help="output folder (runs/synth-demo, or runs/synth-demo-quick)"
-    )
-    p.add_argument(
-        "--quick", action="store_true", help="a smaller zoo (60 + 12 subjects) for a first look"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=2,
-        help="generative models trained side by side, one thread each (default 2)",
-    )
-    p.set_defaults(func=_demo)
-
-
 SUBCOMMANDS = (
     _add_collect,
     _add_train_vae,
@@ -232,13 +203,12 @@ SUBCOMMANDS = (
     _add_train,
     _add_generate,
     _add_info,
-    _add_demo,
 )
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the `synth` command group and its subcommands."""
+def register(sub: argparse._SubParsersAction, extra: Sequence[Callable] = ()) -> None:
+    """Add the `synth` command group, its subcommands and those an application adds (`extra`)."""
     group = sub.add_parser("synth", help="zero-shot LoRA synthesis: collections, models")
     synth_sub = group.add_subparsers(dest="synth_command", required=True)
-    for add in SUBCOMMANDS:
+    for add in (*SUBCOMMANDS, *extra):
         add(synth_sub)

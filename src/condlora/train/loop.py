@@ -65,7 +65,7 @@ class TrainingDiverged(CondloraError):
 
 @dataclass
 class TrainTask:
-    """What the loop trains; see `condlora.conditioning.task` and `condlora.synthesis`."""
+    """What the loop trains; see `condlora.image.task` and `condlora.synthesis`."""
 
     model: nn.Module  # the trained network: optimised, averaged (EMA) and checkpointed
     loss: nn.Module  # loss(**batch) -> scalar tensor; holds `model`, so DDP syncs the call

@@ -1,0 +1,252 @@
+"""`condlora synth demo`: every stage of the embedded demo, each reused when already done.
+
+out/demo.json              the demo and base configs (a folder holds one demo)
+out/base/                  the base model, unless the quickstart's baseline is reused
+out/judge.safetensors      digits judge (DigitsClassifier on plain and styled digits)
+out/encoder.safetensors    subject encoder
+out/zoo/                   peft LoRAs of every subject (zoo.py)
+out/embeddings.safetensors reference embeddings of every subject (name -> vector)
+out/dataset/               train.safetensors and heldout.safetensors (`collect`)
+out/methods/               what the methods train, per training-set size
+out/scores.json, out/samples/, out/stages.json, out/report.md, out/*.png
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from condlora.apps.synthesis_demo import report
+from condlora.apps.synthesis_demo.config import DemoConfig
+from condlora.apps.synthesis_demo.config import quick as quick_config
+from condlora.apps.synthesis_demo.generative import generative_methods, run_stages
+from condlora.apps.synthesis_demo.methods import (
+    DemoData,
+    Method,
+    finetuned,
+    no_lora,
+    simple_methods,
+)
+from condlora.apps.synthesis_demo.scoring import (
+    ScoreStore,
+    Scoring,
+    normalised,
+    run_key,
+    score_method,
+    summary_rows,
+)
+from condlora.apps.synthesis_demo.stages import (
+    StageClock,
+    base_model,
+    check_out_dir,
+    collect_datasets,
+    digits_judge,
+    embeddings_file,
+    subject_encoder,
+)
+from condlora.apps.synthesis_demo.styles import FACTORS, apply_style, describe
+from condlora.apps.synthesis_demo.zoo import Subjects, build_zoo, make_subjects
+from condlora.core.config import find_config
+from condlora.core.files import write_text_atomic
+from condlora.image.build import build_data
+from condlora.image.config import Config, load_config
+from condlora.metrics import DigitsClassifier, class_accuracy, classifier_outputs
+
+BASE_CONFIG = "digits-baseline.yaml"  # the base model: the quickstart's baseline
+QUICKSTART_BASE = Path("runs/quickstart/baseline")  # where `condlora quickstart` trains it
+SCORES_FILE = "scores.json"
+
+
+def held_out_digits(images: Tensor, labels: Tensor) -> Tensor:
+    """One held-out digit of every class, 0..9 (for the grids)."""
+    return torch.stack([images[torch.nonzero(labels == c)[0, 0]] for c in range(10)])
+
+
+def run_demo(
+    out: str | Path,
+    cfg: DemoConfig,
+    base_cfg: Config,
+    base_candidates: list[Path] | None = None,
+    extra_methods: list[Method] | None = None,
+    progress: bool = True,
+    workers: int = 2,
+) -> Path:
+    """Run (or finish) every stage of the demo in `out`; returns the report's path.
+
+    base_candidates: finished runs of `base_cfg` to reuse (default: the quickstart's);
+    extra_methods: the methods scored between fine-tuned and the simple ones (default:
+    `generative_methods()`); workers: generative models trained side by side.
+    """
+    out = Path(out)
+    check_out_dir(out, cfg, base_cfg)
+    clock = StageClock(out / "stages.json")
+    candidates = [QUICKSTART_BASE] if base_candidates is None else base_candidates
+    base = base_model(base_cfg, out, candidates, clock, progress)
+    (train_x, train_y), (hold_x, hold_y) = build_data(base_cfg)
+    judge = digits_judge(out / "judge.safetensors", train_x, train_y, cfg, clock)
+    encoder = subject_encoder(out / "encoder.safetensors", train_x, cfg, clock)
+    subs = make_subjects(cfg)
+    zoo_dir = out / "zoo"
+    print("[demo] zoo")
+    per_subject = build_zoo(base, train_x, train_y, cfg, zoo_dir, progress)
+    clock.record("zoo", f"{per_subject * cfg.num_subjects:.0f} s ({per_subject:.2f} s per subject)")
+    emb_path = out / "embeddings.safetensors"
+    embeddings = embeddings_file(emb_path, subs, encoder, train_x, cfg)
+    collect_datasets(out, zoo_dir, emb_path, clock)
+
+    heldout = [subs.names[i] for i in subs.heldout]
+    queries = torch.stack([embeddings[n] for n in heldout])
+    targets = encoder.embed_sets(
+        torch.stack([apply_style(hold_x, subs.styles[i]) for i in subs.heldout])
+    )
+    data = DemoData.load(out / "dataset" / "train.safetensors", queries, out / "methods")
+    ft_vectors = DemoData.load(out / "dataset" / "heldout.safetensors", queries, out).vectors
+    scoring = Scoring(base, encoder, judge, targets, ft_vectors, data.std, cfg)
+    methods = [
+        finetuned(ft_vectors, per_subject),
+        *(extra_methods if extra_methods is not None else generative_methods(cfg.generative)),
+        *simple_methods(),
+        no_lora(),
+    ]
+    store = ScoreStore(out / SCORES_FILE)
+    _score_all(store, scoring, methods, data, out / "samples", cfg, clock, progress, workers)
+    info = _report_info(cfg, subs, judge, per_subject, data, targets, hold_x, hold_y)
+    return _write_report(out, store, methods, data, subs, hold_x, hold_y, info, clock)
+
+
+def _sample_file(folder: Path, method: str) -> Path:
+    return folder / (re.sub(r"[^A-Za-z0-9._-]+", "_", method) + ".safetensors")
+
+
+def _score_all(
+    store: ScoreStore,
+    scoring: Scoring,
+    methods: list[Method],
+    data: DemoData,
+    samples_dir: Path,
+    cfg: DemoConfig,
+    clock: StageClock,
+    progress: bool,
+    workers: int,
+) -> None:
+    """Every (method, size, seed) run not in the store yet; grid samples of the first seed.
+    The training stages of those runs go first, `workers` of them side by side."""
+    full, first = data.size, cfg.score_seeds[0]
+    runs = [(m, full, s) for m in methods for s in cfg.score_seeds]
+    runs += [(m, n, first) for m in methods if m.on_curve for n in cfg.sizes() if n != full]
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    todo = [
+        (m, n, s)
+        for m, n, s in runs
+        if run_key(m.name, n, s) not in store
+        or (n == full and s == first and not _sample_file(samples_dir, m.name).is_file())
+    ]
+    if not todo:
+        return
+    subsets = {n: data.subset(n) for n in {n for _, n, _ in todo}}  # each file written once
+    stages = [st for m, n, s in todo if m.stages for st in m.stages(subsets[n], s)]
+    if stages:
+        print(f"[demo] training generative models ({workers} at a time)")
+        start = time.perf_counter()
+        run_stages(stages, workers, progress)
+        clock.record("generative training", f"{time.perf_counter() - start:.0f} s")
+    print(f"[demo] scoring: {len(todo)} runs")
+    start = time.perf_counter()
+    for method, size, seed in tqdm(todo, desc="scoring", disable=not progress):
+        record, samples = score_method(scoring, method, subsets[size], seed, progress)
+        if size == full and seed == first:
+            keep = samples[: cfg.grid_subjects, :10].contiguous()
+            save_file({"samples": keep}, _sample_file(samples_dir, method.name))
+        store.put(run_key(method.name, size, seed), record)
+    clock.record("scoring", f"{time.perf_counter() - start:.0f} s ({len(todo)} runs)")
+
+
+def _report_info(
+    cfg: DemoConfig,
+    subs: Subjects,
+    judge: DigitsClassifier,
+    per_subject: float,
+    data: DemoData,
+    targets: Tensor,
+    hold_x: Tensor,
+    hold_y: Tensor,
+) -> dict:
+    """The numbers the report's text quotes."""
+    heldout = list(subs.heldout)
+    # the reference digits (training split) against the held-out digits, both real and styled
+    sims = data.queries @ targets.T
+    real = sims.diagonal()
+    off = sims[~torch.eye(len(targets), dtype=torch.bool)]
+    styled = torch.cat([apply_style(hold_x, subs.styles[i]) for i in heldout])
+    _, logits = classifier_outputs(judge, styled)
+    ranges = ", ".join(f"{f} {getattr(cfg.ranges, f)}" for f in FACTORS)
+    return {
+        "seeds": cfg.score_seeds,
+        "ranges": ranges,
+        "num_train": cfg.num_train,
+        "num_heldout": cfg.num_heldout,
+        "rank": cfg.rank,
+        "targets": ", ".join(cfg.targets),
+        "lora_numbers": data.spec.size,
+        "seconds_per_subject": per_subject,
+        "subjects_per_batch": cfg.subjects_per_batch,
+        "encoder_same": float(real.mean()),
+        "encoder_different": float(off.mean()) if len(off) else float("nan"),
+        "reference_images": cfg.reference_images,
+        "samples": 10 * cfg.samples_per_class,
+        "real_score": float(real.mean()),
+        "judge_real": class_accuracy(logits, hold_y.repeat(len(heldout))),
+    }
+
+
+def _write_report(
+    out: Path,
+    store: ScoreStore,
+    methods: list[Method],
+    data: DemoData,
+    subs: Subjects,
+    hold_x: Tensor,
+    hold_y: Tensor,
+    info: dict,
+    clock: StageClock,
+) -> Path:
+    """Table, curve, grids and report.md."""
+    cfg_seeds, full = info["seeds"], data.size
+    rows = summary_rows(store, methods, full, cfg_seeds)
+    first = cfg_seeds[0]
+    sizes = sorted({int(k.split("/")[1]) for k in store.runs})
+    curve = {
+        m.name: [
+            (n, float(normalised(store, m.name, n, full, (first,))[0]), 0.0)
+            for n in sizes
+            if run_key(m.name, n, first) in store
+        ]
+        for m in methods
+        if m.on_curve
+    }
+    report.plot_curve(curve, out / "curve.png")
+    digits = held_out_digits(hold_x, hold_y)
+    samples = {m.name: load_file(_sample_file(out / "samples", m.name))["samples"] for m in methods}
+    grids = []
+    for g, i in enumerate(list(subs.heldout)[: len(next(iter(samples.values())))]):
+        rows_g = [apply_style(digits, subs.styles[i])] + [samples[m.name][g] for m in methods]
+        file = f"grid-{subs.names[i]}.png"
+        report.save_subject_grid(rows_g, out / file)
+        grids.append((f"{subs.names[i]}: {describe(subs.styles[i])}", file))
+    names = ["real styled digits"] + [m.name for m in methods]
+    text = report.render(info, rows, curve, clock.times, grids, names)
+    path = out / "report.md"
+    write_text_atomic(path, text)
+    return path
+
+
+def demo_configs(quick: bool) -> tuple[DemoConfig, Config]:
+    """The demo config (full or quick) and the quickstart's baseline config."""
+    cfg = quick_config() if quick else DemoConfig()
+    return cfg, load_config(find_config(BASE_CONFIG))

@@ -1,0 +1,154 @@
+"""Image diffusion as a task of the generic training loop; `train()` is `condlora train`.
+
+The task adds what images need to the loop: the data split, EDM's augmentation, label
+dropout for classifier-free guidance, channels_last, and sample grids as a callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from condlora.core.errors import CondloraError
+from condlora.core.labels import class_weights
+from condlora.data.augment import AugmentPipe
+from condlora.diffusion import Denoiser
+from condlora.image.build import build_data, build_denoiser, num_classes, resolve_data
+from condlora.image.checks import check_model_size
+from condlora.image.config import Config
+from condlora.image.generate import save_sample_grid
+from condlora.image.pretrained import init_from
+from condlora.train.loop import Callback, Trainer, TrainTask, batch_indices, check_run_folder
+
+IMAGE_KIND = "image-diffusion"  # the checkpoint kind of image runs
+
+
+class DenoisingLoss(nn.Module):
+    """The training loss as a module's forward, so DDP sees (and syncs) the call."""
+
+    def __init__(self, denoiser: Denoiser) -> None:
+        super().__init__()
+        self.denoiser = denoiser
+
+    def forward(
+        self,
+        x0: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar denoising loss of the objective on a clean batch."""
+        cond = {"class_labels": class_labels, "augment_labels": augment_labels}
+        return self.denoiser.loss(x0, **{k: v for k, v in cond.items() if v is not None})
+
+
+class ImageBatches:
+    """Micro-batch k of the training images: this process's share, labels, augmentation.
+
+    Label dropout and augmentation draw from the loop's step-seeded generator.
+    """
+
+    def __init__(self, cfg: Config, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.cfg, self.images, self.labels = cfg, images, labels
+        p = cfg.train.augment_p
+        self.augment = AugmentPipe(p=p) if p > 0 else None
+
+    def __call__(self, k: int, acc: Accelerator) -> dict:
+        """{"x0", "class_labels", "augment_labels"} of global micro-batch k on this process."""
+        t = self.cfg.train
+        idx = batch_indices(k, len(self.images), t.batch_size, t.seed)
+        idx = idx[acc.process_index :: acc.num_processes]
+        x0, y = self.images[idx].to(acc.device), self.labels[idx].to(acc.device)
+        if t.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        labels = self.class_labels(y)
+        augment_labels = None
+        if self.augment is not None:
+            x0, augment_labels = self.augment(x0)
+        return {"x0": x0, "class_labels": labels, "augment_labels": augment_labels}
+
+    def class_labels(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Training labels: None if unconditional; some rows nulled for classifier-free guidance."""
+        if not self.cfg.net.class_conditional:
+            return None
+        p = self.cfg.train.label_dropout
+        if p <= 0:
+            return y
+        keep = torch.rand(len(y), device=y.device) >= p  # the step-seeded generator
+        return class_weights(y, num_classes(self.cfg)) * keep[:, None]
+
+
+class SampleGrids(Callback):
+    """A class-sorted grid from the EMA model every train.sample_every steps and at the end."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        """A grid on multiples of sample_every (the final step's grid comes at the end)."""
+        every = trainer.train_cfg.sample_every
+        if every and trainer.step % every == 0 and trainer.step != trainer.train_cfg.max_steps:
+            self._grid(trainer)
+
+    def at_end(self, trainer: Trainer) -> None:
+        """The final grid."""
+        self._grid(trainer)
+
+    def _grid(self, trainer: Trainer) -> None:
+        if trainer.acc.is_main_process:
+            path = trainer.out / "samples" / f"step_{trainer.step:07d}.png"
+            save_sample_grid(trainer.ema.model, trainer.cfg, path, seed=trainer.cfg.train.seed)
+
+
+def image_task(cfg: Config, init_path: str | Path | None = None) -> TrainTask:
+    """The training task of an image config (weights seeded; optionally from `init_path`)."""
+    cfg = resolve_data(cfg)  # once: a folder's classes are counted here, then stored
+    check_model_size(cfg)  # before the data is read or the model allocated
+    (train_x, train_y), _ = build_data(cfg)
+    torch.manual_seed(cfg.train.seed)
+    denoiser = build_denoiser(cfg)
+    if init_path is not None:
+        init_from(denoiser, init_path, cfg)
+    if cfg.train.channels_last:
+        denoiser.to(memory_format=torch.channels_last)
+    return TrainTask(
+        model=denoiser,
+        loss=DenoisingLoss(denoiser),
+        batch=ImageBatches(cfg, train_x, train_y),
+        config=cfg,
+        kind=IMAGE_KIND,
+        resumable_changes=("data.path",),  # the data may move; the split is seeded
+    )
+
+
+def image_trainer(
+    cfg: Config,
+    out_dir: str | Path,
+    resume: bool = False,
+    init_path: str | Path | None = None,
+    callbacks: Iterable[Callback] = (),
+    grids: bool = True,
+) -> Trainer:
+    """A Trainer for an image config, with sample grids (unless `grids` is False) and any
+    extra callbacks."""
+    check_run_folder(Path(out_dir), resume)  # before the data is read or the model built
+    task = image_task(cfg, None if resume else init_path)
+    callbacks = [*([SampleGrids()] if grids else []), *callbacks]
+    return Trainer(task, out_dir, resume=resume, callbacks=callbacks)
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    resume: bool = False,
+    max_steps: int | None = None,
+    progress: bool | dict = True,
+    init_path: str | Path | None = None,
+) -> dict:
+    """Train a config into `out_dir` (or continue it); max_steps replaces train.max_steps."""
+    if max_steps is not None:
+        if max_steps < 1:
+            raise CondloraError(f"--max-steps must be >= 1, got {max_steps}")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
+    return image_trainer(cfg, out_dir, resume, init_path).run(progress=progress)
