@@ -105,6 +105,16 @@ def test_a_planted_upward_import_breaks_the_contract(tmp_path, where, planted):
     assert result.returncode != 0 and "BROKEN" in result.stdout, result.stdout
 
 
+def test_no_module_imports_a_private_name_from_another():
+    private = []
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("condlora"):
+                names = [a.name for a in node.names if a.name.startswith("_")]
+                private += [f"{path.relative_to(SRC)}: {node.module}.{n}" for n in names]
+    assert not private, private
+
+
 def test_no_import_cycles_between_modules():
     graph = {m: imports(m) for m in modules()}
     state: dict[str, int] = {}  # 1: on the stack, 2: done

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from condlora.core.errors import ConfigError
-from condlora.diffusion.objectives import Denoiser, _bcast, _sigma_like
-from condlora.diffusion.precond import SCHEDULES, DiscretePrecond, EpsPrecond, _randn
+from condlora.diffusion.objectives import Denoiser, expand_per_sample, sigma_per_sample
+from condlora.diffusion.precond import SCHEDULES, DiscretePrecond, EpsPrecond, standard_normal
 from condlora.diffusion.schedules import alphas_cumprod
 
 IDDPM_TIMESTEPS = 4000  # T of the paper's CIFAR-10 / ImageNet runs
@@ -126,7 +126,9 @@ class Chain:
     @staticmethod
     def at(table: Tensor, k: Tensor, x: Tensor) -> Tensor:
         """table[k] for (B,) step indices, float32 on x's device, shaped to broadcast with x."""
-        return _bcast(table[k.to(table.device)].to(device=x.device, dtype=torch.float32), x)
+        return expand_per_sample(
+            table[k.to(table.device)].to(device=x.device, dtype=torch.float32), x
+        )
 
     def posterior(self, k: Tensor, x0: Tensor, x_t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and log-variance of q(x_{k-1} | x_k, x0) (DDPM eq. 6-7), clipped log-variance."""
@@ -260,10 +262,10 @@ class IDDPMDenoiser(Denoiser):
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
         """x0_hat = x - sigma * eps in VE form (EDM Table 1, VP column); v is not used."""
-        sigma = _sigma_like(sigma, x)
-        c_in = _bcast(self.precond.scalings(sigma)[2], x)
+        sigma = sigma_per_sample(sigma, x)
+        c_in = expand_per_sample(self.precond.scalings(sigma)[2], x)
         eps, _ = self.predict(c_in * x, self.precond.noise_label(sigma), **cond)
-        return x - _bcast(sigma, x) * eps
+        return x - expand_per_sample(sigma, x) * eps
 
     def _timesteps(
         self,
@@ -279,7 +281,7 @@ class IDDPMDenoiser(Denoiser):
         if timesteps is not None:
             t = torch.as_tensor(timesteps, device=x0.device).long().reshape(-1).expand(n)
         elif sigma is not None:
-            label = self.precond.noise_label(_sigma_like(sigma, x0))
+            label = self.precond.noise_label(sigma_per_sample(sigma, x0))
             t = label.round()
             if (label - t).abs().max() > 0.01:
                 raise ConfigError("the IDDPM loss needs sigmas on the T discrete training sigmas")
@@ -318,7 +320,7 @@ class IDDPMDenoiser(Denoiser):
         # 1. timestep and noise (sampled unless given), then q(x_t | x0) (DDPM eq. 4)
         t = self._timesteps(x0, generator, sigma, timesteps)
         if noise is None:
-            noise = _randn(x0.shape, generator, x0.device)
+            noise = standard_normal(x0.shape, generator, x0.device)
         c = self.chain_on(x0.device)
         x_t = c.at(c.sqrt_abar, t, x0) * x0 + c.at(c.sqrt_1m_abar, t, x0) * noise
         eps, v = self.predict(x_t, t, **cond)
@@ -395,7 +397,7 @@ def sample_iddpm(
         eps, v = predict(x, torch.full_like(k_b, int(t[k])), **cond)  # the original t_k
         mean, log_var = chain.p_mean_log_var(k_b, x, eps, v, clip_denoised)
         if k > 0:  # x_{k-1} ~ N(mean, Sigma)
-            x = mean + (0.5 * log_var).exp() * _randn(x.shape, generator, x.device)
+            x = mean + (0.5 * log_var).exp() * standard_normal(x.shape, generator, x.device)
         else:  # the last step returns the mean; abar_{-1} = 1, so VP = VE
             x = mean
     return x

@@ -4,18 +4,18 @@ import torch
 from torch import Tensor, nn
 
 from condlora.core.errors import ConfigError
-from condlora.diffusion.precond import Preconditioner, _randn
+from condlora.diffusion.precond import Preconditioner, standard_normal
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
-def _sigma_like(sigma: Tensor | float, x: Tensor) -> Tensor:
+def sigma_per_sample(sigma: Tensor | float, x: Tensor) -> Tensor:
     """sigma (float, 0-d or (B,)) as a float32 (B,) tensor on x's device."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
     return sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
 
 
-def _bcast(c: Tensor, x: Tensor) -> Tensor:
+def expand_per_sample(c: Tensor, x: Tensor) -> Tensor:
     """(B,) -> (B, 1, ..., 1) to broadcast against x."""
     return c.reshape(-1, *([1] * (x.ndim - 1)))
 
@@ -37,8 +37,8 @@ class Denoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, **cond: Tensor) -> Tensor:
         """EDM eq. 7: D = c_skip * x + c_out * F(c_in * x, c_noise)."""
-        sigma = _sigma_like(sigma, x)
-        c_skip, c_out, c_in = (_bcast(c, x) for c in self.precond.scalings(sigma))
+        sigma = sigma_per_sample(sigma, x)
+        c_skip, c_out, c_in = (expand_per_sample(c, x) for c in self.precond.scalings(sigma))
         F = self.net(c_in * x, self.precond.noise_label(sigma), **cond)
         return c_skip * x + c_out * F
 
@@ -58,14 +58,14 @@ class Denoiser(nn.Module):
         # 1. noise level and noise (sampled unless given)
         if sigma is None:
             sigma = self.precond.sample_sigma(x0.shape[0], generator=generator, device=x0.device)
-        sigma = _sigma_like(sigma, x0)
+        sigma = sigma_per_sample(sigma, x0)
         if noise is None:
-            noise = _randn(x0.shape, generator, x0.device)
+            noise = standard_normal(x0.shape, generator, x0.device)
         # 2. noisy sample, VE form
-        x = x0 + _bcast(sigma, x0) * noise
+        x = x0 + expand_per_sample(sigma, x0) * noise
         # 3. net output and the target it should regress on; lambda = 1 / c_out^2 is
         #    absorbed, so this is eps-MSE (ddpm), v-MSE (v) or EDM's weighted loss (edm)
-        c_skip, c_out, c_in = (_bcast(c, x0) for c in self.precond.scalings(sigma))
+        c_skip, c_out, c_in = (expand_per_sample(c, x0) for c in self.precond.scalings(sigma))
         F = self.net(c_in * x, self.precond.noise_label(sigma), **cond)
         target = (x0 - c_skip * x) / c_out
         err = (F.float() - target.float()).square()

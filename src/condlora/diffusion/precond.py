@@ -21,7 +21,9 @@ def _as_tensor(sigma: Tensor | float, device: torch.device | None = None) -> Ten
     return torch.as_tensor(sigma, dtype=torch.float32, device=device)
 
 
-def _randn(shape: tuple, generator: torch.Generator | None, device: torch.device | None) -> Tensor:
+def standard_normal(
+    shape: tuple, generator: torch.Generator | None, device: torch.device | None
+) -> Tensor:
     """Standard normal noise; drawn on the generator's device, then moved to device."""
     if generator is None:
         return torch.randn(shape, device=device)
@@ -97,7 +99,7 @@ class EDMPrecond(Preconditioner):
         self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
     ) -> Tensor:
         """EDM Table 1: ln(sigma) ~ N(P_mean, P_std^2)."""
-        return (_randn((n,), generator, device) * self.P_std + self.P_mean).exp()
+        return (standard_normal((n,), generator, device) * self.P_std + self.P_mean).exp()
 
     def sampling_sigmas(self, num_steps: int) -> Tensor:
         """EDM eq. 5 with rho = 7, final 0 appended."""

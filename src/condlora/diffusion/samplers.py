@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from condlora.core.errors import ConfigError
 from condlora.diffusion.iddpm import sample_iddpm
 from condlora.diffusion.objectives import Denoiser
-from condlora.diffusion.precond import _randn
+from condlora.diffusion.precond import standard_normal
 
 
 def _floats(sigmas: Tensor) -> list[float]:
@@ -44,7 +44,7 @@ def sample_ddpm(
         x_s = c_x0 * x0 + c_xt * x_t
         # no noise on the last step to sigma = 0
         if s[i + 1] > 0:
-            x_s = x_s + math.sqrt(var) * _randn(x.shape, generator, x.device)
+            x_s = x_s + math.sqrt(var) * standard_normal(x.shape, generator, x.device)
         # VP -> VE
         x = x_s / math.sqrt(abar_s)
     return x
@@ -70,7 +70,7 @@ def sample_ddim(
         # x_s = x0_hat + direction pointing to x_t + random noise (DDIM eq. 12)
         x = x0 + math.sqrt(max(s[i + 1] ** 2 - std**2, 0.0)) * eps
         if std > 0:
-            x = x + std * _randn(x.shape, generator, x.device)
+            x = x + std * standard_normal(x.shape, generator, x.device)
     return x
 
 
@@ -122,6 +122,6 @@ def sample(
         raise ConfigError(f"unknown sampler {sampler!r}; valid: {', '.join(samplers)}")
     sigmas = denoiser.precond.sampling_sigmas(steps)
     if noise is None:
-        noise = _randn(tuple(shape), generator, device)
+        noise = standard_normal(tuple(shape), generator, device)
     x = noise.to(device) * float(sigmas[0])
     return samplers[sampler](denoiser, x, sigmas, generator=generator, progress=progress, **cond)

@@ -54,7 +54,7 @@ def merge(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None) -> No
         for name, layer in layers.items():
             w = layer.composer(**layer.state.inputs())
             try:
-                deltas[name] = layer._single(w)
+                deltas[name] = layer.single_condition_weights(w)
             except LoRAError as err:
                 raise LoRAError(f"{name}: {err} (pass a single t/y/emb to merge)") from None
         for name, layer in layers.items():

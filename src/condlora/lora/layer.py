@@ -183,7 +183,7 @@ class CondLoRALayer(nn.Module):
             return F.linear(x, weight, bias)
         return _CONV[x.dim()](x, weight, bias)
 
-    def _single(self, w: Tensor) -> Tensor:
+    def single_condition_weights(self, w: Tensor) -> Tensor:
         """Basis weights (m,) of a single condition: w of shape (m,), (1, m) or equal rows."""
         w = w.reshape(1, -1) if w.dim() == 1 else w
         if w.dim() != 2 or w.shape[1] != self.num_bases:
@@ -196,7 +196,9 @@ class CondLoRALayer(nn.Module):
 
     def get_delta_weight(self, w: Tensor) -> Tensor:
         """dW = s * B diag(w ⊗ 1_r) A at one condition, shaped like the base weight."""
-        ws = (self._single(w).to(self.lora_B) * self.scale).repeat_interleave(self.rank)
+        ws = (self.single_condition_weights(w).to(self.lora_B) * self.scale).repeat_interleave(
+            self.rank
+        )
         delta = (self.lora_B * ws) @ self.lora_A
         return delta.reshape(self.base_layer.weight.shape)
 
@@ -204,7 +206,7 @@ class CondLoRALayer(nn.Module):
         """db = s * w E at one condition (None without per-basis bias)."""
         if self.lora_E is None:
             return None
-        w = self._single(w).to(self.lora_E) * self.scale
+        w = self.single_condition_weights(w).to(self.lora_E) * self.scale
         return self._bias_weights(w.repeat_interleave(self.rank), w) @ self.lora_E
 
     def _bias_weights(self, ws: Tensor, w: Tensor) -> Tensor:

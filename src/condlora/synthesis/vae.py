@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from condlora.core.errors import ConfigError
-from condlora.diffusion.precond import _randn
+from condlora.diffusion.precond import standard_normal
 from condlora.nets.mlp import ResMLP
 
 LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the encoder's logvar, so exp() stays finite
@@ -78,7 +78,7 @@ class LoRAVAE(nn.Module):
         mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None
     ) -> Tensor:
         """z = mean + exp(logvar / 2) * n with n ~ N(0, I) drawn from `generator`."""
-        noise = _randn(tuple(mean.shape), generator, mean.device).to(mean.dtype)
+        noise = standard_normal(tuple(mean.shape), generator, mean.device).to(mean.dtype)
         return mean + (0.5 * logvar).exp() * noise
 
     def reconstruct(self, x: Tensor) -> Tensor:
