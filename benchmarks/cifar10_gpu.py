@@ -9,7 +9,9 @@ Sampling is class-grouped (one class for the batch, as `generate` batches it), s
 layers apply one merged weight per call.
 
     python benchmarks/cifar10_gpu.py [--steps 50] [--batch 128] [--bf16] [--compile]
-                                     [--no-channels-last]
+                                     [--no-channels-last] [--smoke]
+
+--smoke runs a tiny DDPM++ for one step (the test suite's check that the script runs).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from timing import machine, print_json, print_table
 
 from condlora.data import load_cifar10
 from condlora.diffusion import sample
@@ -27,6 +30,8 @@ from condlora.image.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VARIANTS = ["baseline", "lora", "onlylora"]
+SMOKE = ["net.model_channels=16", "net.num_blocks=1", "net.channel_mult=[1, 2]"]
+SMOKE += ["net.attn_resolutions=[16]", "lora.mlp_widths=[16, 8]"]
 
 
 def images(path: str | None, n: int) -> torch.Tensor:
@@ -44,7 +49,9 @@ def sync(device: str) -> None:
 
 def measure(variant: str, args: argparse.Namespace, data: torch.Tensor) -> dict:
     """Train-step and sampling images/s and peak memory of one config."""
-    cfg = load_config(CONFIGS / f"cifar10-edm-{args.cond}-{variant}.yaml")
+    cfg = load_config(
+        CONFIGS / f"cifar10-edm-{args.cond}-{variant}.yaml", SMOKE if args.smoke else []
+    )
     torch.manual_seed(0)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     model = build_denoiser(cfg).to(args.device).to(memory_format=layout)
@@ -84,10 +91,10 @@ def measure(variant: str, args: argparse.Namespace, data: torch.Tensor) -> dict:
     if "class_labels" in cond:  # one class for the batch: the LoRA layers merge
         cond["class_labels"] = torch.full_like(cond["class_labels"], 3)
     with torch.no_grad(), torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=args.bf16):
-        sample(model, shape, steps=18, device=args.device, **cond)  # warm-up
+        sample(model, shape, steps=args.sample_steps, device=args.device, **cond)  # warm-up
         sync(args.device)
         start = time.perf_counter()
-        sample(model, shape, steps=18, device=args.device, **cond)
+        sample(model, shape, steps=args.sample_steps, device=args.device, **cond)
         sync(args.device)
     sample_s = time.perf_counter() - start
     return {
@@ -98,8 +105,8 @@ def measure(variant: str, args: argparse.Namespace, data: torch.Tensor) -> dict:
     }
 
 
-def main() -> None:
-    """Measure the variants and print a Markdown table with ratios to the baseline."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line (--smoke: a tiny net, one step, batch 2)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first")
@@ -116,33 +123,44 @@ def main() -> None:
     )
     parser.add_argument("--data", help="cifar-10-batches-py folder or .tar.gz (else synthetic)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="tiny net, one step (a check)")
+    args = parser.parse_args(argv)
+    args.sample_steps = 18
+    if args.smoke:
+        args.steps, args.warmup, args.batch, args.sample_steps = 1, 1, 2, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure the variants; print a Markdown table with ratios to the baseline, and JSON."""
+    args = parse_args(argv)
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    data = images(args.data, 4096)
+    data = images(args.data, 64 if args.smoke else 4096)
     rows = {v: measure(v, args, data) for v in args.variants}
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(
-        f"device {name}, torch {torch.__version__}, batch {args.batch}, {args.steps} steps, "
-        f"{args.cond}, bf16 {args.bf16}, compile {args.compile}, TF32 on CUDA, "
-        f"channels_last {args.channels_last}"
+        f"batch {args.batch}, {args.steps} steps, {args.cond}, bf16 {args.bf16}, "
+        f"compile {args.compile}, TF32 on CUDA, channels_last {args.channels_last}"
     )
-    print(
-        "| config | parameters | train img/s | x baseline | sample img/s (Heun 18, 35 NFE) "
-        "| x baseline | peak train memory (GiB) | x baseline |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     base = rows.get("baseline", next(iter(rows.values())))
-    for v, r in rows.items():
-        mem_ratio = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] else float("nan")
-        print(
-            f"| {v} | {r['parameters']:,} | {r['train_ips']:.0f} "
-            f"| {r['train_ips'] / base['train_ips']:.2f} | {r['sample_ips']:.0f} "
-            f"| {r['sample_ips'] / base['sample_ips']:.2f} | {r['peak_gib']:.2f} "
-            f"| {mem_ratio:.2f} |"
-        )
+    for r in rows.values():
+        r["train_ratio"] = r["train_ips"] / base["train_ips"]
+        r["sample_ratio"] = r["sample_ips"] / base["sample_ips"]
+        r["memory_ratio"] = r["peak_gib"] / base["peak_gib"] if base["peak_gib"] else None
+    header = ["config", "parameters", "train img/s", "x baseline"]
+    header += [f"sample img/s (Heun {args.sample_steps})", "x baseline"]
+    header += ["peak train memory (GiB)", "x baseline"]
+    table = [
+        [v, f"{r['parameters']:,}", f"{r['train_ips']:.0f}", f"{r['train_ratio']:.2f}"]
+        + [f"{r['sample_ips']:.0f}", f"{r['sample_ratio']:.2f}", f"{r['peak_gib']:.2f}"]
+        + [f"{r['memory_ratio']:.2f}" if r["memory_ratio"] else "-"]
+        for v, r in rows.items()
+    ]
+    print_table(header, table)
+    info = machine(args.device) | {"batch": args.batch, "bf16": args.bf16, "smoke": args.smoke}
+    print_json("cifar10_gpu", info, rows)
 
 
 if __name__ == "__main__":

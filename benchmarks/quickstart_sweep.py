@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from condlora.apps.quickstart import EVAL_SAMPLES, SAMPLE_SEED
+from condlora.apps.reporting import provenance
 from condlora.core.config import find_config
 from condlora.evaluation.evaluate import digits_classifier
 from condlora.image.build import build_data
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             "fd_ratio": round(scores["frechet_distance"] / floor, 3),
             "train_seconds": round(train_seconds, 1),
             "sample_seconds": round(time.time() - start, 1),
+            **provenance(),
         }
         print(json.dumps(record), flush=True)
 

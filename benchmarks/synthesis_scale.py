@@ -5,20 +5,21 @@ embeddings), on synthetic data, plus the time to generate one LoRA from an embed
 Each step is the loop's own work: loss forward, backward, gradient clipping, fused AdamW.
 Prints a table and one JSON line.
 
-    python benchmarks/synthesis_scale.py [--device cuda] [--batch 8] [--steps 3]
+    python benchmarks/synthesis_scale.py [--device cuda] [--batch 8] [--steps 3] [--smoke]
+
+--smoke shrinks the config to a few hundred numbers per LoRA (the test suite's check).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import time
 from pathlib import Path
 
 import torch
+from timing import machine, print_json, print_table
 
-from condlora.apps.reporting import provenance
 from condlora.diffusion import EmbeddingGuidedDenoiser, sample
 from condlora.synthesis.config import load_synth_config, resolve
 from condlora.synthesis.model import build_prior
@@ -27,6 +28,8 @@ from condlora.synthesis.vae import LoRAVAE
 from condlora.train.loop import adamw
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthesis" / "w2w-sd15.yaml"
+SMOKE = ["dim=96", "cond_dim=8", "vae.latent=8", "vae.hidden=16", "prior.net.width=16"]
+SMOKE += ["prior.net.depth=1", "prior.net.cond_width=8", "prior.steps=2"]
 
 
 def sync(device: str) -> None:
@@ -70,8 +73,9 @@ def peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main(args: argparse.Namespace) -> list[dict]:
-    cfg = resolve(load_synth_config(args.config))
+def measure(args: argparse.Namespace) -> list[dict]:
+    """Seconds per VAE and prior training step and per generated LoRA."""
+    cfg = resolve(load_synth_config(args.config, SMOKE if args.smoke else []))
     d, e, device = cfg.dim, cfg.cond_dim, args.device
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, d, generator=g).to(device)
@@ -125,37 +129,37 @@ def main(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def report(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"{'part':<40} {'parameters':>13} {'s / step':>10} {'samples/s':>10}")
-    for r in rows:
-        params = f"{r['parameters']:,}" if r["parameters"] else "-"
-        print(f"{r['part']:<40} {params:>13} {r['seconds']:>10.3f} {r['samples_per_s']:>10.1f}")
-    peak = peak_memory_gib(args.device)
-    print(f"device {args.device}, batch {args.batch}, bf16 {args.bf16}, peak memory {peak:.2f} GiB")
-    summary = {
-        "benchmark": "synthesis_scale",
-        **provenance(),
-        "config": str(args.config),
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "batch": args.batch,
-        "bf16": args.bf16,
-        "peak_memory_gib": round(peak, 2),
-        "rows": rows,
-    }
-    print(json.dumps(summary))
-
-
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", type=Path, default=CONFIG, help="synthesis config")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--batch", type=int, default=8, help="training batch")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median), after one warm-up")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (as mixed_precision bf16)")
-    return p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="a tiny config (a check that it runs)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch = 1, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Measure, then print a Markdown table and one JSON line."""
+    args = parse_args(argv)
+    rows = measure(args)
+    peak = peak_memory_gib(args.device)
+    print(f"config {args.config.name}, batch {args.batch}, bf16 {args.bf16}")
+    table = [
+        [r["part"], f"{r['parameters']:,}" if r["parameters"] else "-"]
+        + [f"{r['seconds']:.3f}", f"{r['samples_per_s']:.1f}"]
+        for r in rows
+    ]
+    print_table(["part", "parameters", "s / step", "samples/s"], table)
+    info = machine(args.device) | {"config": str(args.config), "batch": args.batch}
+    info |= {"bf16": args.bf16, "smoke": args.smoke, "peak_memory_gib": round(peak, 2)}
+    print_json("synthesis_scale", info, {r["part"]: r for r in rows})
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    report(main(arguments), arguments)
+    main()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from condlora.apps.reporting import provenance
+from condlora.apps.reporting import markdown_table, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 CLOCKS = ("wall", "cpu")  # cpu: this process's CPU time (steadier on a shared machine)
@@ -94,7 +94,4 @@ def print_json(name: str, info: dict, results: dict) -> None:
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
     """A Markdown table."""
-    print("| " + " | ".join(header) + " |")
-    print("|" + " --- |" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print("\n".join(markdown_table(header, rows)))

@@ -3,11 +3,14 @@ one JSON line with the ratios."""
 
 import importlib
 import json
+import shutil
 import sys
 
 import pytest
 
-from .conftest import REPO
+from condlora.evaluation.evaluate import CLASSIFIER_FILE
+
+from .conftest import REPO, TINY
 
 
 def run_benchmark(name: str, argv: list[str], capsys) -> dict:
@@ -58,3 +61,53 @@ def test_cpu_speed_smoke(capsys, one_thread):
         f"{m} {v}" for m in ("baseline", "uclora") for v in variants.split(",")
     }
     assert result["results"]["uclora fp32"]["train_time_ratio"] == 1.0
+
+
+def test_cifar10_gpu_smoke(capsys, one_thread):
+    result = run_benchmark("cifar10_gpu", ["--smoke", "--cond", "cond"], capsys)
+    assert result["benchmark"] == "cifar10_gpu" and result["smoke"]
+    assert set(result["results"]) == {"baseline", "lora", "onlylora"}
+    rows = result["results"]
+    assert rows["baseline"]["train_ratio"] == 1.0
+    assert rows["lora"]["parameters"] > rows["onlylora"]["parameters"] > 0
+    assert all(r["train_ips"] > 0 and r["sample_ips"] > 0 for r in rows.values())
+
+
+def test_synthesis_scale_smoke(capsys, one_thread):
+    result = run_benchmark("synthesis_scale", ["--smoke"], capsys)
+    assert result["benchmark"] == "synthesis_scale" and result["smoke"]
+    parts = result["results"]
+    assert {"VAE train step", "prior train step"} <= set(parts)
+    assert all(p["seconds"] > 0 for p in parts.values())
+
+
+def test_every_benchmark_has_a_smoke_test():
+    here = (REPO / "tests" / "test_benchmarks.py").read_text()
+    scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")} - {"timing"}
+    untested = {s for s in scripts if f'"{s}"' not in here}
+    assert not untested, untested
+
+
+def test_quickstart_sweep_smoke(tmp_path, capsys, one_thread, classifier_file):
+    shutil.copy(classifier_file, tmp_path / CLASSIFIER_FILE)  # the judge, as cached
+    argv = ["--config", "digits-baseline.yaml", "--out", str(tmp_path / "run")]
+    argv += ["--cache", str(tmp_path), "--num", "20", "--sample-steps", "2,3"]
+    argv += [*TINY, "train.max_steps=2"]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        importlib.import_module("quickstart_sweep").main(argv)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["sample_steps"] for r in records] == [2, 3]
+    for r in records:
+        assert r["steps"] == 2 and 0 <= r["class_accuracy"] <= 1 and r["floor"] > 0
+        # all three are printed rounded to 0.001
+        assert r["fd_ratio"] == pytest.approx(r["fd"] / r["floor"], rel=0.002 / r["floor"])
+        assert r["commit"] and r["torch"]
+
+
+def test_every_benchmark_stamps_its_provenance(capsys, one_thread):
+    result = run_benchmark("synthesis_scale", ["--smoke"], capsys)
+    for key in ("commit", "date", "cpu", "threads", "torch"):
+        assert result[key], key
