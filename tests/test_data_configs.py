@@ -8,7 +8,7 @@ from PIL import Image
 
 from condlora.cli import main
 from condlora.core.errors import ConfigError
-from condlora.image.build import build_data, num_classes, resolve_data
+from condlora.image.build import build_data, num_classes
 from condlora.image.config import load_config
 
 from .conftest import CONFIGS
@@ -49,7 +49,7 @@ def test_image_folder_classes_come_from_subfolders(tmp_path):
     write_folder(tmp_path / "imgs", ["cats", "dogs", "owls"])
     data = ["data.name=folder", f"data.path={tmp_path / 'imgs'}", "data.holdout=3"]
     cfg = load_config(CONFIGS / "digits-baseline.yaml", data)
-    assert num_classes(cfg) == 3 and resolve_data(cfg).data.channels == 3
+    assert num_classes(cfg) == 3 and cfg.data.channels == 3
     (train_x, train_y), (hold_x, _) = build_data(cfg)
     assert train_x.shape == (15, 3, 16, 16) and len(hold_x) == 3
     assert sorted(set(train_y.tolist())) == [0, 1, 2]
@@ -72,7 +72,7 @@ def test_image_folder_classes_come_from_subfolders(tmp_path):
 )
 def test_data_config_mistakes(overrides, fragment):
     with pytest.raises(ConfigError, match=fragment):
-        resolve_data(load_config(CONFIGS / "digits-baseline.yaml", overrides))
+        load_config(CONFIGS / "digits-baseline.yaml", overrides)
 
 
 def test_flat_folder_needs_an_unconditional_model(tmp_path):

@@ -1,5 +1,6 @@
 """The validation layer's pieces: atomic writes, size checks, non-finite refusals, paths, logs."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 import condlora.core.safetensors_io as sio
-from condlora.core.config import Each, OneOf, Range, check_fields
+from condlora.core.config import Each, OneOf, Range, from_dict
 from condlora.core.errors import CondloraError, ConfigError, DataError, LoRAError
 from condlora.core.images import save_grid
 from condlora.core.jsonl import read_jsonl
@@ -20,7 +21,6 @@ from condlora.lora import load_lora
 from condlora.metrics import frechet_of_features, frechet_to_stats, gaussian_stats
 from condlora.metrics.kid import kid_from_features
 from condlora.train.config import TrainConfig
-from condlora.train.loop import check_train_config
 
 from .conftest import CONFIGS, TINY
 
@@ -82,13 +82,15 @@ def test_range_table_and_its_messages():
     assert OneOf(("a", "b")).problem("c") == "valid: a, b"
     assert Each(Range(1)).problem([]) == "must be a non-empty list"
     assert Each(Range(1)).problem([1, 0]) == "must be a list of numbers >= 1"
-    check_train_config(TrainConfig())
-    with pytest.raises(ConfigError, match=r"^train.ema_decay must be in \[0, 1\], got 2"):
-        check_train_config(TrainConfig(ema_decay=2))
-    bad = Config()
-    bad.net.num_heads = 0
+    # a config checks itself when built: named by its class in code, by its key from a file
+    with pytest.raises(ConfigError, match=r"^TrainConfig.ema_decay must be in \[0, 1\], got 2"):
+        TrainConfig(ema_decay=2)
     with pytest.raises(ConfigError, match=r"^net.num_heads must be in \[1, 1024\], got 0"):
-        check_fields(bad)
+        from_dict(Config, {"net": {"num_heads": 0}})
+    with pytest.raises(ConfigError, match=r"^train.ema_decay must be in \[0, 1\], got 2"):
+        from_dict(Config, {"train": {"ema_decay": 2}})
+    with pytest.raises(ConfigError, match=r"^NetConfig.num_heads must be in \[1, 1024\]"):
+        dataclasses.replace(Config().net, num_heads=0)  # replace builds, so it checks too
 
 
 def test_guidance_checks():

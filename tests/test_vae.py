@@ -45,10 +45,10 @@ def test_shapes_and_shared_block():
     assert blocks and all(type(b) is ResMLPBlock for b in blocks)  # the prior's block class
     with pytest.raises(ConfigError, match=r"VAE input must be \(batch, 12\)"):
         vae.encode(torch.randn(5, 11))
-    with pytest.raises(ConfigError, match="dim must be >= 1"):
+    with pytest.raises(ConfigError, match="VAEConfig.dim is 0: set it from the dataset"):
         LoRAVAE(VAEConfig())
-    with pytest.raises(ConfigError, match="beta"):
-        VAEConfig(dim=4, beta=-0.1).validate()
+    with pytest.raises(ConfigError, match=r"^VAEConfig.beta must be >= 0, got -0.1"):
+        VAEConfig(dim=4, beta=-0.1)
 
 
 def test_loss_and_parts_match_formula():

@@ -210,9 +210,9 @@ def test_condition_errors():
     with pytest.raises(ConfigError, match="unconditional"):
         tiny_net("none")(x, t, embedding=torch.randn(2, 4))
     with pytest.raises(ConfigError, match="chunk 3 does not divide dim 8"):
-        tiny_config(arch="transformer", chunk=3).validate()
-    with pytest.raises(ConfigError, match="unknown cond_mode"):
-        tiny_config("film").validate()
+        tiny_config(arch="transformer", chunk=3)
+    with pytest.raises(ConfigError, match="unknown VectorNetConfig.cond_mode 'film'"):
+        tiny_config("film")
     with pytest.raises(ConfigError, match="uc_lora"):
         build_prior_net(tiny_config("adanorm"), LoRAConfig(method="uc"))
 

@@ -9,6 +9,8 @@ that it overrides.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import json
@@ -16,8 +18,9 @@ import math
 import sysconfig
 import types
 import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -149,7 +152,7 @@ class Each:
 
     def problem(self, value: Any) -> str | None:
         """None if the list is fine, else what is wrong with it."""
-        if not isinstance(value, list) or (not value and not self.allow_empty):
+        if not isinstance(value, list | tuple) or (not value and not self.allow_empty):
             return "must be a non-empty list"
         if self.item is None:
             return None
@@ -166,33 +169,67 @@ SEED = Range(0, 2**63 - 1)  # what torch.manual_seed takes
 
 
 def check_fields(cfg: Any, where: str = "", error: type[Exception] = ConfigError) -> None:
-    """Check a config dataclass (and those nested in it) against each class's CHECKS table.
+    """Check one config dataclass's own fields against its class's CHECKS table.
 
     CHECKS maps a field name to a Range, OneOf or Each; a None value is not checked (fields
     typed `X | None` use None for "the default"). `error` names the dotted key, the valid
-    range and the value, in one line.
+    range and the value, in one line. Nested configs check themselves (`Checked`).
     """
     table = getattr(type(cfg), "CHECKS", {})
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        path = f"{where}.{f.name}" if where else f.name
-        if dataclasses.is_dataclass(value):
-            check_fields(value, path, error)
-            continue
         rule = table.get(f.name)
         problem = None if rule is None or value is None else rule.problem(value)
         if problem is None:
             continue
+        path = f"{where}.{f.name}" if where else f.name
         if isinstance(rule, OneOf):
             raise error(f"unknown {path} {value!r}; {problem}")
         raise error(f"{path} {problem}, got {value!r}")
 
 
+# The dotted key of the config being built by `from_dict` ("" at the top), so that a nested
+# config's errors name the key the user wrote; None outside from_dict (named by class).
+_BUILDING_AT: contextvars.ContextVar[str | None] = contextvars.ContextVar("where", default=None)
+
+
+@contextlib.contextmanager
+def _building_at(where: str) -> Iterator[None]:
+    token = _BUILDING_AT.set(where)
+    try:
+        yield
+    finally:
+        _BUILDING_AT.reset(token)
+
+
+class Checked:
+    """Base of every config dataclass: it checks itself when built (and on replace).
+
+    Field rules go in the class's CHECKS table (Range, OneOf, Each); rules across fields in
+    `check(key)`, which raises ERROR with `key(name)`, the field's dotted key as the user
+    wrote it ("train.lr" from a file, "TrainConfig.lr" in code).
+    """
+
+    CHECKS: ClassVar[dict] = {}
+    ERROR: ClassVar[type[Exception]] = ConfigError
+
+    def __post_init__(self) -> None:
+        where = _BUILDING_AT.get()
+        where = type(self).__name__ if where is None else where
+        check_fields(self, where, self.ERROR)
+
+        def key(name: str) -> str:
+            return f"{where}.{name}" if where else name
+
+        self.check(key)
+
+    def check(self, key: Callable[[str], str]) -> None:
+        """Rules across fields (none here); raise ERROR naming fields by key(name)."""
+
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict, refusing unknown keys and values out of range."""
-    cfg = _build(cls, data, where)
-    check_fields(cfg, where)
-    return cfg
+    return _build(cls, data, where)
 
 
 def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
@@ -213,7 +250,8 @@ def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
             kwargs[key] = _build(hint, {} if value is None else value, path)
         else:
             kwargs[key] = _check_value(value, hint, path)
-    return cls(**kwargs)
+    with _building_at(where):
+        return cls(**kwargs)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from torch import nn
 from condlora.core.errors import CondloraError, DataError
 from condlora.core.files import write_text_atomic
 from condlora.core.paths import check_output_file, check_output_folder
-from condlora.image.build import build_data, resolve_data
+from condlora.image.build import build_data
 from condlora.image.checks import check_sample_count, check_seed, sampling_config
 from condlora.image.config import Config
 from condlora.image.generate import generate, labels_for
@@ -137,7 +137,7 @@ def digits_classifier(
 
 def reference_for(cfg: Config, feature: FeatureNet, cache_dir: str | Path) -> Reference:
     """Real-feature statistics: read from the cache if its key matches, else computed and saved."""
-    d = resolve_data(cfg).data
+    d = cfg.data
     key = {
         "data": d.name,
         "path": str(d.path or ""),
@@ -173,7 +173,7 @@ def make_judge(
     """Feature network, cached real statistics and (digits) classifier for a run's data."""
     if feature not in FEATURES:
         raise CondloraError(f"unknown feature '{feature}'; valid: {', '.join(FEATURES)}")
-    data = resolve_data(cfg).data
+    data = cfg.data
     is_digits = data.name == "digits"
     classifier = digits_classifier(cfg, cache_dir) if is_digits else None
     if feature == "digits":

@@ -14,7 +14,7 @@ import torch
 
 from condlora.core.errors import CondloraError, ConfigError
 from condlora.diffusion.samplers import LEARNED_VARIANCE_SAMPLERS
-from condlora.image.build import build_net, lora_config, num_classes, resolve_data
+from condlora.image.build import build_net, lora_config, num_classes
 from condlora.image.config import Config
 from condlora.lora import inject, lora_layers
 
@@ -30,7 +30,6 @@ def check_model_size(cfg: Config) -> int:
     ConfigError if the LoRA rank exceeds the rank of an adapted layer (its update would be
     larger than the layer) or the whole model exceeds MAX_PARAMETERS.
     """
-    cfg = resolve_data(cfg)
     with torch.device("meta"):
         net = build_net(cfg)
         if cfg.lora.method != "none":
@@ -60,7 +59,7 @@ def check_seed(seed: int, what: str = "--seed") -> None:
 
 def check_sample_count(cfg: Config, num: int, least: int = 1, what: str = "--num") -> None:
     """CondloraError unless `least` <= num and the samples fit in MAX_SAMPLE_BYTES."""
-    d = resolve_data(cfg).data
+    d = cfg.data
     per_image = 4 * d.channels * d.resolution**2
     most = MAX_SAMPLE_BYTES // per_image
     if not least <= num <= most:

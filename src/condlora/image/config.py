@@ -7,6 +7,7 @@ dotted key=value overrides, unknown keys refused).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -15,12 +16,16 @@ from condlora.core.config import (
     FRACTION,
     NON_NEGATIVE,
     POSITIVE,
+    Checked,
     Each,
     OneOf,
     Range,
     from_dict,
     read_config,
 )
+from condlora.core.errors import ConfigError
+from condlora.data import folder_layout
+from condlora.data.augment import AUGMENT_DIM
 from condlora.diffusion.objectives import LOSS_REDUCTIONS
 from condlora.diffusion.precond import OBJECTIVES, SCHEDULES
 from condlora.diffusion.samplers import LEARNED_VARIANCE_SAMPLERS, SAMPLERS
@@ -31,12 +36,13 @@ from condlora.train.config import TrainConfig
 DATA_SETS = {"digits": (1, 10), "cifar10": (3, 10), "folder": (3, None)}  # channels, classes
 ARCHS = ("small_unet", "adm", "ddpmpp")
 DECODER_NLLS = ("tanh", "exact")  # diffusion.decoder_nll
+LORA_METHODS_SEEING_CLASS = ("class", "time+class", "uc")  # what lora_only needs with classes
 MAX_RESOLUTION = 4096  # image side
 MAX_WIDTH = 16384  # net.model_channels
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Checked):
     name: str = "digits"  # "digits" (embedded) | "cifar10" (python format) | "folder" (images)
     path: str | None = None  # cifar10: cifar-10-batches-py or the .tar.gz; folder: the folder
     resolution: int = 16  # image side (digits: upsampled from 8; cifar10: 32; folder: resized)
@@ -54,9 +60,30 @@ class DataConfig:
         "split_seed": Range(0, 2**63 - 1),
     }
 
+    def check(self, key: Callable[[str], str]) -> None:
+        """A path where the data set needs one, CIFAR-10's own size."""
+        if self.name != "digits" and not self.path:
+            raise ConfigError(
+                f"{key('name')} {self.name} needs {key('path')} (where the data lies)"
+            )
+        if self.name == "cifar10" and self.resolution != 32:
+            raise ConfigError(f"cifar10 images are 32x32: set {key('resolution')}: 32")
+
+    def __post_init__(self) -> None:
+        """Checked, then resolved: channels and classes from the data set (0 / -1: its own).
+
+        A folder's classes are its subfolders, counted here once; runs store the resolved
+        config, so a finished run rebuilds without the data.
+        """
+        super().__post_init__()
+        channels, classes = DATA_SETS[self.name]
+        self.channels = self.channels or channels
+        if self.num_classes < 0:
+            self.num_classes = len(folder_layout(self.path)[2]) if classes is None else classes
+
 
 @dataclass
-class NetConfig:
+class NetConfig(Checked):
     arch: str = "small_unet"  # backbone: "small_unet" | "adm" (IDDPM) | "ddpmpp" (EDM DDPM++)
     model_channels: int = 16  # base width
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4])  # width per level
@@ -86,7 +113,7 @@ class NetConfig:
 
 
 @dataclass
-class DiffusionConfig:
+class DiffusionConfig(Checked):
     objective: str = "edm"  # "edm" | "ddpm" (eps) | "v" | "x0" | "iddpm" (learned variance)
     schedule: str = "linear"  # discrete schedule for ddpm / v: "linear" | "cosine"
     num_timesteps: int = 1000  # discrete steps T for ddpm / v
@@ -113,6 +140,14 @@ class DiffusionConfig:
         "decoder_nll": OneOf(DECODER_NLLS),
     }
 
+    def check(self, key: Callable[[str], str]) -> None:
+        """The iddpm objective takes improved-diffusion's mean loss."""
+        if self.objective == "iddpm" and self.loss_reduction != "mean":
+            raise ConfigError(
+                f"{key('loss_reduction')} applies to edm, ddpm and v: the iddpm objective takes "
+                "improved-diffusion's mean over pixels (set loss_reduction: mean)"
+            )
+
 
 @dataclass
 class ImageTrainConfig(TrainConfig):
@@ -130,13 +165,45 @@ class ImageTrainConfig(TrainConfig):
 
 
 @dataclass
-class Config:
+class Config(Checked):
     name: str = "digits"  # run name, used for the default output folder
     data: DataConfig = field(default_factory=DataConfig)
     net: NetConfig = field(default_factory=NetConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: ImageTrainConfig = field(default_factory=ImageTrainConfig)
+
+    def check(self, key: Callable[[str], str]) -> None:
+        """Rules across the net, LoRA, data and training settings."""
+        net, method = self.net, self.lora.method
+        if net.cond_mode != "scale_shift" and method == "none":
+            raise ConfigError(
+                f"{key('net')}.cond_mode '{net.cond_mode}' adds LoRA conditioning: set "
+                f"{key('lora')}.method (time, class, uc, time+class)"
+            )
+        if net.augment_dim and net.arch != "ddpmpp":
+            raise ConfigError("net.augment_dim needs net.arch ddpmpp (the net with that label)")
+        if self.train.augment_p > 0 and net.augment_dim != AUGMENT_DIM:
+            raise ConfigError(
+                f"train.augment_p > 0 feeds {AUGMENT_DIM}-d augmentation labels to the net: "
+                f"set net.arch ddpmpp and net.augment_dim {AUGMENT_DIM}"
+            )
+        if net.class_conditional and self.data.num_classes == 0:
+            raise ConfigError(
+                f"{self.data.path} has no class subfolders: set net.class_conditional: false"
+            )
+        lora_only = net.cond_mode == "lora_only"
+        if lora_only and net.arch == "adm" and "uc" in method.split("+"):
+            raise ConfigError(
+                "net.arch adm in cond_mode lora_only has no embedding MLP for UC-LoRA to read: "
+                "use lora.method time, class or time+class"
+            )
+        if lora_only and net.class_conditional and method not in LORA_METHODS_SEEING_CLASS:
+            raise ConfigError(
+                f"with net.cond_mode lora_only the class reaches the model only through LoRA, "
+                f"but lora.method '{method}' does not see it: use one of "
+                f"{', '.join(LORA_METHODS_SEEING_CLASS)}"
+            )
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

@@ -11,7 +11,7 @@ import torch
 from condlora.core.errors import CondloraError
 from condlora.core.safetensors_io import load_state_checked
 from condlora.diffusion import Denoiser
-from condlora.image.build import build_denoiser, resolve_data
+from condlora.image.build import build_denoiser
 from condlora.image.checks import check_model_size
 from condlora.image.config import Config
 from condlora.image.task import IMAGE_KIND, image_trainer
@@ -57,7 +57,6 @@ def saved_step(run_dir: Path, cfg: Config) -> int:
     if not ckpt.is_file():
         return 0
     saved, step = checkpoint_config(ckpt, Config, IMAGE_KIND)
-    cfg = resolve_data(cfg)  # runs store the resolved config (channels, classes)
     allowed = [k for k in RESUMABLE_CHANGES if k not in ("train.max_steps", "train.ckpt_every")]
     changed = config_changes(saved, cfg, [*allowed, "data.path"])
     if changed:

@@ -18,7 +18,7 @@ from condlora.core.errors import CondloraError
 from condlora.core.labels import class_weights
 from condlora.data.augment import AugmentPipe
 from condlora.diffusion import Denoiser
-from condlora.image.build import build_data, build_denoiser, num_classes, resolve_data
+from condlora.image.build import build_data, build_denoiser, num_classes
 from condlora.image.checks import check_model_size
 from condlora.image.config import Config
 from condlora.image.generate import save_sample_grid
@@ -103,7 +103,6 @@ class SampleGrids(Callback):
 
 def image_task(cfg: Config, init_path: str | Path | None = None) -> TrainTask:
     """The training task of an image config (weights seeded; optionally from `init_path`)."""
-    cfg = resolve_data(cfg)  # once: a folder's classes are counted here, then stored
     check_model_size(cfg)  # before the data is read or the model allocated
     (train_x, train_y), _ = build_data(cfg)
     torch.manual_seed(cfg.train.seed)

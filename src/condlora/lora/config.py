@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from condlora.core.config import Each, OneOf, Range, check_fields, from_dict
+from condlora.core.config import Checked, Each, OneOf, Range, from_dict
 from condlora.core.errors import ConfigError, LoRAError
 
 METHODS = ("none", "time", "class", "uc", "time+class")
@@ -20,7 +21,7 @@ def mlp_group_count(groups: int | str, width: int) -> int:
 
 
 @dataclass
-class LoRAConfig:
+class LoRAConfig(Checked):
     """Conditional LoRA settings; stored as JSON in every saved LoRA file."""
 
     method: str = "none"  # "none" | "time" | "class" | "uc" | "time+class"
@@ -38,7 +39,8 @@ class LoRAConfig:
     emb_module: str | None = None  # host module whose output is UC-LoRA's input (forward hook)
     emb_dim: int | None = None  # UC-LoRA input width; None: emb_module's last Linear out_features
 
-    # valid values, checked when a config is loaded (condlora.core.config.check_fields)
+    # valid values, checked when a config is built (condlora.core.config.Checked)
+    ERROR: ClassVar[type[Exception]] = LoRAError
     CHECKS: ClassVar[dict] = {
         "method": OneOf(METHODS),
         "rank": Range(1, 2**16),
@@ -52,20 +54,17 @@ class LoRAConfig:
         "emb_dim": Range(1, 2**20),
     }
 
-    def validate(self) -> None:
-        """Raise LoRAError on a setting that cannot work."""
-        if self.method not in METHODS:
-            raise LoRAError(f"unknown LoRA method {self.method!r}; valid: {', '.join(METHODS)}")
-        check_fields(self, "LoRAConfig", LoRAError)
+    def check(self, key: Callable[[str], str]) -> None:
+        """The GroupNorm rules of UC-LoRA's MLP."""
         groups = self.mlp_groups
         if groups != "auto" and (isinstance(groups, bool | str) or groups < 1):
-            raise LoRAError(f'LoRAConfig.mlp_groups must be >= 1 or "auto", got {groups!r}')
+            raise LoRAError(f'{key("mlp_groups")} must be >= 1 or "auto", got {groups!r}')
         if self.method == "uc":
             bad = [w for w in self.mlp_widths if w < 1 or w % mlp_group_count(groups, w)]
             if bad:
                 raise LoRAError(
                     f"UC-LoRA MLP widths {bad} are not positive multiples of their "
-                    f"GroupNorm groups (mlp_groups={groups!r}; GroupNorm needs that)"
+                    f"GroupNorm groups ({key('mlp_groups')}={groups!r}; GroupNorm needs that)"
                 )
 
     @property

@@ -62,7 +62,6 @@ def inject(model: nn.Module, config: LoRAConfig) -> list[str]:
 
     Method "none" wraps nothing and returns []. Base parameters keep their requires_grad.
     """
-    config.validate()
     if config.method == "none":
         return []
     if lora_layers(model):

@@ -26,12 +26,15 @@ so dropped rows in training and unconditional calls at sampling see the same inp
 The output Linear starts at zero: a fresh net outputs 0 (for v-prediction D = c_skip x).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from condlora.core.config import Checked, OneOf, Range
 from condlora.core.errors import ConfigError
 from condlora.nets.mlp import ResMLP, ResMLPBlock
 from condlora.nets.unet import sinusoidal_embedding
@@ -41,7 +44,7 @@ ARCHS = ("mlp", "transformer")
 
 
 @dataclass
-class VectorNetConfig:
+class VectorNetConfig(Checked):
     """Settings of a VectorDenoiser; enough to rebuild it exactly."""
 
     dim: int = 512  # D, length of the vectors (a VAE latent, or a raw LoRA vector)
@@ -58,20 +61,21 @@ class VectorNetConfig:
     chunk: int = 64  # transformer: numbers per token; must divide dim
     heads: int = 4  # transformer: attention heads; must divide width
 
-    def validate(self) -> None:
-        """Raise ConfigError on a setting that cannot work."""
-        if self.cond_mode not in COND_MODES:
-            valid = ", ".join(COND_MODES)
-            raise ConfigError(f"unknown cond_mode {self.cond_mode!r}; valid: {valid}")
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unknown arch {self.arch!r}; valid: {', '.join(ARCHS)}")
-        names = ["dim", "width", "depth", "cond_width", "rank", "time_channels", "chunk", "heads"]
-        names += ["cond_dim"] if self.cond_mode != "none" else []
-        for name in names:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"VectorNetConfig.{name} must be >= 1, got {getattr(self, name)}")
+    CHECKS: ClassVar[dict] = {
+        "cond_mode": OneOf(COND_MODES),
+        "arch": OneOf(ARCHS),
+        **{name: Range(1, 2**24) for name in ("dim", "width", "depth", "cond_width", "rank")},
+        **{name: Range(1, 2**24) for name in ("time_channels", "chunk", "heads")},
+        "mlp_ratio": Range(0, 1024, low_open=True),
+        "dropout": Range(0, 1, high_open=True),
+    }
+
+    def check(self, key: Callable[[str], str]) -> None:
+        """The condition width, the even sinusoid, the transformer's divisibility."""
+        if self.cond_mode != "none" and self.cond_dim < 1:
+            raise ConfigError(f"{key('cond_dim')} must be >= 1, got {self.cond_dim}")
         if self.time_channels % 2:
-            raise ConfigError(f"time_channels must be even, got {self.time_channels}")
+            raise ConfigError(f"{key('time_channels')} must be even, got {self.time_channels}")
         if self.arch == "transformer" and self.dim % self.chunk:
             raise ConfigError(f"transformer: chunk {self.chunk} does not divide dim {self.dim}")
         if self.arch == "transformer" and self.width % self.heads:
@@ -140,7 +144,6 @@ class VectorDenoiser(nn.Module):
 
     def __init__(self, config: VectorNetConfig) -> None:
         super().__init__()
-        config.validate()
         self.config = config
         width = config.width
         self.time_embed = nn.Sequential(

@@ -12,10 +12,22 @@ collection's layout signature), so a checkpoint rebuilds its network exactly.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from condlora.core.config import from_dict, parse_overrides, read_config, read_yaml
+from condlora.core.config import (
+    NON_NEGATIVE,
+    POSITIVE,
+    Checked,
+    OneOf,
+    Range,
+    from_dict,
+    parse_overrides,
+    read_config,
+    read_yaml,
+)
 from condlora.core.errors import ConfigError
 from condlora.nets.vector import VectorNetConfig
 from condlora.synthesis.vae import VAEConfig
@@ -29,7 +41,7 @@ PRIOR_SCHEDULES = ("linear", "cosine")
 
 
 @dataclass
-class PriorConfig:
+class PriorConfig(Checked):
     """The diffusion prior over (standardised) VAE latents or raw standardised vectors."""
 
     net: VectorNetConfig = field(default_factory=VectorNetConfig)  # dim, cond_dim: from data
@@ -42,9 +54,28 @@ class PriorConfig:
     steps: int = 50  # sampling steps
     guidance: float = 1.0  # classifier-free guidance scale g (1: none; needs cond_dropout > 0)
 
+    CHECKS: ClassVar[dict] = {
+        "objective": OneOf(PRIOR_OBJECTIVES),
+        "schedule": OneOf(PRIOR_SCHEDULES),
+        "num_timesteps": Range(2, 1_000_000),
+        "cond_dropout": Range(0, 1, high_open=True),
+        "uc_bases": Range(1, 2**16),
+        "sampler": OneOf(PRIOR_SAMPLERS),
+        "steps": Range(1, 100_000),
+        "guidance": NON_NEGATIVE,
+    }
+
+    def check(self, key: Callable[[str], str]) -> None:
+        """Guidance needs an unconditional model to guide by."""
+        if self.guidance != 1.0 and self.cond_dropout <= 0:
+            raise ConfigError(
+                f"{key('guidance')} {self.guidance} needs {key('cond_dropout')} > 0 "
+                "(an unconditional model to guide by)"
+            )
+
 
 @dataclass
-class BaselineConfig:
+class BaselineConfig(Checked):
     """The non-generative baselines: PCA + ridge, and the nearest LoRA."""
 
     components: int = 64  # "pca": principal components kept (at most min(N, D))
@@ -52,9 +83,16 @@ class BaselineConfig:
     power_iters: int = 4  # "pca": power iterations of the streamed randomized SVD
     oversample: int = 16  # "pca": extra random directions of the randomized SVD
 
+    CHECKS: ClassVar[dict] = {
+        "components": Range(1, 2**20),
+        "ridge": NON_NEGATIVE,
+        "power_iters": Range(0, 100),
+        "oversample": Range(0, 2**20),
+    }
+
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(Checked):
     """How `synth generate --images DIR` turns a subject's images into its embedding."""
 
     kind: str = "embeddings"  # "embeddings" (none: precomputed) | "onnx-face" | a registered kind
@@ -62,7 +100,7 @@ class EncoderConfig:
 
 
 @dataclass
-class SynthConfig:
+class SynthConfig(Checked):
     """A LoRA synthesis model: data, VAE, prior, baselines, encoder and both training runs."""
 
     kind: str = KIND  # marks a synthesis config (`condlora info` dispatches on it)
@@ -80,9 +118,17 @@ class SynthConfig:
     vae_train: TrainConfig = field(default_factory=TrainConfig)  # the VAE's training loop
     prior_train: TrainConfig = field(default_factory=TrainConfig)  # the prior's training loop
 
+    CHECKS: ClassVar[dict] = {
+        "kind": OneOf((KIND,)),
+        "method": OneOf(METHODS),
+        "dim": Range(0, 2**40),  # 0: from the dataset
+        "cond_dim": Range(0, 2**24),
+        "std_floor": POSITIVE,
+    }
+
 
 @dataclass
-class VAERunConfig:
+class VAERunConfig(Checked):
     """What a VAE checkpoint records (the training loop's config for the VAE stage)."""
 
     name: str = "synth"  # run name
@@ -94,7 +140,7 @@ class VAERunConfig:
 
 
 @dataclass
-class PriorRunConfig:
+class PriorRunConfig(Checked):
     """What a prior checkpoint records (the training loop's config for the prior stage)."""
 
     name: str = "synth"  # run name
@@ -113,41 +159,8 @@ def is_synthesis_config(path: str | Path) -> bool:
 def load_synth_config(path: str | Path | None, overrides: list[str] | None = None) -> SynthConfig:
     """A SynthConfig from a YAML file (or the defaults, path None) and key=value overrides."""
     if path is None:
-        cfg = from_dict(SynthConfig, parse_overrides(overrides or []))
-    else:
-        cfg = read_config(SynthConfig, path, overrides)
-    validate(cfg)
-    return cfg
-
-
-def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
-    if value not in valid:
-        raise ConfigError(f"unknown {key} {value!r}; valid: {', '.join(valid)}")
-
-
-def validate(cfg: SynthConfig) -> None:
-    """Raise ConfigError on a setting that cannot work (before any data is read)."""
-    if cfg.kind != KIND:
-        raise ConfigError(f"kind must be {KIND!r} in a synthesis config, got {cfg.kind!r}")
-    _choice(cfg.method, METHODS, "method")
-    _choice(cfg.prior.objective, PRIOR_OBJECTIVES, "prior.objective")
-    _choice(cfg.prior.sampler, PRIOR_SAMPLERS, "prior.sampler")
-    _choice(cfg.prior.schedule, PRIOR_SCHEDULES, "prior.schedule")
-    if not 0 <= cfg.prior.cond_dropout < 1:
-        raise ConfigError(f"prior.cond_dropout must be in [0, 1), got {cfg.prior.cond_dropout}")
-    if cfg.prior.guidance != 1.0 and cfg.prior.cond_dropout <= 0:
-        raise ConfigError(
-            f"prior.guidance {cfg.prior.guidance} needs prior.cond_dropout > 0 "
-            "(an unconditional model to guide by)"
-        )
-    if cfg.prior.steps < 1 or cfg.prior.num_timesteps < 2:
-        raise ConfigError("prior.steps must be >= 1 and prior.num_timesteps >= 2")
-    if cfg.dim < 0 or cfg.cond_dim < 0:
-        raise ConfigError(f"dim and cond_dim must be >= 0 (0: from the dataset), got {cfg.dim}")
-    if cfg.std_floor <= 0:
-        raise ConfigError(f"std_floor must be > 0, got {cfg.std_floor}")
-    if cfg.baseline.components < 1 or cfg.baseline.ridge < 0:
-        raise ConfigError("baseline.components must be >= 1 and baseline.ridge >= 0")
+        return from_dict(SynthConfig, parse_overrides(overrides or []))
+    return read_config(SynthConfig, path, overrides)
 
 
 def _agree(name: str, stated: int, found: int, where: str) -> int:

@@ -39,7 +39,6 @@ from condlora.synthesis.config import (
     prior_run_config,
     resolve,
     vae_run_config,
-    validate,
 )
 from condlora.synthesis.model import (
     BASELINE_FILE,
@@ -170,7 +169,6 @@ def train_vae(
     cfg: SynthConfig, out_dir: str | Path, resume: bool = False, progress: bool = True
 ) -> Path:
     """Train (or continue) the VAE of a config into DIR/vae; returns DIR."""
-    validate(cfg)
     out = Path(out_dir)
     if not resume:
         _refuse_existing_model(out)
@@ -251,7 +249,6 @@ def train_prior(
 ) -> Path:
     """Train (or continue) the prior into DIR/prior, on the latents of vae_dir's VAE (default:
     DIR's own) or on raw vectors (use_vae false); returns DIR."""
-    validate(cfg)
     out = Path(out_dir)
     vae_dir = Path(vae_dir) if vae_dir is not None else out
     dataset = open_dataset(cfg.dataset)
@@ -283,7 +280,6 @@ def train_prior(
 
 def train_baseline(cfg: SynthConfig, out_dir: str | Path) -> Path:
     """Fit the config's baseline ("pca" or "nearest") into DIR; returns DIR."""
-    validate(cfg)
     if cfg.method not in ("pca", "nearest"):
         raise ConfigError(f"method {cfg.method!r} is not a baseline (pca, nearest)")
     out = Path(out_dir)

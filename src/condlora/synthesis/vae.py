@@ -13,10 +13,12 @@ whatever D and latent are; beta < 1 keeps reconstructions sharp (the paper's cho
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from condlora.core.config import NON_NEGATIVE, Checked, Range
 from condlora.core.errors import ConfigError
 from condlora.diffusion.precond import standard_normal
 from condlora.nets.mlp import ResMLP
@@ -25,7 +27,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the encoder's logvar, so exp() stays fi
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(Checked):
     """Settings of a LoRAVAE; enough to rebuild it exactly."""
 
     dim: int = 0  # D, length of the LoRA vectors; 0: set from the dataset before building
@@ -36,13 +38,13 @@ class VAEConfig:
     dropout: float = 0.0  # dropout inside each block's MLP
     beta: float = 0.01  # weight of the KL term (< 1)
 
-    def validate(self) -> None:
-        """Raise ConfigError on a setting that cannot work."""
-        for name in ("dim", "latent", "hidden", "depth"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"VAEConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.beta < 0:
-            raise ConfigError(f"VAEConfig.beta must be >= 0, got {self.beta}")
+    CHECKS: ClassVar[dict] = {
+        "dim": Range(0, 2**40),
+        **{name: Range(1, 2**24) for name in ("latent", "hidden", "depth")},
+        "mlp_ratio": Range(0, 1024, low_open=True),
+        "dropout": Range(0, 1, high_open=True),
+        "beta": NON_NEGATIVE,
+    }
 
 
 def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -55,7 +57,8 @@ class LoRAVAE(nn.Module):
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
-        config.validate()
+        if config.dim < 1:
+            raise ConfigError("VAEConfig.dim is 0: set it from the dataset (synthesis resolve)")
         self.config = config
         block = {"mlp_ratio": config.mlp_ratio, "dropout": config.dropout}
         c = config

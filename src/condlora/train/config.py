@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from condlora.core.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, SEED, OneOf
+from condlora.core.config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, SEED, Checked, OneOf
 
 LR_SCHEDULES = ("cosine", "constant")
 EMA_SCHEDULES = ("ramp", "fixed", "edm")
@@ -13,7 +13,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     batch_size: int = 128  # global batch (split across processes)
     lr: float = 2e-3  # AdamW peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -36,7 +36,7 @@ class TrainConfig:
     sample_every: int = 500  # steps between samples / previews (0: only at the end)
     ckpt_every: int = 500  # steps between checkpoints (always one at the end)
 
-    # valid values, checked when a config is loaded (condlora.core.config.check_fields)
+    # valid values, checked when a config is built (condlora.core.config.Checked)
     CHECKS: ClassVar[dict] = {
         "batch_size": AT_LEAST_1,
         "lr": POSITIVE,

@@ -30,7 +30,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 from tqdm.auto import tqdm
 
-from condlora.core.config import check_fields, to_dict
+from condlora.core.config import to_dict
 from condlora.core.errors import CondloraError
 from condlora.core.files import write_text_atomic
 from condlora.core.jsonl import append_jsonl, truncate_jsonl
@@ -160,11 +160,6 @@ def config_changes(saved: Any, current: Any, allowed: Iterable[str] = ()) -> lis
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in allowed)
 
 
-def check_train_config(t: TrainConfig) -> None:
-    """Refuse loop settings that cannot work (the ranges of TrainConfig.CHECKS), in one line."""
-    check_fields(t, "train")
-
-
 def config_text(cfg: Any) -> str:
     """The config.yaml a run folder holds for `cfg`."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -245,7 +240,6 @@ class Trainer:
         self.task, self.out, self.callbacks = task, Path(out_dir), list(callbacks)
         self.cfg, t = task.config, task.config.train
         self.train_cfg = t
-        check_train_config(t)
         _fresh_accelerator_state(t.mixed_precision)
         self.acc = Accelerator(
             mixed_precision=t.mixed_precision,

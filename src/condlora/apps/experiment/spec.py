@@ -21,21 +21,33 @@ the metric-vs-step curve. A rerun reuses finished runs and evaluations and resum
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
-from condlora.core.config import find_config, from_dict, read_text_file, yaml_problem
+from condlora.core.config import (
+    NON_NEGATIVE,
+    SEED,
+    Checked,
+    Each,
+    OneOf,
+    Range,
+    find_config,
+    from_dict,
+    read_text_file,
+    yaml_problem,
+)
 from condlora.core.errors import ConfigError
 from condlora.core.paths import FOLDER_NAME
 from condlora.evaluation.evaluate import FEATURES
-from condlora.image.build import resolve_data
 from condlora.image.config import Config, load_config
 
 
 @dataclass
-class EvalSpec:
+class EvalSpec(Checked):
     num: int = 2000  # samples per final evaluation
     feature: str = "digits"  # "digits" | "inception"
     inception_weights: str | None = None  # FID Inception weights (feature: inception)
@@ -45,16 +57,32 @@ class EvalSpec:
     every: int = 0  # training steps between metric-vs-step points (0: final step only)
     curve_num: int = 500  # samples per metric-vs-step point
 
+    CHECKS: ClassVar[dict] = {
+        "num": Range(2, 10**8),
+        "feature": OneOf(FEATURES),
+        "seed": SEED,
+        "steps": Range(1, 100_000),
+        "every": NON_NEGATIVE,
+        "curve_num": Range(2, 10**8),
+    }
+
 
 @dataclass
-class Variant:
+class Variant(Checked):
     name: str = ""  # folder name and report label
     config: str = ""  # YAML config: relative to the experiment file, the cwd or the repository
     overrides: list[str] = field(default_factory=list)  # key=value on top of the config
 
+    def check(self, key: Callable[[str], str]) -> None:
+        """A folder name and a config."""
+        if not _folder_name(self.name):
+            raise ConfigError(f"variant names must be unique folder names, got {self.name!r}")
+        if not self.config:
+            raise ConfigError(f"variant {self.name} needs a config")
+
 
 @dataclass
-class Experiment:
+class Experiment(Checked):
     name: str = ""  # default output folder runs/<name>
     description: str = ""  # one paragraph for the report
     steps: int = 0  # training steps of every run
@@ -63,6 +91,19 @@ class Experiment:
     eval: EvalSpec = field(default_factory=EvalSpec)
     variants: list[dict] = field(default_factory=list)  # Variant mappings
     file: str = ""  # where it was read from (set by load_experiment)
+
+    CHECKS: ClassVar[dict] = {"steps": Range(1, 10**9), "seeds": Each(SEED)}
+
+    def check(self, key: Callable[[str], str]) -> None:
+        """A folder name, distinct seeds."""
+        if not _folder_name(self.name):
+            raise ConfigError(f"experiment name must be letters, digits, '_-.', got {self.name!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"experiment seeds must be distinct, got {self.seeds}")
+
+
+def _folder_name(name: str) -> bool:
+    return bool(FOLDER_NAME.match(name)) and name not in (".", "..")
 
 
 def load_experiment(
@@ -77,40 +118,22 @@ def load_experiment(
         data = yaml.safe_load(read_text_file(path, "experiment file")) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of experiment keys, got {data!r}")
+    given = {"steps": steps, "seeds": seeds, "file": str(path)}
+    data = {**data, **{k: v for k, v in given.items() if v is not None}}
+    if num is not None:
+        data["eval"] = {**(data.get("eval") or {}), "num": num}
     exp = from_dict(Experiment, data)
-    exp.file = str(path)
-    exp.steps = exp.steps if steps is None else steps
-    exp.seeds = exp.seeds if seeds is None else seeds
-    exp.eval.num = exp.eval.num if num is None else num
     variants = [from_dict(Variant, v, f"variants[{i}]") for i, v in enumerate(exp.variants)]
-    _check(exp, variants)
+    names = [v.name for v in variants]
+    if not variants:
+        raise ConfigError("an experiment needs at least one variant")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"variant names must be unique folder names, got {names}")
     for v in variants:
         v.config = str(find_config(v.config, first=(path.parent,)))
     return exp, variants
-
-
-def _check(exp: Experiment, variants: list[Variant]) -> None:
-    if not FOLDER_NAME.match(exp.name) or exp.name in (".", ".."):
-        raise ConfigError(f"experiment name must be letters, digits, '_-.', got {exp.name!r}")
-    if exp.steps < 1:
-        raise ConfigError(f"experiment steps must be >= 1, got {exp.steps}")
-    if not exp.seeds or len(set(exp.seeds)) != len(exp.seeds) or min(exp.seeds) < 0:
-        raise ConfigError(
-            f"experiment seeds must be a non-empty list of distinct seeds >= 0: {exp.seeds}"
-        )
-    e = exp.eval
-    if e.feature not in FEATURES:
-        raise ConfigError(f"eval.feature must be one of {', '.join(FEATURES)}, got {e.feature!r}")
-    if e.num < 2 or e.curve_num < 2 or e.every < 0:
-        raise ConfigError("eval.num and eval.curve_num must be >= 2, eval.every >= 0")
-    if not variants:
-        raise ConfigError("an experiment needs at least one variant")
-    names = [v.name for v in variants]
-    for v in variants:
-        if not FOLDER_NAME.match(v.name) or v.name in (".", "..") or names.count(v.name) > 1:
-            raise ConfigError(f"variant names must be unique folder names, got {v.name!r}")
-        if not v.config:
-            raise ConfigError(f"variant {v.name} needs a config")
 
 
 def run_config(exp: Experiment, variant: Variant, seed: int) -> Config:
@@ -123,4 +146,4 @@ def run_config(exp: Experiment, variant: Variant, seed: int) -> Config:
     if exp.eval.every:
         extra.append(f"train.ckpt_every={exp.eval.every}")
     overrides = [*exp.overrides, *variant.overrides, *extra]
-    return resolve_data(load_config(variant.config, overrides))
+    return load_config(variant.config, overrides)

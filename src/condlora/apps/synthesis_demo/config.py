@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from condlora.apps.synthesis_demo.styles import StyleRanges
-from condlora.core.errors import ConfigError
+from condlora.core.config import FRACTION, NON_NEGATIVE, POSITIVE, Checked, Each, Range
 
 # What the LoRAs adapt (DESIGN.md section 4): attention qkv / proj, the residual blocks'
 # 1x1 skip convolutions and their embedding projections: 20,864 numbers per rank-4 LoRA
@@ -21,7 +22,7 @@ TARGETS = ("qkv", "proj", "skip", "emb_proj")
 
 
 @dataclass(frozen=True)
-class GenerativeConfig:
+class GenerativeConfig(Checked):
     """Sizes of the generative methods (`generative.py`): small VAE and priors, equal terms."""
 
     latent: int = 64  # VAE latent width
@@ -48,9 +49,21 @@ class GenerativeConfig:
     lr: float = 1e-3  # prior learning rate (AdamW, warm-up then cosine decay)
     ema_decay: float = 0.995  # both stages
 
+    CHECKS: ClassVar[dict] = {
+        **{name: Range(1, 2**20) for name in ("latent", "vae_hidden", "vae_depth", "width")},
+        **{name: Range(1, 2**20) for name in ("depth", "cond_width", "adalora_rank", "uc_rank")},
+        **{name: Range(1, 10**7) for name in ("uc_bases", "vae_steps", "prior_steps")},
+        **{name: Range(1, 10**7) for name in ("vae_batch_size", "batch_size", "sample_steps")},
+        **{name: POSITIVE for name in ("vae_lr", "lr", "mlp_ratio")},
+        "vae_beta": NON_NEGATIVE,
+        "cond_dropout": Range(0, 1, high_open=True),
+        "guidance": NON_NEGATIVE,
+        "ema_decay": FRACTION,
+    }
+
 
 @dataclass(frozen=True)
-class DemoConfig:
+class DemoConfig(Checked):
     """Every knob of `condlora synth demo`; stored in the output folder to guard its reuse."""
 
     seed: int = 0  # subjects' styles, LoRA init, fine-tuning, encoder, reference images
@@ -80,14 +93,19 @@ class DemoConfig:
     grid_subjects: int = 4  # held-out subjects shown in grids
     generative: GenerativeConfig = field(default_factory=GenerativeConfig)  # VAE and priors
 
-    def __post_init__(self) -> None:
-        for name in ("num_train", "num_heldout", "rank", "subjects_per_batch", "steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"demo {name} must be >= 1, got {getattr(self, name)}")
-        if self.num_train < 2:
-            raise ConfigError("the demo needs at least 2 training subjects")
-        if not self.score_seeds:
-            raise ConfigError("the demo needs at least one score seed")
+    CHECKS: ClassVar[dict] = {
+        "seed": Range(0, 2**63 - 1),
+        "num_train": Range(2, 10**6),
+        **{name: Range(1, 10**6) for name in ("num_heldout", "rank", "subjects_per_batch")},
+        **{name: Range(1, 10**7) for name in ("steps", "images_per_subject", "reference_images")},
+        "alpha": POSITIVE,
+        "lr": POSITIVE,
+        "targets": Each(),
+        "score_seeds": Each(Range(0, 2**63 - 1)),
+        "curve_sizes": Each(Range(2, 10**6), allow_empty=True),
+        "samples_per_class": Range(1, 10**4),
+        "sample_steps": Range(1, 10**4),
+    }
 
     @property
     def num_subjects(self) -> int:

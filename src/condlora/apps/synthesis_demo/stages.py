@@ -29,7 +29,6 @@ from condlora.core.config import to_dict
 from condlora.core.errors import CondloraError
 from condlora.core.files import write_text_atomic
 from condlora.diffusion import Denoiser
-from condlora.image.build import resolve_data
 from condlora.image.config import Config
 from condlora.image.runs import load_run, saved_step, train_or_reuse
 from condlora.metrics import (
@@ -85,7 +84,7 @@ def base_model(
     base_cfg: Config, out: Path, candidates: list[Path], clock: StageClock, progress: bool
 ) -> Denoiser:
     """A finished run of `base_cfg`: the first candidate holding one, else trained in out/base."""
-    base_cfg = resolve_data(base_cfg)  # runs store their config with the data's sizes filled in
+
     for run_dir in candidates:
         try:
             if saved_step(run_dir, base_cfg) >= base_cfg.train.max_steps:
