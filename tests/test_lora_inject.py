@@ -177,22 +177,35 @@ def test_target_matching_exact_suffix_regex():
 @pytest.mark.parametrize(
     ("model", "config", "message"),
     [
-        (TinyAttention(), tiny_config("film"), "valid: none, time, class, uc, time\\+class"),
-        (TinyAttention(), tiny_config("time", targets=["to_q"]), r"\['to_q'\].*qkv"),
-        (nn.Sequential(nn.Conv2d(4, 4, 3)), tiny_config("time", targets=["0"]), "1x1"),
-        (nn.Sequential(nn.Conv2d(4, 4, 1, groups=2)), tiny_config("time", targets=["0"]), "1x1"),
-        (TinyAttention(), tiny_config("time", targets=["norm"]), "GroupNorm.*only nn.Linear"),
-        (TinyAttention(), tiny_config("uc", emb_module="embed"), "not in the model.*'emb'"),
         (
             TinyAttention(),
-            LoRAConfig(method="uc", mlp_widths=[10], mlp_groups=4, emb_dim=3),
+            lambda: tiny_config("film"),
+            "valid: none, time, class, uc, time\\+class",
+        ),
+        (TinyAttention(), lambda: tiny_config("time", targets=["to_q"]), r"\['to_q'\].*qkv"),
+        (nn.Sequential(nn.Conv2d(4, 4, 3)), lambda: tiny_config("time", targets=["0"]), "1x1"),
+        (
+            nn.Sequential(nn.Conv2d(4, 4, 1, groups=2)),
+            lambda: tiny_config("time", targets=["0"]),
+            "1x1",
+        ),
+        (
+            TinyAttention(),
+            lambda: tiny_config("time", targets=["norm"]),
+            "GroupNorm.*only nn.Linear",
+        ),
+        (TinyAttention(), lambda: tiny_config("uc", emb_module="embed"), "not in the model.*'emb'"),
+        (
+            TinyAttention(),
+            lambda: LoRAConfig(method="uc", mlp_widths=[10], mlp_groups=4, emb_dim=3),
             "mlp_groups=4",
         ),
     ],
 )
 def test_inject_errors(model, config, message):
+    # a config refuses a bad method or GroupNorm width when built; inject the rest
     with pytest.raises(LoRAError, match=message):
-        inject(model, config)
+        inject(model, config())
     assert not lora_layers(model)  # nothing half-injected
 
 
