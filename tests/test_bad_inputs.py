@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from condlora.cli import main
 from condlora.core.config import parse_overrides
-from condlora.train.checkpoint import CHECKPOINT_NAME
+from condlora.train.checkpoint import CHECKPOINT_NAME, EMA_NAME
 
 from .conftest import CONFIGS, REPO, TINY
 
@@ -55,28 +55,29 @@ def checkpoint(shared):
     return shared / "run" / CHECKPOINT_NAME
 
 
-def copy_run(shared, d, meta=None, tensors=None):
-    """A copy of the shared run in d/run, its checkpoint rewritten by meta / tensors edits."""
+def copy_run(shared, d, meta=None, tensors=None, name=EMA_NAME):
+    """A copy of the shared run in d/run, its file `name` (default: the EMA model file that
+    sampling reads; CHECKPOINT_NAME: what --resume reads) rewritten by meta / tensors edits."""
     run = d / "run"
     shutil.copytree(shared / "run", run)
     if meta or tensors:
         from safetensors import safe_open
 
-        with safe_open(str(run / CHECKPOINT_NAME), framework="pt") as f:
+        with safe_open(str(run / name), framework="pt") as f:
             metadata = f.metadata()
-        weights = load_file(str(run / CHECKPOINT_NAME))
+        weights = load_file(str(run / name))
         if meta:
             meta(metadata)
         if tensors:
             tensors(weights)
-        save_file(weights, str(run / CHECKPOINT_NAME), metadata=metadata)
+        save_file(weights, str(run / name), metadata=metadata)
     return run
 
 
-def raw_run(shared, d, edit):
-    """A copy of the run whose checkpoint bytes are replaced by edit(bytes)."""
+def raw_run(shared, d, edit, name=EMA_NAME):
+    """A copy of the run whose file `name` has its bytes replaced by edit(bytes)."""
     run = copy_run(shared, d)
-    path = run / CHECKPOINT_NAME
+    path = run / name
     path.write_bytes(edit(path.read_bytes()))
     return run
 
@@ -96,11 +97,11 @@ def set_config(key, value):
 
 
 def drop_ema_tensor(weights):
-    del weights[next(k for k in weights if k.startswith("ema."))]
+    del weights[next(iter(weights))]
 
 
 def reshape_ema_tensor(weights):
-    key = next(k for k in weights if k.startswith("ema.") and weights[k].dim() == 2)
+    key = next(k for k in weights if weights[k].dim() == 2)
     weights[key] = torch.zeros(weights[key].shape[0] + 1, weights[key].shape[1])
 
 
@@ -115,7 +116,7 @@ def poison(value, prefix):
 
 def huge_ema(weights):
     """Finite EMA weights whose samples overflow: every output-conv weight at 1e30."""
-    for key in [k for k in weights if k.startswith("ema.") and "conv_out" in k]:
+    for key in [k for k in weights if "conv_out" in k]:
         weights[key] = torch.full_like(weights[key], 1e30)
 
 
@@ -360,7 +361,7 @@ CASES = {
         "--config",
         s / "tiny.yaml",
         "--out",
-        raw_run(s, d, lambda b: b[: len(b) // 2]),
+        raw_run(s, d, lambda b: b[: len(b) // 2], CHECKPOINT_NAME),
         "--resume",
     ],
     "resume nan checkpoint": lambda s, d: [
@@ -368,7 +369,7 @@ CASES = {
         "--config",
         s / "tiny.yaml",
         "--out",
-        copy_run(s, d, tensors=poison(math.nan, "model.")),
+        copy_run(s, d, tensors=poison(math.nan, "model."), name=CHECKPOINT_NAME),
         "--resume",
     ],
     "max-steps 0": lambda s, d: [*train(s, d), "--max-steps", "0"],
@@ -417,9 +418,9 @@ CASES = {
     ),
     "EMA tensor missing": lambda s, d: sample(copy_run(s, d, tensors=drop_ema_tensor)),
     "EMA tensor wrong shape": lambda s, d: sample(copy_run(s, d, tensors=reshape_ema_tensor)),
-    "EMA with NaN": lambda s, d: sample(copy_run(s, d, tensors=poison(math.nan, "ema."))),
+    "EMA with NaN": lambda s, d: sample(copy_run(s, d, tensors=poison(math.nan, ""))),
     "finite EMA giving inf samples": lambda s, d: sample(copy_run(s, d, tensors=huge_ema)),
-    "EMA with inf": lambda s, d: sample(copy_run(s, d, tensors=poison(math.inf, "ema."))),
+    "EMA with inf": lambda s, d: sample(copy_run(s, d, tensors=poison(math.inf, ""))),
     "unexpected tensor": lambda s, d: sample(
         copy_run(s, d, tensors=lambda w: w.update(junk=torch.zeros(1)))
     ),

@@ -14,14 +14,14 @@ from torch import nn
 from condlora.cli import main
 from condlora.core.errors import CondloraError
 from condlora.image.build import build_denoiser
-from condlora.image.config import load_config
-from condlora.image.runs import read_run_checkpoint
-from condlora.image.task import image_trainer, train
-from condlora.train.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from condlora.image.config import Config, load_config
+from condlora.image.runs import load_run, read_run_checkpoint
+from condlora.image.task import IMAGE_KIND, image_trainer, train
+from condlora.train.checkpoint import CHECKPOINT_NAME, EMA_NAME, read_checkpoint, read_ema_model
 from condlora.train.config import TrainConfig
 from condlora.train.loop import Trainer, TrainingDiverged, TrainTask, batch_indices
 
-from .conftest import CONFIGS, REPO, assert_same_function
+from .conftest import CONFIGS, REPO, TINY, assert_same_function
 
 
 @dataclass
@@ -298,3 +298,24 @@ def test_sigterm_saves_and_exits(tmp_path, tiny_overrides):
         == 0
     )
     assert read_run_checkpoint(tmp_path / CHECKPOINT_NAME)[1] == step + 2
+
+
+def test_a_run_writes_an_ema_only_inference_file_that_sampling_reads(tmp_path):
+    cfg = load_config(CONFIGS / "digits-baseline.yaml", [*TINY, "train.max_steps=3"])
+    train(cfg, tmp_path / "run", progress=False)
+    ema = tmp_path / "run" / EMA_NAME
+    saved, step, state = read_ema_model(ema, Config, IMAGE_KIND)
+    _, ckpt_step, parts = read_run_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    assert step == ckpt_step == 3 and saved == cfg
+    assert state.keys() == parts["ema"].keys()  # the EMA weights alone: no model., no optim.
+    assert all(torch.equal(state[k], parts["ema"][k]) for k in state)
+    assert ema.stat().st_size < (tmp_path / "run" / CHECKPOINT_NAME).stat().st_size / 2
+    # sampling reads the inference file: with the checkpoint gone, the run still loads ...
+    (tmp_path / "run" / CHECKPOINT_NAME).unlink()
+    _, denoiser, loaded_step = load_run(tmp_path / "run")
+    assert loaded_step == 3
+    assert all(torch.equal(v, state[k]) for k, v in denoiser.state_dict().items())
+    # ... and a folder from before inference files loads from its checkpoint's EMA part
+    train(cfg, tmp_path / "old", progress=False)
+    (tmp_path / "old" / EMA_NAME).unlink()
+    assert load_run(tmp_path / "old")[2] == 3

@@ -15,12 +15,18 @@ from condlora.image.build import build_denoiser
 from condlora.image.checks import check_model_size
 from condlora.image.config import Config
 from condlora.image.task import IMAGE_KIND, image_trainer
-from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_config, read_checkpoint
+from condlora.train.checkpoint import (
+    CHECKPOINT_NAME,
+    EMA_NAME,
+    checkpoint_config,
+    read_checkpoint,
+    read_ema_model,
+)
 from condlora.train.loop import RESUMABLE_CHANGES, Callback, config_changes
 
 
 def read_run_checkpoint(path: str | Path) -> tuple[Config, int, dict[str, dict]]:
-    """(config, step, parts) of an image run's checkpoint file."""
+    """(config, step, parts) of an image run's training checkpoint (what --resume reads)."""
     return read_checkpoint(Path(path), Config, IMAGE_KIND)
 
 
@@ -29,21 +35,23 @@ def load_run(
 ) -> tuple[Config, Denoiser, int]:
     """(config, denoiser with the EMA weights, step) of a training run folder."""
     run_dir = Path(run_dir)
-    path = run_dir / CHECKPOINT_NAME
+    path = run_dir / EMA_NAME
     if not run_dir.exists():
         raise CondloraError(f"run folder not found: {run_dir}")
     if not run_dir.is_dir():
         raise CondloraError(
             f"{run_dir} is a file, not a run folder (give the folder --out of train)"
         )
-    if not path.exists():
-        raise CondloraError(f"no {CHECKPOINT_NAME} in {run_dir}: is it a `condlora train` folder?")
-    cfg, step, parts = read_run_checkpoint(path)
+    if not path.exists() and not (run_dir / CHECKPOINT_NAME).exists():
+        raise CondloraError(
+            f"no {EMA_NAME} (nor {CHECKPOINT_NAME}) in {run_dir}: is it a `condlora train` folder?"
+        )
+    cfg, step, ema = read_ema_model(path, Config, IMAGE_KIND)
     # the stored config must not build a model larger than the weights the file holds
-    if check_model_size(cfg) > sum(t.numel() for t in parts["ema"].values()):
+    if check_model_size(cfg) > sum(t.numel() for t in ema.values()):
         raise CondloraError(f"{path}: its EMA weights are fewer than its config's model needs")
     denoiser = build_denoiser(cfg)
-    load_state_checked(denoiser, parts["ema"], f"{path} (EMA)")
+    load_state_checked(denoiser, ema, f"{path} (EMA)")
     return cfg, denoiser.to(device).eval(), step
 
 

@@ -34,17 +34,15 @@ from condlora.synthesis.model import (
 )
 from condlora.synthesis.training import PRIOR_KIND, load_vae
 from condlora.synthesis.vae import LoRAVAE
-from condlora.train.checkpoint import CHECKPOINT_NAME, load_ema
+from condlora.train.checkpoint import CHECKPOINT_NAME, EMA_NAME, load_ema
 
 
 def load_prior(folder: Path, device: torch.device | str) -> tuple[PriorRunConfig, Denoiser]:
     """(run config, prior denoiser with EMA weights, eval mode) of a model folder."""
-    path = folder / PRIOR_DIR / CHECKPOINT_NAME
-    if not path.is_file():
-        raise DataError(f"{folder} has no trained prior ({PRIOR_DIR}/{CHECKPOINT_NAME})")
-    run_cfg, _, denoiser = load_ema(
-        path, PriorRunConfig, PRIOR_KIND, lambda c: build_prior(c.prior)
-    )
+    run = folder / PRIOR_DIR
+    if not any((run / name).is_file() for name in (EMA_NAME, CHECKPOINT_NAME)):
+        raise DataError(f"{folder} has no trained prior ({PRIOR_DIR}/{EMA_NAME})")
+    run_cfg, _, denoiser = load_ema(run, PriorRunConfig, PRIOR_KIND, lambda c: build_prior(c.prior))
     return run_cfg, denoiser.to(device).requires_grad_(False)
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from condlora.synthesis.config import SynthConfig, load_synth_config, resolve
-from condlora.synthesis.model import build_prior_network, embedding_dim, open_dataset
+from condlora.synthesis.model import build_prior, embedding_dim, open_dataset
 from condlora.synthesis.vae import LoRAVAE
 
 # parameter-name parts of the prior's condition path (ADALoRA / AdaNorm heads, UC-LoRA)
@@ -60,7 +60,7 @@ def info_lines(path: str | Path, overrides: list[str] | None = None) -> list[str
                 f"{count(vae):,} parameters (encoder {count(vae.encoder):,}, "
                 f"decoder {count(vae.decoder):,})"
             )
-        prior = build_prior_network(cfg.prior)
+        prior = build_prior(cfg.prior).net
     n = cfg.prior.net
     total += count(prior)
     lines.append(

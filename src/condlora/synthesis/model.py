@@ -20,13 +20,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
 from condlora.core.errors import DataError
 from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.diffusion import Denoiser, make_precond
-from condlora.nets.vector import VectorDenoiser
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.config import EncoderConfig, PriorConfig, SynthConfig
 from condlora.synthesis.flatten import FlatSpec
@@ -162,17 +162,14 @@ class ModelInfo:
         return info
 
 
-def build_prior_network(prior: PriorConfig) -> VectorDenoiser:
-    """The prior's net of a (resolved) PriorConfig, UC-LoRA injected for cond_mode uc_lora."""
+def build_prior(prior: PriorConfig) -> Denoiser:
+    """The prior denoiser of a (resolved) PriorConfig: its net (UC-LoRA injected for
+    cond_mode uc_lora) under its objective. The one constructor of a prior."""
     net_cfg = prior.net
     lora = uc_lora_config(net_cfg, prior.uc_bases) if net_cfg.cond_mode == "uc_lora" else None
-    return build_prior_net(net_cfg, lora)
-
-
-def build_prior(prior: PriorConfig) -> Denoiser:
-    """The prior denoiser of a (resolved) PriorConfig: its net under its objective."""
-    precond = make_precond(prior.objective, prior.schedule, prior.num_timesteps)
-    return Denoiser(build_prior_network(prior), precond)
+    with torch.device("cpu"):  # the schedule's tables are real numbers, also under "meta"
+        precond = make_precond(prior.objective, prior.schedule, prior.num_timesteps)
+    return Denoiser(build_prior_net(net_cfg, lora), precond)
 
 
 def open_dataset(path: str | Path) -> LoRADataset:

@@ -53,7 +53,7 @@ from condlora.synthesis.model import (
     open_dataset,
 )
 from condlora.synthesis.vae import LoRAVAE
-from condlora.train.checkpoint import CHECKPOINT_NAME, load_ema, read_checkpoint
+from condlora.train.checkpoint import CHECKPOINT_NAME, EMA_NAME, load_ema, read_checkpoint
 from condlora.train.config import TrainConfig
 from condlora.train.loop import METRICS_FILE, Callback, Trainer, TrainTask, batch_indices
 
@@ -195,10 +195,10 @@ def load_vae(
     folder: str | Path, device: torch.device | str = "cpu"
 ) -> tuple[VAERunConfig, LoRAVAE]:
     """(run config, VAE with its EMA weights, eval mode) of a model folder's vae/ run."""
-    path = Path(folder) / VAE_DIR / CHECKPOINT_NAME
-    if not path.is_file():
-        raise DataError(f"{folder} has no trained VAE ({VAE_DIR}/{CHECKPOINT_NAME})")
-    run_cfg, _, vae = load_ema(path, VAERunConfig, VAE_KIND, lambda c: LoRAVAE(c.vae))
+    run = Path(folder) / VAE_DIR
+    if not any((run / name).is_file() for name in (EMA_NAME, CHECKPOINT_NAME)):
+        raise DataError(f"{folder} has no trained VAE ({VAE_DIR}/{EMA_NAME})")
+    run_cfg, _, vae = load_ema(run, VAERunConfig, VAE_KIND, lambda c: LoRAVAE(c.vae))
     return run_cfg, vae.to(device).requires_grad_(False)
 
 

@@ -1,5 +1,10 @@
 """Checkpoints in safetensors: model, EMA and optimizer tensors; config, kind and step in metadata.
 
+Two files per run folder, as EMA ships snapshots apart from training state:
+    checkpoint.safetensors   model, EMA and optimizer: what `--resume` continues from
+    ema.safetensors          the EMA weights alone with config, kind and step: what sampling,
+                             generation and the page read (a third of the checkpoint's size)
+
 No pickle: the optimizer's non-tensor state (param groups) is stored as JSON in the
 metadata, its tensors under ``optim.<param index>.<name>``. The config is stored as JSON
 with its `kind` (which task wrote it: "image-diffusion", "synthesis-vae", ...), so a reader
@@ -21,7 +26,9 @@ from condlora.core.errors import CondloraError, ConfigError
 from condlora.core.safetensors_io import load_state_checked, read_weights, write_weights
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+EMA_NAME = "ema.safetensors"
 FORMAT = "condlora-checkpoint-1"
+EMA_FORMAT = "condlora-ema-1"
 LEGACY_KIND = "image-diffusion"  # checkpoints written before kinds were recorded
 
 
@@ -172,11 +179,41 @@ def load_training_state(
     load_optimizer_state(opt, parts["optim"], str(path))
 
 
+def save_ema_model(path: Path, cfg: Any, kind: str, step: int, ema: torch.nn.Module) -> None:
+    """Write the inference file: the EMA weights with config, kind and step (atomically)."""
+    metadata = {"format": EMA_FORMAT, "kind": kind, "config": json.dumps(to_dict(cfg))}
+    write_weights(path, dict(ema.state_dict()), {**metadata, "step": str(step)}, sync=True)
+
+
+def ema_model_config(path: Path, cls: type, kind: str) -> tuple[Any, int]:
+    """(config, step) of an inference file, read from its metadata alone."""
+    meta, _ = read_weights(path, EMA_FORMAT, "condlora EMA model", CondloraError, tensors=False)
+    _check_kind(path, meta, kind)
+    if "config" not in meta or not meta.get("step", "").isdigit():
+        raise CondloraError(f"{path}: its metadata lacks the config or the step")
+    return _stored_config(path, meta, cls), int(meta["step"])
+
+
+def read_ema_model(path: Path, cls: type, kind: str) -> tuple[Any, int, dict[str, torch.Tensor]]:
+    """(config, step, EMA state dict) of a run folder's inference file (ema.safetensors).
+
+    A folder from before inference files existed has only its checkpoint: its EMA part is read.
+    """
+    folder = Path(path).parent
+    if not Path(path).is_file() and (folder / CHECKPOINT_NAME).is_file():
+        cfg, step, parts = read_checkpoint(folder / CHECKPOINT_NAME, cls, kind)
+        return cfg, step, parts["ema"]
+    cfg, step = ema_model_config(path, cls, kind)
+    _, tensors = read_weights(path, EMA_FORMAT, "condlora EMA model", CondloraError)
+    return cfg, step, tensors
+
+
 def load_ema(
-    path: Path, cls: type, kind: str, build: Callable[[Any], torch.nn.Module]
+    folder: Path, cls: type, kind: str, build: Callable[[Any], torch.nn.Module]
 ) -> tuple[Any, int, torch.nn.Module]:
-    """(config, step, `build(config)` holding the checkpoint's EMA weights, in eval mode)."""
-    cfg, step, parts = read_checkpoint(path, cls, kind)
+    """(config, step, `build(config)` holding the folder's EMA weights, in eval mode)."""
+    path = Path(folder) / EMA_NAME
+    cfg, step, state = read_ema_model(path, cls, kind)
     module = build(cfg)
-    load_state_checked(module, parts["ema"], f"{path} (EMA)")
+    load_state_checked(module, state, f"{path} (EMA)")
     return cfg, step, module.eval()

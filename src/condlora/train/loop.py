@@ -38,9 +38,11 @@ from condlora.core.paths import check_output_folder
 from condlora.core.progress import progress_bar
 from condlora.train.checkpoint import (
     CHECKPOINT_NAME,
+    EMA_NAME,
     load_training_state,
     read_checkpoint,
     save_checkpoint,
+    save_ema_model,
 )
 from condlora.train.config import TrainConfig
 from condlora.train.ema import EMA
@@ -359,6 +361,8 @@ class Trainer:
                 self.ema.model,
                 self.opt,
             )
+            path = self.out / EMA_NAME
+            save_ema_model(path, self.cfg, self.task.kind, self.step, self.ema.model)
         self.acc.wait_for_everyone()
         for callback in self.callbacks:
             callback.after_save(self)

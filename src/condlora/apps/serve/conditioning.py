@@ -34,7 +34,12 @@ from condlora.image.config import Config
 from condlora.image.generate import generate, labels_for
 from condlora.image.runs import load_run
 from condlora.image.task import IMAGE_KIND
-from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_config
+from condlora.train.checkpoint import (
+    CHECKPOINT_NAME,
+    EMA_NAME,
+    checkpoint_config,
+    ema_model_config,
+)
 
 MAX_DEPTH = 3  # how deep under --runs to look for run folders
 EXTRAPOLATE = (1.25, 1.5, 1.75, 2.0)  # weights of class b past 1 in the sweep
@@ -45,12 +50,16 @@ def find_runs(root: Path, depth: int = MAX_DEPTH) -> list[str]:
     found = []
     if not root.is_dir():
         return found
-    for path in sorted(root.rglob(CHECKPOINT_NAME)):
-        rel = path.parent.relative_to(root)
+    folders = {p.parent for name in (EMA_NAME, CHECKPOINT_NAME) for p in root.rglob(name)}
+    for folder in sorted(folders):
+        rel = folder.relative_to(root)
         if len(rel.parts) > depth or any(p.startswith(".") for p in rel.parts):
             continue
         try:
-            checkpoint_config(path, Config, IMAGE_KIND)
+            if (folder / EMA_NAME).is_file():
+                ema_model_config(folder / EMA_NAME, Config, IMAGE_KIND)
+            else:  # a run from before inference files
+                checkpoint_config(folder / CHECKPOINT_NAME, Config, IMAGE_KIND)
         except CondloraError:  # a synthesis VAE / prior run, or a damaged file
             continue
         found.append(rel.as_posix() or ".")

@@ -47,7 +47,7 @@ from condlora.synthesis.model import (
     PRIOR_DIR,
     layout_signature,
 )
-from condlora.train.checkpoint import CHECKPOINT_NAME
+from condlora.train.checkpoint import CHECKPOINT_NAME, EMA_NAME
 
 GRID_ROWS = 3  # samples of each digit in a grid
 NEEDED = (
@@ -114,7 +114,8 @@ def find_base(folder: Path, base_cfg: Config, explicit: Path | None = None) -> D
 
 def is_model(folder: Path) -> bool:
     """Whether a folder holds a finished synthesis model (not, e.g., a VAE alone)."""
-    parts = (PRIOR_DIR + "/" + CHECKPOINT_NAME, BASELINE_FILE, COLLECTION_FILE)
+    parts = (f"{PRIOR_DIR}/{EMA_NAME}", f"{PRIOR_DIR}/{CHECKPOINT_NAME}")
+    parts += (BASELINE_FILE, COLLECTION_FILE)
     return (folder / MODEL_FILE).is_file() and any((folder / p).is_file() for p in parts)
 
 
