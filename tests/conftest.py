@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny digits config so training tests take seconds."""
 
 import copy
+import inspect
 import zlib
 from pathlib import Path
 
@@ -47,6 +48,46 @@ def pytest_sessionstart(session):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if isinstance(seed, int) and reporter is not None:
         reporter.write_line(f"test order shuffled: replay it with --randomly-seed={seed}")
+
+
+# Markers from what a test does, so a developer can leave a kind out (-m "not browser"):
+# `subprocess` (starts other processes), `browser` (drives Chromium), `gpu` (needs CUDA:
+# skipped where there is none). `slow` is set by hand on end-to-end tests.
+SPAWNS = ("subprocess.", "Popen", "sys.executable", "ProcessPoolExecutor", "run_quickstart(")
+
+
+def _source(obj: object) -> str:
+    """The source of a test or fixture function ('' where there is none)."""
+    obj = (
+        getattr(obj, "__wrapped__", None)
+        or getattr(obj, "_get_wrapped_function", None)
+        and (obj._get_wrapped_function())
+        or obj
+    )
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+def pytest_collection_modifyitems(config, items):
+    """Add the subprocess / browser markers from the source of each test and the fixtures it
+    uses (from its module or this file); skip gpu tests without CUDA."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    here = globals()
+    for item in items:
+        module = getattr(item, "module", None)
+        parts = [getattr(item, "function", None)]
+        parts += [
+            getattr(module, n, None) or here.get(n) for n in getattr(item, "fixturenames", ())
+        ]
+        source = "".join(_source(p) for p in parts if p is not None)
+        if any(token in source for token in SPAWNS):
+            item.add_marker(pytest.mark.subprocess)
+        if "playwright" in source:
+            item.add_marker(pytest.mark.browser)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 def _seed_for(node_id: str) -> None:

@@ -6,6 +6,7 @@ import importlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,19 @@ def test_ci_runs_exactly_the_readme_test_command():
     blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:]]
     assert ci in blocks, f"{ci!r} is not one of the README's commands"
     assert "condlora quickstart" in blocks[0]  # the first command runs the main job
+
+
+def test_markers_follow_what_a_test_does():
+    def collected(marker: str, path: str) -> set[str]:
+        command = ["-m", "pytest", "-q", "--co", "-p", "no:randomly", "-m", marker, path]
+        out = subprocess.run(
+            [sys.executable, *command], capture_output=True, text=True, cwd=REPO
+        ).stdout
+        return {line.split("::")[1].split("[")[0] for line in out.splitlines() if "::" in line}
+
+    page = "test_the_page_writes_a_lora_for_a_held_out_subject_and_refuses_a_bad_upload"
+    assert collected("browser", "tests/test_serve.py") == {page}
+    assert page in collected("subprocess", "tests/test_serve.py")  # its server fixture spawns
+    spawns = collected("subprocess", "tests/test_train.py")
+    assert "test_two_processes_split_the_global_batch" in spawns
+    assert "test_ema_matches_plain_formula" not in spawns  # in-process: no marker
