@@ -25,7 +25,7 @@ from condlora.lora import (
 )
 from condlora.lora.composers import ParameterStacks
 from condlora.lora.lowrank import StackedLoRA
-from condlora.lora.state import ConditionState
+from condlora.lora.runtime import ConditionState
 
 from .conftest import CONFIGS
 from .test_lora import make_condition, make_input, make_layer, randomize, reference

@@ -15,7 +15,7 @@ from condlora.lora import (
     conditioning,
     hat_table,
 )
-from condlora.lora.state import ConditionState
+from condlora.lora.runtime import ConditionState
 
 D_IN, D_OUT, BATCH, EMB = 6, 5, 4, 8
 

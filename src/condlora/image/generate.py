@@ -13,7 +13,7 @@ from condlora.core.progress import progress_bar
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
 from condlora.image.build import image_channels, num_classes
 from condlora.image.config import Config
-from condlora.lora.context import lora_layers
+from condlora.lora.runtime import lora_layers
 
 GRID_SAMPLES = 100  # a 10 x 10 grid
 

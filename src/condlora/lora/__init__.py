@@ -18,7 +18,6 @@ from condlora.lora.composers import (
     hat_table,
 )
 from condlora.lora.config import METHODS, LoRAConfig
-from condlora.lora.context import conditioning, lora_layers, merge, merged, unmerge
 from condlora.lora.inject import (
     count_lora_parameters,
     inject,
@@ -28,6 +27,7 @@ from condlora.lora.inject import (
 )
 from condlora.lora.io import CONFIG_KEY, load_lora, read_lora_config, save_lora
 from condlora.lora.layer import CondLoRALayer
+from condlora.lora.runtime import conditioning, lora_layers, merge, merged, unmerge
 
 __all__ = [
     "CONFIG_KEY",

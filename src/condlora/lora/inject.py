@@ -11,9 +11,8 @@ from torch import Tensor, nn
 from condlora.core.errors import LoRAError
 from condlora.lora.composers import build_composer
 from condlora.lora.config import LoRAConfig
-from condlora.lora.context import lora_layers
 from condlora.lora.layer import CondLoRALayer, check_target
-from condlora.lora.state import ConditionState, EmbCapture, PassScope
+from condlora.lora.runtime import ConditionState, EmbCapture, PassScope, lora_layers
 
 
 def matches(name: str, pattern: str) -> bool:

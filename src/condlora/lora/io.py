@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from condlora.core.errors import LoRAError
 from condlora.core.safetensors_io import describe_mismatch, read_weights, write_weights
 from condlora.lora.config import LoRAConfig
-from condlora.lora.context import lora_layers
 from condlora.lora.inject import inject, lora_state_dict, remove
+from condlora.lora.runtime import lora_layers
 
 CONFIG_KEY = "condlora.lora_config"
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
 from condlora.lora.lowrank import StackedLoRA
-from condlora.lora.state import ConditionState
+from condlora.lora.runtime import ConditionState
 
 _CONV = {3: F.conv1d, 4: F.conv2d}  # 1x1 conv by input dimensions
 

@@ -1,12 +1,31 @@
-"""The condition shared by all wrappers of one injection, and the hooks that capture `emb`.
+"""The conditional-LoRA runtime: how a condition reaches every wrapped layer in a forward pass.
 
-The state also evaluates the composers of every wrapper together: within one forward pass
-of the injected model (marked by `PassScope` hooks) the first wrapper to ask computes the
-basis weights of all L wrappers in one batched call, the others read their row.
+A forward pass of an injected model, step by step:
+
+1. Condition set. `with conditioning(model, t=..., y=..., emb=...)` checks the condition
+   once (class range, time shape) and stores it in the injection's one `ConditionState`,
+   which every `CondLoRALayer` of the model holds.
+2. Pass begins. A pre-forward hook on the model (`PassScope`) marks the start: nothing of
+   an earlier pass (captured embedding, basis weights) is kept.
+3. Embedding captured. For UC-LoRA a forward hook on the host's embedding module
+   (`EmbCapture`, on `emb_module`) stores its output as this pass's `emb`.
+4. Composers batched. The first wrapped layer to run asks the state for its basis weights
+   w(c); the state runs the composers of all L wrappers in one batched call (stacked
+   parameters cached while unchanged) and hands each layer its row. When every row of the
+   condition agrees and no gradient is needed, it computes one row for the whole batch.
+5. Merge or low-rank. Each layer then applies W x + s B((w ⊗ 1_r) ⊙ A x) + w E: merged into
+   one weight when the batch shares its condition (sampling), else on the low-rank path
+   (`condlora.lora.layer`).
+6. Pass ends. A post-forward hook (always called, also on errors) drops the pass's tensors,
+   so no graph is held and the model stays deep-copyable.
+
+`merge` / `merged` fold the update at one fixed condition into the weights outright.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -160,3 +179,73 @@ class PassScope:
             self.state.begin_pass()
         else:
             self.state.end_pass()
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every CondLoRALayer inside `model`, by module name (the modules holding a state)."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "state", None), ConditionState)
+    }
+
+
+def _states(model: nn.Module) -> list[ConditionState]:
+    unique = {id(layer.state): layer.state for layer in lora_layers(model).values()}
+    return list(unique.values())
+
+
+@contextmanager
+def conditioning(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None) -> Iterator[None]:
+    """Within the block, every wrapper in `model` sees condition (t, y, emb); nestable.
+
+    t: float (batch,) or scalar in [0, 1] (0 = clean, 1 = most noise); y: long (batch,) class
+    indices or float (batch, num_classes) class weights; emb: (batch, emb_dim). The condition
+    is replaced as a whole (an inner block does not inherit the outer t); inputs the method
+    does not read are ignored. No-op for a model without LoRA.
+    """
+    states = _states(model)
+    saved = [state.snapshot() for state in states]
+    try:
+        for state in states:
+            state.set(t=t, y=y, emb=emb)
+        yield
+    finally:
+        for state, old in zip(states, saved, strict=True):
+            state.restore(old)
+
+
+def merge(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None) -> None:
+    """Fold the LoRA update at one fixed condition into every wrapped base weight and bias."""
+    layers = lora_layers(model)
+    if any(layer.merged for layer in layers.values()):
+        raise LoRAError("LoRA is already merged; call unmerge(model) first")
+    with torch.no_grad(), conditioning(model, t=t, y=y, emb=emb):
+        deltas = {}
+        for name, layer in layers.items():
+            w = layer.composer(**layer.state.inputs())
+            try:
+                deltas[name] = layer.single_condition_weights(w)
+            except LoRAError as err:
+                raise LoRAError(f"{name}: {err} (pass a single t/y/emb to merge)") from None
+        for name, layer in layers.items():
+            layer.merge(deltas[name])
+
+
+def unmerge(model: nn.Module) -> None:
+    """Exact inverse of `merge` (the saved weights are restored, not the deltas subtracted)."""
+    layers = list(lora_layers(model).values())
+    if layers and not all(layer.merged for layer in layers):
+        raise LoRAError("LoRA is not merged; nothing to unmerge")
+    for layer in layers:
+        layer.unmerge()
+
+
+@contextmanager
+def merged(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None) -> Iterator[None]:
+    """Fold the update at one condition into the weights for the block; undone exactly on exit."""
+    merge(model, t=t, y=y, emb=emb)
+    try:
+        yield
+    finally:
+        unmerge(model)
