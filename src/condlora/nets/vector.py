@@ -39,8 +39,8 @@ from condlora.core.errors import ConfigError
 from condlora.nets.mlp import ResMLP, ResMLPBlock
 from condlora.nets.unet import sinusoidal_embedding
 
-COND_MODES = ("adalora", "adanorm", "uc_lora", "none")
-ARCHS = ("mlp", "transformer")
+VECTOR_COND_MODES = ("adalora", "adanorm", "uc_lora", "none")
+VECTOR_ARCHS = ("mlp", "transformer")
 
 
 @dataclass
@@ -62,8 +62,8 @@ class VectorNetConfig(Checked):
     heads: int = 4  # transformer: attention heads; must divide width
 
     CHECKS: ClassVar[dict] = {
-        "cond_mode": OneOf(COND_MODES),
-        "arch": OneOf(ARCHS),
+        "cond_mode": OneOf(VECTOR_COND_MODES),
+        "arch": OneOf(VECTOR_ARCHS),
         **{name: Range(1, 2**24) for name in ("dim", "width", "depth", "cond_width", "rank")},
         **{name: Range(1, 2**24) for name in ("time_channels", "chunk", "heads")},
         "mlp_ratio": Range(0, 1024, low_open=True),

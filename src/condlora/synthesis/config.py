@@ -34,7 +34,7 @@ from condlora.synthesis.vae import VAEConfig
 from condlora.train.config import TrainConfig
 
 KIND = "synthesis"
-METHODS = ("diffusion", "pca", "nearest")
+SYNTH_METHODS = ("diffusion", "pca", "nearest")
 PRIOR_OBJECTIVES = ("v", "x0")
 PRIOR_SAMPLERS = ("ddim", "ddpm", "heun")
 PRIOR_SCHEDULES = ("linear", "cosine")
@@ -120,7 +120,7 @@ class SynthConfig(Checked):
 
     CHECKS: ClassVar[dict] = {
         "kind": OneOf((KIND,)),
-        "method": OneOf(METHODS),
+        "method": OneOf(SYNTH_METHODS),
         "dim": Range(0, 2**40),  # 0: from the dataset
         "cond_dim": Range(0, 2**24),
         "std_floor": POSITIVE,

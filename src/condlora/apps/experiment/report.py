@@ -110,7 +110,7 @@ def write_report(exp: Experiment, summary: list[dict], out: Path) -> Path:
         "curve": plot_series(summary, "curve.jsonl", "fd", ylabel, out / "fd.png", floor),
     }
     path = out / "report.md"
-    write_text_atomic(path, render(exp, summary, figures, plots))
+    write_text_atomic(path, render_experiment_report(exp, summary, figures, plots))
     return path
 
 
@@ -211,7 +211,9 @@ def _diagnostics(summary: list[dict], figures: dict) -> list[str]:
     return lines
 
 
-def render(exp: Experiment, summary: list[dict], figures: dict, plots: dict) -> str:
+def render_experiment_report(
+    exp: Experiment, summary: list[dict], figures: dict, plots: dict
+) -> str:
     """The Markdown text of the report."""
     head, *setup = _setup(exp, summary)
     lines = [head, "", provenance_line(), *setup, *_table(summary)]

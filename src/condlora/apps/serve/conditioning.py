@@ -137,7 +137,7 @@ class RunCache:
             return self._runs[name]
 
 
-def sampling_config(cfg: Config, guidance: float, steps: int) -> Config:
+def page_sampling_config(cfg: Config, guidance: float, steps: int) -> Config:
     """The run's config with another guidance scale and number of sampling steps."""
     if steps < 1:
         raise DataError(f"sampling steps must be at least 1, got {steps}")
@@ -165,7 +165,7 @@ def class_grid(
     labels = labels_for(run.cfg, rows * per_row, None if label is None else check_class(run, label))
     if labels is not None and label is None:
         labels = labels.sort().values  # row r holds class r
-    cfg = sampling_config(run.cfg, guidance, steps)
+    cfg = page_sampling_config(run.cfg, guidance, steps)
     return generate(run.denoiser, cfg, rows * per_row, labels, seed=seed), per_row
 
 
@@ -183,7 +183,7 @@ def weighted_grid(
     y = torch.zeros(run.classes)
     for label, weight in weights.items():
         y[check_class(run, label)] += float(weight)
-    cfg = sampling_config(run.cfg, guidance, steps)
+    cfg = page_sampling_config(run.cfg, guidance, steps)
     return generate(run.denoiser, cfg, count, y.expand(count, -1).clone(), seed=seed)
 
 
@@ -199,5 +199,5 @@ def sweep(
     a, b = check_class(run, a), check_class(run, b)
     columns = [class_mix_weights(a, b, [t], k).expand(rows, -1) for t in MIX]
     columns += [s * torch.eye(k)[b].expand(rows, -1) for s in EXTRAPOLATE]
-    cfg = sampling_config(run.cfg, guidance, steps)
+    cfg = page_sampling_config(run.cfg, guidance, steps)
     return sweep_grid(run.denoiser, cfg, columns, seed), len(columns)

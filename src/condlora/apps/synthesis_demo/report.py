@@ -108,7 +108,7 @@ def stage_table(stages: dict[str, str]) -> list[str]:
     return lines
 
 
-def render(
+def render_demo_report(
     info: dict,
     rows: list[dict],
     curve: Curve,

@@ -240,7 +240,7 @@ def _write_report(
         report.save_subject_grid(rows_g, out / file)
         grids.append((f"{subs.names[i]}: {describe(subs.styles[i])}", file))
     names = ["real styled digits"] + [m.name for m in methods]
-    text = report.render(info, rows, curve, clock.times, grids, names)
+    text = report.render_demo_report(info, rows, curve, clock.times, grids, names)
     path = out / "report.md"
     write_text_atomic(path, text)
     return path
