@@ -111,3 +111,14 @@ def test_every_benchmark_stamps_its_provenance(capsys, one_thread):
     result = run_benchmark("synthesis_scale", ["--smoke"], capsys)
     for key in ("commit", "date", "cpu", "threads", "torch"):
         assert result[key], key
+
+
+def test_merge_threshold_smoke(capsys, one_thread):
+    result = run_benchmark("merge_threshold", ["--smoke"], capsys)
+    assert result["benchmark"] == "merge_threshold" and result["smoke"]
+    cells = result["results"]["cells"]
+    assert [c["positions"] for c in cells] == [1, 64]
+    for c in cells:
+        assert c["merged"] > 0 and c["lowrank"] > 0
+        assert c["faster"] == ("merged" if c["merged"] <= c["lowrank"] else "low-rank")
+    assert set(result["results"]["agreement"]) == {"1", "2", "4", "8", "16"}

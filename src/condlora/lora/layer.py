@@ -50,6 +50,19 @@ def check_target(name: str, module: nn.Module) -> None:
     )
 
 
+# The merged weight W + dW costs d_out*d_in*m*r multiply-adds once per call, the low-rank
+# path (d_in + d_out)*m*r per position and a few more small ops: on CPU the merged weight
+# wins from a fraction of the flop break-even. benchmarks/merge_threshold.py measures both
+# paths on a grid of layer widths and positions and reports the fraction that agrees with
+# every cell (docs/PERFORMANCE.md).
+MERGE_FLOP_FRACTION = 4
+
+
+def merge_pays(positions: int, d_in: int, d_out: int) -> bool:
+    """Is W + dW cheaper than the low-rank path for `positions` rows of one call?"""
+    return MERGE_FLOP_FRACTION * positions * (d_in + d_out) >= d_in * d_out
+
+
 class CondLoRALayer(nn.Module):
     """Base layer plus a conditional LoRA whose m bases are mixed by a composer."""
 
@@ -108,7 +121,9 @@ class CondLoRALayer(nn.Module):
             return self.base_layer(x)
         ws, w = self.state.lora_weights(self.index)  # w ⊗ 1_r, w
         self._check(x, w)
-        if not torch.is_grad_enabled() and self._merge_pays(x) and self.state.shared():
+        d_out, d_in = self.lora_B.shape[0], self.lora_A.shape[1]
+        cheaper = merge_pays(x.numel() // d_in, d_in, d_out)
+        if not torch.is_grad_enabled() and cheaper and self.state.shared():
             return self._forward_merged(x, ws[0], w[0])
         return self._forward_lowrank(x, ws, w)
 
@@ -122,15 +137,6 @@ class CondLoRALayer(nn.Module):
             raise LoRAError(f"{self._kind()} LoRA needs batched input, got shape {tuple(x.shape)}")
         if w.shape[0] not in (1, x.shape[0]):
             raise LoRAError(f"condition batch {w.shape[0]} does not match input batch {x.shape[0]}")
-
-    def _merge_pays(self, x: Tensor) -> bool:
-        """Is W + dW cheaper than the low-rank path? dW costs d_out*d_in*m*r multiply-adds
-        once per call, the low-rank path (d_in + d_out)*m*r per position, and more ops; on
-        CPU the merged weight wins from about a quarter of the flop break-even (measured,
-        docs/PERFORMANCE.md), so positions*(d_in + d_out) >= d_in*d_out / 4 decides."""
-        d_out, d_in = self.lora_B.shape[0], self.lora_A.shape[1]
-        positions = x.numel() // d_in
-        return 4 * positions * (d_in + d_out) >= d_in * d_out
 
     def _forward_lowrank(self, x: Tensor, ws: Tensor, w: Tensor) -> Tensor:
         """W x + b and A x from one matmul ([W; A] stacked), then + s B ((w ⊗ 1_r) ⊙ A x)
