@@ -14,7 +14,6 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from condlora.core.errors import CondloraError
 from condlora.core.labels import class_weights
 from condlora.data.augment import AugmentPipe
 from condlora.diffusion import Denoiser
@@ -146,8 +145,6 @@ def train(
     init_path: str | Path | None = None,
 ) -> dict:
     """Train a config into `out_dir` (or continue it); max_steps replaces train.max_steps."""
-    if max_steps is not None:
-        if max_steps < 1:
-            raise CondloraError(f"--max-steps must be >= 1, got {max_steps}")
+    if max_steps is not None:  # the config checks the value (the command line names it first)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
     return image_trainer(cfg, out_dir, resume, init_path).run(progress=progress)
