@@ -11,7 +11,7 @@ from condlora.core.errors import ConfigError
 from condlora.diffusion import Denoiser, make_precond, sample
 from condlora.lora import LoRAConfig, conditioning, lora_layers, remove
 from condlora.nets import AdaLoRA, AdaNorm, ResMLPBlock, VectorDenoiser, VectorNetConfig
-from condlora.synthesis.prior_net import build_prior_net, uc_lora_config
+from condlora.synthesis.model import build_prior_net, uc_lora_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -22,7 +22,7 @@ def _info(args: argparse.Namespace) -> None:
     if read_yaml(args.config).get("kind") == "synthesis":
         from condlora.synthesis.info import info_lines
     else:
-        from condlora.image.param_counts import info_lines
+        from condlora.image.checks import info_lines
     print("\n".join(info_lines(args.config, args.overrides)))
 
 

@@ -29,9 +29,9 @@ from condlora.core.files import write_text_atomic
 from condlora.core.images import save_grid
 from condlora.evaluation.evaluate import digits_classifier
 from condlora.image.build import build_data
+from condlora.image.checks import parameter_summary
 from condlora.image.config import Config, load_config
 from condlora.image.generate import generate, labels_for
-from condlora.image.param_counts import parameter_summary
 from condlora.image.runs import load_run, saved_step, train_or_reuse
 from condlora.metrics import digits_metrics
 

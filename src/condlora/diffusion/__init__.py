@@ -16,6 +16,10 @@ from condlora.diffusion.precond import (
     Preconditioner,
     VPrecond,
     X0Precond,
+    alphas_cumprod,
+    cosine_betas,
+    karras_sigmas,
+    linear_betas,
     make_precond,
 )
 from condlora.diffusion.samplers import (
@@ -26,7 +30,6 @@ from condlora.diffusion.samplers import (
     sample_ddpm,
     sample_heun,
 )
-from condlora.diffusion.schedules import alphas_cumprod, cosine_betas, karras_sigmas, linear_betas
 
 __all__ = [
     "LEARNED_VARIANCE_SAMPLERS",

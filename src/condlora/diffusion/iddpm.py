@@ -26,8 +26,13 @@ from tqdm.auto import tqdm
 
 from condlora.core.errors import ConfigError
 from condlora.diffusion.objectives import Denoiser, expand_per_sample, sigma_per_sample
-from condlora.diffusion.precond import SCHEDULES, DiscretePrecond, EpsPrecond, standard_normal
-from condlora.diffusion.schedules import alphas_cumprod
+from condlora.diffusion.precond import (
+    SCHEDULES,
+    DiscretePrecond,
+    EpsPrecond,
+    alphas_cumprod,
+    standard_normal,
+)
 
 IDDPM_TIMESTEPS = 4000  # T of the paper's CIFAR-10 / ImageNet runs
 LN2 = math.log(2.0)

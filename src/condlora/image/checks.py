@@ -1,22 +1,25 @@
 """Checks of an image config and of sampling options, made before anything is built or sampled.
 
-Value ranges are checked when a config is loaded (each config dataclass's CHECKS table). What
-depends on several values is checked here: the sizes of the network and its LoRA, counted on
-torch's meta device (shapes only, no memory), and the sampling options against the model.
+Values and their combinations are checked when a config is built (core.config.Checked).
+What depends on the built network is checked here: the sizes of the network and its LoRA,
+counted on torch's meta device (shapes only, no memory), the sampling options against the
+model, and the parameter counts of `condlora info`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from condlora.core.errors import CondloraError, ConfigError
 from condlora.diffusion.samplers import LEARNED_VARIANCE_SAMPLERS
-from condlora.image.build import build_net, lora_config, num_classes
-from condlora.image.config import Config
-from condlora.lora import inject, lora_layers
+from condlora.image.build import build_denoiser, build_net, lora_config, num_classes
+from condlora.image.config import Config, load_config
+from condlora.lora import count_lora_parameters, inject, lora_layers
 
 MAX_PARAMETERS = 2_000_000_000  # 8 GB of fp32 weights; the paper's largest net has 58 M
 MAX_SAMPLE_BYTES = 16 * 2**30  # samples are held in memory as float32
@@ -108,3 +111,33 @@ def sampling_config(
         )
     _check_guidance(cfg, cfg.diffusion.guidance, sampler or cfg.diffusion.sampler)
     return cfg
+
+
+# Module-name parts that make up the backbone's conditioning path: the noise / class
+# embedding and the residual blocks' embedding projections (scale-and-shift), for
+# SmallUNet, ADMUNet and DDPMppUNet.
+CONDITIONING_MODULES = (
+    *("embed", "emb_proj"),
+    *("time_embed", "label_emb", "emb_layers"),
+    *("map_label", "map_augment", "map_layer0", "map_layer1", "affine"),
+)
+
+
+def _is_conditioning(name: str) -> bool:
+    return any(part in CONDITIONING_MODULES for part in name.split("."))
+
+
+def parameter_summary(model: nn.Module) -> dict[str, int]:
+    """{"parameters": total, "lora parameters": ..., "conditioning parameters": ...}."""
+    total = sum(p.numel() for p in model.parameters())
+    lora = count_lora_parameters(model)
+    cond = sum(p.numel() for n, p in model.named_parameters() if _is_conditioning(n))
+    return {"parameters": total, "lora parameters": lora, "conditioning parameters": cond}
+
+
+def info_lines(path: str | Path, overrides: list[str] | None = None) -> list[str]:
+    """`condlora info` for an image config: its parameter counts, one "key: value" a line."""
+    cfg = load_config(path, overrides)
+    check_model_size(cfg)  # a model too large is refused before it is allocated
+    model = build_denoiser(cfg)
+    return [f"{key}: {value}" for key, value in parameter_summary(model).items()]

@@ -15,7 +15,7 @@ cond_mode (how c enters each block; see condlora.nets.mlp):
     "adanorm"  LayerNorm(h) * (1 + scale(c)) + shift(c)
     "uc_lora"  plain blocks; c is computed by `cond_embed` but feeds nothing inside the net:
                UC-LoRA adapters injected from outside on the blocks' fc1/fc2 read it through
-               a hook on `cond_embed` (`condlora.synthesis.prior_net.build_prior_net`)
+               a hook on `cond_embed` (`condlora.synthesis.model.build_prior_net`)
     "none"     unconditional: no condition path at all
 
 No condition (classifier-free guidance): `embedding=None` makes the whole batch

@@ -24,13 +24,14 @@ import torch
 from safetensors import SafetensorError
 from torch import Tensor
 
-from condlora.core.errors import DataError
+from condlora.core.errors import ConfigError, DataError
 from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.diffusion import Denoiser, make_precond
+from condlora.lora import LoRAConfig, inject
+from condlora.nets.vector import VectorDenoiser, VectorNetConfig
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.config import EncoderConfig, PriorConfig, SynthConfig
 from condlora.synthesis.flatten import FlatSpec
-from condlora.synthesis.prior_net import build_prior_net, uc_lora_config
 
 MODEL_FILE = "model.safetensors"
 MODEL_FORMAT = "condlora.synth_model"
@@ -179,3 +180,37 @@ def open_dataset(path: str | Path) -> LoRADataset:
     if not Path(path).is_file():
         raise DataError(f"dataset not found: {path} (write one with `condlora synth collect`)")
     return LoRADataset(path)
+
+
+UC_TARGETS = ["fc1", "fc2"]  # suffixes: the two Linear layers of every ResMLPBlock
+UC_EMB_MODULE = "cond_embed"  # VectorDenoiser's condition path, output (B, cond_width)
+
+
+def uc_lora_config(config: VectorNetConfig, num_bases: int = 8) -> LoRAConfig:
+    """Default UC-LoRA settings for a VectorDenoiser: rank config.rank, m bases, on fc1/fc2."""
+    return LoRAConfig(
+        method="uc",
+        rank=config.rank,
+        num_bases=num_bases,
+        targets=list(UC_TARGETS),
+        emb_module=UC_EMB_MODULE,
+    )
+
+
+def build_prior_net(config: VectorNetConfig, lora: LoRAConfig | None = None) -> VectorDenoiser:
+    """A VectorDenoiser for `config`; for cond_mode "uc_lora" with UC-LoRA (`lora` or default).
+
+    The LoRA parameters are trainable like the rest; the same call rebuilds the same
+    module names, so a state dict saved from one net loads into another.
+    """
+    if config.cond_mode != "uc_lora":
+        if lora is not None and lora.method != "none":
+            mode = config.cond_mode
+            raise ConfigError(f"LoRA settings apply only to cond_mode 'uc_lora', not {mode!r}")
+        return VectorDenoiser(config)
+    lora = lora if lora is not None else uc_lora_config(config)
+    if lora.method != "uc":
+        raise ConfigError(f"cond_mode 'uc_lora' needs LoRA method 'uc', got {lora.method!r}")
+    net = VectorDenoiser(config)
+    inject(net, lora)
+    return net

@@ -27,9 +27,9 @@ from condlora.evaluation.evaluate import (
     score,
 )
 from condlora.image.build import build_denoiser
+from condlora.image.checks import parameter_summary
 from condlora.image.config import Config
 from condlora.image.generate import generate, labels_for
-from condlora.image.param_counts import parameter_summary
 from condlora.image.runs import saved_step, train_or_reuse
 from condlora.train.loop import Callback, Trainer
 
