@@ -11,8 +11,8 @@ from PIL import Image
 import condlora.core.safetensors_io as sio
 from condlora.core.config import Each, OneOf, Range, from_dict
 from condlora.core.errors import CondloraError, ConfigError, DataError, LoRAError
+from condlora.core.files import read_jsonl
 from condlora.core.images import save_grid
-from condlora.core.jsonl import read_jsonl
 from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.image.build import build_denoiser
 from condlora.image.checks import check_model_size, sampling_config

@@ -20,10 +20,10 @@ from PIL import Image
 
 from condlora.apps.serve import uploads
 from condlora.apps.serve.conditioning import RunCache, class_grid, find_runs, sweep, weighted_grid
-from condlora.apps.serve.downloads import lora_download
 from condlora.apps.serve.plots import pca_2d, project
 from condlora.apps.serve.server import load_demo
 from condlora.apps.serve.synthesis import GRID_ROWS, SynthDemo
+from condlora.apps.serve.synthesis_page import lora_download
 from condlora.core.errors import CondloraError, DataError
 from condlora.image.config import load_config
 from condlora.image.generate import generate

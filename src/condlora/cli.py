@@ -20,7 +20,7 @@ def _info(args: argparse.Namespace) -> None:
     from condlora.core.config import read_yaml
 
     if read_yaml(args.config).get("kind") == "synthesis":
-        from condlora.synthesis.info import info_lines
+        from condlora.synthesis.model import info_lines
     else:
         from condlora.image.checks import info_lines
     print("\n".join(info_lines(args.config, args.overrides)))

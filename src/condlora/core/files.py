@@ -1,6 +1,7 @@
 """Atomic file writes: a temporary file beside the target, then a rename, so a reader never
 sees a half-written artefact (weights, configs, reports, run records); with `sync`, the
-file and its folder are flushed to disk first, so a power cut keeps the old or the new."""
+file and its folder are flushed to disk first, so a power cut keeps the old or the new.
+Also the JSON-lines logs (metrics.jsonl): appended a line at a time, truncated on resume."""
 
 from __future__ import annotations
 
@@ -67,3 +68,34 @@ def read_json_record(path: str | Path) -> dict | None:
     why = record if isinstance(record, Exception) else "not a JSON object"
     print(f"condlora: warning: {path} is damaged ({why}); it is made again", file=sys.stderr)
     return None
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON-lines log, one per step (a step logged twice: the last wins).
+
+    A line that is not a record with a step (torn by a kill in mid-write) is skipped.
+    """
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            by_step[record["step"]] = record
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one record as a line."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the records up to `step` (a resumed run redoes the steps after it)."""
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))

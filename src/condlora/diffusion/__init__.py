@@ -1,6 +1,5 @@
 """condlora.diffusion: schedules, preconditioners (objectives) and samplers, all in VE form."""
 
-from condlora.diffusion.guidance import EmbeddingGuidedDenoiser, GuidedDenoiser
 from condlora.diffusion.iddpm import (
     IDDPMDenoiser,
     IDDPMPrecond,
@@ -25,6 +24,8 @@ from condlora.diffusion.precond import (
 from condlora.diffusion.samplers import (
     LEARNED_VARIANCE_SAMPLERS,
     SAMPLERS,
+    EmbeddingGuidedDenoiser,
+    GuidedDenoiser,
     sample,
     sample_ddim,
     sample_ddpm,

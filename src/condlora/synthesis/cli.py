@@ -183,7 +183,7 @@ def _add_generate(synth_sub: argparse._SubParsersAction) -> None:
 
 def print_info(path: str, overrides: list[str]) -> None:
     """Sizes and parameter counts of a synthesis config (also `condlora info`)."""
-    from condlora.synthesis.info import info_lines
+    from condlora.synthesis.model import info_lines
 
     for line in info_lines(path, overrides):
         print(line)

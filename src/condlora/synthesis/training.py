@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 from condlora.core.config import to_dict
 from condlora.core.errors import ConfigError, DataError
-from condlora.core.files import write_text_atomic
-from condlora.core.jsonl import read_jsonl
+from condlora.core.files import read_jsonl, write_text_atomic
 from condlora.diffusion import Denoiser
 from condlora.synthesis.baselines import Nearest, collection_embeddings, fit_pca_ridge
 from condlora.synthesis.collection import LoRADataset

@@ -14,9 +14,8 @@ from matplotlib.figure import Figure
 
 from condlora.apps.experiment.spec import Experiment
 from condlora.apps.reporting import fmt, mean_std, provenance_line
-from condlora.core.files import write_text_atomic
+from condlora.core.files import read_jsonl, write_text_atomic
 from condlora.core.images import save_grid
-from condlora.core.jsonl import read_jsonl
 from condlora.evaluation.diagnostics import (
     MIX,
     SCALES,

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from condlora.apps.experiment.report import write_report
 from condlora.apps.experiment.spec import EvalSpec, Experiment, Variant, run_config
-from condlora.core.files import read_json_record, write_text_atomic
-from condlora.core.jsonl import append_jsonl, truncate_jsonl
+from condlora.core.files import append_jsonl, read_json_record, truncate_jsonl, write_text_atomic
 from condlora.diffusion import Denoiser
 from condlora.evaluation.evaluate import (
     DIGITS_MIN_SAMPLES,

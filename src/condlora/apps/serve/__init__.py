@@ -3,9 +3,9 @@
 synthesis     the Synthesis tab's work: a digits demo folder, LoRAs written from embeddings
 conditioning  the Conditioning tab's work: trained runs, class grids, class weights
 uploads       visitors' images and drawings checked and turned into digits
-downloads     a LoRA as one downloadable file (peft zipped, diffusers, kohya)
 plots         the embedding scatter and the TimeLoRA heat map (matplotlib)
-page          the page (gradio): synthesis_page, conditioning_page, widgets
+page          the page (gradio): synthesis_page (and its LoRA downloads), conditioning_page,
+              widgets
 server        the temporary folder, the gradio settings, launch and shutdown
 cli           `condlora serve`
 """

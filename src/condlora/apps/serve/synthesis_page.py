@@ -3,6 +3,10 @@ a LoRA written by a method -> grids without, with, and with the fine-tuned LoRA 
 
 from __future__ import annotations
 
+import os
+import re
+import uuid
+import zipfile
 from pathlib import Path
 
 import gradio as gr
@@ -10,11 +14,10 @@ import torch
 from torch import Tensor
 
 from condlora.apps.serve import uploads
-from condlora.apps.serve.downloads import lora_download
 from condlora.apps.serve.synthesis import GRID_ROWS, SynthDemo, Written
 from condlora.apps.serve.widgets import guarded, image_box, one_line, picture
 from condlora.core.errors import DataError
-from condlora.lora.formats import LAYOUTS
+from condlora.lora.formats import LAYOUTS, LoRAWeights, write_lora
 
 HELD_OUT, MINE = "a held-out subject of the demo", "my own digits (uploaded or drawn)"
 INTRO = (
@@ -233,3 +236,31 @@ class SynthesisPage:
         weights, stem = written
         path = lora_download(weights, layout, self.downloads, stem)
         return {self.download: gr.DownloadButton(value=str(path), interactive=True)}
+
+
+def safe_stem(text: str) -> str:
+    """A file-name stem made of letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "lora"
+
+
+def zip_folder(folder: Path, path: Path) -> Path:
+    """Zip a folder's files under its own name (written to a temporary name, then renamed)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(folder.iterdir()):
+            archive.write(file, f"{folder.name}/{file.name}")
+    os.replace(tmp, path)
+    return path
+
+
+def lora_download(weights: LoRAWeights, layout: str, root: Path, stem: str) -> Path:
+    """The LoRA as one file in `layout` inside a new folder under `root`."""
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown LoRA layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    folder = root / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    stem = f"{safe_stem(stem)}-{layout}"
+    if layout == "peft":
+        write_lora(weights, folder / stem, "peft")
+        return zip_folder(folder / stem, folder / f"{stem}.zip")
+    return write_lora(weights, folder / f"{stem}.safetensors", layout)[0]
