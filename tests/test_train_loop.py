@@ -220,20 +220,42 @@ def test_init_from_a_baseline_keeps_its_function_then_trains(tmp_path, tiny_over
         image_trainer(lora_cfg, tmp_path / "x", init_path=tmp_path / "nowhere")
 
 
+def conv_output_dtypes(trainer):
+    """Record the output dtype of every conv of the model while the trainer runs."""
+    seen = set()
+    for module in trainer.model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    return seen
+
+
+def conv_weights_channels_last(trainer):
+    """Whether every 4-d conv weight with a real kernel is in channels-last memory."""
+    weights = [p for p in trainer.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert weights
+    return {p.is_contiguous(memory_format=torch.channels_last) for p in weights}
+
+
 @pytest.mark.parametrize(
-    "extra",
+    "extra, observed",
     [
-        ["train.grad_accum=2"],  # no_sync on the first micro-batch
-        ["train.mixed_precision=bf16"],  # autocast on the CPU
-        ["train.channels_last=false"],
+        (["train.grad_accum=2"], None),  # no_sync on the first micro-batch (see below)
+        (["train.mixed_precision=bf16"], ("dtypes", {torch.bfloat16})),  # autocast on the CPU
+        (["train.mixed_precision='no'"], ("dtypes", {torch.float32})),
+        (["train.channels_last=true"], ("layout", {True})),
+        (["train.channels_last=false"], ("layout", {False})),
     ],
 )
-def test_loop_options_train(tmp_path, tiny_overrides, extra):
+def test_loop_options_train(tmp_path, tiny_overrides, extra, observed):
     cfg = tiny("digits-uclora.yaml", tiny_overrides + ["train.max_steps=4", *extra])
     trainer = image_trainer(cfg, tmp_path)
+    dtypes = conv_output_dtypes(trainer)
     trainer.run(progress=False)
     log = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 4 and all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    if observed is not None:  # the option took effect, not only did not break the run
+        kind, expected = observed
+        assert (dtypes if kind == "dtypes" else conv_weights_channels_last(trainer)) == expected
 
 
 def test_grad_accum_averages_its_micro_batches(tmp_path, vectors):
