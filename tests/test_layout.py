@@ -143,6 +143,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "condlora quickstart" in blocks[0]  # the first command runs the main job
 
 
+@pytest.mark.slow
 def test_markers_follow_what_a_test_does():
     def collected(marker: str, path: str) -> set[str]:
         command = ["-m", "pytest", "-q", "--co", "-p", "no:randomly", "-m", marker, path]
