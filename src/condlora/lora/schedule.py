@@ -20,7 +20,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -52,6 +52,7 @@ class StrengthSchedule(nn.Module):
         self.blocks = list(blocks)
         self.table = nn.Parameter(torch.ones(len(blocks), bins))
         self.t: Tensor | None = None  # (batch,) noise level of the current call
+        self.active = True  # False: the wrapped layers compute the base model alone
 
     def strength(self, t: Tensor | float) -> Tensor:
         """(batch, blocks) strengths at normalised noise levels t (hat interpolation)."""
@@ -114,6 +115,8 @@ class ScheduledLoRA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """W x + b + s(t, block) * dW x, s per sample."""
         schedule = self.schedule[0]
+        if not schedule.active:
+            return self.base_layer(x)
         if schedule.t is None:
             raise LoRAError("a scheduled LoRA needs the noise level: call it inside `scheduled`")
         s = schedule.strength(schedule.t)[:, self.block].to(x.dtype)
@@ -145,6 +148,28 @@ def apply_schedule(
         )
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     return schedule
+
+
+def follow_noise_level(
+    net: nn.Module, schedule: StrengthSchedule, time_of: Callable[[Tensor], Tensor]
+) -> torch.utils.hooks.RemovableHandle:
+    """Set the schedule's t at every call of `net(x, noise_labels, ...)` (a denoiser's
+    backbone call) from its noise labels, so training and sampling need no `scheduled`."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        schedule.t = time_input(time_of(args[1]))
+
+    return net.register_forward_pre_hook(hook)
+
+
+@contextmanager
+def base_only(schedule: StrengthSchedule) -> Iterator[None]:
+    """Within the block, the wrapped layers compute the base model (strength 0, no update)."""
+    saved, schedule.active = schedule.active, False
+    try:
+        yield
+    finally:
+        schedule.active = saved
 
 
 @contextmanager

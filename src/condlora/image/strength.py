@@ -1,0 +1,156 @@
+"""Learned strength schedules for a static LoRA on an image run (`condlora schedule fit`).
+
+The base model and the LoRA stay as they are; only the schedule's table s(t, block)
+(`condlora.lora.schedule`, started at 1) is trained, with DreamBooth's trade-off between
+learning the LoRA's images and preserving the base model, the prior here being the base
+model's own predictions on the same noised images:
+
+    L = loss of the scheduled model on the LoRA's images (the run's objective)
+      + weight * mean || D_s(x0 + sigma n, sigma) - D_base(x0 + sigma n, sigma) ||^2
+
+A large weight keeps the base model where the LoRA would change it most; weight 0 leaves
+the LoRA at whatever strength fits its images best.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from condlora.core.errors import CondloraError
+from condlora.core.files import write_text_atomic
+from condlora.core.progress import progress_bar
+from condlora.core.safetensors_io import read_weights, write_weights
+from condlora.diffusion import Denoiser
+from condlora.image.build import ConditionedNet
+from condlora.lora.formats import LoRAWeights
+from condlora.lora.schedule import StrengthSchedule, apply_schedule, base_only, follow_noise_level
+
+SCHEDULE_FILE = "schedule.safetensors"
+SCHEDULE_FORMAT = "condlora-schedule-1"
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How a schedule is fitted."""
+
+    steps: int = 300  # Adam steps on the table
+    lr: float = 0.05  # Adam learning rate
+    batch: int = 32  # images per step
+    weight: float = 1.0  # weight of the preservation term
+    seed: int = 0  # batches and noise
+
+
+def attach_schedule(
+    denoiser: Denoiser, lora: LoRAWeights, bins: int = 8, per_block: bool = False
+) -> StrengthSchedule:
+    """Wrap the LoRA's modules of an image denoiser's backbone with a schedule that follows
+    the noise level of every call (training and sampling alike); returns the schedule."""
+    if not isinstance(denoiser.net, ConditionedNet):
+        raise CondloraError("a schedule needs an image run's denoiser (`condlora train`)")
+    deltas = {name: module.delta() for name, module in lora.modules.items()}
+    schedule = apply_schedule(denoiser.net.net, deltas, bins, per_block)
+    follow_noise_level(denoiser.net, schedule, denoiser.precond.time_of_label)
+    return schedule
+
+
+def fit_schedule(
+    denoiser: Denoiser,
+    schedule: StrengthSchedule,
+    images: Tensor,
+    labels: Tensor | None,
+    settings: FitSettings = FitSettings(),  # noqa: B008 - frozen, so a shared default is safe
+    progress: bool = False,
+) -> list[dict]:
+    """Train the schedule's table on (images, labels); returns the loss log per step."""
+    gen = torch.Generator().manual_seed(settings.seed)
+    opt = torch.optim.Adam(schedule.parameters(), lr=settings.lr)
+    denoiser.eval()
+    log = []
+    with progress_bar(progress, total=settings.steps, desc="schedule") as bar:
+        for step in range(settings.steps):
+            log.append(_fit_step(denoiser, schedule, opt, images, labels, settings, gen))
+            log[-1]["step"] = step + 1
+            bar.update()
+    return log
+
+
+def _fit_step(
+    denoiser: Denoiser,
+    schedule: StrengthSchedule,
+    opt: torch.optim.Optimizer,
+    images: Tensor,
+    labels: Tensor | None,
+    settings: FitSettings,
+    gen: torch.Generator,
+) -> dict:
+    """One Adam step of the table on a batch: the fit and preservation terms."""
+    idx = torch.randint(len(images), (settings.batch,), generator=gen)
+    x0 = images[idx]
+    cond = {} if labels is None else {"class_labels": labels[idx]}
+    sigma = denoiser.precond.sample_sigma(settings.batch, gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    x = x0 + sigma.reshape(-1, *[1] * (x0.dim() - 1)) * noise
+    with torch.no_grad(), base_only(schedule):
+        prior = denoiser(x, sigma, **cond)
+    fit = denoiser.loss(x0, sigma=sigma, noise=noise, **cond)
+    keep = (denoiser(x, sigma, **cond) - prior).square().mean()
+    loss = fit + settings.weight * keep
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"fit": float(fit.detach()), "preserve": float(keep.detach())}
+
+
+def sampler_times(denoiser: Denoiser, steps: int) -> list[float]:
+    """Normalised noise levels t of a sampler's `steps` steps (what exports are given at)."""
+    sigmas = denoiser.precond.sampling_sigmas(steps)[:-1]
+    return denoiser.precond.time_of_label(denoiser.precond.noise_label(sigmas)).tolist()
+
+
+def plot_schedule(schedule: StrengthSchedule, path: Path) -> Path:
+    """s(t, block) against the noise level, one line per block."""
+    ts = torch.linspace(0, 1, 101)
+    with torch.no_grad():
+        values = schedule.strength(ts)
+    fig = Figure(figsize=(5.5, 3.6), dpi=110)
+    ax = fig.subplots()
+    for b, block in enumerate(schedule.blocks):
+        ax.plot(ts.numpy(), values[:, b].numpy(), label=block)
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="static LoRA (1)")
+    ax.set_xlabel("noise level t (0 clean, 1 noisiest)")
+    ax.set_ylabel("LoRA strength s(t)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def write_schedule(schedule: StrengthSchedule, out: Path, ts: list[float], meta: dict) -> None:
+    """schedule.safetensors (table and blocks), .csv and keyframes.json at the sampler's
+    noise levels, and schedule.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": SCHEDULE_FORMAT, "blocks": json.dumps(schedule.blocks)}
+    write_weights(out / SCHEDULE_FILE, {"table": schedule.table.detach()}, {**metadata, **meta})
+    write_text_atomic(out / "schedule.csv", schedule.to_csv(ts))
+    write_text_atomic(out / "keyframes.json", schedule.keyframes(ts))
+    plot_schedule(schedule, out / "schedule.png")
+
+
+def read_schedule_into(schedule: StrengthSchedule, path: Path) -> None:
+    """Load a written schedule's table into `schedule` (same blocks and bins, checked)."""
+    meta, tensors = read_weights(path, SCHEDULE_FORMAT, "condlora schedule", CondloraError)
+    table = tensors.get("table")
+    blocks = json.loads(meta.get("blocks", "[]"))
+    if table is None or blocks != schedule.blocks or table.shape != schedule.table.shape:
+        raise CondloraError(
+            f"{path}: its schedule ({blocks}, {None if table is None else tuple(table.shape)}) "
+            f"does not fit this LoRA's ({schedule.blocks}, {tuple(schedule.table.shape)})"
+        )
+    with torch.no_grad():
+        schedule.table.copy_(table)

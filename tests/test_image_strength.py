@@ -1,0 +1,102 @@
+"""Fitting a strength schedule for a static LoRA on an image run (image/strength.py)."""
+
+import copy
+
+import pytest
+import torch
+
+from condlora.image.build import build_data, build_denoiser
+from condlora.image.config import load_config
+from condlora.image.generate import generate, labels_for
+from condlora.image.strength import (
+    FitSettings,
+    attach_schedule,
+    fit_schedule,
+    read_schedule_into,
+    sampler_times,
+    write_schedule,
+)
+from condlora.lora.formats import LoRAWeights, ModuleLoRA
+
+from .conftest import CONFIGS, TINY
+
+
+def tiny_run():
+    """A tiny digits denoiser, its config and a rank-2 LoRA on its attention layers."""
+    cfg = load_config(CONFIGS / "digits-baseline.yaml", TINY)
+    torch.manual_seed(0)
+    denoiser = build_denoiser(cfg).eval()
+    with torch.no_grad():  # a fresh net's zero-initialised layers would hide every LoRA
+        for p in denoiser.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    modules = {}
+    for name, m in denoiser.net.net.named_modules():
+        if name.endswith(("qkv", "proj")):
+            w = m.weight
+            a = torch.randn(2, *w.shape[1:], generator=g) * 0.3
+            b = torch.randn(w.shape[0], 2, *[1] * (w.dim() - 2), generator=g) * 0.3
+            modules[name] = ModuleLoRA(a, b, 1.0)
+    assert modules
+    return cfg, denoiser, LoRAWeights(modules)
+
+
+def merged_by_hand(denoiser, lora, strength):
+    model = copy.deepcopy(denoiser)
+    layers = dict(model.net.net.named_modules())
+    with torch.no_grad():
+        for name, module in lora.modules.items():
+            layers[name].weight += strength * module.delta()
+    return model
+
+
+def test_sampling_applies_the_schedule_ones_static_lora_zeros_base_model():
+    cfg, denoiser, lora = tiny_run()
+    base = copy.deepcopy(denoiser)
+    static = merged_by_hand(denoiser, lora, 1.0)
+    schedule = attach_schedule(denoiser, lora, bins=4)
+    labels = labels_for(cfg, 6)
+
+    def draw(model):
+        return generate(model, cfg, 6, labels, steps=3, seed=2)
+
+    with_lora, without = draw(static), draw(base)
+    assert (with_lora - without).abs().max() > 0.05  # the LoRA changes the samples
+    assert torch.allclose(draw(denoiser), with_lora, atol=1e-4)  # all ones: the LoRA
+    with torch.no_grad():
+        schedule.table.zero_()
+    assert torch.equal(draw(denoiser), without)  # zeros: the base model, bit for bit
+
+
+@pytest.mark.slow
+def test_fit_trains_only_the_table_and_preservation_pulls_it_towards_the_base():
+    cfg, denoiser, lora = tiny_run()
+    (images, labels), _ = build_data(cfg)
+    schedule = attach_schedule(denoiser, lora, bins=4, per_block=True)
+    frozen = {k: v.clone() for k, v in denoiser.state_dict().items()}
+    settings = FitSettings(steps=40, lr=0.05, batch=16, weight=50.0)
+    log = fit_schedule(denoiser, schedule, images[:64], labels[:64], settings)
+    assert [r["step"] for r in log] == list(range(1, 41))
+    state = denoiser.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in frozen.items())  # base untouched
+    assert schedule.table.mean() < 0.8  # started at 1; the base's predictions pull it down
+    early = sum(r["preserve"] for r in log[:5]) / 5
+    late = sum(r["preserve"] for r in log[-5:]) / 5
+    assert late < early  # the preservation term falls as the table learns
+
+
+def test_a_written_schedule_reads_back_into_the_same_lora(tmp_path):
+    cfg, denoiser, lora = tiny_run()
+    schedule = attach_schedule(denoiser, lora, bins=5, per_block=True)
+    with torch.no_grad():
+        schedule.table.copy_(torch.rand(schedule.table.shape))
+    ts = sampler_times(denoiser, cfg.diffusion.sample_steps)
+    write_schedule(schedule, tmp_path, ts, {"lora": "test"})
+    for name in ("schedule.safetensors", "schedule.csv", "keyframes.json", "schedule.png"):
+        assert (tmp_path / name).is_file()
+    assert len((tmp_path / "schedule.csv").read_text().splitlines()) == len(ts) + 1
+    _, other, _ = tiny_run()
+    again = attach_schedule(other, lora, bins=5, per_block=True)
+    read_schedule_into(again, tmp_path / "schedule.safetensors")
+    assert torch.equal(again.table, schedule.table)
