@@ -100,3 +100,44 @@ def test_a_written_schedule_reads_back_into_the_same_lora(tmp_path):
     again = attach_schedule(other, lora, bins=5, per_block=True)
     read_schedule_into(again, tmp_path / "schedule.safetensors")
     assert torch.equal(again.table, schedule.table)
+
+
+def digit_folder(root, images, labels, flat=False):
+    """The images as PNGs, in one subfolder per class (or flat)."""
+    from PIL import Image
+
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root if flat else root / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = ((image[0] + 1) * 127.5).clamp(0, 255).byte().numpy()
+        Image.fromarray(pixels).save(folder / f"{k}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_schedule_fit_command_writes_its_files_and_refuses_a_flat_folder(tmp_path, capsys):
+    from condlora.cli import main
+    from condlora.image.task import train
+    from condlora.lora.formats import write_lora
+
+    cfg, _, _ = tiny_run()
+    train(
+        load_config(CONFIGS / "digits-baseline.yaml", [*TINY, "train.max_steps=2"]),
+        tmp_path / "run",
+        progress=False,
+    )
+    _, denoiser, lora = tiny_run()
+    write_lora(lora, tmp_path / "lora", "peft")
+    (images, labels), _ = build_data(cfg)
+    data = digit_folder(tmp_path / "data", images[:20], labels[:20])
+    argv = ["schedule", "fit", "--base", str(tmp_path / "run"), "--lora", str(tmp_path / "lora")]
+    argv += ["--data", str(data), "--steps", "2", "--batch", "4", "--blocks"]
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 0
+    for name in ("schedule.safetensors", "schedule.csv", "keyframes.json", "schedule.png"):
+        assert (tmp_path / "s" / name).is_file()
+    flat = digit_folder(tmp_path / "flat", images[:4], labels[:4], flat=True)
+    argv[argv.index("--data") + 1] = str(flat)
+    assert main([*argv, "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "give the images in class subfolders" in err[0]
+    assert not (tmp_path / "t").exists()

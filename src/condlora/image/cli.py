@@ -63,8 +63,44 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.num} samples (step {step}) to {path}")
 
 
+def _schedule_fit(args: argparse.Namespace) -> None:
+    from condlora.image.strength import FitSettings, fit_from_files
+
+    for name in ("bins", "steps", "batch"):
+        if getattr(args, name) < 1:
+            raise CondloraError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not args.weight >= 0 or not args.lr > 0:
+        raise CondloraError(f"--weight must be >= 0 and --lr > 0, got {args.weight}, {args.lr}")
+    settings = FitSettings(args.steps, args.lr, args.batch, args.weight, args.seed)
+    out = Path(args.out)
+    schedule = fit_from_files(
+        Path(args.base), Path(args.lora), Path(args.data), out, args.bins, args.blocks, settings
+    )
+    print(f"fitted s(t) for {len(schedule.blocks)} block(s); wrote {out}")
+
+
+def _register_schedule(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser("schedule", help="learned strength schedules for a static LoRA")
+    schedule_sub = group.add_subparsers(dest="schedule_command", required=True)
+    p = schedule_sub.add_parser(
+        "fit", help="learn how strongly a LoRA acts at each noise level (and block)"
+    )
+    p.add_argument("--base", required=True, help="the base model: a `condlora train` run")
+    p.add_argument("--lora", required=True, help="the LoRA (peft folder, diffusers or kohya)")
+    p.add_argument("--data", required=True, help="the LoRA's images (class subfolders)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--blocks", action="store_true", help="one schedule per block of the net")
+    p.add_argument("--bins", type=int, default=8, help="noise-level knots of the table")
+    p.add_argument("--weight", type=float, default=1.0, help="weight of preserving the base")
+    p.add_argument("--steps", type=int, default=300, help="Adam steps")
+    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
+    p.add_argument("--batch", type=int, default=32, help="images per step")
+    p.add_argument("--seed", type=int, default=0, help="batches and noise")
+    p.set_defaults(func=_schedule_fit)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the train and sample subcommands."""
+    """Add the train, sample and schedule subcommands."""
     p = sub.add_parser("train", help="train a diffusion model from a YAML config")
     p.add_argument("--config", required=True, help="YAML config (overrides on the defaults)")
     p.add_argument("--out", help="run folder (default: runs/<name>)")
@@ -94,3 +130,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--nrow", type=int, default=10, help="images per grid row")
     p.set_defaults(func=_sample)
+    _register_schedule(sub)

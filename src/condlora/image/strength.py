@@ -24,11 +24,14 @@ from torch import Tensor
 
 from condlora.core.errors import CondloraError
 from condlora.core.files import write_text_atomic
+from condlora.core.paths import check_output_folder
 from condlora.core.progress import progress_bar
 from condlora.core.safetensors_io import read_weights, write_weights
+from condlora.data import load_image_folder
 from condlora.diffusion import Denoiser
 from condlora.image.build import ConditionedNet
-from condlora.lora.formats import LoRAWeights
+from condlora.image.runs import load_run
+from condlora.lora.formats import LoRAWeights, base_modules_of, read_lora
 from condlora.lora.schedule import StrengthSchedule, apply_schedule, base_only, follow_noise_level
 
 SCHEDULE_FILE = "schedule.safetensors"
@@ -105,6 +108,37 @@ def _fit_step(
     loss.backward()
     opt.step()
     return {"fit": float(fit.detach()), "preserve": float(keep.detach())}
+
+
+def fit_from_files(
+    run: Path,
+    lora_path: Path,
+    data: Path,
+    out: Path,
+    bins: int,
+    per_block: bool,
+    settings: FitSettings,
+    progress: bool = True,
+) -> StrengthSchedule:
+    """`condlora schedule fit`: read the run, the LoRA and the images, fit, write into out."""
+    check_output_folder(out, "--out")
+    cfg, denoiser, _ = load_run(run)
+    backbone = denoiser.net.net
+    lora = read_lora(lora_path, base_modules_of(backbone))
+    images, labels, names = load_image_folder(data, cfg.data.resolution, cfg.data.channels)
+    if cfg.net.class_conditional and labels is None:
+        raise CondloraError(
+            f"{run} is class-conditional: give the images in class subfolders of {data}"
+        )
+    if labels is not None and len(names) > cfg.data.num_classes:
+        raise CondloraError(
+            f"{data} has {len(names)} class subfolders, the model {cfg.data.num_classes} classes"
+        )
+    schedule = attach_schedule(denoiser, lora, bins, per_block)
+    fit_schedule(denoiser, schedule, images, labels, settings, progress)
+    meta = {"run": str(run), "lora": str(lora_path), "weight": str(settings.weight)}
+    write_schedule(schedule, out, sampler_times(denoiser, cfg.diffusion.sample_steps), meta)
+    return schedule
 
 
 def sampler_times(denoiser: Denoiser, steps: int) -> list[float]:
