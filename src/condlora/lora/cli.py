@@ -54,19 +54,40 @@ def _info(args: argparse.Namespace) -> None:
     if not weights.resolved:
         print("names: kohya stems (pass --base-modules to map them to module paths)")
     if weights.text_encoder:
-        print(f"text-encoder tensors: {len(weights.text_encoder)} (kept apart, not converted)")
+        print(f"text-encoder modules: {len(weights.text_encoder)}")
     for hint in _hints(weights):
         print(f"base model hint: {hint}")
-    print(f"{'module':<64} {'dW shape':<18} {'rank':>4} {'scale':>10} {'|dW|':>10}")
-    for name, m in weights.modules.items():
-        norm = m.delta_norm()
-        print(f"{name:<64} {str(m.delta_shape):<18} {m.rank:>4} {m.scale:>10.4g} {norm:>10.4g}")
+    print(f"unmapped keys: {len(weights.unmapped)}")
+    header = f"{'module':<64} {'kind':<5} {'dW shape':<18} {'rank':>4} {'alpha':>8} {'scale':>10}"
+    print(f"{header} {'|dW|':>10}")
+    for name, m in {**weights.modules, **weights.text_encoder}.items():
+        alpha = clean_number(m.scale * m.rank)
+        print(
+            f"{name:<64} {'lora':<5} {str(m.delta_shape):<18} {m.rank:>4} {alpha:>8.4g} "
+            f"{m.scale:>10.4g} {m.delta_norm():>10.4g}"
+        )
+    for key, reason in weights.unmapped.items():
+        print(f"unmapped: {key}: {reason}")
+    _check_unmapped(weights, args.strict, "--strict: ")
+
+
+def _check_unmapped(weights: LoRAWeights, refuse: bool, why: str) -> None:
+    """LoRAError naming the first unmapped key (and how many there are) when `refuse`."""
+    from condlora.core.errors import LoRAError
+
+    if refuse and weights.unmapped:
+        key, reason = next(iter(weights.unmapped.items()))
+        more = f" and {len(weights.unmapped) - 1} more" if len(weights.unmapped) > 1 else ""
+        raise LoRAError(f"{why}key {key!r} is not mapped ({reason}){more}")
 
 
 def _convert(args: argparse.Namespace) -> None:
     from condlora.lora.formats import read_lora, write_lora
 
     weights = read_lora(args.input, _base(args))
+    _check_unmapped(weights, not args.drop_unmapped, "pass --drop-unmapped to convert without it: ")
+    for key, reason in weights.unmapped.items():
+        print(f"not converted: {key}: {reason}")
     if args.rank is not None:
         from condlora.lora.canonical import canonicalize
 
@@ -76,8 +97,11 @@ def _convert(args: argparse.Namespace) -> None:
             f"re-factorised to rank {args.rank}: at most {worst:.3%} of a module's energy dropped"
         )
     written = write_lora(weights, args.out, args.to)
-    if weights.text_encoder:
-        print(f"note: {len(weights.text_encoder)} text-encoder tensors were not converted")
+    if weights.text_encoder and args.to == "peft":
+        print(
+            f"note: {len(weights.text_encoder)} text-encoder modules were not written "
+            "(a peft folder holds the U-Net's adapter only)"
+        )
     where = written[0].parent if args.to == "peft" else written[0]
     print(f"wrote {args.to} LoRA ({len(weights.modules)} modules) to {where}")
 
@@ -91,6 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = lora_sub.add_parser("info", help="layout, modules, ranks, alpha, scale, dW norms")
     p.add_argument("path", metavar="FILE_OR_DIR", help="peft folder, diffusers or kohya file")
     p.add_argument("--base-modules", metavar="FILE", help=base_help)
+    p.add_argument("--strict", action="store_true", help="refuse a file with any unmapped key")
     p.set_defaults(func=_info)
 
     p = lora_sub.add_parser("convert", help="convert a LoRA to another layout (scale kept)")
@@ -101,4 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rank", type=int, help="re-factorise to this rank (canonical SVD)")
     p.add_argument("--base-modules", metavar="FILE", help=base_help)
+    p.add_argument(
+        "--drop-unmapped", action="store_true", help="convert even if some keys are not mapped"
+    )
     p.set_defaults(func=_convert)

@@ -18,6 +18,8 @@ from condlora.core.errors import LoRAError
 from condlora.core.paths import check_output_folder
 from condlora.core.safetensors_io import read_header, read_weights
 from condlora.lora.formats import diffusers, kohya, peft
+from condlora.lora.formats.keys import key_layout
+from condlora.lora.formats.single import from_single_file
 from condlora.lora.formats.weights import BaseModules, LoRAWeights
 
 LAYOUTS = ("peft", "diffusers", "kohya")
@@ -44,22 +46,21 @@ def _peft_folder(folder: Path) -> tuple[str, Path]:
 
 
 def _layout_of_keys(keys: Iterable[str], path: Path) -> str:
-    """The layout that a LoRA file's keys belong to."""
+    """The layout that a LoRA file's keys belong to (kohya, comfyui or diffusers)."""
     keys = list(keys)
-    if any(k.startswith((kohya.UNET_PREFIX, *kohya.TEXT_PREFIXES)) for k in keys):
-        return "kohya"
     if any(k.startswith(peft.PREFIX) for k in keys):
         raise LoRAError(
             f"{path} holds peft keys ({peft.PREFIX}...) but is not in a folder with its "
             f"{peft.CONFIG_NAME}; the scale cannot be known without it"
         )
-    if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
-        return "diffusers"
-    raise LoRAError(f"{path} holds no LoRA keys of a known layout (peft, diffusers, kohya)")
+    layout = key_layout(keys)
+    if layout is None:
+        raise LoRAError(f"{path} holds no LoRA keys of a known layout (peft, diffusers, kohya)")
+    return layout
 
 
 def detect_layout(path: str | os.PathLike) -> tuple[str, Path]:
-    """(layout, path to read): a peft folder, or a diffusers or kohya safetensors file."""
+    """(layout, path to read): a peft folder, or a diffusers, kohya or ComfyUI file."""
     path = Path(path)
     if not path.exists():
         raise LoRAError(f"LoRA not found: {path}")
@@ -111,12 +112,9 @@ def read_lora(
         config = _read_json(source / peft.CONFIG_NAME)
         tensors, _ = read_safetensors(source / peft.WEIGHTS_NAME)
         weights = peft.from_peft(tensors, config, str(source))
-    elif layout == "diffusers":
-        tensors, metadata = read_safetensors(source)
-        weights = diffusers.from_diffusers(tensors, metadata, str(source))
     else:
         tensors, metadata = read_safetensors(source)
-        weights = kohya.from_kohya(tensors, metadata, base, str(source))
+        weights = from_single_file(tensors, metadata, base, str(source), layout)
     weights.check_finite(str(source))
     if check_base and base is not None and weights.resolved:
         weights.check_base(base, str(source))

@@ -91,7 +91,8 @@ def check_config(config: Mapping, where: str) -> None:
 def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoRAWeights:
     """peft state dict + adapter config -> LoRAWeights."""
     check_config(config, where)
-    groups = group_by_module(tensors, PREFIX, KEYS, where)
+    unmapped: dict[str, str] = {}
+    groups = group_by_module(tensors, PREFIX, KEYS, where, unmapped)
     ranks = factor_ranks(groups, where)
     scales = config_scales(config, ranks, where)
     modules = {
@@ -99,7 +100,7 @@ def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoR
         for module, parts in sorted(groups.items())
     }
     hints = {k: str(config[k]) for k in ("base_model_name_or_path", "use_rslora") if config.get(k)}
-    return LoRAWeights(modules, "peft", hints=hints)
+    return LoRAWeights(modules, "peft", hints=hints, unmapped=unmapped)
 
 
 def lora_config(weights: LoRAWeights) -> dict:
