@@ -83,6 +83,15 @@ def test_round_trip_peft_diffusers_kohya_peft_keeps_alpha(tmp_path):
     raw = load_file(tmp_path / "c.safetensors")
     assert float(raw["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 27.0
     assert raw["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (1, 4, 3, 3)
+    # one alpha per file: alpha 5 becomes 27, the factor 5/27 split as sqrt into down and up
+    stem, source = (
+        "lora_unet_mid_block_resnets_0_time_emb_proj",
+        original.modules["mid_block.resnets.0.time_emb_proj"],
+    )
+    assert float(raw[f"{stem}.alpha"]) == 27.0
+    root = (5 / 27) ** 0.5
+    torch.testing.assert_close(raw[f"{stem}.lora_down.weight"], root * source.A)
+    torch.testing.assert_close(raw[f"{stem}.lora_up.weight"], root * source.B)
     kohya = read_lora(tmp_path / "c.safetensors", base_modules=list(BASE))
     assert kohya.layout == "kohya" and kohya.resolved
     assert_same_deltas(kohya, original)

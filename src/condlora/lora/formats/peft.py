@@ -80,12 +80,29 @@ def _pattern(config: Mapping, key: str, where: str) -> Mapping:
     return value
 
 
+# init_lora_weights values whose adapters were made together with a changed base weight
+# (W - s B A for PiSSA / OLoRA / CorDA, a quantised W for LoftQ): not a plain LoRA on W
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
 def check_config(config: Mapping, where: str) -> None:
-    """LoRAError for configs that are not plain LoRA (another peft method, DoRA)."""
+    """LoRAError for configs that are not plain LoRA (another peft method, DoRA, an adapter
+    that came with a changed base weight)."""
     if config.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"{where}: peft_type {config['peft_type']!r} is not LORA")
     if config.get("use_dora"):
         raise LoRAError(f"{where}: DoRA adapters are not supported (use_dora is true)")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise LoRAError(
+            f"{where}: init_lora_weights {init!r} changes the base weights: the adapter is "
+            "not a plain LoRA on the original model (convert it with peft first)"
+        )
+    if config.get("loftq_config"):
+        raise LoRAError(
+            f"{where}: loftq_config is set: LoftQ adapters go with a quantised base weight, "
+            "not a plain LoRA on the original model"
+        )
 
 
 def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoRAWeights:
