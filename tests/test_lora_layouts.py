@@ -50,7 +50,8 @@ def unet():
 @pytest.fixture(scope="module")
 def inputs():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500]), torch.randn(2, 3, 8)
+    sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    return sample, torch.tensor([10, 500]), text
 
 
 def run(model, inputs):
@@ -299,7 +300,7 @@ def test_info_lists_unmapped_keys_and_strict_refuses(tmp_path, capsys):
     tensors = {
         f"{stem}.lora_down.weight": torch.ones(2, 8),
         f"{stem}.lora_up.weight": torch.ones(8, 2),
-        f"{stem}.dora_scale": torch.ones(8, 1),
+        f"{stem}.lora_embedding_A": torch.ones(8, 1),
         "lora_te_something_odd.lora_down.weight": torch.ones(2, 8),
         "lora_te_something_odd.lora_up.weight": torch.ones(8, 2),
         "stray": torch.ones(3),
@@ -309,7 +310,7 @@ def test_info_lists_unmapped_keys_and_strict_refuses(tmp_path, capsys):
     assert main(["lora", "info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "unmapped keys: 4" in out
-    assert f"unmapped: {stem}.dora_scale: DoRA magnitude vector: not read" in out
+    assert f"unmapped: {stem}.lora_embedding_A: embedding LoRA: not read" in out
     assert "unmapped: stray: no known LoRA key pattern" in out
     assert "unmapped: lora_te_something_odd.lora_up.weight: text_encoder module" in out
     assert main(["lora", "info", "--strict", str(path)]) == 2
@@ -321,5 +322,5 @@ def test_info_lists_unmapped_keys_and_strict_refuses(tmp_path, capsys):
     assert main(args) == 2 and not out_file.exists()
     assert "--drop-unmapped" in capsys.readouterr().err
     assert main([*args, "--drop-unmapped"]) == 0
-    assert "not converted: stray" in capsys.readouterr().out
+    assert "not written: stray" in capsys.readouterr().out
     assert sorted(read_lora(out_file).modules) == ["mid_block_attentions_0_proj_in"]

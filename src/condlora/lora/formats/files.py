@@ -101,10 +101,12 @@ def read_lora(
     path: str | os.PathLike,
     base_modules: BaseModules | Iterable[str] | None = None,
     check_base: bool = True,
+    other_kinds: bool = False,
 ) -> LoRAWeights:
     """Any LoRA file or peft folder -> LoRAWeights, checked (finite, fits the base if given).
 
-    base_modules names kohya modules; with check_base=False it serves only for that.
+    base_modules names kohya modules; with check_base=False it serves only for that. Modules
+    of other kinds (LoHa, LoKr, full, Tucker, DoRA) are a LoRAError unless other_kinds.
     """
     layout, source = detect_layout(path)
     base = as_base_modules(base_modules)
@@ -118,6 +120,12 @@ def read_lora(
     weights.check_finite(str(source))
     if check_base and base is not None and weights.resolved:
         weights.check_base(base, str(source))
+    if weights.others and not other_kinds:
+        name, m = next(iter(weights.others.items()))
+        raise LoRAError(
+            f"{source}: module {name} is {m.describe()}, not a low-rank pair "
+            "(`condlora lora convert` turns it into one by SVD)"
+        )
     return weights
 
 

@@ -6,7 +6,9 @@ A key is `<prefix><module><suffix>`:
             diffusion_model. / text_encoders.clip_l.transformer. (ComfyUI, A1111)
     suffix  .lora_A.weight / .lora_B.weight (peft, diffusers), .lora_down.weight /
             .lora_up.weight (kohya), .lora.down.weight / .lora.up.weight and
-            .lora_linear_layer.down.weight / .up.weight (diffusers < 0.25), .alpha
+            .lora_linear_layer.down.weight / .up.weight (diffusers < 0.25), .alpha;
+            LyCORIS (prefix lycoris_ or kohya's): .hada_w1_a ..., .lokr_w1 ..., .diff,
+            .diff_b, .lora_mid.weight; DoRA: .dora_scale, .lora_magnitude_vector
 Older diffusers wrote attention LoRAs under the attention processor:
     <attn>.processor.to_q_lora.down.weight   = <attn>.to_q's A   (to_out_lora: to_out.0)
     text_encoder.<...>.self_attn.to_q_lora.down.weight = <...>.self_attn.q_proj's A
@@ -30,6 +32,7 @@ PREFIXES = (
     ("text_encoders.clip_l.transformer.", TEXT, "dotted"),
     ("text_encoders.clip_g.transformer.", TEXT_2, "dotted"),
     ("lora_unet_", UNET, "stem"),
+    ("lycoris_", UNET, "stem"),
     ("lora_te2_", TEXT_2, "stem"),
     ("lora_te1_", TEXT, "stem"),
     ("lora_te_", TEXT, "stem"),
@@ -47,6 +50,15 @@ SUFFIXES = {
     ".lora_linear_layer.down.weight": "A",
     ".lora_linear_layer.up.weight": "B",
     ".alpha": "alpha",
+    ".lora_mid.weight": "mid",
+    ".dora_scale": "magnitude",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+    ".diff": "diff",
+    ".diff_b": "diff_b",
+    **{f".{role}": role for role in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
+    **{f".{role}": role for role in ("hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b")},
+    **{f".{role}": role for role in ("lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
 }
 
 # older diffusers' attention-processor keys, rewritten to the module's own path first
@@ -76,7 +88,7 @@ class ParsedKey:
     component: str
     naming: str  # "dotted" or "stem"
     module: str
-    role: str  # "A", "B" or "alpha"
+    role: str  # "A", "B", "alpha", or another kind's part (kinds.py)
 
 
 def unmapped_reason(key: str) -> str:
@@ -88,7 +100,7 @@ def unmapped_reason(key: str) -> str:
 
 
 def parse_key(key: str) -> ParsedKey | str:
-    """A key's ParsedKey, or the reason (text) why it is not a LoRA factor or alpha."""
+    """A key's ParsedKey, or the reason (text) why it is no part of a module's update."""
     component, naming, body = UNET, "dotted", key
     for prefix, comp, style in PREFIXES:
         if key.startswith(prefix):
@@ -105,7 +117,7 @@ def parse_key(key: str) -> ParsedKey | str:
 def key_layout(keys: list[str]) -> str | None:
     """The layout family of a single file's keys (kohya, comfyui, diffusers), None if no key
     is a LoRA factor."""
-    if not any(isinstance(parse_key(k), ParsedKey) for k in keys):
+    if not any(isinstance(parse_key(k), ParsedKey) and not k.endswith(".alpha") for k in keys):
         return None
     if any(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"

@@ -20,12 +20,19 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
-from condlora.lora.formats.keys import TEXT_2
+from condlora.lora.formats.keys import TEXT, TEXT_2
 from condlora.lora.formats.names import ldm_table
 from condlora.lora.formats.weights import BaseMismatch, LoRAWeights, ModuleLoRA, clean_number
 
 UNET_PREFIX = "lora_unet_"
 HINT_KEYS = ("ss_sd_model_name", "ss_base_model_version", "modelspec.architecture", "ss_v2")
+# how the parts of other kinds are written (LyCORIS roles keep their own names)
+ROLE_SUFFIXES = {
+    "A": ".lora_down.weight",
+    "B": ".lora_up.weight",
+    "mid": ".lora_mid.weight",
+    "magnitude": ".dora_scale",
+}
 
 
 def kohya_stem(module: str) -> str:
@@ -89,20 +96,34 @@ def to_kohya(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict[str, str]]:
     diffusers' kohya loader gives every attention projection the same alpha, so modules with
     another scale x r carry their factor in A and B (dW unchanged) under the common alpha.
     """
-    if not weights.modules:
+    if not weights.modules and not weights.others:
         raise LoRAError("the LoRA has no U-Net modules to write as kohya")
-    alpha = uniform_alpha(weights)
-    two = any(name.startswith(TEXT_2 + ".") for name in weights.text_encoder)
-    named = [(UNET_PREFIX + kohya_stem(n), m) for n, m in weights.modules.items()]
-    for name, m in weights.text_encoder.items():
-        prefix, path = _text_prefix(name, two)
-        named.append((prefix + kohya_stem(path), m))
+    alpha = uniform_alpha(weights) if weights.modules else 1.0
+    two = any(name.startswith(TEXT_2 + ".") for name in [*weights.text_encoder, *weights.others])
+    stems = {name: _stem(name, two) for name in [*weights.modules, *weights.text_encoder]}
+    stems |= {name: _stem(name, two) for name in weights.others}
+    if len(set(stems.values())) < len(stems):
+        raise LoRAError("two modules share a kohya name; cannot write as kohya")
     tensors: dict[str, Tensor] = {}
-    for stem, m in named:
-        if f"{stem}.alpha" in tensors:
-            raise LoRAError(f"two modules share the kohya name {stem}; cannot write as kohya")
-        m = with_alpha(m, alpha)
+    for name, m in {**weights.modules, **weights.text_encoder}.items():
+        m, stem = with_alpha(m, alpha), stems[name]
         tensors[f"{stem}.lora_down.weight"] = m.A
         tensors[f"{stem}.lora_up.weight"] = m.B
         tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    for name, m in weights.others.items():  # LyCORIS kinds: their own tensors and alpha
+        if "magnitude" in m.parts and m.parts["magnitude"].dim() == 1:
+            raise LoRAError(
+                f"module {name} is a peft DoRA module: kohya's dora_scale is another "
+                "convention, so the kohya layout cannot hold it"
+            )
+        for role, t in m.parts.items():
+            tensors[stems[name] + ROLE_SUFFIXES.get(role, f".{role}")] = t
     return tensors, {"format": "pt"}
+
+
+def _stem(name: str, two_encoders: bool) -> str:
+    """The kohya key stem of a U-Net path or a `text_encoder.<path>` name."""
+    if name.split(".", 1)[0] in (TEXT, TEXT_2):
+        prefix, path = _text_prefix(name, two_encoders)
+        return prefix + kohya_stem(path)
+    return UNET_PREFIX + kohya_stem(name)

@@ -14,9 +14,11 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
+from condlora.lora.formats.kinds import ModuleDelta, check_parts
 from condlora.lora.formats.weights import (
     LoRAWeights,
     clean_number,
@@ -27,7 +29,7 @@ from condlora.lora.formats.weights import (
 )
 
 PREFIX = "base_model.model."
-KEYS = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+KEYS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude"}
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's defaults when a key is absent
@@ -90,8 +92,6 @@ def check_config(config: Mapping, where: str) -> None:
     that came with a changed base weight)."""
     if config.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"{where}: peft_type {config['peft_type']!r} is not LORA")
-    if config.get("use_dora"):
-        raise LoRAError(f"{where}: DoRA adapters are not supported (use_dora is true)")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise LoRAError(
@@ -106,18 +106,25 @@ def check_config(config: Mapping, where: str) -> None:
 
 
 def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoRAWeights:
-    """peft state dict + adapter config -> LoRAWeights."""
+    """peft state dict + adapter config -> LoRAWeights (DoRA modules, use_dora, go to
+    `others` with their magnitude vectors)."""
     check_config(config, where)
     unmapped: dict[str, str] = {}
     groups = group_by_module(tensors, PREFIX, KEYS, where, unmapped)
     ranks = factor_ranks(groups, where)
     scales = config_scales(config, ranks, where)
-    modules = {
-        module: make_module(module, parts["A"], parts["B"], scales[module], where)
-        for module, parts in sorted(groups.items())
-    }
+    modules, others = {}, {}
+    for module, parts in sorted(groups.items()):
+        lora = make_module(module, parts["A"], parts["B"], scales[module], where)
+        if "magnitude" not in parts:
+            modules[module] = lora
+            continue
+        alpha = torch.tensor(scales[module] * ranks[module], dtype=torch.float64)
+        dora = {"A": lora.A, "B": lora.B, "magnitude": parts["magnitude"], "alpha": alpha}
+        check_parts("dora", dora, module, where)
+        others[module] = ModuleDelta("dora", dora)
     hints = {k: str(config[k]) for k in ("base_model_name_or_path", "use_rslora") if config.get(k)}
-    return LoRAWeights(modules, "peft", hints=hints, unmapped=unmapped)
+    return LoRAWeights(modules, "peft", hints=hints, unmapped=unmapped, others=others)
 
 
 def lora_config(weights: LoRAWeights) -> dict:
@@ -142,7 +149,13 @@ def lora_config(weights: LoRAWeights) -> dict:
 
 
 def check_writable(weights: LoRAWeights, layout: str) -> None:
-    """LoRAError if the LoRA has no modules or its names are not dotted module paths."""
+    """LoRAError if the LoRA has no modules, modules of another kind, or names that are not
+    dotted module paths."""
+    for name, m in weights.others.items():
+        raise LoRAError(
+            f"module {name} is {m.describe()}: the {layout} layout holds plain LoRA "
+            "only (condlora lora convert turns other kinds into LoRA by SVD; DoRA cannot be)"
+        )
     if not weights.modules:
         raise LoRAError(f"the LoRA has no U-Net modules to write as {layout}")
     if not weights.resolved:

@@ -15,6 +15,7 @@ from torch import Tensor
 from condlora.core.errors import LoRAError
 from condlora.lora.formats.diffusers import adapter_config
 from condlora.lora.formats.keys import UNET, ParsedKey, key_layout, parse_key
+from condlora.lora.formats.kinds import ModuleDelta, check_parts, kind_of
 from condlora.lora.formats.kohya import HINT_KEYS, kohya_stem, resolve, stem_table
 from condlora.lora.formats.names import clip_path, ldm_table, looks_ldm
 from condlora.lora.formats.peft import check_config, config_scales
@@ -57,7 +58,8 @@ class Names:
 def group_keys(
     tensors: Mapping[str, Tensor], where: str
 ) -> tuple[dict[tuple[str, str, str], Group], dict[str, str], dict[tuple, list[str]]]:
-    """(groups by (component, naming, module), unmapped key -> reason, group -> its keys)."""
+    """(groups by (component, naming, module), unmapped key -> reason, group -> its keys);
+    LoRAError if a group mixes the parts of different kinds or lacks a LoRA factor."""
     groups: dict[tuple[str, str, str], Group] = {}
     keys: dict[tuple, list[str]] = {}
     unmapped = {}
@@ -73,7 +75,11 @@ def group_keys(
         group[parsed.role] = value
         keys.setdefault(slot, []).append(key)
     for slot, group in groups.items():
-        for role in ("A", "B"):
+        kind = kind_of(set(group))
+        if kind == "mixed":
+            roles = sorted(group)
+            raise LoRAError(f"{where}: module {slot[2]} mixes parts {roles} of different kinds")
+        for role in ("A", "B") if kind == "lora" else ():
             if role not in group:
                 raise LoRAError(f"{where}: module {slot[2]} has no {role} factor ({keys[slot][0]})")
     return groups, unmapped, keys
@@ -105,10 +111,11 @@ def from_single_file(
     """A single-file LoRA's tensors + metadata -> LoRAWeights (U-Net names via `base`)."""
     layout = layout or key_layout(list(tensors)) or "diffusers"
     groups, unmapped, keys = group_keys(tensors, where)
-    ranks = factor_ranks(groups, where)
-    scales = _scales(groups, ranks, metadata, where)
+    lora = {slot: g for slot, g in groups.items() if kind_of(set(g)) == "lora"}
+    ranks = factor_ranks(lora, where)
+    scales = _scales(lora, ranks, metadata, where)
     names = Names(base, where)
-    modules, text, resolved = {}, {}, True
+    modules, text, others, resolved = {}, {}, {}, True
     for slot, group in sorted(groups.items()):
         component, naming, module = slot
         if component == UNET:
@@ -122,11 +129,22 @@ def from_single_file(
                 unmapped.update(dict.fromkeys(keys[slot], reason))
                 continue
             name, target = f"{component}.{path}", text
-        if name in target:
-            raise LoRAError(f"{where}: two sets of keys give the LoRA of module {name}")
-        target[name] = make_module(name, group["A"], group["B"], scales[slot], where)
+        if name in target or name in others:
+            raise LoRAError(f"{where}: two sets of keys give the update of module {name}")
+        if slot in lora:
+            target[name] = make_module(name, group["A"], group["B"], scales[slot], where)
+        else:
+            others[name] = other_module(name, group, base, where)
     hints = {k: metadata[k] for k in HINT_KEYS if metadata.get(k)}
-    return LoRAWeights(modules, layout, text, resolved, hints, unmapped)
+    return LoRAWeights(modules, layout, text, resolved, hints, unmapped, others)
+
+
+def other_module(name: str, parts: Group, base: BaseModules | None, where: str) -> ModuleDelta:
+    """A LoHa / LoKr / full / Tucker / DoRA module, checked; its shape from the base model."""
+    kind = kind_of(set(parts))
+    check_parts(kind, parts, name, where)
+    shape = base.get(name) if base is not None else None
+    return ModuleDelta(kind, dict(parts), tuple(shape) if shape is not None else None)
 
 
 def from_diffusers(

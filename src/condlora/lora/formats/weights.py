@@ -16,6 +16,7 @@ from torch import Tensor
 
 from condlora.core.errors import LoRAError
 from condlora.lora.formats.keys import unmapped_reason
+from condlora.lora.formats.kinds import ModuleDelta
 
 # A base model's modules: dotted name -> weight shape (None when only the name is known).
 BaseModules = Mapping[str, "tuple[int, ...] | None"]
@@ -95,7 +96,8 @@ class LoRAWeights:
     `text_encoder_2.<path>` (paths in the CLIP text model). `resolved` is False when U-Net
     names could not be mapped to dotted paths (a kohya file read without the base model's
     module list): they are then kohya's underscore names. `unmapped` lists every key of the
-    file that is not read, with the reason.
+    file that is not read, with the reason. `others` holds the modules (U-Net or text encoder)
+    whose update is not one low-rank pair: LoHa, LoKr, full diffs, Tucker, DoRA (kinds.py).
     """
 
     modules: dict[str, ModuleLoRA]
@@ -104,11 +106,19 @@ class LoRAWeights:
     resolved: bool = True
     hints: dict[str, str] = field(default_factory=dict)
     unmapped: dict[str, str] = field(default_factory=dict)
+    others: dict[str, ModuleDelta] = field(default_factory=dict)
 
     def replace_modules(self, modules: dict[str, ModuleLoRA]) -> LoRAWeights:
-        """The same LoRA (text encoders, names, hints, unmapped keys) with other U-Net modules."""
+        """The same LoRA (text encoders, names, hints, unmapped keys, other kinds) with other
+        U-Net modules."""
         return LoRAWeights(
-            modules, self.layout, self.text_encoder, self.resolved, self.hints, self.unmapped
+            modules,
+            self.layout,
+            self.text_encoder,
+            self.resolved,
+            self.hints,
+            self.unmapped,
+            self.others,
         )
 
     def fold_scale(self) -> LoRAWeights:
@@ -138,6 +148,9 @@ class LoRAWeights:
 
     def check_base(self, base: BaseModules, where: str) -> None:
         """LoRAError if a module is not in the base model or its dW does not fit its weight."""
+        for name in self.others:
+            if not name.startswith("text_encoder") and name not in base:
+                raise BaseMismatch(f"{where}: module {name} is not in the base model")
         for name, m in self.modules.items():
             if name not in base:
                 raise BaseMismatch(f"{where}: module {name} is not in the base model")

@@ -1,0 +1,212 @@
+"""Other kinds of module update: LyCORIS LoHa / LoKr / full / Tucker files written by lycoris
+itself, peft's DoRA; their exact dW, conversion to plain LoRA by SVD, resize and merge."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from condlora.cli import main
+from condlora.core.errors import LoRAError
+from condlora.lora.formats import read_lora, write_lora
+from condlora.lora.formats.svd import merge, resize
+
+from .conftest import tiny_unet2d_condition
+
+lycoris = pytest.importorskip("lycoris")
+peft = pytest.importorskip("peft")
+
+# algo name -> create_lycoris arguments (dims 2, alpha 1: scale 1/2 where there is an r)
+ALGOS = {
+    "loha": dict(algo="loha"),
+    "loha_tucker": dict(algo="loha", use_tucker=True),
+    "lokr_factored": dict(algo="lokr", factor=2, linear_dim=1, conv_dim=1),
+    "lokr_full": dict(algo="lokr", factor=4),
+    "full": dict(algo="full"),
+    "locon_tucker": dict(algo="locon", use_tucker=True),
+}
+KINDS = {
+    "loha": {"loha"},
+    "loha_tucker": {"loha"},
+    "lokr_factored": {"lokr"},
+    "lokr_full": {"lokr"},
+    "full": {"full"},
+    "locon_tucker": {"tucker"},
+}
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet2d_condition()
+
+
+def run(model, inputs):
+    with torch.no_grad():
+        return model(*inputs).sample
+
+
+def lycoris_file(unet, name, path, **extra):
+    """(lycoris-made file, the U-Net's output with the network applied by lycoris)."""
+    from lycoris import create_lycoris
+
+    model = copy.deepcopy(unet)
+    args = dict(linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0) | ALGOS[name] | extra
+    network = create_lycoris(model, 1.0, **args)
+    network.apply_to()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    network.save_weights(str(path), torch.float32, None)
+    return path, run(model, inputs_of(unet))
+
+
+def inputs_of(unet):
+    g = torch.Generator().manual_seed(1)
+    sample, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    return sample, torch.tensor([10, 500]), text
+
+
+def base_shapes(unet):
+    return {n: tuple(m.weight.shape) for n, m in unet.named_modules() if hasattr(m, "weight")}
+
+
+def applied(unet, lora):
+    """The reference: W + dW (and b + db for full diffs) by hand, for every module."""
+    model = copy.deepcopy(unet)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, m in {**lora.modules, **lora.others}.items():
+            modules[name].weight += m.delta().reshape(modules[name].weight.shape)
+            if "diff_b" in getattr(m, "parts", {}):
+                modules[name].bias += m.parts["diff_b"]
+    return model
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", sorted(ALGOS))
+def test_lycoris_files_read_with_their_exact_dw(unet, name, tmp_path, capsys):
+    path, reference = lycoris_file(unet, name, tmp_path / f"{name}.safetensors")
+    lora = read_lora(path, base_shapes(unet), other_kinds=True)
+    assert lora.unmapped == {} and lora.resolved
+    assert {m.kind for m in lora.others.values()} == KINDS[name]
+    torch.testing.assert_close(run(applied(unet, lora), inputs_of(unet)), reference)
+    with pytest.raises(LoRAError, match="not a low-rank pair"):
+        read_lora(path, base_shapes(unet))
+    base = tmp_path / "base.json"
+    base.write_text("[" + ", ".join(f'"{n}"' for n in base_shapes(unet)) + "]")
+    assert main(["lora", "info", "--strict", str(path), "--base-modules", str(base)]) == 0
+    out = capsys.readouterr().out
+    assert "unmapped keys: 0" in out and "no low-rank form" in out
+    # kohya layout holds these kinds: written back tensor for tensor
+    write_lora(lora, tmp_path / "k.safetensors", "kohya")
+    source, written = load_file(path), load_file(tmp_path / "k.safetensors")
+    assert len(written) == len(source)
+    renamed = {k.replace("lycoris_", "lora_unet_", 1): v for k, v in source.items()}
+    assert all(torch.equal(written[k], v) for k, v in renamed.items())
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_loha_to_plain_lora_by_svd_prints_each_error(unet, tmp_path, capsys):
+    path, _ = lycoris_file(unet, "loha", tmp_path / "loha.safetensors")
+    exact = read_lora(path, base_shapes(unet), other_kinds=True)
+    base = tmp_path / "base.txt"
+    base.write_text("\n".join(base_shapes(unet)))
+    out = tmp_path / "peft"
+    args = ["lora", "convert", str(path), "--to", "peft", "--out", str(out)]
+    assert main([*args, "--base-modules", str(base)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("SVD of the exact dW: ") == len(exact.others)
+    plain = read_lora(out)
+    for name, m in exact.others.items():  # numerical rank: exact up to float32
+        want = m.delta()
+        got = plain.modules[name].delta().reshape(want.shape)
+        assert float((got - want).norm() / want.norm()) < 1e-6, name
+    assert main([*args[:-1], str(tmp_path / "r1"), "--rank", "1", "--base-modules", str(base)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "attn1.to_q:" in x)
+    name = line.split(": ")[1]
+    delta = exact.others[name].delta()
+    s = torch.linalg.svdvals(delta.double().reshape(delta.shape[0], -1))
+    expected = float((s[1:] ** 2).sum().sqrt() / s.norm())  # Eckart-Young, by hand
+    assert line.endswith(f"rank 1, relative error {expected:.3e}")
+
+
+def test_peft_dora_is_read_and_refused_where_it_cannot_go(unet, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "proj_in"], use_dora=True)
+    get_peft_model(copy.deepcopy(unet), config).save_pretrained(tmp_path / "dora")
+    lora = read_lora(tmp_path / "dora", other_kinds=True)
+    assert {m.kind for m in lora.others.values()} == {"dora"} and lora.modules == {}
+    assert {m.scale for m in lora.others.values()} == {2.0}
+    assert main(["lora", "info", "--strict", str(tmp_path / "dora")]) == 0
+    assert "dora modules: " in capsys.readouterr().out
+    for to, out in (("kohya", "k.safetensors"), ("diffusers", "d"), ("peft", "p")):
+        args = ["lora", "convert", str(tmp_path / "dora"), "--to", to, "--out", str(tmp_path / out)]
+        assert main(args) == 2, to
+        err = capsys.readouterr().err
+        assert err.startswith("condlora: error: ") and err.count("\n") == 1 and "DoRA" in err
+        assert not (tmp_path / out).exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("name", ["loha", "locon_tucker"])
+def test_lycoris_dora_kept_in_kohya_and_refused_as_plain_lora(unet, name, tmp_path, capsys):
+    path, _ = lycoris_file(unet, name, tmp_path / "wd.safetensors", dora_wd=True)
+    lora = read_lora(path, base_shapes(unet), other_kinds=True)
+    assert lora.unmapped == {} and all(not m.exact for m in lora.others.values())
+    assert main(["lora", "info", "--strict", str(path)]) == 0
+    assert "with a DoRA magnitude: dW needs the base weight" in capsys.readouterr().out
+    write_lora(lora, tmp_path / "k.safetensors", "kohya")
+    written = load_file(tmp_path / "k.safetensors")
+    source = {k.replace("lycoris_", "lora_unet_", 1): v for k, v in load_file(path).items()}
+    assert sorted(written) == sorted(source)
+    assert all(torch.equal(written[k], v) for k, v in source.items())
+    out = tmp_path / "d.safetensors"
+    assert main(["lora", "convert", str(path), "--to", "diffusers", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "depends on the base weight" in err and not out.exists()
+
+
+def two_loras(unet):
+    from .test_lora_interop import random_lora
+
+    return random_lora(unet, seed=0), random_lora(unet, seed=1)
+
+
+def test_merge_is_the_weighted_sum_and_resize_the_best_low_rank(unet, tmp_path, capsys):
+    a, b = two_loras(unet)
+    merged, errors = merge([a, b], [0.7, 0.3], rank=64)
+    assert max(errors.values()) < 1e-6
+    for name in a.modules:
+        want = 0.7 * a.modules[name].delta() + 0.3 * b.modules[name].delta()
+        got = merged.modules[name].delta().reshape(want.shape)
+        assert float((got - want).norm() / want.norm()) < 1e-6, name
+    low, errors = merge([a, b], [0.7, 0.3], rank=1)
+    for name, m in low.modules.items():
+        want = (0.7 * a.modules[name].delta() + 0.3 * b.modules[name].delta()).double()
+        u, s, vh = torch.linalg.svd(want.reshape(want.shape[0], -1))
+        best = s[0] * torch.outer(u[:, 0], vh[0])  # best rank 1 by hand
+        assert torch.allclose(m.delta().double().reshape(best.shape), best, atol=1e-5)
+        assert errors[name] == pytest.approx(float(s[1:].norm() / s.norm()), rel=1e-5)
+    kept, _ = resize(a, energy=0.999)
+    for name, m in kept.modules.items():
+        s = torch.linalg.svdvals(a.modules[name].delta().double().reshape(m.B.shape[0], -1))
+        energy = torch.cumsum(s**2, 0) / (s**2).sum()
+        assert m.rank == int((energy < 0.999).sum()) + 1
+    write_lora(a, tmp_path / "a", "peft")
+    write_lora(b, tmp_path / "b.safetensors", "kohya")
+    base = tmp_path / "base.txt"
+    base.write_text("\n".join(n for n, _ in unet.named_modules() if n))
+    args = ["lora", "merge", str(tmp_path / "a"), str(tmp_path / "b.safetensors")]
+    args += ["--weights", "0.7", "0.3", "--rank", "2", "--base-modules", str(base)]
+    assert main([*args, "--out", str(tmp_path / "m")]) == 0
+    assert capsys.readouterr().out.count("merged: ") == len(a.modules)
+    on_disk = read_lora(tmp_path / "m")
+    assert set(on_disk.ranks().values()) <= {1, 2}
+    resize_args = ["lora", "resize", str(tmp_path / "a"), "--rank", "1"]
+    assert main([*resize_args, "--out", str(tmp_path / "r.safetensors"), "--to", "kohya"]) == 0
+    assert "resized: " in capsys.readouterr().out
+    assert main(["lora", "resize", str(tmp_path / "a"), "--energy", "1.5", "--out", "x"]) == 2
+    assert "--energy must be in (0, 1]" in capsys.readouterr().err
