@@ -113,6 +113,7 @@ def test_files_from_peft_save_pretrained_read_with_their_scale(unet, kind, tmp_p
     randomise(model)
     model.save_pretrained(tmp_path)
     lora = read_lora(tmp_path)
+    assert lora.unmapped == {}  # every key of the file accounted for
     expected = peft_deltas(model)
     assert_deltas(lora, expected)
     scales = {m.scale for m in lora.modules.values()}
@@ -129,6 +130,7 @@ def test_files_from_diffusers_savers_read_with_their_scale(unet, tmp_path):
     metadata = {k: v for k, v in config.to_dict().items() if k in ("r", "lora_alpha")}
     Pipeline.save_lora_weights(tmp_path / "p", layers, unet_lora_adapter_metadata=metadata)
     assert_deltas(read_lora(tmp_path / "p"), expected)
+    assert read_lora(tmp_path / "p").unmapped == {}
     model.save_lora_adapter(tmp_path / "m")  # keys without the unet. prefix
     assert_deltas(read_lora(tmp_path / "m"), expected)
     # no metadata, no alpha entries: diffusers assumes alpha = r (scale 1), and so do we

@@ -2,10 +2,11 @@
 itself, peft's DoRA; their exact dW, conversion to plain LoRA by SVD, resize and merge."""
 
 import copy
+import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from condlora.cli import main
 from condlora.core.errors import LoRAError
@@ -210,3 +211,42 @@ def test_merge_is_the_weighted_sum_and_resize_the_best_low_rank(unet, tmp_path, 
     assert "resized: " in capsys.readouterr().out
     assert main(["lora", "resize", str(tmp_path / "a"), "--energy", "1.5", "--out", "x"]) == 2
     assert "--energy must be in (0, 1]" in capsys.readouterr().err
+
+
+DAMAGE = {  # name -> (edit of a LoHa file's tensors, words of the one-line error)
+    "part missing": (lambda t, s: t.pop(f"{s}.hada_w2_b"), "has no hada_w2_b"),
+    "shapes do not fit": (
+        lambda t, s: t.update({f"{s}.hada_w2_b": torch.ones(3, 5)}),
+        "parts do not fit",
+    ),
+    "alpha of two numbers": (
+        lambda t, s: t.update({f"{s}.alpha": torch.ones(2)}),
+        "alpha has shape (2,)",
+    ),
+    "nan": (
+        lambda t, s: t.update({f"{s}.hada_w1_a": torch.full_like(t[f"{s}.hada_w1_a"], math.nan)}),
+        "NaN or inf",
+    ),
+    "kinds mixed": (
+        lambda t, s: t.update({f"{s}.lora_up.weight": torch.ones(8, 2)}),
+        "of different kinds",
+    ),
+    "0-d factor": (lambda t, s: t.update({f"{s}.hada_w1_b": torch.tensor(1.0)}), "shape ()"),
+}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_damaged_lycoris_files_give_one_line(unet, tmp_path, capsys):
+    path, _ = lycoris_file(unet, "loha", tmp_path / "loha.safetensors")
+    stem = "lycoris_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    for label, (edit, words) in DAMAGE.items():
+        tensors = load_file(path)
+        edit(tensors, stem)
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, bad)
+        out = tmp_path / "out.safetensors"
+        assert main(["lora", "convert", str(bad), "--to", "kohya", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("condlora: error: ") and err.count("\n") == 1, (label, err)
+        assert words in err, (label, err)
+        assert not out.exists()

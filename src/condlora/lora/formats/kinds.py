@@ -171,11 +171,13 @@ def check_parts(kind: str, parts: dict[str, Tensor], module: str, where: str) ->
     for role, t in parts.items():
         if not t.is_floating_point() or not torch.isfinite(t).all():
             raise LoRAError(f"{where}: module {module}: {role} is not finite floating point")
+        if (t.numel() != 1) if role == "alpha" else (t.dim() == 0 or t.numel() == 0):
+            raise LoRAError(f"{where}: module {module}: {role} has shape {tuple(t.shape)}")
     if "magnitude" in parts:
         return
     try:
         ModuleDelta(kind, parts).delta()
-    except RuntimeError as err:
+    except (RuntimeError, IndexError, ValueError) as err:
         first = str(err).splitlines()[0]
         why = f"its {kind} parts do not fit ({first})"
         raise LoRAError(f"{where}: module {module}: {why}") from None
