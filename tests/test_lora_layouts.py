@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from condlora.cli import main
+from condlora.core.errors import LoRAError
 from condlora.lora.formats import read_lora, write_lora
 from condlora.lora.formats.kohya import kohya_stem
 from condlora.lora.formats.names import ldm_table
@@ -324,3 +325,5 @@ def test_info_lists_unmapped_keys_and_strict_refuses(tmp_path, capsys):
     assert main([*args, "--drop-unmapped"]) == 0
     assert "not written: stray" in capsys.readouterr().out
     assert sorted(read_lora(out_file).modules) == ["mid_block_attentions_0_proj_in"]
+    with pytest.raises(LoRAError, match=r"lora_embedding_A' maps to no module: .* \(and 3 more\)"):
+        read_lora(path)  # library callers never get a LoRA with keys left out

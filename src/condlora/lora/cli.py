@@ -41,7 +41,7 @@ def _read(path: str, args: argparse.Namespace) -> LoRAWeights:
     """A LoRA file with every kind of module, names mapped through --base-modules."""
     from condlora.lora.formats import read_lora
 
-    return read_lora(path, _base(args), other_kinds=True)
+    return read_lora(path, _base(args), other_kinds=True, unmapped_ok=True)
 
 
 def _info(args: argparse.Namespace) -> None:

@@ -102,11 +102,13 @@ def read_lora(
     base_modules: BaseModules | Iterable[str] | None = None,
     check_base: bool = True,
     other_kinds: bool = False,
+    unmapped_ok: bool = False,
 ) -> LoRAWeights:
     """Any LoRA file or peft folder -> LoRAWeights, checked (finite, fits the base if given).
 
     base_modules names kohya modules; with check_base=False it serves only for that. Modules
-    of other kinds (LoHa, LoKr, full, Tucker, DoRA) are a LoRAError unless other_kinds.
+    of other kinds (LoHa, LoKr, full, Tucker, DoRA) are a LoRAError unless other_kinds, and
+    so are keys that map to no module (listed in `unmapped`) unless unmapped_ok.
     """
     layout, source = detect_layout(path)
     base = as_base_modules(base_modules)
@@ -126,6 +128,10 @@ def read_lora(
             f"{source}: module {name} is {m.describe()}, not a low-rank pair "
             "(`condlora lora convert` turns it into one by SVD)"
         )
+    if weights.unmapped and not unmapped_ok:
+        key, reason = next(iter(weights.unmapped.items()))
+        more = f" (and {len(weights.unmapped) - 1} more)" if len(weights.unmapped) > 1 else ""
+        raise LoRAError(f"{source}: key {key!r} maps to no module: {reason}{more}")
     return weights
 
 
