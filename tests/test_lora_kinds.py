@@ -133,17 +133,28 @@ def test_loha_to_plain_lora_by_svd_prints_each_error(unet, tmp_path, capsys):
     assert line.endswith(f"rank 1, relative error {expected:.3e}")
 
 
-def test_peft_dora_is_read_and_refused_where_it_cannot_go(unet, tmp_path, capsys):
-    from peft import LoraConfig, get_peft_model
+def test_peft_dora_round_trips_in_peft_and_is_refused_elsewhere(unet, tmp_path, capsys):
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "proj_in"], use_dora=True)
-    get_peft_model(copy.deepcopy(unet), config).save_pretrained(tmp_path / "dora")
+    model = get_peft_model(copy.deepcopy(unet), config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(tmp_path / "dora")
     lora = read_lora(tmp_path / "dora", other_kinds=True)
     assert {m.kind for m in lora.others.values()} == {"dora"} and lora.modules == {}
     assert {m.scale for m in lora.others.values()} == {2.0}
     assert main(["lora", "info", "--strict", str(tmp_path / "dora")]) == 0
     assert "dora modules: " in capsys.readouterr().out
-    for to, out in (("kohya", "k.safetensors"), ("diffusers", "d"), ("peft", "p")):
+    args = ["lora", "convert", str(tmp_path / "dora"), "--to", "peft", "--out"]
+    assert main([*args, str(tmp_path / "again")]) == 0
+    loaded = PeftModel.from_pretrained(copy.deepcopy(unet), tmp_path / "again").eval()
+    model.eval()
+    torch.testing.assert_close(run(loaded, inputs_of(unet)), run(model, inputs_of(unet)))
+    for to, out in (("kohya", "k.safetensors"), ("diffusers", "d")):
         args = ["lora", "convert", str(tmp_path / "dora"), "--to", to, "--out", str(tmp_path / out)]
         assert main(args) == 2, to
         err = capsys.readouterr().err

@@ -122,10 +122,11 @@ def _write(weights: LoRAWeights, args: argparse.Namespace, to: str) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    from condlora.lora.formats.files import holds
     from condlora.lora.formats.svd import as_plain_lora
 
     weights = _read(args.input, args)
-    if weights.others and (args.rank is not None or args.to != "kohya"):
+    if weights.others and (args.rank is not None or not holds(weights, args.to)):
         weights, errors = as_plain_lora(weights, args.rank)
         _print_errors(errors, weights, "SVD of the exact dW")
     if args.rank is not None:

@@ -51,7 +51,7 @@ SUFFIXES = {
     ".lora_linear_layer.up.weight": "B",
     ".alpha": "alpha",
     ".lora_mid.weight": "mid",
-    ".dora_scale": "magnitude",
+    ".dora_scale": "dora_scale",  # kohya / LyCORIS convention (peft's: magnitude)
     ".lora_magnitude_vector": "magnitude",
     ".lora_magnitude_vector.weight": "magnitude",
     ".diff": "diff",

@@ -27,17 +27,18 @@ from condlora.core.errors import LoRAError
 KINDS = {
     "loha": (
         {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"}
-        | {"magnitude"},
+        | {"dora_scale"},
         {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
     ),
     "lokr": (
         {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
-        | {"alpha", "magnitude"},
+        | {"alpha", "dora_scale"},
         set(),
     ),
     "full": ({"diff", "diff_b"}, {"diff"}),
-    "dora": ({"A", "B", "magnitude", "alpha"}, {"A", "B", "magnitude"}),
-    "tucker": ({"A", "B", "mid", "alpha", "magnitude"}, {"A", "B", "mid"}),
+    "dora": ({"A", "B", "magnitude", "alpha"}, {"A", "B", "magnitude"}),  # peft's vector
+    "kohya_dora": ({"A", "B", "dora_scale", "alpha"}, {"A", "B", "dora_scale"}),
+    "tucker": ({"A", "B", "mid", "alpha", "dora_scale"}, {"A", "B", "mid"}),
 }
 DESCRIPTIONS = {
     "loha": "LyCORIS LoHa (Hadamard product of two low-rank pairs)",
@@ -45,11 +46,12 @@ DESCRIPTIONS = {
     "full": "full weight difference",
     "tucker": "conv LoRA with a middle (Tucker) factor",
     "dora": "DoRA (a magnitude vector on top of the low-rank pair)",
+    "kohya_dora": "DoRA (kohya / LyCORIS dora_scale on top of the low-rank pair)",
 }
 
 
 def kind_of(roles: set[str]) -> str:
-    """The kind of module that a set of roles makes: lora, loha, lokr, full, tucker, dora."""
+    """The kind of module that a set of roles makes: lora, a key of KINDS, or mixed."""
     if roles <= {"A", "B", "alpha"}:
         return "lora"
     return next((kind for kind, (allowed, _) in KINDS.items() if roles <= allowed), "mixed")
@@ -73,7 +75,7 @@ class ModuleDelta:
         if self.kind == "lokr":
             half = p.get("lokr_w1_b", p.get("lokr_w2_b"))
             return None if half is None else half.shape[0]
-        if self.kind in ("tucker", "dora"):
+        if self.kind in ("tucker", "dora", "kohya_dora"):
             return p["A"].shape[0]
         return None
 
@@ -89,11 +91,11 @@ class ModuleDelta:
     @property
     def exact(self) -> bool:
         """False with a DoRA magnitude (any kind): dW then depends on the base weight."""
-        return "magnitude" not in self.parts
+        return not {"magnitude", "dora_scale"} & set(self.parts)
 
     def describe(self) -> str:
         """What the module is, in words."""
-        dora = " with a DoRA magnitude" if self.kind != "dora" and not self.exact else ""
+        dora = " with a DoRA magnitude" if "dora" not in self.kind and not self.exact else ""
         return DESCRIPTIONS[self.kind] + dora
 
     def delta(self) -> Tensor:
@@ -110,10 +112,10 @@ class ModuleDelta:
         """Shape of dW."""
         if self.shape is not None:
             return tuple(self.shape)
-        if self.kind == "dora":
+        if "dora" in self.kind:
             a, b = self.parts["A"], self.parts["B"]
             return (b.shape[0], *a.shape[1:])
-        bare = {k: v for k, v in self.parts.items() if k != "magnitude"}
+        bare = {k: v for k, v in self.parts.items() if k != "dora_scale"}
         return tuple(ModuleDelta(self.kind, bare).delta().shape)
 
     def delta_norm(self) -> float | None:
@@ -173,7 +175,7 @@ def check_parts(kind: str, parts: dict[str, Tensor], module: str, where: str) ->
             raise LoRAError(f"{where}: module {module}: {role} is not finite floating point")
         if (t.numel() != 1) if role == "alpha" else (t.dim() == 0 or t.numel() == 0):
             raise LoRAError(f"{where}: module {module}: {role} has shape {tuple(t.shape)}")
-    if "magnitude" in parts:
+    if {"magnitude", "dora_scale"} & set(parts):
         return
     try:
         ModuleDelta(kind, parts).delta()

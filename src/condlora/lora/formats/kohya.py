@@ -31,7 +31,7 @@ ROLE_SUFFIXES = {
     "A": ".lora_down.weight",
     "B": ".lora_up.weight",
     "mid": ".lora_mid.weight",
-    "magnitude": ".dora_scale",
+    "dora_scale": ".dora_scale",
 }
 
 
@@ -111,7 +111,7 @@ def to_kohya(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict[str, str]]:
         tensors[f"{stem}.lora_up.weight"] = m.B
         tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     for name, m in weights.others.items():  # LyCORIS kinds: their own tensors and alpha
-        if "magnitude" in m.parts and m.parts["magnitude"].dim() == 1:
+        if "magnitude" in m.parts:
             raise LoRAError(
                 f"module {name} is a peft DoRA module: kohya's dora_scale is another "
                 "convention, so the kohya layout cannot hold it"

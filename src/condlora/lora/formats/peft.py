@@ -21,6 +21,7 @@ from condlora.core.errors import LoRAError
 from condlora.lora.formats.kinds import ModuleDelta, check_parts
 from condlora.lora.formats.weights import (
     LoRAWeights,
+    ModuleLoRA,
     clean_number,
     config_number,
     factor_ranks,
@@ -165,13 +166,31 @@ def check_writable(weights: LoRAWeights, layout: str) -> None:
         )
 
 
+def split_dora(weights: LoRAWeights) -> tuple[LoRAWeights, dict[str, Tensor]]:
+    """(the LoRA with peft DoRA modules as their low-rank pairs, their magnitude vectors) when
+    every module is one; else (the LoRA unchanged, {}). peft's use_dora is adapter-wide."""
+    others = weights.others.values()
+    if not others or weights.modules or weights.text_encoder:
+        return weights, {}
+    if not all(m.kind == "dora" for m in others):
+        return weights, {}
+    pairs = {n: ModuleLoRA(m.parts["A"], m.parts["B"], m.scale) for n, m in weights.others.items()}
+    out = weights.replace_modules(pairs)
+    out.others = {}
+    return out, {n: m.parts["magnitude"] for n, m in weights.others.items()}
+
+
 def to_peft(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict]:
-    """LoRAWeights -> (peft state dict, adapter_config.json contents)."""
+    """LoRAWeights -> (peft state dict, adapter_config.json contents); DoRA when every module
+    is a peft DoRA module."""
+    weights, magnitudes = split_dora(weights)
     check_writable(weights, "peft")
     tensors = {}
     for name, m in weights.modules.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.B
+        if name in magnitudes:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitudes[name]
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -183,5 +202,6 @@ def to_peft(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict]:
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
+        "use_dora": bool(magnitudes),
     }
     return tensors, config
