@@ -288,3 +288,26 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("condlora: error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+TEXT = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("source", ["peft", "diffusers", "kohya"])
+@pytest.mark.parametrize("target", ["peft", "diffusers", "kohya"])
+def test_every_pair_of_layouts_keeps_every_dw(source, target, tmp_path):
+    original = make_lora(5)
+    g = torch.Generator().manual_seed(6)
+    original.text_encoder[TEXT] = make_module(
+        TEXT, torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g), 1.5, "t"
+    )
+    paths = {"peft": "p", "diffusers": "d.safetensors", "kohya": "k.safetensors"}
+    write_lora(original, tmp_path / "a" / paths[source], source)
+    first = read_lora(tmp_path / "a" / paths[source], list(BASE))
+    write_lora(first, tmp_path / "b" / paths[target], target)
+    last = read_lora(tmp_path / "b" / paths[target], list(BASE))
+    assert last.unmapped == {} and first.unmapped == {}
+    assert_same_deltas(last, original)
+    if "peft" not in (source, target):  # a peft folder holds the U-Net only
+        text = LoRAWeights(last.text_encoder)
+        assert_same_deltas(text, LoRAWeights(original.text_encoder))

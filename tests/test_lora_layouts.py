@@ -327,3 +327,18 @@ def test_info_lists_unmapped_keys_and_strict_refuses(tmp_path, capsys):
     assert sorted(read_lora(out_file).modules) == ["mid_block_attentions_0_proj_in"]
     with pytest.raises(LoRAError, match=r"lora_embedding_A' maps to no module: .* \(and 3 more\)"):
         read_lora(path)  # library callers never get a LoRA with keys left out
+
+
+def test_comfyui_text_encoder_prefixes(clip, tmp_path):
+    parts = clip_parts(clip, 8)
+    tensors = {}
+    for prefix in ("text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer."):
+        for path, (A, B) in parts.items():
+            stem = prefix + path
+            tensors |= {f"{stem}.lora_down.weight": A.clone(), f"{stem}.lora_up.weight": B.clone()}
+    save_file(tensors, tmp_path / "c.safetensors")
+    lora = read_lora(tmp_path / "c.safetensors")
+    expected = {f"text_encoder.{p}": ab for p, ab in parts.items()}
+    expected |= {f"text_encoder_2.{p}": ab for p, ab in parts.items()}
+    assert lora.layout == "comfyui" and lora.unmapped == {}
+    assert_deltas(lora.text_encoder, expected)
