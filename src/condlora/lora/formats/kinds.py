@@ -178,8 +178,10 @@ def check_parts(kind: str, parts: dict[str, Tensor], module: str, where: str) ->
     if {"magnitude", "dora_scale"} & set(parts):
         return
     try:
-        ModuleDelta(kind, parts).delta()
+        delta = ModuleDelta(kind, parts).delta()
     except (RuntimeError, IndexError, ValueError) as err:
         first = str(err).splitlines()[0]
         why = f"its {kind} parts do not fit ({first})"
         raise LoRAError(f"{where}: module {module}: {why}") from None
+    if not torch.isfinite(delta).all():
+        raise LoRAError(f"{where}: module {module}: its dW overflows (values beyond float)")
