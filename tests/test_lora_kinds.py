@@ -261,3 +261,33 @@ def test_damaged_lycoris_files_give_one_line(unet, tmp_path, capsys):
         assert err.startswith("condlora: error: ") and err.count("\n") == 1, (label, err)
         assert words in err, (label, err)
         assert not out.exists()
+
+
+def test_resize_and_merge_mistakes_give_one_line_and_write_nothing(unet, tmp_path, capsys):
+    a, _ = two_loras(unet)
+    write_lora(a, tmp_path / "a", "peft")
+    other = a.replace_modules(
+        {
+            n: type(m)(m.A[:, :3] if m.A.dim() == 2 else m.A, m.B, m.scale)
+            for n, m in a.modules.items()
+        }
+    )
+    write_lora(other, tmp_path / "b", "peft")
+    out = tmp_path / "out.safetensors"
+    cases = {
+        "weights count": (
+            ["merge", "a", "a", "--weights", "1", "--rank", "2"],
+            "2 LoRAs but 1 weights",
+        ),
+        "shapes differ": (["merge", "a", "b", "--rank", "2"], "dW shapes differ"),
+        "rank 0": (["resize", "a", "--rank", "0"], "--rank must be at least 1"),
+        "energy 0": (["resize", "a", "--energy", "0"], "--energy must be in (0, 1]"),
+        "missing": (["resize", "nothing", "--rank", "1"], "LoRA not found"),
+    }
+    for label, (args, words) in cases.items():
+        args = [str(tmp_path / x) if x in ("a", "b", "nothing") else x for x in args]
+        assert main(["lora", *args, "--out", str(out), "--to", "kohya"]) == 2, label
+        err = capsys.readouterr().err
+        assert err.startswith("condlora: error: ") and err.count("\n") == 1, (label, err)
+        assert words in err, (label, err)
+        assert not out.exists()
