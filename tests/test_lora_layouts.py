@@ -342,3 +342,21 @@ def test_comfyui_text_encoder_prefixes(clip, tmp_path):
     expected |= {f"text_encoder_2.{p}": ab for p, ab in parts.items()}
     assert lora.layout == "comfyui" and lora.unmapped == {}
     assert_deltas(lora.text_encoder, expected)
+
+
+def test_base_modules_from_a_unet_config_json(unet, tmp_path):
+    import json
+
+    from condlora.lora.formats import load_base_modules
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(unet.config)))
+    modules = load_base_modules(path)
+    assert modules == {
+        n: tuple(m.weight.shape) if hasattr(m, "weight") and m.weight is not None else None
+        for n, m in unet.named_modules()
+        if n
+    }
+    parts = factors(unet, TARGETS, seed=9)
+    ldm_kohya_file(unet, parts, 4, tmp_path / "k.safetensors")
+    assert_deltas(read_lora(tmp_path / "k.safetensors", modules).modules, parts, alpha=4)

@@ -190,7 +190,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add the `lora` command group: info, convert, resize, merge."""
     group = sub.add_parser("lora", help="LoRA files: inspect and convert between layouts")
     lora_sub = group.add_subparsers(dest="lora_command", required=True)
-    base_help = "the base model's modules: its .safetensors weights, a JSON list or a text file"
+    base_help = (
+        "the base model's modules: its .safetensors weights, its diffusers U-Net config.json, "
+        "a JSON list or a text file"
+    )
 
     p = lora_sub.add_parser("info", help="layout, modules, ranks, alpha, scale, dW norms")
     p.add_argument("path", metavar="FILE_OR_DIR", help="peft folder, diffusers or kohya file")

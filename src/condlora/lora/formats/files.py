@@ -210,7 +210,8 @@ def base_modules_of(model: nn.Module) -> dict[str, tuple[int, ...] | None]:
 
 def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | None]:
     """A base model's modules from a file: the model's safetensors weights (names and shapes),
-    JSON (a list of names, or name -> shape), or text (one name per line, # comments)."""
+    JSON (a list of names, name -> shape, or a diffusers U-Net's config.json), or text (one
+    name per line, # comments)."""
     path = Path(path)
     if not path.is_file():
         raise LoRAError(f"base-modules file not found: {path}")
@@ -226,6 +227,8 @@ def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | No
             value = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise LoRAError(f"{path} is not a readable JSON file ({err})") from None
+        if isinstance(value, dict) and "down_block_types" in value:
+            return _modules_of_unet_config(value, path)
         if isinstance(value, dict):
             return {str(k): (tuple(v) if v is not None else None) for k, v in value.items()}
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -237,3 +240,20 @@ def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | No
         raise LoRAError(f"{path} is not a text file of module names") from None
     lines = (line.split("#")[0].strip() for line in text.splitlines())
     return dict.fromkeys(line for line in lines if line)
+
+
+def _modules_of_unet_config(config: dict, path: Path) -> dict[str, tuple[int, ...] | None]:
+    """The modules of the diffusers UNet2DConditionModel that a config.json describes, built
+    on the meta device (no weights, no memory); needs diffusers."""
+    try:
+        import torch
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        raise LoRAError(f"{path} is a diffusers U-Net config: reading it needs diffusers") from None
+    try:
+        with torch.device("meta"):
+            model = UNet2DConditionModel.from_config(config)
+    except (TypeError, ValueError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LoRAError(f"{path}: not a usable UNet2DConditionModel config ({first})") from None
+    return base_modules_of(model)

@@ -31,7 +31,7 @@ Group = dict[str, Tensor]
 
 
 class Names:
-    """Maps a parsed module name to the base model's path: (name, resolved) or a reason."""
+    """Maps parsed module names to the base model's paths (via kohya stems and LDM paths)."""
 
     def __init__(self, base: BaseModules | None, where: str) -> None:
         self.base, self.where = base, where
