@@ -133,7 +133,9 @@ def test_loha_to_plain_lora_by_svd_prints_each_error(unet, tmp_path, capsys):
     assert line.endswith(f"rank 1, relative error {expected:.3e}")
 
 
-def test_peft_dora_round_trips_in_peft_and_is_refused_elsewhere(unet, tmp_path, capsys):
+def test_peft_dora_round_trips_in_peft_and_diffusers_and_is_refused_in_kohya(
+    unet, tmp_path, capsys
+):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     config = LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "proj_in"], use_dora=True)
@@ -154,7 +156,16 @@ def test_peft_dora_round_trips_in_peft_and_is_refused_elsewhere(unet, tmp_path, 
     loaded = PeftModel.from_pretrained(copy.deepcopy(unet), tmp_path / "again").eval()
     model.eval()
     torch.testing.assert_close(run(loaded, inputs_of(unet)), run(model, inputs_of(unet)))
-    for to, out in (("kohya", "k.safetensors"), ("diffusers", "d")):
+    args = ["lora", "convert", str(tmp_path / "again"), "--to", "diffusers", "--out"]
+    assert main([*args, str(tmp_path / "d")]) == 0  # diffusers holds peft's DoRA too
+    loaded = copy.deepcopy(unet)
+    loaded.load_lora_adapter(
+        tmp_path / "d", weight_name="pytorch_lora_weights.safetensors", prefix="unet"
+    )
+    torch.testing.assert_close(run(loaded, inputs_of(unet)), run(model, inputs_of(unet)))
+    back = read_lora(tmp_path / "d", other_kinds=True)
+    assert {m.kind for m in back.others.values()} == {"dora"} and back.unmapped == {}
+    for to, out in (("kohya", "k.safetensors"),):
         args = ["lora", "convert", str(tmp_path / "dora"), "--to", to, "--out", str(tmp_path / out)]
         assert main(args) == 2, to
         err = capsys.readouterr().err

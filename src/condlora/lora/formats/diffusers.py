@@ -20,7 +20,7 @@ from torch import Tensor
 
 from condlora.core.errors import LoRAError
 from condlora.lora.formats.keys import COMPONENTS, UNET
-from condlora.lora.formats.peft import check_writable, lora_config
+from condlora.lora.formats.peft import check_writable, lora_config, split_dora
 from condlora.lora.formats.weights import LoRAWeights
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -50,17 +50,22 @@ def adapter_config(metadata: Mapping[str, str], where: str, component: str = "un
 
 
 def to_diffusers(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """LoRAWeights -> (diffusers state dict, file metadata carrying r and alpha per module)."""
+    """LoRAWeights -> (diffusers state dict, file metadata carrying r and alpha per module);
+    a peft DoRA adapter keeps its magnitude vectors (diffusers loads them as DoRA)."""
+    weights, magnitudes = split_dora(weights)
     check_writable(weights, "diffusers")
     tensors = {}
     for name, m in weights.modules.items():
         tensors[f"{UNET_PREFIX}{name}.lora_A.weight"] = m.A
         tensors[f"{UNET_PREFIX}{name}.lora_B.weight"] = m.B
+        if name in magnitudes:
+            tensors[f"{UNET_PREFIX}{name}.lora_magnitude_vector"] = magnitudes[name]
     # text encoders: the scale goes into B (no metadata for them means scale 1 in diffusers)
     for name, m in weights.text_encoder.items():
         folded = m.folded()
         tensors[f"{name}.lora_A.weight"] = folded.A
         tensors[f"{name}.lora_B.weight"] = folded.B
-    config = {f"{UNET_PREFIX}{k}": v for k, v in lora_config(weights).items()}
+    config = lora_config(weights) | {"use_dora": bool(magnitudes)}
+    config = {f"{UNET_PREFIX}{k}": v for k, v in config.items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
     return tensors, metadata

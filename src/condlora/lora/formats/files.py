@@ -157,12 +157,12 @@ def _save_atomically(files: Mapping[Path, tuple[dict[str, Tensor], dict] | str])
 
 def holds(weights: LoRAWeights, layout: str) -> bool:
     """True if the layout holds every module of the LoRA as it is (other kinds included):
-    kohya holds LyCORIS kinds and kohya DoRA, peft holds an all-DoRA peft adapter."""
+    kohya holds LyCORIS kinds and kohya DoRA, peft and diffusers an all-DoRA peft adapter."""
     if not weights.others:
         return True
     if layout == "kohya":  # not peft's DoRA vectors: dora_scale is another convention
         return not any("magnitude" in m.parts for m in weights.others.values())
-    return layout == "peft" and not peft.split_dora(weights)[0].others
+    return layout in ("peft", "diffusers") and not peft.split_dora(weights)[0].others
 
 
 def write_lora(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> list[Path]:

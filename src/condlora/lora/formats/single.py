@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
@@ -112,8 +113,9 @@ def from_single_file(
     layout = layout or key_layout(list(tensors)) or "diffusers"
     groups, unmapped, keys = group_keys(tensors, where)
     lora = {slot: g for slot, g in groups.items() if kind_of(set(g)) == "lora"}
-    ranks = factor_ranks(lora, where)
-    scales = _scales(lora, ranks, metadata, where)
+    pairs = {slot: g for slot, g in groups.items() if kind_of(set(g)) in ("lora", "dora")}
+    ranks = factor_ranks(pairs, where)
+    scales = _scales(pairs, ranks, metadata, where)  # peft's DoRA: the pair's scale too
     names = Names(base, where)
     modules, text, others, resolved = {}, {}, {}, True
     for slot, group in sorted(groups.items()):
@@ -133,6 +135,9 @@ def from_single_file(
             raise LoRAError(f"{where}: two sets of keys give the update of module {name}")
         if slot in lora:
             target[name] = make_module(name, group["A"], group["B"], scales[slot], where)
+        elif slot in pairs:
+            alpha = torch.tensor(scales[slot] * ranks[slot], dtype=torch.float64)
+            others[name] = other_module(name, {**group, "alpha": alpha}, base, where)
         else:
             others[name] = other_module(name, group, base, where)
     hints = {k: metadata[k] for k in HINT_KEYS if metadata.get(k)}
