@@ -83,17 +83,8 @@ def _info(args: argparse.Namespace) -> None:
         )
     for key, reason in weights.unmapped.items():
         print(f"unmapped: {key}: {reason}")
-    _check_unmapped(weights, args.strict, "--strict: ")
-
-
-def _check_unmapped(weights: LoRAWeights, refuse: bool, why: str) -> None:
-    """LoRAError naming the first unmapped key (and how many there are) when `refuse`."""
-    from condlora.core.errors import LoRAError
-
-    if refuse and weights.unmapped:
-        key, reason = next(iter(weights.unmapped.items()))
-        more = f" and {len(weights.unmapped) - 1} more" if len(weights.unmapped) > 1 else ""
-        raise LoRAError(f"{why}key {key!r} is not mapped ({reason}){more}")
+    if args.strict:
+        weights.check_mapped("--strict: ")
 
 
 def _print_errors(errors: dict[str, float], weights: LoRAWeights, what: str) -> None:
@@ -107,7 +98,8 @@ def _write(weights: LoRAWeights, args: argparse.Namespace, to: str) -> None:
     """Write the LoRA; say where, and what a peft folder cannot hold."""
     from condlora.lora.formats import write_lora
 
-    _check_unmapped(weights, not args.drop_unmapped, "pass --drop-unmapped to go without it: ")
+    if not args.drop_unmapped:
+        weights.check_mapped("pass --drop-unmapped to go without it: ")
     for key, reason in weights.unmapped.items():
         print(f"not written: {key}: {reason}")
     written = write_lora(weights, args.out, to)

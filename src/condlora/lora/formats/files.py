@@ -128,10 +128,8 @@ def read_lora(
             f"{source}: module {name} is {m.describe()}, not a low-rank pair "
             "(`condlora lora convert` turns it into one by SVD)"
         )
-    if weights.unmapped and not unmapped_ok:
-        key, reason = next(iter(weights.unmapped.items()))
-        more = f" (and {len(weights.unmapped) - 1} more)" if len(weights.unmapped) > 1 else ""
-        raise LoRAError(f"{source}: key {key!r} maps to no module: {reason}{more}")
+    if not unmapped_ok:
+        weights.check_mapped(f"{source}: ")
     return weights
 
 

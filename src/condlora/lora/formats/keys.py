@@ -81,6 +81,11 @@ KNOWN_OTHERS = (
 )
 
 
+def is_text_module(name: str) -> bool:
+    """True for a `text_encoder.<path>` / `text_encoder_2.<path>` module name."""
+    return name.split(".", 1)[0] in (TEXT, TEXT_2)
+
+
 @dataclass(frozen=True)
 class ParsedKey:
     """One LoRA key: its component, module name (dotted path or kohya stem) and role."""

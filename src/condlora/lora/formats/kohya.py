@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
-from condlora.lora.formats.keys import TEXT, TEXT_2
+from condlora.lora.formats.keys import TEXT_2, is_text_module
 from condlora.lora.formats.names import ldm_table
 from condlora.lora.formats.weights import BaseMismatch, LoRAWeights, ModuleLoRA, clean_number
 
@@ -123,7 +123,7 @@ def to_kohya(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def _stem(name: str, two_encoders: bool) -> str:
     """The kohya key stem of a U-Net path or a `text_encoder.<path>` name."""
-    if name.split(".", 1)[0] in (TEXT, TEXT_2):
+    if is_text_module(name):
         prefix, path = _text_prefix(name, two_encoders)
         return prefix + kohya_stem(path)
     return UNET_PREFIX + kohya_stem(name)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
+from condlora.lora.formats.keys import is_text_module
 from condlora.lora.formats.weights import LoRAWeights, ModuleLoRA
 
 NUMERICAL_RANK_TOL = 1e-7  # singular values below this x the largest count as zero
@@ -71,7 +72,7 @@ def as_plain_lora(
             continue
         if "diff_b" in m.parts:
             lost[f"{name}.diff_b"] = "bias update: a plain LoRA cannot hold it"
-        target = text if name.split(".", 1)[0] in ("text_encoder", "text_encoder_2") else modules
+        target = text if is_text_module(name) else modules
         target[name], errors[name] = lowrank(delta, rank, energy)
     out = weights.replace_modules(modules)
     out.text_encoder, out.others, out.unmapped = text, {}, lost
@@ -94,7 +95,7 @@ def _from_deltas(
     """A plain LoRA from exact dWs by SVD, names and hints as in `like`; relative errors."""
     modules, text, errors = {}, {}, {}
     for name, delta in sorted(deltas.items()):
-        target = text if name.split(".", 1)[0] in ("text_encoder", "text_encoder_2") else modules
+        target = text if is_text_module(name) else modules
         target[name], errors[name] = lowrank(delta, rank, energy)
     out = like.replace_modules(modules)
     out.text_encoder, out.others = text, {}

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
-from condlora.lora.formats.keys import unmapped_reason
+from condlora.lora.formats.keys import is_text_module, unmapped_reason
 from condlora.lora.formats.kinds import ModuleDelta
 
 # A base model's modules: dotted name -> weight shape (None when only the name is known).
@@ -137,6 +137,13 @@ class LoRAWeights:
         """Numbers in all A and B factors."""
         return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
 
+    def check_mapped(self, where: str) -> None:
+        """LoRAError naming the first key that maps to no module (and how many more)."""
+        if self.unmapped:
+            key, reason = next(iter(self.unmapped.items()))
+            more = f" (and {len(self.unmapped) - 1} more)" if len(self.unmapped) > 1 else ""
+            raise LoRAError(f"{where}key {key!r} maps to no module: {reason}{more}")
+
     def check_finite(self, where: str) -> None:
         """LoRAError naming the first module with an integer factor or a NaN or inf value."""
         for name, m in {**self.modules, **self.text_encoder}.items():
@@ -149,7 +156,7 @@ class LoRAWeights:
     def check_base(self, base: BaseModules, where: str) -> None:
         """LoRAError if a module is not in the base model or its dW does not fit its weight."""
         for name in self.others:
-            if not name.startswith("text_encoder") and name not in base:
+            if not is_text_module(name) and name not in base:
                 raise BaseMismatch(f"{where}: module {name} is not in the base model")
         for name, m in self.modules.items():
             if name not in base:
