@@ -360,3 +360,41 @@ def test_base_modules_from_a_unet_config_json(unet, tmp_path):
     parts = factors(unet, TARGETS, seed=9)
     ldm_kohya_file(unet, parts, 4, tmp_path / "k.safetensors")
     assert_deltas(read_lora(tmp_path / "k.safetensors", modules).modules, parts, alpha=4)
+
+
+SDXL_TARGETS = {
+    "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k": 2,
+    "up_blocks.0.attentions.2.proj_out": 1,
+    "mid_block.attentions.0.transformer_blocks.0.ff.net.2": 2,
+    "down_blocks.0.resnets.1.conv2": 1,
+    "down_blocks.1.resnets.0.conv_shortcut": 2,
+    "add_embedding.linear_1": 1,
+    "up_blocks.1.resnets.2.time_emb_proj": 2,
+}
+
+
+def test_sdxl_kohya_ldm_names_load_like_diffusers_loads_them(tmp_path):
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as XL
+
+    unet = tiny_sdxl_unet().eval()
+    parts = factors(unet, SDXL_TARGETS, seed=11)
+    tensors = ldm_kohya_file(unet, parts, 2, tmp_path / "xl.safetensors")
+    assert "lora_unet_label_emb_0_0.alpha" in tensors
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_k.alpha" in tensors
+    base = [name for name, _ in unet.named_modules() if name]
+    lora = read_lora(tmp_path / "xl.safetensors", base)
+    assert lora.unmapped == {}
+    assert_deltas(lora.modules, parts, alpha=2)
+    state, alphas = XL.lora_state_dict(tmp_path / "xl.safetensors", unet_config=unet.config)
+    model = copy.deepcopy(unet)
+    XL.load_lora_into_unet(state, alphas, model)
+    g = torch.Generator().manual_seed(2)
+    sample, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+    added = {
+        "text_embeds": torch.randn(1, 8, generator=g),
+        "time_ids": torch.randn(1, 4, generator=g),
+    }
+    with torch.no_grad():
+        got = model(sample, 10, text, added_cond_kwargs=added).sample
+        want = merged_by_hand(unet, lora)(sample, 10, text, added_cond_kwargs=added).sample
+    torch.testing.assert_close(got, want)
