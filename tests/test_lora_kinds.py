@@ -2,6 +2,7 @@
 itself, peft's DoRA; their exact dW, conversion to plain LoRA by SVD, resize and merge."""
 
 import copy
+import json
 import math
 
 import pytest
@@ -24,6 +25,7 @@ ALGOS = {
     "loha_tucker": dict(algo="loha", use_tucker=True),
     "lokr_factored": dict(algo="lokr", factor=2, linear_dim=1, conv_dim=1),
     "lokr_full": dict(algo="lokr", factor=4),
+    "lokr_tucker": dict(algo="lokr", factor=2, linear_dim=1, conv_dim=1, use_tucker=True),
     "full": dict(algo="full"),
     "locon_tucker": dict(algo="locon", use_tucker=True),
 }
@@ -32,6 +34,7 @@ KINDS = {
     "loha_tucker": {"loha"},
     "lokr_factored": {"lokr"},
     "lokr_full": {"lokr"},
+    "lokr_tucker": {"lokr"},
     "full": {"full"},
     "locon_tucker": {"tucker"},
 }
@@ -112,17 +115,21 @@ def test_lycoris_files_read_with_their_exact_dw(unet, name, tmp_path, capsys):
 def test_loha_to_plain_lora_by_svd_prints_each_error(unet, tmp_path, capsys):
     path, _ = lycoris_file(unet, "loha", tmp_path / "loha.safetensors")
     exact = read_lora(path, base_shapes(unet), other_kinds=True)
-    base = tmp_path / "base.txt"
-    base.write_text("\n".join(base_shapes(unet)))
+    names = tmp_path / "base.txt"
+    names.write_text("\n".join(base_shapes(unet)))
     out = tmp_path / "peft"
     args = ["lora", "convert", str(path), "--to", "peft", "--out", str(out)]
+    assert main([*args, "--base-modules", str(names)]) == 2  # conv kernels: shapes needed
+    assert "stored flattened: pass --base-modules with shapes" in capsys.readouterr().err
+    base = tmp_path / "config.json"
+    base.write_text(json.dumps(dict(unet.config)))
     assert main([*args, "--base-modules", str(base)]) == 0
     printed = capsys.readouterr().out
     assert printed.count("SVD of the exact dW: ") == len(exact.others)
-    plain = read_lora(out)
+    plain = read_lora(out, base_shapes(unet))  # shapes checked against the U-Net's
     for name, m in exact.others.items():  # numerical rank: exact up to float32
         want = m.delta()
-        got = plain.modules[name].delta().reshape(want.shape)
+        got = plain.modules[name].delta()
         assert float((got - want).norm() / want.norm()) < 1e-6, name
     assert main([*args[:-1], str(tmp_path / "r1"), "--rank", "1", "--base-modules", str(base)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "attn1.to_q:" in x)

@@ -93,6 +93,14 @@ class ModuleDelta:
         """False with a DoRA magnitude (any kind): dW then depends on the base weight."""
         return not {"magnitude", "dora_scale"} & set(self.parts)
 
+    @property
+    def ambiguous_shape(self) -> bool:
+        """True when dW's shape is unknown: LoHa / LoKr store conv kernels flattened, so a 2-d
+        dW may be a linear weight or a conv kernel until the base weight's shape is given."""
+        if self.shape is not None or self.kind not in ("loha", "lokr") or not self.exact:
+            return False
+        return self.delta().dim() == 2
+
     def describe(self) -> str:
         """What the module is, in words."""
         dora = " with a DoRA magnitude" if "dora" not in self.kind and not self.exact else ""
@@ -135,7 +143,8 @@ def _loha(p: dict[str, Tensor]) -> Tensor:
 
 
 def _lokr(p: dict[str, Tensor]) -> Tensor:
-    """kron(W1, W2), each half rebuilt from its factors when not stored whole."""
+    """kron(W1, W2), each half rebuilt from its factors when not stored whole; a conv W2
+    keeps its kernel axes (w2_b [r, in, k, k]), and W1 gets trailing 1s to match them."""
     w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
     if "lokr_w2" in p:
         w2 = p["lokr_w2"]
@@ -144,10 +153,10 @@ def _lokr(p: dict[str, Tensor]) -> Tensor:
             "i j ..., j r, i p -> p r ...", p["lokr_t2"], p["lokr_w2_b"], p["lokr_w2_a"]
         )
     else:
-        w2 = p["lokr_w2_a"] @ p["lokr_w2_b"].flatten(1)
-    if w2.dim() == 4:
-        w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2)
+        b = p["lokr_w2_b"]
+        w2 = (p["lokr_w2_a"] @ b.reshape(b.shape[0], -1)).reshape(-1, *b.shape[1:])
+    w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - w1.dim()))
+    return torch.kron(w1.contiguous(), w2.contiguous())
 
 
 def _tucker(p: dict[str, Tensor]) -> Tensor:

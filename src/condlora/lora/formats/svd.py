@@ -13,6 +13,7 @@ from torch import Tensor
 
 from condlora.core.errors import LoRAError
 from condlora.lora.formats.keys import is_text_module
+from condlora.lora.formats.kinds import ModuleDelta
 from condlora.lora.formats.weights import LoRAWeights, ModuleLoRA
 
 NUMERICAL_RANK_TOL = 1e-7  # singular values below this x the largest count as zero
@@ -61,12 +62,7 @@ def as_plain_lora(
     modules, text, errors = dict(weights.modules), dict(weights.text_encoder), {}
     lost = dict(weights.unmapped)
     for name, m in weights.others.items():
-        if not m.exact:
-            raise LoRAError(
-                f"module {name} is {m.describe()}: its update depends on the base weight "
-                "(DoRA), so a plain LoRA layout cannot hold it"
-            )
-        delta = m.delta()
+        delta = exact_delta(name, m)
         if delta.dim() < 2:
             lost[name] = "1-d weight update (a norm layer): a plain LoRA cannot hold it"
             continue
@@ -79,13 +75,26 @@ def as_plain_lora(
     return out, errors
 
 
+def exact_delta(name: str, m: ModuleDelta) -> Tensor:
+    """A module's exact dW in its weight's shape; LoRAError for DoRA or an unknown shape."""
+    if not m.exact:
+        raise LoRAError(
+            f"module {name} is {m.describe()}: its update depends on the base weight "
+            "(DoRA), so a plain LoRA layout cannot hold it"
+        )
+    if m.ambiguous_shape:
+        raise LoRAError(
+            f"module {name} is {m.describe()}, whose conv kernels are stored flattened: pass "
+            "--base-modules with shapes (the base model's .safetensors or U-Net config.json)"
+        )
+    return m.delta()
+
+
 def _all_deltas(weights: LoRAWeights) -> dict[str, Tensor]:
     """The exact dW of every module (U-Net, text encoders, other kinds); DoRA: LoRAError."""
     deltas = {name: m.delta() for name, m in {**weights.modules, **weights.text_encoder}.items()}
     for name, m in weights.others.items():
-        if not m.exact:
-            raise LoRAError(f"module {name} is {m.describe()}: its dW depends on the base weight")
-        deltas[name] = m.delta()
+        deltas[name] = exact_delta(name, m)
     return deltas
 
 
