@@ -398,3 +398,39 @@ def test_sdxl_kohya_ldm_names_load_like_diffusers_loads_them(tmp_path):
         got = model(sample, 10, text, added_cond_kwargs=added).sample
         want = merged_by_hand(unet, lora)(sample, 10, text, added_cond_kwargs=added).sample
     torch.testing.assert_close(got, want)
+
+
+def test_text_encoder_files_from_diffusers_saver_keep_their_scale(clip, tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    model = inject_adapter_in_model(
+        LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "fc1"]), copy.deepcopy(clip)
+    )
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    expected = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):  # peft's own dW, named as the files name CLIP layers
+            path = name if name.startswith("text_model.") else f"text_model.{name}"
+            expected[f"text_encoder.{path}"] = layer.get_delta_weight("default")
+    Pipeline.save_lora_weights(
+        tmp_path / "d",
+        unet_lora_layers=None,
+        text_encoder_lora_layers=get_peft_model_state_dict(model),
+        text_encoder_lora_adapter_metadata={"r": 2, "lora_alpha": 6},
+    )
+    lora = read_lora(tmp_path / "d")
+    assert lora.unmapped == {} and {m.scale for m in lora.text_encoder.values()} == {3.0}
+    write_lora(lora, tmp_path / "k.safetensors", "kohya")  # kohya's CLIP stems map back
+    write_lora(lora, tmp_path / "again.safetensors", "diffusers")
+    again = read_lora(tmp_path / "again.safetensors")
+    for weights in (lora, read_lora(tmp_path / "k.safetensors"), again):
+        assert sorted(weights.text_encoder) == sorted(expected)
+        for name, want in expected.items():
+            err = (weights.text_encoder[name].delta() - want).norm() / want.norm()
+            assert err < 1e-6, name

@@ -65,7 +65,7 @@ def to_diffusers(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict[str, str
         folded = m.folded()
         tensors[f"{name}.lora_A.weight"] = folded.A
         tensors[f"{name}.lora_B.weight"] = folded.B
-    config = lora_config(weights) | {"use_dora": bool(magnitudes)}
+    config = lora_config(weights) | {"use_dora": bool(magnitudes)} if weights.modules else {}
     config = {f"{UNET_PREFIX}{k}": v for k, v in config.items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
     return tensors, metadata

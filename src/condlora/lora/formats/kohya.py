@@ -67,7 +67,8 @@ def resolve(stem: str, table: Mapping[str, list[str]], where: str) -> str:
 
 def uniform_alpha(weights: LoRAWeights) -> float:
     """The one alpha that a kohya file gets: the most common scale x r among its modules."""
-    alphas = [clean_number(m.scale * m.rank) for m in weights.modules.values()]
+    pairs = {**weights.modules, **weights.text_encoder}.values()
+    alphas = [clean_number(m.scale * m.rank) for m in pairs]
     return Counter(alphas).most_common(1)[0][0]
 
 
@@ -96,9 +97,9 @@ def to_kohya(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict[str, str]]:
     diffusers' kohya loader gives every attention projection the same alpha, so modules with
     another scale x r carry their factor in A and B (dW unchanged) under the common alpha.
     """
-    if not weights.modules and not weights.others:
-        raise LoRAError("the LoRA has no U-Net modules to write as kohya")
-    alpha = uniform_alpha(weights) if weights.modules else 1.0
+    if not (weights.modules or weights.text_encoder or weights.others):
+        raise LoRAError("the LoRA has no modules to write as kohya")
+    alpha = uniform_alpha(weights) if weights.modules or weights.text_encoder else 1.0
     two = any(name.startswith(TEXT_2 + ".") for name in [*weights.text_encoder, *weights.others])
     stems = {name: _stem(name, two) for name in [*weights.modules, *weights.text_encoder]}
     stems |= {name: _stem(name, two) for name in weights.others}

@@ -157,7 +157,7 @@ def check_writable(weights: LoRAWeights, layout: str) -> None:
             f"module {name} is {m.describe()}: the {layout} layout holds plain LoRA "
             "only (condlora lora convert turns other kinds into LoRA by SVD; DoRA cannot be)"
         )
-    if not weights.modules:
+    if not weights.modules and not (layout == "diffusers" and weights.text_encoder):
         raise LoRAError(f"the LoRA has no U-Net modules to write as {layout}")
     if not weights.resolved:
         raise LoRAError(

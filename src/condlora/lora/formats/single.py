@@ -52,8 +52,12 @@ class Names:
         return module, True  # not in the base model: check_base says so
 
     def text(self, naming: str, module: str) -> str | None:
-        """A text-encoder module's dotted path, or None if a stem is not a CLIP layer."""
-        return clip_path(module) if naming == "stem" else module
+        """A text-encoder module's dotted path (CLIP's text_model.<...> as files name it), or
+        None if a stem is not a CLIP layer."""
+        if naming == "stem":
+            return clip_path(module)
+        # transformers 5 dropped the text_model level, and files saved from it lack it too
+        return "text_model." + module if module.startswith("encoder.layers.") else module
 
 
 def group_keys(
