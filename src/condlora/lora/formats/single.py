@@ -118,7 +118,7 @@ def from_single_file(
     groups, unmapped, keys = group_keys(tensors, where)
     lora = {slot: g for slot, g in groups.items() if kind_of(set(g)) == "lora"}
     pairs = {slot: g for slot, g in groups.items() if kind_of(set(g)) in ("lora", "dora")}
-    ranks = factor_ranks(pairs, where)
+    ranks = {slot: factor_ranks({slot[2]: g}, where)[slot[2]] for slot, g in pairs.items()}
     scales = _scales(pairs, ranks, metadata, where)  # peft's DoRA: the pair's scale too
     names = Names(base, where)
     modules, text, others, resolved = {}, {}, {}, True
