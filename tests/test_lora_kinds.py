@@ -309,3 +309,22 @@ def test_resize_and_merge_mistakes_give_one_line_and_write_nothing(unet, tmp_pat
         assert err.startswith("condlora: error: ") and err.count("\n") == 1, (label, err)
         assert words in err, (label, err)
         assert not out.exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_bias_updates_of_full_diffs_are_never_dropped_silently(unet, tmp_path, capsys):
+    path, _ = lycoris_file(unet, "full", tmp_path / "full.safetensors")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(unet.config)))
+    out = tmp_path / "r.safetensors"
+    args = ["lora", "resize", str(path), "--rank", "2", "--out", str(out)]
+    args += ["--base-modules", str(config)]
+    assert main(args) == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "diff_b' maps to no module: bias update" in err and "--drop-unmapped" in err
+    assert main([*args, "--drop-unmapped"]) == 0
+    printed = capsys.readouterr().out
+    n_bias = sum(k.endswith(".diff_b") for k in load_file(path))
+    assert printed.count(".diff_b: bias update") == n_bias > 0
+    resized = read_lora(out, base_shapes(unet))
+    assert set(resized.ranks().values()) <= {1, 2}

@@ -152,7 +152,6 @@ def _merge(args: argparse.Namespace) -> None:
     loras = [_read(path, args) for path in args.inputs]
     coefficients = args.weights or [1.0] * len(loras)
     merged, errors = merge(loras, coefficients, args.rank, args.energy)
-    merged.unmapped = {k: v for w in loras for k, v in w.unmapped.items()}
     _print_errors(errors, merged, "merged")
     _write(merged, args, _same_layout(loras[0], args.to))
 

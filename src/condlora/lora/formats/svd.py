@@ -54,27 +54,6 @@ def check_choice(rank: int | None, energy: float | None) -> None:
         raise LoRAError(f"--energy must be in (0, 1], got {energy}")
 
 
-def as_plain_lora(
-    weights: LoRAWeights, rank: int | None = None, energy: float | None = None
-) -> tuple[LoRAWeights, dict[str, float]]:
-    """Every module of another kind as a plain LoRA from its exact dW (DoRA: LoRAError);
-    returns the LoRA and each converted module's relative error."""
-    modules, text, errors = dict(weights.modules), dict(weights.text_encoder), {}
-    lost = dict(weights.unmapped)
-    for name, m in weights.others.items():
-        delta = exact_delta(name, m)
-        if delta.dim() < 2:
-            lost[name] = "1-d weight update (a norm layer): a plain LoRA cannot hold it"
-            continue
-        if "diff_b" in m.parts:
-            lost[f"{name}.diff_b"] = "bias update: a plain LoRA cannot hold it"
-        target = text if is_text_module(name) else modules
-        target[name], errors[name] = lowrank(delta, rank, energy)
-    out = weights.replace_modules(modules)
-    out.text_encoder, out.others, out.unmapped = text, {}, lost
-    return out, errors
-
-
 def exact_delta(name: str, m: ModuleDelta) -> Tensor:
     """A module's exact dW in its weight's shape; LoRAError for DoRA or an unknown shape."""
     if not m.exact:
@@ -90,25 +69,55 @@ def exact_delta(name: str, m: ModuleDelta) -> Tensor:
     return m.delta()
 
 
-def _all_deltas(weights: LoRAWeights) -> dict[str, Tensor]:
-    """The exact dW of every module (U-Net, text encoders, other kinds); DoRA: LoRAError."""
-    deltas = {name: m.delta() for name, m in {**weights.modules, **weights.text_encoder}.items()}
+def _other_deltas(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(exact dW of each module of another kind that a plain LoRA can hold, what it cannot:
+    key -> reason)."""
+    deltas, lost = {}, {}
     for name, m in weights.others.items():
-        deltas[name] = exact_delta(name, m)
-    return deltas
+        delta = exact_delta(name, m)
+        if delta.dim() < 2:
+            lost[name] = "1-d weight update (a norm layer): a plain LoRA cannot hold it"
+            continue
+        if "diff_b" in m.parts:
+            lost[f"{name}.diff_b"] = "bias update: a plain LoRA cannot hold it"
+        deltas[name] = delta
+    return deltas, lost
 
 
-def _from_deltas(
-    like: LoRAWeights, deltas: dict[str, Tensor], rank: int | None, energy: float | None
-) -> tuple[LoRAWeights, dict[str, float]]:
-    """A plain LoRA from exact dWs by SVD, names and hints as in `like`; relative errors."""
-    modules, text, errors = {}, {}, {}
+def _lowrank_all(
+    deltas: dict[str, Tensor], rank: int | None, energy: float | None
+) -> tuple[dict[str, ModuleLoRA], dict[str, float]]:
+    """Every dW by SVD: (name -> ModuleLoRA, name -> relative error)."""
+    pairs, errors = {}, {}
     for name, delta in sorted(deltas.items()):
-        target = text if is_text_module(name) else modules
-        target[name], errors[name] = lowrank(delta, rank, energy)
-    out = like.replace_modules(modules)
-    out.text_encoder, out.others = text, {}
-    return out, errors
+        pairs[name], errors[name] = lowrank(delta, rank, energy)
+    return pairs, errors
+
+
+def _assemble(like: LoRAWeights, pairs: dict[str, ModuleLoRA], lost: dict[str, str]) -> LoRAWeights:
+    """A plain LoRA of these modules (U-Net and text encoders), names and hints as in `like`,
+    with `lost` added to the keys it does not hold."""
+    out = like.replace_modules({n: m for n, m in pairs.items() if not is_text_module(n)})
+    out.text_encoder = {n: m for n, m in pairs.items() if is_text_module(n)}
+    out.others, out.unmapped = {}, {**like.unmapped, **lost}
+    return out
+
+
+def as_plain_lora(
+    weights: LoRAWeights, rank: int | None = None, energy: float | None = None
+) -> tuple[LoRAWeights, dict[str, float]]:
+    """Every module of another kind as a plain LoRA from its exact dW (DoRA: LoRAError), the
+    plain ones kept as they are; returns the LoRA and each converted module's relative error."""
+    deltas, lost = _other_deltas(weights)
+    pairs, errors = _lowrank_all(deltas, rank, energy)
+    return _assemble(weights, {**weights.modules, **weights.text_encoder, **pairs}, lost), errors
+
+
+def _all_deltas(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The exact dW of every module (U-Net, text encoders, other kinds), and what is lost."""
+    deltas, lost = _other_deltas(weights)
+    deltas |= {name: m.delta() for name, m in {**weights.modules, **weights.text_encoder}.items()}
+    return deltas, lost
 
 
 def resize(
@@ -116,7 +125,9 @@ def resize(
 ) -> tuple[LoRAWeights, dict[str, float]]:
     """Every module re-factorised from its exact dW at a rank or energy; relative errors."""
     check_choice(rank, energy)
-    return _from_deltas(weights, _all_deltas(weights), rank, energy)
+    deltas, lost = _all_deltas(weights)
+    pairs, errors = _lowrank_all(deltas, rank, energy)
+    return _assemble(weights, pairs, lost), errors
 
 
 def merge(
@@ -126,17 +137,21 @@ def merge(
     energy: float | None = None,
 ) -> tuple[LoRAWeights, dict[str, float]]:
     """sum_i c_i dW_i per module (a module missing from a LoRA counts as 0), re-factorised;
-    relative errors against the exact weighted sum."""
+    relative errors against the exact weighted sum. Unmapped keys of all LoRAs are kept."""
     check_choice(rank, energy)
     if len(coefficients) != len(loras):
         raise LoRAError(f"{len(loras)} LoRAs but {len(coefficients)} weights")
     if len({w.resolved for w in loras}) > 1:
         raise LoRAError("some LoRAs have kohya stems for names: pass --base-modules")
     total: dict[str, Tensor] = {}
+    lost = {k: v for w in loras[1:] for k, v in w.unmapped.items()}
     for weights, c in zip(loras, coefficients, strict=True):
-        for name, delta in _all_deltas(weights).items():
+        deltas, lost_here = _all_deltas(weights)
+        lost |= lost_here
+        for name, delta in deltas.items():
             if name in total and total[name].numel() != delta.numel():
                 raise LoRAError(f"module {name}: dW shapes differ between the LoRAs")
             delta = c * delta.double()
             total[name] = total[name] + delta.reshape(total[name].shape) if name in total else delta
-    return _from_deltas(loras[0], {k: v.float() for k, v in total.items()}, rank, energy)
+    pairs, errors = _lowrank_all({k: v.float() for k, v in total.items()}, rank, energy)
+    return _assemble(loras[0], pairs, lost), errors
