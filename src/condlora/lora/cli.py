@@ -54,7 +54,8 @@ def _info(args: argparse.Namespace) -> None:
     scales = sorted({m.scale for m in weights.modules.values()})
     alphas = sorted({clean_number(m.scale * m.rank) for m in weights.modules.values()})
     print(f"layout: {layout} ({source})")
-    print(f"modules: {len(weights.modules)}   parameters: {weights.num_parameters():,}")
+    count = len(weights.modules) + len(weights.text_encoder) + len(weights.others)
+    print(f"modules: {count}   parameters: {weights.num_parameters():,}")
     print(
         f"rank(s): {', '.join(map(str, ranks))}   alpha (scale x r): {', '.join(map(str, alphas))}"
     )

@@ -120,10 +120,12 @@ def parse_key(key: str) -> ParsedKey | str:
 
 
 def key_layout(keys: list[str]) -> str | None:
-    """The layout family of a single file's keys (kohya, comfyui, diffusers), None if no key
-    is a LoRA factor."""
+    """The layout family of a single file's keys (lycoris, kohya, comfyui, diffusers), None if
+    no key is a LoRA factor."""
     if not any(isinstance(parse_key(k), ParsedKey) and not k.endswith(".alpha") for k in keys):
         return None
+    if any(k.startswith("lycoris_") for k in keys):
+        return "lycoris"
     if any(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
     if any(k.startswith(COMFY_PREFIXES) for k in keys):

@@ -134,8 +134,10 @@ class LoRAWeights:
         return {name: m.rank for name, m in self.modules.items()}
 
     def num_parameters(self) -> int:
-        """Numbers in all A and B factors."""
-        return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        """Numbers in all A and B factors, and in the parts of other kinds (alphas aside)."""
+        pairs = {**self.modules, **self.text_encoder}.values()
+        others = (t for m in self.others.values() for r, t in m.parts.items() if r != "alpha")
+        return sum(m.A.numel() + m.B.numel() for m in pairs) + sum(t.numel() for t in others)
 
     def check_mapped(self, where: str) -> None:
         """LoRAError naming the first key that maps to no module (and how many more)."""
