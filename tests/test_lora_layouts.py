@@ -279,6 +279,24 @@ def test_text_encoders_survive_kohya_diffusers_round_trips(clip, unet, tmp_path)
         assert_deltas(weights.modules, factors(unet, TARGETS))
     written = read_lora(tmp_path / "k.safetensors").text_encoder
     assert sorted(written) == sorted(expected)
+    out = tmp_path / "r1.safetensors"
+    assert (
+        main(
+            [
+                "lora",
+                "convert",
+                str(tmp_path / "k.safetensors"),
+                "--to",
+                "kohya",
+                "--out",
+                str(out),
+                "--rank",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert {m.rank for m in read_lora(out).text_encoder.values()} == {1}  # text encoders too
 
 
 def test_old_diffusers_text_encoder_keys(clip, tmp_path):

@@ -124,8 +124,11 @@ def _convert(args: argparse.Namespace) -> None:
         _print_errors(errors, weights, "SVD of the exact dW")
     if args.rank is not None:
         from condlora.lora.canonical import canonicalize
+        from condlora.lora.formats import LoRAWeights
 
         weights, dropped = canonicalize(weights, args.rank)
+        text, dropped_text = canonicalize(LoRAWeights(weights.text_encoder), args.rank)
+        weights.text_encoder, dropped = text.modules, dropped | dropped_text
         worst = max(dropped.values(), default=0.0)
         print(
             f"re-factorised to rank {args.rank}: at most {worst:.3%} of a module's energy dropped"
