@@ -74,10 +74,35 @@ def _kohya(path):
     save_file(tensors, str(path))
 
 
+def _lycoris(path):
+    """One module of each LyCORIS kind (LoHa, LoKr, full, Tucker conv) and an old diffusers key."""
+    r = torch.randn
+    tensors = {
+        "lycoris_a.hada_w1_a": r(4, 2),
+        "lycoris_a.hada_w1_b": r(2, 6),
+        "lycoris_a.hada_w2_a": r(4, 2),
+        "lycoris_a.hada_w2_b": r(2, 6),
+        "lycoris_a.alpha": torch.tensor(1.0),
+        "lycoris_b.lokr_w1": r(2, 2),
+        "lycoris_b.lokr_w2_a": r(2, 1),
+        "lycoris_b.lokr_w2_b": r(1, 3),
+        "lycoris_b.alpha": torch.tensor(1.0),
+        "lycoris_c.diff": r(4, 6),
+        "lycoris_c.diff_b": r(4),
+        "lycoris_d.lora_down.weight": r(2, 3, 1, 1),
+        "lycoris_d.lora_mid.weight": r(2, 2, 3, 3),
+        "lycoris_d.lora_up.weight": r(4, 2, 1, 1),
+        "unet.e.processor.to_q_lora.down.weight": r(2, 6),
+        "unet.e.processor.to_q_lora.up.weight": r(4, 2),
+    }
+    save_file(tensors, str(path))
+
+
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory):
     root = tmp_path_factory.mktemp("originals")
     makers = {"checkpoint": _toy_checkpoint, "lora": _toy_lora, "kohya": _kohya}
+    makers["lycoris"] = _lycoris
     out = {}
     for name, make in makers.items():
         make(root / f"{name}.safetensors")
@@ -255,7 +280,14 @@ def load_kohya(path):
         assert m.A.is_floating_point() and torch.isfinite(m.A).all() and torch.isfinite(m.B).all()
 
 
+def load_lycoris(path):
+    weights = read_lora(path, other_kinds=True, unmapped_ok=True)
+    for m in weights.others.values():
+        assert torch.isfinite(m.delta()).all() and m.delta_norm() >= 0
+
+
 LOADERS = {"checkpoint": load_checkpoint, "lora": load_condlora_lora, "kohya": load_kohya}
+LOADERS["lycoris"] = load_lycoris
 
 
 def check_load(kind, data, path, monkeypatch):

@@ -19,9 +19,8 @@ from condlora.lora.formats import (
     read_lora,
     write_lora,
 )
-from condlora.lora.formats.diffusers import from_diffusers
-from condlora.lora.formats.kohya import from_kohya
 from condlora.lora.formats.peft import config_scales, from_peft, to_peft
+from condlora.lora.formats.single import from_diffusers, from_kohya
 
 # name -> (out, in, kernel or None, rank, alpha): weights2weights' r = 1, alpha = 27 and more
 MODULES = {
@@ -84,6 +83,15 @@ def test_round_trip_peft_diffusers_kohya_peft_keeps_alpha(tmp_path):
     raw = load_file(tmp_path / "c.safetensors")
     assert float(raw["lora_unet_down_blocks_0_resnets_0_conv1.alpha"]) == 27.0
     assert raw["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"].shape == (1, 4, 3, 3)
+    # one alpha per file: alpha 5 becomes 27, the factor 5/27 split as sqrt into down and up
+    stem, source = (
+        "lora_unet_mid_block_resnets_0_time_emb_proj",
+        original.modules["mid_block.resnets.0.time_emb_proj"],
+    )
+    assert float(raw[f"{stem}.alpha"]) == 27.0
+    root = (5 / 27) ** 0.5
+    torch.testing.assert_close(raw[f"{stem}.lora_down.weight"], root * source.A)
+    torch.testing.assert_close(raw[f"{stem}.lora_up.weight"], root * source.B)
     kohya = read_lora(tmp_path / "c.safetensors", base_modules=list(BASE))
     assert kohya.layout == "kohya" and kohya.resolved
     assert_same_deltas(kohya, original)
@@ -119,9 +127,13 @@ def test_dict_layouts_read_their_scales():
     tensors = {"m.lora_A.weight": A, "m.lora_B.weight": B, "m.alpha": torch.tensor(27.0)}
     assert from_diffusers(tensors, {}, "t").modules["m"].scale == 13.5
     meta = {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 3})}
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
     with_te = {"unet.m.lora_A.weight": A, "unet.m.lora_B.weight": B, "text_encoder.x": A}
+    with_te |= {f"{te}.lora_A.weight": A, f"{te}.lora_B.weight": B}
     read = from_diffusers(with_te, meta, "t")
-    assert read.modules["m"].scale == 1.5 and list(read.text_encoder) == ["text_encoder.x"]
+    assert read.modules["m"].scale == 1.5 and list(read.text_encoder) == [te]
+    assert read.text_encoder[te].scale == 1.0  # the metadata is the U-Net's
+    assert read.unmapped == {"text_encoder.x": "no known LoRA key pattern"}
     # kohya: no alpha means alpha = r
     kohya = {"lora_unet_m_a.lora_down.weight": A, "lora_unet_m_a.lora_up.weight": B}
     assert from_kohya(kohya, {}, ["m.a"], "t").modules["m.a"].scale == 1.0
@@ -138,13 +150,14 @@ def test_kohya_names_come_from_the_base_module_list():
         "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": B,
         "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(27.0),
         "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": A,
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": B,
     }
     # a naive "_" -> "." guess would give down.blocks.0.attentions.0.proj.in
     base = ["down_blocks", "down_blocks.0.attentions.0.proj_in", "down_blocks.0.attentions.0"]
     weights = from_kohya(tensors, {}, base, "t")
     assert list(weights.modules) == ["down_blocks.0.attentions.0.proj_in"]
     assert weights.modules["down_blocks.0.attentions.0.proj_in"].scale == 27.0
-    assert len(weights.text_encoder) == 1
+    assert list(weights.text_encoder) == ["text_encoder.text_model.encoder.layers.0.mlp.fc1"]
     unresolved = from_kohya(tensors, {}, None, "t")
     assert not unresolved.resolved
     with pytest.raises(LoRAError, match="--base-modules"):
@@ -197,7 +210,7 @@ def test_cli_info_and_convert_with_rank(tmp_path, capsys):
     assert main(["lora", "convert", str(tmp_path / "a"), "--to", "kohya", "--out", str(kohya)]) == 0
     assert main(["lora", "info", str(kohya)]) == 0
     out = capsys.readouterr().out
-    assert "layout: kohya" in out and "alpha (scale x r): 5, 27" in out
+    assert "layout: kohya" in out and "alpha (scale x r): 27" in out  # one alpha per file
     assert "names: kohya stems" in out and "down_blocks_0_resnets_0_conv1" in out
     base = tmp_path / "base.txt"
     base.write_text("\n".join(BASE))
@@ -275,3 +288,26 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("condlora: error: ") and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+TEXT = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("source", ["peft", "diffusers", "kohya"])
+@pytest.mark.parametrize("target", ["peft", "diffusers", "kohya"])
+def test_every_pair_of_layouts_keeps_every_dw(source, target, tmp_path):
+    original = make_lora(5)
+    g = torch.Generator().manual_seed(6)
+    original.text_encoder[TEXT] = make_module(
+        TEXT, torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g), 1.5, "t"
+    )
+    paths = {"peft": "p", "diffusers": "d.safetensors", "kohya": "k.safetensors"}
+    write_lora(original, tmp_path / "a" / paths[source], source)
+    first = read_lora(tmp_path / "a" / paths[source], list(BASE))
+    write_lora(first, tmp_path / "b" / paths[target], target)
+    last = read_lora(tmp_path / "b" / paths[target], list(BASE))
+    assert last.unmapped == {} and first.unmapped == {}
+    assert_same_deltas(last, original)
+    if "peft" not in (source, target):  # a peft folder holds the U-Net only
+        text = LoRAWeights(last.text_encoder)
+        assert_same_deltas(text, LoRAWeights(original.text_encoder))

@@ -6,6 +6,7 @@ W + dW computed by hand.
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -112,6 +113,7 @@ def test_files_from_peft_save_pretrained_read_with_their_scale(unet, kind, tmp_p
     randomise(model)
     model.save_pretrained(tmp_path)
     lora = read_lora(tmp_path)
+    assert lora.unmapped == {}  # every key of the file accounted for
     expected = peft_deltas(model)
     assert_deltas(lora, expected)
     scales = {m.scale for m in lora.modules.values()}
@@ -128,6 +130,7 @@ def test_files_from_diffusers_savers_read_with_their_scale(unet, tmp_path):
     metadata = {k: v for k, v in config.to_dict().items() if k in ("r", "lora_alpha")}
     Pipeline.save_lora_weights(tmp_path / "p", layers, unet_lora_adapter_metadata=metadata)
     assert_deltas(read_lora(tmp_path / "p"), expected)
+    assert read_lora(tmp_path / "p").unmapped == {}
     model.save_lora_adapter(tmp_path / "m")  # keys without the unet. prefix
     assert_deltas(read_lora(tmp_path / "m"), expected)
     # no metadata, no alpha entries: diffusers assumes alpha = r (scale 1), and so do we
@@ -173,3 +176,86 @@ def test_condlora_kohya_files_load_through_diffusers_kohya_conversion(unet, inpu
     model = copy.deepcopy(unet)
     Pipeline.load_lora_into_unet(state, alphas, model)
     torch.testing.assert_close(run(model, inputs), reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora", "corda", "loftq", "loftq_cfg"])
+def test_adapters_that_change_the_base_weights_are_refused(init, tmp_path, capsys):
+    from condlora.cli import main
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    if init in ("pissa", "pissa_niter_2", "olora"):  # peft itself writes these
+        config = LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=init)
+        get_peft_model(model, config).save_pretrained(tmp_path)
+    else:
+        write_lora(random_lora(tiny_unet2d_condition()), tmp_path, "peft")
+        path = tmp_path / "adapter_config.json"
+        config = json.loads(path.read_text())
+        if init == "loftq_cfg":
+            config["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1}
+        else:
+            config["init_lora_weights"] = init
+        path.write_text(json.dumps(config))
+    assert main(["lora", "info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("condlora: error: ") and err.count("\n") == 1
+    assert "loftq_config" in err if init == "loftq_cfg" else "changes the base weights" in err
+
+
+@pytest.mark.filterwarnings("ignore:PiSSA changes the base weights")
+def test_pissa_converted_by_peft_reads_as_plain_lora(tmp_path):
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["0", "1"], init_lora_weights="pissa")
+    model = get_peft_model(copy.deepcopy(base), config)
+    model.save_pretrained(tmp_path / "init")  # the adapter as initialised (base weights changed)
+    randomise(model)
+    # peft's own conversion: a plain LoRA of rank 2r on the original base weights
+    model.save_pretrained(
+        tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init"
+    )
+    lora = read_lora(tmp_path / "plain")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        merged = copy.deepcopy(base)
+        for name, m in lora.modules.items():
+            dict(merged.named_modules())[name].weight += m.delta()
+        torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=0)
+
+
+KOHYA_SOURCES = {
+    "alpha_pattern": dict(
+        r=2,
+        lora_alpha=8,
+        target_modules=["to_q", "to_k", "to_out.0", "proj_in", "conv1"],
+        rank_pattern={"proj_in": 3, "conv1": 1},
+        alpha_pattern={"to_k": 3, "conv1": 5},
+    ),
+    "rslora_mixed_ranks": dict(
+        r=4,
+        lora_alpha=6,
+        target_modules=["to_q", "to_v", "conv2"],
+        rank_pattern={"to_v": 1, "conv2": 2},
+        use_rslora=True,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KOHYA_SOURCES))
+def test_per_module_alphas_survive_diffusers_kohya_loader(unet, inputs, kind, tmp_path):
+    model = get_peft_model(copy.deepcopy(unet), LoraConfig(**KOHYA_SOURCES[kind]))
+    randomise(model)
+    model.save_pretrained(tmp_path / "peft")
+    lora = read_lora(tmp_path / "peft")
+    assert len({m.scale * m.rank for m in lora.modules.values()}) > 1  # alphas do differ
+    write_lora(lora, tmp_path / "k.safetensors", "kohya")
+    state, alphas = Pipeline.lora_state_dict(tmp_path / "k.safetensors")
+    assert len(set(alphas.values())) == 1  # one alpha for the file, as diffusers applies it
+    loaded = copy.deepcopy(unet)
+    Pipeline.load_lora_into_unet(state, alphas, loaded)
+    model.eval()
+    torch.testing.assert_close(run(loaded, inputs), run(model, inputs), atol=1e-5, rtol=0)
+    assert_deltas(
+        read_lora(tmp_path / "k.safetensors", [n for n, _ in unet.named_modules()]),
+        peft_deltas(model),
+    )

@@ -85,10 +85,7 @@ def canonicalize(
     for name, module in weights.modules.items():
         result = canonical_factors(module, rank)
         modules[name], dropped[name] = result.module, result.dropped_energy
-    canonical = LoRAWeights(
-        modules, weights.layout, weights.text_encoder, weights.resolved, weights.hints
-    )
-    return canonical, dropped
+    return weights.replace_modules(modules), dropped
 
 
 def pair_matrix(module: ModuleLoRA) -> Tensor:

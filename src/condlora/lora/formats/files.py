@@ -18,6 +18,8 @@ from condlora.core.errors import LoRAError
 from condlora.core.paths import check_output_folder
 from condlora.core.safetensors_io import read_header, read_weights
 from condlora.lora.formats import diffusers, kohya, peft
+from condlora.lora.formats.keys import key_layout
+from condlora.lora.formats.single import from_single_file
 from condlora.lora.formats.weights import BaseModules, LoRAWeights
 
 LAYOUTS = ("peft", "diffusers", "kohya")
@@ -44,22 +46,21 @@ def _peft_folder(folder: Path) -> tuple[str, Path]:
 
 
 def _layout_of_keys(keys: Iterable[str], path: Path) -> str:
-    """The layout that a LoRA file's keys belong to."""
+    """The layout that a LoRA file's keys belong to (kohya, comfyui or diffusers)."""
     keys = list(keys)
-    if any(k.startswith((kohya.UNET_PREFIX, *kohya.TEXT_PREFIXES)) for k in keys):
-        return "kohya"
     if any(k.startswith(peft.PREFIX) for k in keys):
         raise LoRAError(
             f"{path} holds peft keys ({peft.PREFIX}...) but is not in a folder with its "
             f"{peft.CONFIG_NAME}; the scale cannot be known without it"
         )
-    if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
-        return "diffusers"
-    raise LoRAError(f"{path} holds no LoRA keys of a known layout (peft, diffusers, kohya)")
+    layout = key_layout(keys)
+    if layout is None:
+        raise LoRAError(f"{path} holds no LoRA keys of a known layout (peft, diffusers, kohya)")
+    return layout
 
 
 def detect_layout(path: str | os.PathLike) -> tuple[str, Path]:
-    """(layout, path to read): a peft folder, or a diffusers or kohya safetensors file."""
+    """(layout, path to read): a peft folder, or a diffusers, kohya or ComfyUI file."""
     path = Path(path)
     if not path.exists():
         raise LoRAError(f"LoRA not found: {path}")
@@ -100,10 +101,14 @@ def read_lora(
     path: str | os.PathLike,
     base_modules: BaseModules | Iterable[str] | None = None,
     check_base: bool = True,
+    other_kinds: bool = False,
+    unmapped_ok: bool = False,
 ) -> LoRAWeights:
     """Any LoRA file or peft folder -> LoRAWeights, checked (finite, fits the base if given).
 
-    base_modules names kohya modules; with check_base=False it serves only for that.
+    base_modules names kohya modules; with check_base=False it serves only for that. Modules
+    of other kinds (LoHa, LoKr, full, Tucker, DoRA) are a LoRAError unless other_kinds, and
+    so are keys that map to no module (listed in `unmapped`) unless unmapped_ok.
     """
     layout, source = detect_layout(path)
     base = as_base_modules(base_modules)
@@ -111,15 +116,20 @@ def read_lora(
         config = _read_json(source / peft.CONFIG_NAME)
         tensors, _ = read_safetensors(source / peft.WEIGHTS_NAME)
         weights = peft.from_peft(tensors, config, str(source))
-    elif layout == "diffusers":
-        tensors, metadata = read_safetensors(source)
-        weights = diffusers.from_diffusers(tensors, metadata, str(source))
     else:
         tensors, metadata = read_safetensors(source)
-        weights = kohya.from_kohya(tensors, metadata, base, str(source))
+        weights = from_single_file(tensors, metadata, base, str(source), layout)
     weights.check_finite(str(source))
     if check_base and base is not None and weights.resolved:
         weights.check_base(base, str(source))
+    if weights.others and not other_kinds:
+        name, m = next(iter(weights.others.items()))
+        raise LoRAError(
+            f"{source}: module {name} is {m.describe()}, not a low-rank pair "
+            "(`condlora lora convert` turns it into one by SVD)"
+        )
+    if not unmapped_ok:
+        weights.check_mapped(f"{source}: ")
     return weights
 
 
@@ -141,6 +151,16 @@ def _save_atomically(files: Mapping[Path, tuple[dict[str, Tensor], dict] | str])
         raise
     for path, tmp in temps.items():
         os.replace(tmp, path)
+
+
+def holds(weights: LoRAWeights, layout: str) -> bool:
+    """True if the layout holds every module of the LoRA as it is (other kinds included):
+    kohya holds LyCORIS kinds and kohya DoRA, peft and diffusers an all-DoRA peft adapter."""
+    if not weights.others:
+        return True
+    if layout == "kohya":  # not peft's DoRA vectors: dora_scale is another convention
+        return not any("magnitude" in m.parts for m in weights.others.values())
+    return layout in ("peft", "diffusers") and not peft.split_dora(weights)[0].others
 
 
 def write_lora(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> list[Path]:
@@ -188,7 +208,8 @@ def base_modules_of(model: nn.Module) -> dict[str, tuple[int, ...] | None]:
 
 def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | None]:
     """A base model's modules from a file: the model's safetensors weights (names and shapes),
-    JSON (a list of names, or name -> shape), or text (one name per line, # comments)."""
+    JSON (a list of names, name -> shape, or a diffusers U-Net's config.json), or text (one
+    name per line, # comments)."""
     path = Path(path)
     if not path.is_file():
         raise LoRAError(f"base-modules file not found: {path}")
@@ -204,6 +225,8 @@ def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | No
             value = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise LoRAError(f"{path} is not a readable JSON file ({err})") from None
+        if isinstance(value, dict) and "down_block_types" in value:
+            return _modules_of_unet_config(value, path)
         if isinstance(value, dict):
             return {str(k): (tuple(v) if v is not None else None) for k, v in value.items()}
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -215,3 +238,20 @@ def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | No
         raise LoRAError(f"{path} is not a text file of module names") from None
     lines = (line.split("#")[0].strip() for line in text.splitlines())
     return dict.fromkeys(line for line in lines if line)
+
+
+def _modules_of_unet_config(config: dict, path: Path) -> dict[str, tuple[int, ...] | None]:
+    """The modules of the diffusers UNet2DConditionModel that a config.json describes, built
+    on the meta device (no weights, no memory); needs diffusers."""
+    try:
+        import torch
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        raise LoRAError(f"{path} is a diffusers U-Net config: reading it needs diffusers") from None
+    try:
+        with torch.device("meta"):
+            model = UNet2DConditionModel.from_config(config)
+    except (TypeError, ValueError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise LoRAError(f"{path}: not a usable UNet2DConditionModel config ({first})") from None
+    return base_modules_of(model)

@@ -4,33 +4,35 @@ Key table (stem = `lora_unet_` + the module's dotted path with every `.` written
     <stem>.lora_down.weight   A [r, in] or [r, in, k, k]
     <stem>.lora_up.weight     B [out, r] or [out, r, 1, 1]
     <stem>.alpha              alpha, a scalar (absent: alpha = r); scale alpha / r
-    lora_te_* / lora_te1_* / lora_te2_*   text encoders: kept apart, not converted
+    lora_te_* (SD 1.x) / lora_te1_* and lora_te2_* (SDXL)   text encoders (CLIP layers)
 A stem cannot be turned back into a dotted path by guessing (module names hold underscores
-themselves), so names are mapped through the base model's module list.
+themselves), so names are mapped through the base model's module list; SDXL files name
+U-Net modules by their LDM paths (lora_unet_input_blocks_4_1_...), mapped the same way.
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
-from condlora.lora.formats.weights import (
-    BaseMismatch,
-    LoRAWeights,
-    alpha_value,
-    clean_number,
-    factor_ranks,
-    group_by_module,
-    make_module,
-)
+from condlora.lora.formats.keys import TEXT_2, is_text_module
+from condlora.lora.formats.names import ldm_table
+from condlora.lora.formats.weights import BaseMismatch, LoRAWeights, ModuleLoRA, clean_number
 
 UNET_PREFIX = "lora_unet_"
-TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
-KEYS = {".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha"}
 HINT_KEYS = ("ss_sd_model_name", "ss_base_model_version", "modelspec.architecture", "ss_v2")
+# how the parts of other kinds are written (LyCORIS roles keep their own names)
+ROLE_SUFFIXES = {
+    "A": ".lora_down.weight",
+    "B": ".lora_up.weight",
+    "mid": ".lora_mid.weight",
+    "dora_scale": ".dora_scale",
+}
 
 
 def kohya_stem(module: str) -> str:
@@ -39,10 +41,16 @@ def kohya_stem(module: str) -> str:
 
 
 def stem_table(base_modules: Iterable[str]) -> dict[str, list[str]]:
-    """kohya stem -> the base model's module paths that it could name."""
+    """kohya stem -> the base model's module paths that it could name (by their diffusers
+    path, or by their LDM path as kohya writes SDXL)."""
     table: dict[str, list[str]] = {}
-    for name in base_modules:
+    names = list(base_modules)
+    for name in names:
         table.setdefault(kohya_stem(name), []).append(name)
+    for name, ldm in ldm_table(names).items():
+        names_of = table.setdefault(kohya_stem(ldm), [])
+        if name not in names_of:
+            names_of.append(name)
     return table
 
 
@@ -57,39 +65,66 @@ def resolve(stem: str, table: Mapping[str, list[str]], where: str) -> str:
     return names[0]
 
 
-def from_kohya(
-    tensors: Mapping[str, Tensor],
-    metadata: Mapping[str, str],
-    base_modules: Iterable[str] | None,
-    where: str,
-) -> LoRAWeights:
-    """kohya state dict -> LoRAWeights; without base_modules the names stay kohya stems."""
-    text = {k: v for k, v in tensors.items() if k.startswith(TEXT_PREFIXES)}
-    unet = {k: v for k, v in tensors.items() if k not in text}
-    groups = group_by_module(unet, UNET_PREFIX, KEYS, where)
-    table = stem_table(base_modules) if base_modules is not None else None
-    modules = {}
-    ranks = factor_ranks(groups, where)
-    for stem, parts in sorted(groups.items()):
-        name = resolve(stem, table, where) if table is not None else stem
-        rank = ranks[stem]
-        alpha = alpha_value(parts["alpha"], stem, where) if "alpha" in parts else rank
-        modules[name] = make_module(name, parts["A"], parts["B"], alpha / rank, where)
-    hints = {k: metadata[k] for k in HINT_KEYS if metadata.get(k)}
-    return LoRAWeights(modules, "kohya", text, resolved=table is not None, hints=hints)
+def uniform_alpha(weights: LoRAWeights) -> float:
+    """The one alpha that a kohya file gets: the most common scale x r among its modules."""
+    pairs = {**weights.modules, **weights.text_encoder}.values()
+    alphas = [clean_number(m.scale * m.rank) for m in pairs]
+    return Counter(alphas).most_common(1)[0][0]
+
+
+def with_alpha(m: ModuleLoRA, alpha: float) -> ModuleLoRA:
+    """The same dW with scale alpha / r: the factor c = scale r / alpha is split as sqrt(|c|)
+    into A and B (the sign into B), so that both stay of like size."""
+    scale = alpha / m.rank
+    c = m.scale / scale
+    if abs(c - 1.0) <= 1e-12:
+        return ModuleLoRA(m.A, m.B, scale)
+    root = math.sqrt(abs(c))
+    return ModuleLoRA(m.A * root, m.B * (root if c > 0 else -root), scale)
+
+
+def _text_prefix(name: str, two_encoders: bool) -> tuple[str, str]:
+    """(kohya prefix, module path) of a `text_encoder.<path>` / `text_encoder_2.<path>` name."""
+    component, path = name.split(".", 1)
+    if component == TEXT_2:
+        return "lora_te2_", path
+    return ("lora_te1_" if two_encoders else "lora_te_"), path
 
 
 def to_kohya(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """LoRAWeights -> (kohya state dict with an alpha per module, file metadata)."""
-    if not weights.modules:
-        raise LoRAError("the LoRA has no U-Net modules to write as kohya")
+    """LoRAWeights -> (kohya state dict, file metadata), one alpha for the whole file.
+
+    diffusers' kohya loader gives every attention projection the same alpha, so modules with
+    another scale x r carry their factor in A and B (dW unchanged) under the common alpha.
+    """
+    if not (weights.modules or weights.text_encoder or weights.others):
+        raise LoRAError("the LoRA has no modules to write as kohya")
+    alpha = uniform_alpha(weights) if weights.modules or weights.text_encoder else 1.0
+    two = any(name.startswith(TEXT_2 + ".") for name in [*weights.text_encoder, *weights.others])
+    stems = {name: _stem(name, two) for name in [*weights.modules, *weights.text_encoder]}
+    stems |= {name: _stem(name, two) for name in weights.others}
+    if len(set(stems.values())) < len(stems):
+        raise LoRAError("two modules share a kohya name; cannot write as kohya")
     tensors: dict[str, Tensor] = {}
-    for name, m in weights.modules.items():
-        stem = UNET_PREFIX + kohya_stem(name)
-        if f"{stem}.alpha" in tensors:
-            raise LoRAError(f"two modules share the kohya name {stem}; cannot write as kohya")
+    for name, m in {**weights.modules, **weights.text_encoder}.items():
+        m, stem = with_alpha(m, alpha), stems[name]
         tensors[f"{stem}.lora_down.weight"] = m.A
         tensors[f"{stem}.lora_up.weight"] = m.B
-        # alpha = scale * r, so that kohya's alpha / r gives the scale back (never alpha = r)
-        tensors[f"{stem}.alpha"] = torch.tensor(clean_number(m.scale * m.rank), dtype=torch.float32)
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    for name, m in weights.others.items():  # LyCORIS kinds: their own tensors and alpha
+        if "magnitude" in m.parts:
+            raise LoRAError(
+                f"module {name} is a peft DoRA module: kohya's dora_scale is another "
+                "convention, so the kohya layout cannot hold it"
+            )
+        for role, t in m.parts.items():
+            tensors[stems[name] + ROLE_SUFFIXES.get(role, f".{role}")] = t
     return tensors, {"format": "pt"}
+
+
+def _stem(name: str, two_encoders: bool) -> str:
+    """The kohya key stem of a U-Net path or a `text_encoder.<path>` name."""
+    if is_text_module(name):
+        prefix, path = _text_prefix(name, two_encoders)
+        return prefix + kohya_stem(path)
+    return UNET_PREFIX + kohya_stem(name)

@@ -14,11 +14,14 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
+from condlora.lora.formats.kinds import ModuleDelta, check_parts
 from condlora.lora.formats.weights import (
     LoRAWeights,
+    ModuleLoRA,
     clean_number,
     config_number,
     factor_ranks,
@@ -27,7 +30,7 @@ from condlora.lora.formats.weights import (
 )
 
 PREFIX = "base_model.model."
-KEYS = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+KEYS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_magnitude_vector": "magnitude"}
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # LoraConfig's defaults when a key is absent
@@ -80,26 +83,49 @@ def _pattern(config: Mapping, key: str, where: str) -> Mapping:
     return value
 
 
+# init_lora_weights values whose adapters were made together with a changed base weight
+# (W - s B A for PiSSA / OLoRA / CorDA, a quantised W for LoftQ): not a plain LoRA on W
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
 def check_config(config: Mapping, where: str) -> None:
-    """LoRAError for configs that are not plain LoRA (another peft method, DoRA)."""
+    """LoRAError for configs that are not plain LoRA (another peft method, DoRA, an adapter
+    that came with a changed base weight)."""
     if config.get("peft_type", "LORA") != "LORA":
         raise LoRAError(f"{where}: peft_type {config['peft_type']!r} is not LORA")
-    if config.get("use_dora"):
-        raise LoRAError(f"{where}: DoRA adapters are not supported (use_dora is true)")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise LoRAError(
+            f"{where}: init_lora_weights {init!r} changes the base weights: the adapter is "
+            "not a plain LoRA on the original model (convert it with peft first)"
+        )
+    if config.get("loftq_config"):
+        raise LoRAError(
+            f"{where}: loftq_config is set: LoftQ adapters go with a quantised base weight, "
+            "not a plain LoRA on the original model"
+        )
 
 
 def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoRAWeights:
-    """peft state dict + adapter config -> LoRAWeights."""
+    """peft state dict + adapter config -> LoRAWeights (DoRA modules, use_dora, go to
+    `others` with their magnitude vectors)."""
     check_config(config, where)
-    groups = group_by_module(tensors, PREFIX, KEYS, where)
+    unmapped: dict[str, str] = {}
+    groups = group_by_module(tensors, PREFIX, KEYS, where, unmapped)
     ranks = factor_ranks(groups, where)
     scales = config_scales(config, ranks, where)
-    modules = {
-        module: make_module(module, parts["A"], parts["B"], scales[module], where)
-        for module, parts in sorted(groups.items())
-    }
+    modules, others = {}, {}
+    for module, parts in sorted(groups.items()):
+        lora = make_module(module, parts["A"], parts["B"], scales[module], where)
+        if "magnitude" not in parts:
+            modules[module] = lora
+            continue
+        alpha = torch.tensor(scales[module] * ranks[module], dtype=torch.float64)
+        dora = {"A": lora.A, "B": lora.B, "magnitude": parts["magnitude"], "alpha": alpha}
+        check_parts("dora", dora, module, where)
+        others[module] = ModuleDelta("dora", dora)
     hints = {k: str(config[k]) for k in ("base_model_name_or_path", "use_rslora") if config.get(k)}
-    return LoRAWeights(modules, "peft", hints=hints)
+    return LoRAWeights(modules, "peft", hints=hints, unmapped=unmapped, others=others)
 
 
 def lora_config(weights: LoRAWeights) -> dict:
@@ -124,8 +150,14 @@ def lora_config(weights: LoRAWeights) -> dict:
 
 
 def check_writable(weights: LoRAWeights, layout: str) -> None:
-    """LoRAError if the LoRA has no modules or its names are not dotted module paths."""
-    if not weights.modules:
+    """LoRAError if the LoRA has no modules, modules of another kind, or names that are not
+    dotted module paths."""
+    for name, m in weights.others.items():
+        raise LoRAError(
+            f"module {name} is {m.describe()}: the {layout} layout holds plain LoRA "
+            "only (condlora lora convert turns other kinds into LoRA by SVD; DoRA cannot be)"
+        )
+    if not weights.modules and not (layout == "diffusers" and weights.text_encoder):
         raise LoRAError(f"the LoRA has no U-Net modules to write as {layout}")
     if not weights.resolved:
         raise LoRAError(
@@ -134,13 +166,31 @@ def check_writable(weights: LoRAWeights, layout: str) -> None:
         )
 
 
+def split_dora(weights: LoRAWeights) -> tuple[LoRAWeights, dict[str, Tensor]]:
+    """(the LoRA with peft DoRA modules as their low-rank pairs, their magnitude vectors) when
+    every module is one; else (the LoRA unchanged, {}). peft's use_dora is adapter-wide."""
+    others = weights.others.values()
+    if not others or weights.modules or weights.text_encoder:
+        return weights, {}
+    if not all(m.kind == "dora" for m in others):
+        return weights, {}
+    pairs = {n: ModuleLoRA(m.parts["A"], m.parts["B"], m.scale) for n, m in weights.others.items()}
+    out = weights.replace_modules(pairs)
+    out.others = {}
+    return out, {n: m.parts["magnitude"] for n, m in weights.others.items()}
+
+
 def to_peft(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict]:
-    """LoRAWeights -> (peft state dict, adapter_config.json contents)."""
+    """LoRAWeights -> (peft state dict, adapter_config.json contents); DoRA when every module
+    is a peft DoRA module."""
+    weights, magnitudes = split_dora(weights)
     check_writable(weights, "peft")
     tensors = {}
     for name, m in weights.modules.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.A
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.B
+        if name in magnitudes:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = magnitudes[name]
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -152,5 +202,6 @@ def to_peft(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict]:
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
+        "use_dora": bool(magnitudes),
     }
     return tensors, config

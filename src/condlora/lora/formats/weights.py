@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
+from condlora.lora.formats.keys import is_text_module, unmapped_reason
+from condlora.lora.formats.kinds import ModuleDelta
 
 # A base model's modules: dotted name -> weight shape (None when only the name is known).
 BaseModules = Mapping[str, "tuple[int, ...] | None"]
@@ -90,21 +92,38 @@ def make_module(name: str, A: Tensor, B: Tensor, scale: float, where: str) -> Mo
 class LoRAWeights:
     """A whole LoRA: dotted module paths of the base model -> (A, B, scale).
 
-    `text_encoder` holds the file's text-encoder tensors untouched (kept apart, not converted).
-    `resolved` is False when module names could not be mapped to dotted paths (a kohya file
-    read without the base model's module list): they are then kohya's underscore names.
+    `text_encoder` holds the text encoders' modules, named `text_encoder.<path>` or
+    `text_encoder_2.<path>` (paths in the CLIP text model). `resolved` is False when U-Net
+    names could not be mapped to dotted paths (a kohya file read without the base model's
+    module list): they are then kohya's underscore names. `unmapped` lists every key of the
+    file that is not read, with the reason. `others` holds the modules (U-Net or text encoder)
+    whose update is not one low-rank pair: LoHa, LoKr, full diffs, Tucker, DoRA (kinds.py).
     """
 
     modules: dict[str, ModuleLoRA]
     layout: str = ""
-    text_encoder: dict[str, Tensor] = field(default_factory=dict)
+    text_encoder: dict[str, ModuleLoRA] = field(default_factory=dict)
     resolved: bool = True
     hints: dict[str, str] = field(default_factory=dict)
+    unmapped: dict[str, str] = field(default_factory=dict)
+    others: dict[str, ModuleDelta] = field(default_factory=dict)
+
+    def replace_modules(self, modules: dict[str, ModuleLoRA]) -> LoRAWeights:
+        """The same LoRA (text encoders, names, hints, unmapped keys, other kinds) with other
+        U-Net modules."""
+        return LoRAWeights(
+            modules,
+            self.layout,
+            self.text_encoder,
+            self.resolved,
+            self.hints,
+            self.unmapped,
+            self.others,
+        )
 
     def fold_scale(self) -> LoRAWeights:
         """The same LoRA with every scale folded into its B factor (all scales 1)."""
-        modules = {name: m.folded() for name, m in self.modules.items()}
-        return LoRAWeights(modules, self.layout, self.text_encoder, self.resolved, self.hints)
+        return self.replace_modules({name: m.folded() for name, m in self.modules.items()})
 
     def deltas(self) -> dict[str, Tensor]:
         """dW of every module."""
@@ -115,12 +134,21 @@ class LoRAWeights:
         return {name: m.rank for name, m in self.modules.items()}
 
     def num_parameters(self) -> int:
-        """Numbers in all A and B factors."""
-        return sum(m.A.numel() + m.B.numel() for m in self.modules.values())
+        """Numbers in all A and B factors, and in the parts of other kinds (alphas aside)."""
+        pairs = {**self.modules, **self.text_encoder}.values()
+        others = (t for m in self.others.values() for r, t in m.parts.items() if r != "alpha")
+        return sum(m.A.numel() + m.B.numel() for m in pairs) + sum(t.numel() for t in others)
+
+    def check_mapped(self, where: str) -> None:
+        """LoRAError naming the first key that maps to no module (and how many more)."""
+        if self.unmapped:
+            key, reason = next(iter(self.unmapped.items()))
+            more = f" (and {len(self.unmapped) - 1} more)" if len(self.unmapped) > 1 else ""
+            raise LoRAError(f"{where}key {key!r} maps to no module: {reason}{more}")
 
     def check_finite(self, where: str) -> None:
         """LoRAError naming the first module with an integer factor or a NaN or inf value."""
-        for name, m in self.modules.items():
+        for name, m in {**self.modules, **self.text_encoder}.items():
             for label, t in (("A", m.A), ("B", m.B)):
                 if not t.is_floating_point():
                     raise LoRAError(f"{where}: module {name} has {t.dtype} values in {label}")
@@ -129,6 +157,9 @@ class LoRAWeights:
 
     def check_base(self, base: BaseModules, where: str) -> None:
         """LoRAError if a module is not in the base model or its dW does not fit its weight."""
+        for name in self.others:
+            if not is_text_module(name) and name not in base:
+                raise BaseMismatch(f"{where}: module {name} is not in the base model")
         for name, m in self.modules.items():
             if name not in base:
                 raise BaseMismatch(f"{where}: module {name} is not in the base model")
@@ -147,19 +178,24 @@ def _fits(delta: tuple[int, ...], weight: tuple[int, ...]) -> bool:
 
 
 def group_by_module(
-    tensors: Mapping[str, Tensor], prefix: str, suffixes: Mapping[str, str], where: str
+    tensors: Mapping[str, Tensor],
+    prefix: str,
+    suffixes: Mapping[str, str],
+    where: str,
+    unmapped: dict[str, str],
 ) -> dict[str, dict[str, Tensor]]:
     """Split `prefix<module><suffix>` keys by module: {module: {role: tensor}}.
 
-    `suffixes` is the layout's key table (suffix -> role); a key with another suffix is an
-    unsupported LoRA variant (DoRA, LoCon, bias ...) and raises LoRAError.
+    `suffixes` is the layout's key table (suffix -> role); a key with another prefix or
+    suffix (DoRA, LoCon, bias ...) goes into `unmapped` with the reason.
     """
     groups: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         body = key[len(prefix) :]
         match = next((s for s in suffixes if body.endswith(s)), None)
         if not key.startswith(prefix) or match is None:
-            raise LoRAError(f"{where}: unsupported key {key!r} (expected {sorted(suffixes)})")
+            unmapped[key] = unmapped_reason(key)
+            continue
         groups.setdefault(body[: -len(match)], {})[suffixes[match]] = value
     for module, parts in groups.items():
         for role in ("A", "B"):

@@ -1,0 +1,191 @@
+"""Text-encoder parts of LoRA files (kohya lora_te_ / lora_te1_ / lora_te2_, diffusers
+text_encoder., older diffusers keys, ComfyUI text_encoders.) read, kept and written, checked
+against diffusers' own savers and loaders on a tiny CLIP text model."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from condlora.cli import main
+from condlora.lora.formats import read_lora, write_lora
+from condlora.lora.formats.kohya import kohya_stem
+
+from .test_lora_layouts import TARGETS, Pipeline, assert_deltas, clip_module, factors
+
+transformers = pytest.importorskip("transformers")
+
+TEXT_TARGETS = {"self_attn.q_proj": 2, "self_attn.out_proj": 1, "mlp.fc1": 2}
+
+
+@pytest.fixture(scope="module")
+def unet():
+    from .conftest import tiny_unet2d_condition
+
+    return tiny_unet2d_condition()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(
+        vocab_size=50,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=8,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def clip_parts(clip, seed=4):
+    layers = ("text_model.encoder.layers.0", "text_model.encoder.layers.1")
+    targets = {f"{layer}.{m}": r for m, r in TEXT_TARGETS.items() for layer in layers}
+    return factors(clip, targets, seed)
+
+
+def encode(model):
+    with torch.no_grad():
+        return model(torch.tensor([[1, 5, 7, 2]])).last_hidden_state
+
+
+def test_kohya_text_encoder_modules_are_read_and_load_in_diffusers(clip, tmp_path):
+    parts = clip_parts(clip)
+    tensors = {}
+    for path, (A, B) in parts.items():
+        stem = "lora_te_" + kohya_stem(path)
+        tensors |= {f"{stem}.lora_down.weight": A, f"{stem}.lora_up.weight": B}
+        tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, tmp_path / "te.safetensors")
+    lora = read_lora(tmp_path / "te.safetensors")
+    assert lora.modules == {} and lora.unmapped == {}
+    prefixed = {f"text_encoder.{p}": ab for p, ab in parts.items()}
+    assert_deltas(lora.text_encoder, prefixed, alpha=2)
+    # the reference: diffusers' own kohya conversion and text-encoder loader
+    state, alphas = Pipeline.lora_state_dict(tmp_path / "te.safetensors")
+    model = copy.deepcopy(clip)
+    Pipeline.load_lora_into_text_encoder(state, alphas, model, prefix="text_encoder")
+    by_hand = copy.deepcopy(clip)
+    with torch.no_grad():
+        for name, m in lora.text_encoder.items():
+            clip_module(by_hand, name.removeprefix("text_encoder.")).weight += m.delta()
+    torch.testing.assert_close(encode(model), encode(by_hand))
+
+
+def test_text_encoders_survive_kohya_diffusers_round_trips(clip, unet, tmp_path):
+    te, te2 = clip_parts(clip, 5), clip_parts(clip, 6)
+    tensors = {}
+    for prefix, parts in (("lora_te1_", te), ("lora_te2_", te2)):
+        for path, (A, B) in parts.items():
+            stem = prefix + kohya_stem(path)
+            tensors |= {f"{stem}.lora_down.weight": A, f"{stem}.lora_up.weight": B}
+            tensors[f"{stem}.alpha"] = torch.tensor(3.0)
+    for name, (A, B) in factors(unet, TARGETS).items():
+        stem = "lora_unet_" + kohya_stem(name)
+        tensors |= {f"{stem}.lora_down.weight": A, f"{stem}.lora_up.weight": B}
+    save_file(tensors, tmp_path / "xl.safetensors")
+    base = [name for name, _ in unet.named_modules() if name]
+    lora = read_lora(tmp_path / "xl.safetensors", base)
+    expected = {f"text_encoder.{p}": ab for p, ab in te.items()}
+    expected |= {f"text_encoder_2.{p}": ab for p, ab in te2.items()}
+    assert_deltas(lora.text_encoder, expected, alpha=3)
+    write_lora(lora, tmp_path / "d.safetensors", "diffusers")
+    again = read_lora(tmp_path / "d.safetensors")
+    write_lora(again, tmp_path / "k.safetensors", "kohya")
+    last = read_lora(tmp_path / "k.safetensors", base)
+    for weights in (again, last):
+        assert weights.unmapped == {}
+        assert_deltas(weights.text_encoder, expected, alpha=3)
+        assert_deltas(weights.modules, factors(unet, TARGETS))
+    written = read_lora(tmp_path / "k.safetensors").text_encoder
+    assert sorted(written) == sorted(expected)
+    out = tmp_path / "r1.safetensors"
+    assert (
+        main(
+            [
+                "lora",
+                "convert",
+                str(tmp_path / "k.safetensors"),
+                "--to",
+                "kohya",
+                "--out",
+                str(out),
+                "--rank",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert {m.rank for m in read_lora(out).text_encoder.values()} == {1}  # text encoders too
+
+
+def test_old_diffusers_text_encoder_keys(clip, tmp_path):
+    parts = clip_parts(clip, 7)
+    tensors = {}
+    for path, (A, B) in parts.items():
+        # diffusers < 0.25: attention under to_q_lora ..., MLP under lora_linear_layer
+        layer, _, proj = path.rpartition(".")
+        old = {"q_proj": "to_q_lora", "out_proj": "to_out_lora"}.get(proj)
+        stem = f"text_encoder.{layer}.{old}" if old else f"text_encoder.{path}.lora_linear_layer"
+        tensors |= {f"{stem}.down.weight": A, f"{stem}.up.weight": B}
+    save_file(tensors, tmp_path / "old.safetensors")
+    lora = read_lora(tmp_path / "old.safetensors")
+    assert lora.unmapped == {}
+    assert_deltas(lora.text_encoder, {f"text_encoder.{p}": ab for p, ab in parts.items()})
+
+
+def test_comfyui_text_encoder_prefixes(clip, tmp_path):
+    parts = clip_parts(clip, 8)
+    tensors = {}
+    for prefix in ("text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer."):
+        for path, (A, B) in parts.items():
+            stem = prefix + path
+            tensors |= {f"{stem}.lora_down.weight": A.clone(), f"{stem}.lora_up.weight": B.clone()}
+    save_file(tensors, tmp_path / "c.safetensors")
+    lora = read_lora(tmp_path / "c.safetensors")
+    expected = {f"text_encoder.{p}": ab for p, ab in parts.items()}
+    expected |= {f"text_encoder_2.{p}": ab for p, ab in parts.items()}
+    assert lora.layout == "comfyui" and lora.unmapped == {}
+    assert_deltas(lora.text_encoder, expected)
+
+
+def test_text_encoder_files_from_diffusers_saver_keep_their_scale(clip, tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    model = inject_adapter_in_model(
+        LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "fc1"]), copy.deepcopy(clip)
+    )
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    expected = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):  # peft's own dW, named as the files name CLIP layers
+            path = name if name.startswith("text_model.") else f"text_model.{name}"
+            expected[f"text_encoder.{path}"] = layer.get_delta_weight("default")
+    Pipeline.save_lora_weights(
+        tmp_path / "d",
+        unet_lora_layers=None,
+        text_encoder_lora_layers=get_peft_model_state_dict(model),
+        text_encoder_lora_adapter_metadata={"r": 2, "lora_alpha": 6},
+    )
+    lora = read_lora(tmp_path / "d")
+    assert lora.unmapped == {} and {m.scale for m in lora.text_encoder.values()} == {3.0}
+    write_lora(lora, tmp_path / "k.safetensors", "kohya")  # kohya's CLIP stems map back
+    write_lora(lora, tmp_path / "again.safetensors", "diffusers")
+    again = read_lora(tmp_path / "again.safetensors")
+    for weights in (lora, read_lora(tmp_path / "k.safetensors"), again):
+        assert sorted(weights.text_encoder) == sorted(expected)
+        for name, want in expected.items():
+            err = (weights.text_encoder[name].delta() - want).norm() / want.norm()
+            assert err < 1e-6, name
