@@ -24,6 +24,8 @@ from condlora.core.config import parse_overrides
 from condlora.train.checkpoint import CHECKPOINT_NAME
 
 from .conftest import CONFIGS, REPO, TINY
+from .synth_common import TINY as SYNTH_TINY
+from .synth_common import linear_collection
 
 BASE = CONFIGS / "digits-uclora.yaml"
 
@@ -45,7 +47,18 @@ def shared(tmp_path_factory, one_thread):
     }
     save_file(lora, str(root / "lora.safetensors"))
     assert main(["lora", "info", str(root / "lora.safetensors")]) == 0
+    synth_model(root / "synth")
     return root
+
+
+def synth_model(folder):
+    """folder/data.safetensors (a tiny collection), folder/model trained on it, folder/e.safetensors
+    (one embedding)."""
+    folder.mkdir()
+    dataset = linear_collection(folder / "data.safetensors")[0]
+    args = ["synth", "train", "--config", synth_config(folder, dataset), "--out", folder / "model"]
+    assert main([str(a) for a in [*args, "--quiet", *SYNTH_TINY]]) == 0
+    save_file({"e": torch.randn(4)}, str(folder / "e.safetensors"))
 
 
 # --- building damaged files ---------------------------------------------------------------
@@ -130,6 +143,12 @@ def header_edit(fn):
         return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
 
     return edit
+
+
+def header_bytes(data, raw):
+    """Bytes of a safetensors file with its JSON header replaced by raw bytes."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
 
 
 def first_tensor(header):
@@ -230,6 +249,48 @@ def diffusers_file(d, metadata):
     tensors["unet.mid.to_q.lora_B.weight"] = torch.ones(8, 2)
     save_file(tensors, str(path), metadata={"lora_adapter_metadata": metadata})
     return path
+
+
+def synth_config(d, dataset):
+    return write(d, "synth.yaml", f"kind: synthesis\nname: tiny\ndataset: {dataset}\n")
+
+
+def synth_train(d, dataset, *extra):
+    """`synth train` of a tiny model on a dataset, into d/model."""
+    config = synth_config(d, dataset)
+    return [
+        "synth",
+        "train",
+        "--config",
+        config,
+        "--out",
+        d / "model",
+        "--quiet",
+        *SYNTH_TINY,
+        *extra,
+    ]
+
+
+def damaged_dataset(s, d, edit):
+    """A copy of the shared collection whose bytes are replaced by edit(bytes)."""
+    return write(d, "data.safetensors", edit((s / "synth" / "data.safetensors").read_bytes()))
+
+
+def generate(s, d, *extra, model=None):
+    """`synth generate` from the shared model (or `model`) into d/g."""
+    model = model or s / "synth" / "model"
+    embedding = s / "synth" / "e.safetensors"
+    return [
+        "synth",
+        "generate",
+        "--model",
+        model,
+        "--embedding",
+        embedding,
+        "--out",
+        d / "g",
+        *extra,
+    ]
 
 
 def experiment(d, text):
@@ -608,6 +669,29 @@ CASES = {
         s / "lora.safetensors", "kohya", write(d, "afile", "x") / "k.safetensors"
     ),
     "lora convert unknown out": lambda s, d: convert(s / "lora.safetensors", "kohya", d / "x.txt"),
+    # sizes checked before allocating, headers read with the checked reader (issue 24)
+    "lora convert rank 1e9": lambda s, d: [
+        *convert(s / "lora.safetensors", "kohya", d / "k.safetensors"),
+        "--rank",
+        "1000000000",
+    ],
+    "lora convert rank above every module": lambda s, d: [
+        *convert(s / "lora.safetensors", "kohya", d / "k.safetensors"),
+        "--rank",
+        "9",
+    ],
+    "lora convert rank 0": lambda s, d: [
+        *convert(s / "lora.safetensors", "peft", d / "p"),
+        "--rank",
+        "0",
+    ],
+    "synth generate num 1e9": lambda s, d: generate(s, d, "--num", "1000000000"),
+    "synth train dataset entry without data_offsets": lambda s, d: synth_train(
+        d, damaged_dataset(s, d, header_edit(lambda h: h["vectors"].pop("data_offsets")))
+    ),
+    "synth train dataset header a list": lambda s, d: synth_train(
+        d, damaged_dataset(s, d, lambda b: header_bytes(b, b"[1, 2]"))
+    ),
 }
 
 
@@ -666,3 +750,23 @@ def test_an_unexpected_exception_is_a_bug_report_and_debug_shows_it(monkeypatch,
     assert "ZeroDivisionError: an internal slip" in err and len(err.strip().splitlines()) == 2
     assert main(["--debug", "info", "--config", "x.yaml"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 64 GB"),
+        RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)
+def test_a_failed_allocation_is_the_out_of_memory_line(error, monkeypatch, capsys):
+    from condlora import cli
+
+    def exhausted(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_info", exhausted)
+    assert main(["info", "--config", "x.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err == "condlora: error: out of memory (try a smaller model, batch or --num)\n", err

@@ -369,8 +369,7 @@ class LoRADataset:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        header, self._start = read_header(self.path)
-        metadata = header.get("__metadata__", {})
+        metadata, header, self._start = read_header(self.path)
         if metadata.get("format") != FORMAT:
             raise DataError(f"{self.path} is not a condlora LoRA dataset")
         try:
