@@ -685,6 +685,18 @@ CASES = {
         "--rank",
         "0",
     ],
+    "serve host unresolvable": lambda s, d: [
+        "serve",
+        "--runs",
+        d,
+        "--host",
+        "no.such.host.invalid",
+    ],
+    "serve host not on this machine": lambda s, d: ["serve", "--runs", d, "--host", "192.0.2.1"],
+    "serve host label too long": lambda s, d: ["serve", "--runs", d, "--host", "a" * 300],
+    "serve host empty": lambda s, d: ["serve", "--runs", d, "--host", ""],
+    "serve port 0": lambda s, d: ["serve", "--runs", d, "--port", "0"],
+    "serve port above 65535": lambda s, d: ["serve", "--runs", d, "--port", "70000"],
     "synth generate num 1e9": lambda s, d: generate(s, d, "--num", "1000000000"),
     "synth train dataset entry without data_offsets": lambda s, d: synth_train(
         d, damaged_dataset(s, d, header_edit(lambda h: h["vectors"].pop("data_offsets")))

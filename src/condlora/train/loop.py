@@ -13,12 +13,10 @@ Every random choice of step k (data order, noise levels, noise, dropout) is a fu
 from __future__ import annotations
 
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from condlora.core.files import write_text_atomic
 from condlora.core.jsonl import append_jsonl, truncate_jsonl
 from condlora.core.paths import check_output_folder
 from condlora.core.progress import progress_bar
+from condlora.core.signals import sigterm_as_interrupt
 from condlora.train.checkpoint import (
     CHECKPOINT_NAME,
     load_training_state,
@@ -215,23 +214,6 @@ def _fresh_accelerator_state(mixed_precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Any:
-    """SIGTERM (what `kill` and schedulers send) raises KeyboardInterrupt, as Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class Trainer:
     """Holds the run's state; `run()` trains to train.max_steps, checkpointing on the way."""
 
@@ -381,7 +363,7 @@ class Trainer:
         bar = progress_bar(shown, total=end, initial=self.step, unit="step")
         log, window, start = {}, [], time.time()
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 while self.step < end:
                     loss, norm = self.train_step()
                     window.append(loss)
