@@ -21,11 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from condlora.cli import main
 from condlora.core.config import parse_overrides
+from condlora.synthesis.collection import write_dataset
 from condlora.train.checkpoint import CHECKPOINT_NAME
 
 from .conftest import CONFIGS, REPO, TINY
+from .synth_common import SPEC, linear_collection
 from .synth_common import TINY as SYNTH_TINY
-from .synth_common import linear_collection
 
 BASE = CONFIGS / "digits-uclora.yaml"
 
@@ -276,21 +277,23 @@ def damaged_dataset(s, d, edit):
     return write(d, "data.safetensors", edit((s / "synth" / "data.safetensors").read_bytes()))
 
 
-def generate(s, d, *extra, model=None):
-    """`synth generate` from the shared model (or `model`) into d/g."""
-    model = model or s / "synth" / "model"
-    embedding = s / "synth" / "e.safetensors"
+def generate(s, d, *extra, out="g"):
+    """`synth generate` from the shared model into d/out."""
+    model, embedding = s / "synth" / "model", s / "synth" / "e.safetensors"
     return [
-        "synth",
-        "generate",
-        "--model",
-        model,
-        "--embedding",
-        embedding,
+        *["synth", "generate", "--model", model, "--embedding", embedding],
         "--out",
-        d / "g",
+        d / out,
         *extra,
     ]
+
+
+def nan_dataset(d):
+    """A tiny collection with one NaN among its vectors."""
+    path, vectors, embeddings, _, _ = linear_collection(d / "nan.safetensors")
+    vectors[3, 2] = math.nan
+    names = [f"s{i:03d}" for i in range(len(vectors))]
+    return write_dataset(path, names, SPEC, vectors, embeddings)
 
 
 def experiment(d, text):
@@ -698,6 +701,29 @@ CASES = {
     "serve port 0": lambda s, d: ["serve", "--runs", d, "--port", "0"],
     "serve port above 65535": lambda s, d: ["serve", "--runs", d, "--port", "70000"],
     "synth generate num 1e9": lambda s, d: generate(s, d, "--num", "1000000000"),
+    # failures after some work: nothing new left behind, nothing changed (issue 24)
+    "synth generate a later output is a file": lambda s, d: (
+        write(d, "g_1", "x") and generate(s, d, "--num", "3")
+    ),
+    "synth generate a later kohya output is a folder": lambda s, d: (
+        (d / "g_2.safetensors").mkdir()
+        or generate(s, d, "--num", "3", "--format", "kohya", out="g.safetensors")
+    ),
+    "synth train vae diverging": lambda s, d: synth_train(
+        d, s / "synth" / "data.safetensors", "vae_train.lr=1e30"
+    ),
+    "synth train prior diverging": lambda s, d: synth_train(
+        d, s / "synth" / "data.safetensors", "prior_train.lr=1e30"
+    ),
+    "synth train diverging into an empty folder": lambda s, d: (
+        (d / "model").mkdir()
+        or synth_train(d, s / "synth" / "data.safetensors", "prior_train.lr=1e30")
+    ),
+    "synth train-vae diverging": lambda s, d: [
+        *["synth", "train-vae", "--dataset", s / "synth" / "data.safetensors"],
+        *["--out", d / "model", "--quiet", *SYNTH_TINY, "vae_train.lr=1e30"],
+    ],
+    "synth train dataset with NaN": lambda s, d: synth_train(d, nan_dataset(d)),
     "synth train dataset entry without data_offsets": lambda s, d: synth_train(
         d, damaged_dataset(s, d, header_edit(lambda h: h["vectors"].pop("data_offsets")))
     ),
@@ -708,7 +734,9 @@ CASES = {
 
 
 def snapshot(*folders):
-    return {p: p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+    """Every file's bytes and every folder (None) under the folders."""
+    paths = (p for f in folders for p in sorted(f.rglob("*")))
+    return {p: p.read_bytes() if p.is_file() else None for p in paths}
 
 
 def run_main(argv):
@@ -732,6 +760,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(name, shared, tmp_path
     after = snapshot(shared, tmp_path)
     assert all(after.get(p) == content for p, content in before.items()), "a file changed"
     assert not [p for p in after if p.name.endswith(".tmp")], "a temporary file was left"
+    assert set(after) == set(before), f"new files or folders: {set(after) - set(before)}"
 
 
 def test_there_are_at_least_80_distinct_cases():

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from condlora.core.errors import CondloraError
+from condlora.core.paths import first_missing
 
 
 def _sync_folder(folder: Path) -> None:
@@ -67,3 +70,36 @@ def read_json_record(path: str | Path) -> dict | None:
     why = record if isinstance(record, Exception) else "not a JSON object"
     print(f"condlora: warning: {path} is damaged ({why}); it is made again", file=sys.stderr)
     return None
+
+
+@contextmanager
+def undone_on_error(folder: str | Path) -> Iterator[None]:
+    """On an error inside the block, `folder` is put back as it was: what appeared in it (or
+    it, when new) removed, the files it held restored. Not for an interrupt, which keeps what a
+    resume needs; the held files are kept in memory, so not for folders of checkpoints."""
+    folder = Path(folder).absolute()
+    new = first_missing(folder)
+    held = sorted(folder.rglob("*")) if folder.is_dir() else []
+    files = {p: p.read_bytes() for p in held if p.is_file()}
+    try:
+        yield
+    except Exception:
+        if new is None:
+            _put_back(folder, set(held), files)
+        else:  # the folder is new, and maybe some of its parents
+            shutil.rmtree(new, ignore_errors=True)
+        raise
+
+
+def _put_back(folder: Path, held: set[Path], files: dict[Path, bytes]) -> None:
+    """Remove from `folder` what is not in `held`; give `files` their old bytes again."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # what a folder holds before it
+        if path in held:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for path, data in files.items():
+        if not path.is_file() or path.read_bytes() != data:
+            path.write_bytes(data)

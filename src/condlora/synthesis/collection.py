@@ -384,6 +384,8 @@ class LoRADataset:
             raise DataError(f"{self.path}: vectors {self.vectors.shape} do not fit names and spec")
         self.mean = torch.from_numpy(np.array(self._map(header, "mean")))
         self.std = torch.from_numpy(np.array(self._map(header, "std")))
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(self.std).all()):
+            raise DataError(f"{self.path} holds NaN or inf values (its mean or std is not finite)")
         self.embeddings = self._map(header, "embeddings") if "embeddings" in header else None
         self.alignment = metadata.get("alignment", "none")
         self.reference = None  # (D,) the alignment reference (alignment "reference")

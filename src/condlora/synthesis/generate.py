@@ -23,7 +23,7 @@ from condlora.conditioning.checks import MAX_SAMPLE_BYTES
 from condlora.core.errors import ConfigError, DataError
 from condlora.core.paths import check_output_folder
 from condlora.diffusion import Denoiser, EmbeddingGuidedDenoiser, sample
-from condlora.lora.formats import LoRAWeights, write_lora
+from condlora.lora.formats import LoRAWeights, write_loras
 from condlora.synthesis.baselines import Nearest, PCARidge
 from condlora.synthesis.config import PriorRunConfig
 from condlora.synthesis.model import (
@@ -211,7 +211,4 @@ def write_generated(
     loras = [model.lora(v) for v in vectors[0]]
     for weights in loras:  # check before writing anything
         weights.check_finite("generated LoRA")
-    written = []
-    for weights, path in zip(loras, output_paths(out, num), strict=True):
-        written += write_lora(weights, path, layout)
-    return written
+    return write_loras(zip(loras, output_paths(out, num), strict=True), layout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
-from condlora.core.paths import check_output_folder
+from condlora.core.paths import check_output_folder, first_missing
 from condlora.core.safetensors_io import read_header, read_weights
 from condlora.lora.formats import diffusers, kohya, peft
 from condlora.lora.formats.weights import BaseModules, LoRAWeights
@@ -123,11 +124,17 @@ def read_lora(
     return weights
 
 
-def _save_atomically(files: Mapping[Path, tuple[dict[str, Tensor], dict] | str]) -> None:
-    """Write every file to a temporary name first, then rename them all into place."""
+LoRAFiles = dict[Path, "tuple[dict[str, Tensor], dict] | str"]  # path -> tensors or text
+
+
+def _save_atomically(files: LoRAFiles) -> None:
+    """Write every file to a temporary name first, then rename them all into place; on a
+    failure the temporary files and the folders made for them are removed."""
+    made = [d for d in dict.fromkeys(first_missing(p.parent) for p in files) if d is not None]
     temps = {}
     try:
         for path, content in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
             temps[path] = tmp = path.with_name(path.name + ".tmp")
             if isinstance(content, str):
                 tmp.write_text(content)
@@ -138,42 +145,52 @@ def _save_atomically(files: Mapping[Path, tuple[dict[str, Tensor], dict] | str])
     except BaseException:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+        for folder in reversed(made):
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     for path, tmp in temps.items():
         os.replace(tmp, path)
 
 
-def write_lora(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> list[Path]:
-    """Write the LoRA in a layout: peft -> folder, diffusers -> folder or file, kohya -> file."""
+def lora_files(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> LoRAFiles:
+    """The files that write_lora would write (checked, nothing written yet)."""
     path = Path(path)
     if layout == "peft":
         tensors, config = peft.to_peft(weights)
         if path.exists() and not path.is_dir():
             raise LoRAError(f"peft LoRAs are folders, but {path} is a file")
         check_output_folder(path, "LoRA folder")
-        path.mkdir(parents=True, exist_ok=True)
-        files = {
+        return {
             path / peft.WEIGHTS_NAME: (tensors, {"format": "pt"}),
             path / peft.CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n",
         }
-    elif layout in ("diffusers", "kohya"):
-        writer = diffusers.to_diffusers if layout == "diffusers" else kohya.to_kohya
-        tensors, metadata = writer(weights)
-        if path.suffix != ".safetensors":
-            if layout == "kohya" or (path.exists() and not path.is_dir()):
-                raise LoRAError(f"{layout} LoRAs are .safetensors files, got {path}")
-            check_output_folder(path, "LoRA folder")
-            path.mkdir(parents=True, exist_ok=True)
-            path = path / diffusers.WEIGHTS_NAME
-        if path.is_dir():
-            raise LoRAError(f"{path} is a folder, not a {layout} LoRA file")
-        check_output_folder(path.parent, "the folder of the LoRA file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        files = {path: (tensors, metadata)}
-    else:
+    if layout not in ("diffusers", "kohya"):
         raise LoRAError(f"unknown LoRA layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    writer = diffusers.to_diffusers if layout == "diffusers" else kohya.to_kohya
+    tensors, metadata = writer(weights)
+    if path.suffix != ".safetensors":
+        if layout == "kohya" or (path.exists() and not path.is_dir()):
+            raise LoRAError(f"{layout} LoRAs are .safetensors files, got {path}")
+        check_output_folder(path, "LoRA folder")
+        path = path / diffusers.WEIGHTS_NAME
+    if path.is_dir():
+        raise LoRAError(f"{path} is a folder, not a {layout} LoRA file")
+    check_output_folder(path.parent, "the folder of the LoRA file")
+    return {path: (tensors, metadata)}
+
+
+def write_loras(loras: Iterable[tuple[LoRAWeights, str | os.PathLike]], layout: str) -> list[Path]:
+    """Write several LoRAs in a layout, all or none: every path is checked before any write."""
+    files: LoRAFiles = {}
+    for weights, path in loras:
+        files |= lora_files(weights, path, layout)
     _save_atomically(files)
     return list(files)
+
+
+def write_lora(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> list[Path]:
+    """Write the LoRA in a layout: peft -> folder, diffusers -> folder or file, kohya -> file."""
+    return write_loras([(weights, path)], layout)
 
 
 def base_modules_of(model: nn.Module) -> dict[str, tuple[int, ...] | None]:
