@@ -288,6 +288,13 @@ def generate(s, d, *extra, out="g"):
     ]
 
 
+def lora_folder(s, d):
+    """d/loras holding two copies of the good LoRA."""
+    for name in ("a", "b"):
+        write(d, f"loras/{name}.safetensors", (s / "lora.safetensors").read_bytes())
+    return d / "loras"
+
+
 def nan_dataset(d):
     """A tiny collection with one NaN among its vectors."""
     path, vectors, embeddings, _, _ = linear_collection(d / "nan.safetensors")
@@ -700,6 +707,24 @@ CASES = {
     "serve host empty": lambda s, d: ["serve", "--runs", d, "--host", ""],
     "serve port 0": lambda s, d: ["serve", "--runs", d, "--port", "0"],
     "serve port above 65535": lambda s, d: ["serve", "--runs", d, "--port", "70000"],
+    "lora base-modules shape a number": lambda s, d: [
+        *["lora", "info", s / "lora.safetensors"],
+        *["--base-modules", write(d, "b.json", '{"mid.to_q": 5}')],
+    ],
+    "lora base-modules shape nested": lambda s, d: [
+        *["lora", "info", s / "lora.safetensors"],
+        *["--base-modules", write(d, "b.json", '{"mid.to_q": [[8], 8]}')],
+    ],
+    "synth collect base-modules shape a number": lambda s, d: [
+        *["synth", "collect", "--loras", lora_folder(s, d), "--out", d / "ds.safetensors"],
+        *["--base-modules", write(d, "b.json", '{"mid.to_q": 5}')],
+    ],
+    "synth generate seed negative": lambda s, d: generate(s, d, "--seed", "-1"),
+    "synth generate seed beyond 2^63": lambda s, d: generate(s, d, "--seed", str(2**70)),
+    "synth train resume, batch larger than the data": lambda s, d: synth_train(
+        d, s / "synth" / "data.safetensors", "--resume", "vae_train.batch_size=64"
+    ),
+    "serve base missing": lambda s, d: ["serve", "--runs", d, "--base", d / "none"],
     "synth generate num 1e9": lambda s, d: generate(s, d, "--num", "1000000000"),
     # failures after some work: nothing new left behind, nothing changed (issue 24)
     "synth generate a later output is a file": lambda s, d: (

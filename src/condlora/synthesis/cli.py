@@ -157,8 +157,10 @@ def _embedding(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from condlora.conditioning.checks import check_seed
     from condlora.synthesis.generate import SynthModel, write_generated
 
+    check_seed(args.seed)
     if args.num < 1:
         raise CondloraError(f"--num must be at least 1, got {args.num}")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):

@@ -56,7 +56,14 @@ from condlora.synthesis.model import (
 from condlora.synthesis.vae import LoRAVAE
 from condlora.train.checkpoint import CHECKPOINT_NAME, load_ema, read_checkpoint
 from condlora.train.config import TrainConfig
-from condlora.train.loop import METRICS_FILE, Callback, Trainer, TrainTask, batch_indices
+from condlora.train.loop import (
+    METRICS_FILE,
+    Callback,
+    Trainer,
+    TrainTask,
+    batch_indices,
+    check_batch_size,
+)
 
 VAE_KIND, PRIOR_KIND = "synthesis-vae", "synthesis-prior"
 RESUMABLE = ("dataset",)  # the dataset file may move between a run and its resume
@@ -101,6 +108,7 @@ class RowBatches:
         embeddings: Tensor | None = None,  # (count, E) conditions, or None
         dropout: float = 0.0,  # probability that a row's condition is dropped
     ) -> None:
+        check_batch_size(count, train.batch_size)  # before the run writes anything
         self.rows, self.count, self.train, self.key = rows, count, train, key
         self.embeddings, self.dropout = embeddings, dropout
 

@@ -90,11 +90,16 @@ class Callback:
         """Once after the final checkpoint of a run that reached max_steps."""
 
 
+def check_batch_size(n: int, batch: int) -> None:
+    """CondloraError if a batch of `batch` items does not fit in a data set of `n`."""
+    if batch > n:
+        raise CondloraError(f"train.batch_size {batch} is larger than the data set ({n} items)")
+
+
 def batch_indices(k: int, n: int, batch: int, seed: int) -> torch.Tensor:
     """Indices of global batch k: epochs are seeded permutations, the last partial batch dropped."""
+    check_batch_size(n, batch)
     per_epoch = n // batch
-    if per_epoch == 0:
-        raise CondloraError(f"train.batch_size {batch} is larger than the data set ({n} items)")
     epoch, within = divmod(k, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return perm[within * batch : (within + 1) * batch]

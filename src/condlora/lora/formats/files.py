@@ -203,6 +203,16 @@ def base_modules_of(model: nn.Module) -> dict[str, tuple[int, ...] | None]:
     return out
 
 
+def _weight_shape(value: object, name: str, path: Path) -> tuple[int, ...] | None:
+    """A module's weight shape from JSON: null, or a list of sizes >= 0; LoRAError if not."""
+    if value is None:
+        return None
+    sizes = isinstance(value, list) and all(type(d) is int and d >= 0 for d in value)
+    if not sizes:
+        raise LoRAError(f"{path}: the shape of {name!r} must be a list of sizes, got {value!r}")
+    return tuple(value)
+
+
 def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | None]:
     """A base model's modules from a file: the model's safetensors weights (names and shapes),
     JSON (a list of names, or name -> shape), or text (one name per line, # comments)."""
@@ -222,7 +232,7 @@ def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | No
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise LoRAError(f"{path} is not a readable JSON file ({err})") from None
         if isinstance(value, dict):
-            return {str(k): (tuple(v) if v is not None else None) for k, v in value.items()}
+            return {str(k): _weight_shape(v, k, path) for k, v in value.items()}
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return dict.fromkeys(value)
         raise LoRAError(f"{path}: expected a list of module names or a name -> shape object")
