@@ -788,8 +788,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(name, shared, tmp_path
     assert set(after) == set(before), f"new files or folders: {set(after) - set(before)}"
 
 
-def test_there_are_at_least_80_distinct_cases():
-    assert len(CASES) >= 80
+def test_there_are_at_least_200_distinct_cases():
+    assert len(CASES) >= 200
 
 
 @pytest.mark.slow
