@@ -189,10 +189,10 @@ def train(s, d, *extra, config=None):
     return ["train", "--config", config or s / "tiny.yaml", "--out", d / "new", "--quiet", *extra]
 
 
-def foreign_folder(d):
-    """d/new holding another program's config.yaml and metrics.jsonl, and no checkpoint."""
-    write(d, "new/config.yaml", "something: else\n")
-    write(d, "new/metrics.jsonl", '{"step": 7, "loss": 0.5}\n')
+def foreign_folder(d, name="new"):
+    """d/name holding another program's config.yaml and metrics.jsonl, and no checkpoint."""
+    write(d, f"{name}/config.yaml", "something: else\n")
+    write(d, f"{name}/metrics.jsonl", '{"step": 7, "loss": 0.5}\n')
     return d
 
 
@@ -747,6 +747,13 @@ CASES = {
     "synth train-vae diverging": lambda s, d: [
         *["synth", "train-vae", "--dataset", s / "synth" / "data.safetensors"],
         *["--out", d / "model", "--quiet", *SYNTH_TINY, "vae_train.lr=1e30"],
+    ],
+    "synth train into a folder of other files": lambda s, d: synth_train(
+        foreign_folder(d, "model"), s / "synth" / "data.safetensors"
+    ),
+    "synth train-vae into a folder of other files": lambda s, d: [
+        *["synth", "train-vae", "--dataset", s / "synth" / "data.safetensors"],
+        *["--out", foreign_folder(d, "model") / "model", "--quiet", *SYNTH_TINY],
     ],
     "synth train dataset with NaN": lambda s, d: synth_train(d, nan_dataset(d)),
     "synth train dataset entry without data_offsets": lambda s, d: synth_train(

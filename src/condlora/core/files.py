@@ -72,15 +72,19 @@ def read_json_record(path: str | Path) -> dict | None:
     return None
 
 
+KEPT_BYTES = 16 * 2**20  # undone_on_error keeps copies of files up to this size
+
+
 @contextmanager
 def undone_on_error(folder: str | Path) -> Iterator[None]:
     """On an error inside the block, `folder` is put back as it was: what appeared in it (or
-    it, when new) removed, the files it held restored. Not for an interrupt, which keeps what a
-    resume needs; the held files are kept in memory, so not for folders of checkpoints."""
+    it, when new) removed, the files it held restored (copies in memory, of files up to
+    KEPT_BYTES: configs, statistics, logs; larger ones must not be rewritten by the block).
+    Not for an interrupt, which keeps what a resume needs."""
     folder = Path(folder).absolute()
     new = first_missing(folder)
     held = sorted(folder.rglob("*")) if folder.is_dir() else []
-    files = {p: p.read_bytes() for p in held if p.is_file()}
+    files = {p: p.read_bytes() for p in held if p.is_file() and p.stat().st_size <= KEPT_BYTES}
     try:
         yield
     except Exception:
