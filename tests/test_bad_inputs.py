@@ -289,10 +289,20 @@ def generate(s, d, *extra, out="g"):
 
 
 def lora_folder(s, d):
-    """d/loras holding two copies of the good LoRA."""
+    """d/loras holding two good peft adapters, a and b."""
+    (d / "loras").mkdir()
     for name in ("a", "b"):
-        write(d, f"loras/{name}.safetensors", (s / "lora.safetensors").read_bytes())
+        peft_folder(d, {"r": 2, "lora_alpha": 2}).rename(d / "loras" / name)
     return d / "loras"
+
+
+def collected(s, d):
+    """lora_folder's LoRAs, and d/ref.safetensors collected from them (with alignment)."""
+    folder = lora_folder(s, d)
+    assert (
+        main(["synth", "collect", "--loras", str(folder), "--out", str(d / "ref.safetensors")]) == 0
+    )
+    return folder
 
 
 def nan_dataset(d):
@@ -718,6 +728,18 @@ CASES = {
     "synth collect base-modules shape a number": lambda s, d: [
         *["synth", "collect", "--loras", lora_folder(s, d), "--out", d / "ds.safetensors"],
         *["--base-modules", write(d, "b.json", '{"mid.to_q": 5}')],
+    ],
+    "synth collect out is one of the LoRAs": lambda s, d: [
+        *["synth", "collect", "--loras", lora_folder(s, d)],
+        *["--out", d / "loras" / "a" / "adapter_model.safetensors"],
+    ],
+    "synth collect out is another file": lambda s, d: [
+        *["synth", "collect", "--loras", lora_folder(s, d)],
+        *["--out", write(d, "notes.safetensors", "my notes")],
+    ],
+    "synth collect align-to with no-align": lambda s, d: [
+        *["synth", "collect", "--loras", collected(s, d), "--out", d / "ds.safetensors"],
+        *["--align-to", d / "ref.safetensors", "--no-align"],
     ],
     "synth generate seed negative": lambda s, d: generate(s, d, "--seed", "-1"),
     "synth generate seed beyond 2^63": lambda s, d: generate(s, d, "--seed", str(2**70)),
