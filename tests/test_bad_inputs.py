@@ -689,6 +689,17 @@ CASES = {
         s / "lora.safetensors", "kohya", write(d, "afile", "x") / "k.safetensors"
     ),
     "lora convert unknown out": lambda s, d: convert(s / "lora.safetensors", "kohya", d / "x.txt"),
+    "lora convert over a model file": lambda s, d: convert(
+        s / "lora.safetensors",
+        "kohya",
+        save_file({"w": torch.ones(3)}, str(d / "m.safetensors")) or d / "m.safetensors",
+    ),
+    "lora convert over a text file": lambda s, d: convert(
+        s / "lora.safetensors", "kohya", write(d, "notes.safetensors", "my notes")
+    ),
+    "synth generate over a text file": lambda s, d: generate(
+        s, d, "--format", "kohya", out=write(d, "g.safetensors", "my notes").name
+    ),
     # sizes checked before allocating, headers read with the checked reader (issue 24)
     "lora convert rank 1e9": lambda s, d: [
         *convert(s / "lora.safetensors", "kohya", d / "k.safetensors"),

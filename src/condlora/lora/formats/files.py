@@ -22,6 +22,8 @@ from condlora.lora.formats import diffusers, kohya, peft
 from condlora.lora.formats.weights import BaseModules, LoRAWeights
 
 LAYOUTS = ("peft", "diffusers", "kohya")
+# the factor names of every layout (kohya, peft / diffusers)
+LORA_KEY_ENDS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
 
 
 def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict]:
@@ -152,9 +154,30 @@ def _save_atomically(files: LoRAFiles) -> None:
         os.replace(tmp, path)
 
 
+def _check_replaceable(path: Path) -> None:
+    """LoRAError if `path` exists and is not a LoRA's weights (a base model, say): a LoRA is
+    written over another LoRA only. Only the header is read."""
+    if not path.is_file():
+        return
+    try:
+        keys, _ = read_safetensors(path, tensors=False)
+    except LoRAError:
+        keys = {}
+    if not any(k.endswith(LORA_KEY_ENDS) for k in keys):
+        raise LoRAError(f"{path} exists and is not a LoRA file: give a new name (it is kept)")
+
+
 def lora_files(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> LoRAFiles:
     """The files that write_lora would write (checked, nothing written yet)."""
-    path = Path(path)
+    files = _lora_files(weights, Path(path), layout)
+    for target in files:
+        if target.suffix == ".safetensors":
+            _check_replaceable(target)
+    return files
+
+
+def _lora_files(weights: LoRAWeights, path: Path, layout: str) -> LoRAFiles:
+    """lora_files before the check of what they would replace."""
     if layout == "peft":
         tensors, config = peft.to_peft(weights)
         if path.exists() and not path.is_dir():
