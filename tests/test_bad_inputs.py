@@ -21,9 +21,12 @@ from safetensors.torch import load_file, save_file
 
 from condlora.cli import main
 from condlora.core.config import parse_overrides
+from condlora.synthesis.collection import write_dataset
 from condlora.train.checkpoint import CHECKPOINT_NAME, EMA_NAME
 
 from .conftest import CONFIGS, REPO, TINY
+from .synth_common import SPEC, linear_collection
+from .synth_common import TINY as SYNTH_TINY
 
 BASE = CONFIGS / "digits-uclora.yaml"
 
@@ -45,7 +48,18 @@ def shared(tmp_path_factory, one_thread):
     }
     save_file(lora, str(root / "lora.safetensors"))
     assert main(["lora", "info", str(root / "lora.safetensors")]) == 0
+    synth_model(root / "synth")
     return root
+
+
+def synth_model(folder):
+    """folder/data.safetensors (a tiny collection), folder/model trained on it, folder/e.safetensors
+    (one embedding)."""
+    folder.mkdir()
+    dataset = linear_collection(folder / "data.safetensors")[0]
+    args = ["synth", "train", "--config", synth_config(folder, dataset), "--out", folder / "model"]
+    assert main([str(a) for a in [*args, "--quiet", *SYNTH_TINY]]) == 0
+    save_file({"e": torch.randn(4)}, str(folder / "e.safetensors"))
 
 
 # --- building damaged files ---------------------------------------------------------------
@@ -133,6 +147,12 @@ def header_edit(fn):
     return edit
 
 
+def header_bytes(data, raw):
+    """Bytes of a safetensors file with its JSON header replaced by raw bytes."""
+    (n,) = struct.unpack("<Q", data[:8])
+    return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+
 def first_tensor(header):
     return header[next(k for k in header if k != "__metadata__")]
 
@@ -170,10 +190,10 @@ def train(s, d, *extra, config=None):
     return ["train", "--config", config or s / "tiny.yaml", "--out", d / "new", "--quiet", *extra]
 
 
-def foreign_folder(d):
-    """d/new holding another program's config.yaml and metrics.jsonl, and no checkpoint."""
-    write(d, "new/config.yaml", "something: else\n")
-    write(d, "new/metrics.jsonl", '{"step": 7, "loss": 0.5}\n')
+def foreign_folder(d, name="new"):
+    """d/name holding another program's config.yaml and metrics.jsonl, and no checkpoint."""
+    write(d, f"{name}/config.yaml", "something: else\n")
+    write(d, f"{name}/metrics.jsonl", '{"step": 7, "loss": 0.5}\n')
     return d
 
 
@@ -231,6 +251,67 @@ def diffusers_file(d, metadata):
     tensors["unet.mid.to_q.lora_B.weight"] = torch.ones(8, 2)
     save_file(tensors, str(path), metadata={"lora_adapter_metadata": metadata})
     return path
+
+
+def synth_config(d, dataset):
+    return write(d, "synth.yaml", f"kind: synthesis\nname: tiny\ndataset: {dataset}\n")
+
+
+def synth_train(d, dataset, *extra):
+    """`synth train` of a tiny model on a dataset, into d/model."""
+    config = synth_config(d, dataset)
+    return [
+        "synth",
+        "train",
+        "--config",
+        config,
+        "--out",
+        d / "model",
+        "--quiet",
+        *SYNTH_TINY,
+        *extra,
+    ]
+
+
+def damaged_dataset(s, d, edit):
+    """A copy of the shared collection whose bytes are replaced by edit(bytes)."""
+    return write(d, "data.safetensors", edit((s / "synth" / "data.safetensors").read_bytes()))
+
+
+def generate(s, d, *extra, out="g"):
+    """`synth generate` from the shared model into d/out."""
+    model, embedding = s / "synth" / "model", s / "synth" / "e.safetensors"
+    return [
+        *["synth", "generate", "--model", model, "--embedding", embedding],
+        "--out",
+        d / out,
+        *extra,
+    ]
+
+
+def lora_folder(s, d):
+    """d/loras holding two good peft adapters, a and b."""
+    (d / "loras").mkdir()
+    for name in ("a", "b"):
+        peft_folder(d, {"r": 2, "lora_alpha": 2}).rename(d / "loras" / name)
+    return d / "loras"
+
+
+def collected(s, d):
+    """lora_folder's LoRAs, and d/ref.safetensors collected from them (with alignment)."""
+    folder = lora_folder(s, d)
+    assert (
+        main(["synth", "collect", "--loras", str(folder), "--out", str(d / "ref.safetensors")]) == 0
+    )
+    return folder
+
+
+def nan_dataset(d):
+    """A tiny collection with one NaN among its vectors."""
+    path, vectors, embeddings, _, _ = linear_collection(d / "nan.safetensors")
+    vectors[3, 2] = math.nan
+    names = [f"s{i:03d}" for i in range(len(vectors))]
+    return write_dataset(path, names, SPEC, vectors, embeddings)
 
 
 def experiment(d, text):
@@ -609,11 +690,119 @@ CASES = {
         s / "lora.safetensors", "kohya", write(d, "afile", "x") / "k.safetensors"
     ),
     "lora convert unknown out": lambda s, d: convert(s / "lora.safetensors", "kohya", d / "x.txt"),
+    "lora convert over a model file": lambda s, d: convert(
+        s / "lora.safetensors",
+        "kohya",
+        save_file({"w": torch.ones(3)}, str(d / "m.safetensors")) or d / "m.safetensors",
+    ),
+    "lora convert over a text file": lambda s, d: convert(
+        s / "lora.safetensors", "kohya", write(d, "notes.safetensors", "my notes")
+    ),
+    "synth generate over a text file": lambda s, d: generate(
+        s, d, "--format", "kohya", out=write(d, "g.safetensors", "my notes").name
+    ),
+    # sizes checked before allocating, headers read with the checked reader (issue 24)
+    "lora convert rank 1e9": lambda s, d: [
+        *convert(s / "lora.safetensors", "kohya", d / "k.safetensors"),
+        "--rank",
+        "1000000000",
+    ],
+    "lora convert rank above every module": lambda s, d: [
+        *convert(s / "lora.safetensors", "kohya", d / "k.safetensors"),
+        "--rank",
+        "9",
+    ],
+    "lora convert rank 0": lambda s, d: [
+        *convert(s / "lora.safetensors", "peft", d / "p"),
+        "--rank",
+        "0",
+    ],
+    "serve host unresolvable": lambda s, d: [
+        "serve",
+        "--runs",
+        d,
+        "--host",
+        "no.such.host.invalid",
+    ],
+    "serve host not on this machine": lambda s, d: ["serve", "--runs", d, "--host", "192.0.2.1"],
+    "serve host label too long": lambda s, d: ["serve", "--runs", d, "--host", "a" * 300],
+    "serve host empty": lambda s, d: ["serve", "--runs", d, "--host", ""],
+    "serve port 0": lambda s, d: ["serve", "--runs", d, "--port", "0"],
+    "serve port above 65535": lambda s, d: ["serve", "--runs", d, "--port", "70000"],
+    "lora base-modules shape a number": lambda s, d: [
+        *["lora", "info", s / "lora.safetensors"],
+        *["--base-modules", write(d, "b.json", '{"mid.to_q": 5}')],
+    ],
+    "lora base-modules shape nested": lambda s, d: [
+        *["lora", "info", s / "lora.safetensors"],
+        *["--base-modules", write(d, "b.json", '{"mid.to_q": [[8], 8]}')],
+    ],
+    "synth collect base-modules shape a number": lambda s, d: [
+        *["synth", "collect", "--loras", lora_folder(s, d), "--out", d / "ds.safetensors"],
+        *["--base-modules", write(d, "b.json", '{"mid.to_q": 5}')],
+    ],
+    "synth collect out is one of the LoRAs": lambda s, d: [
+        *["synth", "collect", "--loras", lora_folder(s, d)],
+        *["--out", d / "loras" / "a" / "adapter_model.safetensors"],
+    ],
+    "synth collect out is another file": lambda s, d: [
+        *["synth", "collect", "--loras", lora_folder(s, d)],
+        *["--out", write(d, "notes.safetensors", "my notes")],
+    ],
+    "synth collect align-to with no-align": lambda s, d: [
+        *["synth", "collect", "--loras", collected(s, d), "--out", d / "ds.safetensors"],
+        *["--align-to", d / "ref.safetensors", "--no-align"],
+    ],
+    "synth generate seed negative": lambda s, d: generate(s, d, "--seed", "-1"),
+    "synth generate seed beyond 2^63": lambda s, d: generate(s, d, "--seed", str(2**70)),
+    "synth train resume, batch larger than the data": lambda s, d: synth_train(
+        d, s / "synth" / "data.safetensors", "--resume", "vae_train.batch_size=64"
+    ),
+    "serve base missing": lambda s, d: ["serve", "--runs", d, "--base", d / "none"],
+    "synth generate num 1e9": lambda s, d: generate(s, d, "--num", "1000000000"),
+    # failures after some work: nothing new left behind, nothing changed (issue 24)
+    "synth generate a later output is a file": lambda s, d: (
+        write(d, "g_1", "x") and generate(s, d, "--num", "3")
+    ),
+    "synth generate a later kohya output is a folder": lambda s, d: (
+        (d / "g_2.safetensors").mkdir()
+        or generate(s, d, "--num", "3", "--format", "kohya", out="g.safetensors")
+    ),
+    "synth train vae diverging": lambda s, d: synth_train(
+        d, s / "synth" / "data.safetensors", "vae_train.lr=1e30"
+    ),
+    "synth train prior diverging": lambda s, d: synth_train(
+        d, s / "synth" / "data.safetensors", "prior_train.lr=1e30"
+    ),
+    "synth train diverging into an empty folder": lambda s, d: (
+        (d / "model").mkdir()
+        or synth_train(d, s / "synth" / "data.safetensors", "prior_train.lr=1e30")
+    ),
+    "synth train-vae diverging": lambda s, d: [
+        *["synth", "train-vae", "--dataset", s / "synth" / "data.safetensors"],
+        *["--out", d / "model", "--quiet", *SYNTH_TINY, "vae_train.lr=1e30"],
+    ],
+    "synth train into a folder of other files": lambda s, d: synth_train(
+        foreign_folder(d, "model"), s / "synth" / "data.safetensors"
+    ),
+    "synth train-vae into a folder of other files": lambda s, d: [
+        *["synth", "train-vae", "--dataset", s / "synth" / "data.safetensors"],
+        *["--out", foreign_folder(d, "model") / "model", "--quiet", *SYNTH_TINY],
+    ],
+    "synth train dataset with NaN": lambda s, d: synth_train(d, nan_dataset(d)),
+    "synth train dataset entry without data_offsets": lambda s, d: synth_train(
+        d, damaged_dataset(s, d, header_edit(lambda h: h["vectors"].pop("data_offsets")))
+    ),
+    "synth train dataset header a list": lambda s, d: synth_train(
+        d, damaged_dataset(s, d, lambda b: header_bytes(b, b"[1, 2]"))
+    ),
 }
 
 
 def snapshot(*folders):
-    return {p: p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+    """Every file's bytes and every folder (None) under the folders."""
+    paths = (p for f in folders for p in sorted(f.rglob("*")))
+    return {p: p.read_bytes() if p.is_file() else None for p in paths}
 
 
 def run_main(argv):
@@ -637,10 +826,11 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(name, shared, tmp_path
     after = snapshot(shared, tmp_path)
     assert all(after.get(p) == content for p, content in before.items()), "a file changed"
     assert not [p for p in after if p.name.endswith(".tmp")], "a temporary file was left"
+    assert set(after) == set(before), f"new files or folders: {set(after) - set(before)}"
 
 
-def test_there_are_at_least_80_distinct_cases():
-    assert len(CASES) >= 80
+def test_there_are_at_least_200_distinct_cases():
+    assert len(CASES) >= 200
 
 
 @pytest.mark.slow
@@ -667,3 +857,23 @@ def test_an_unexpected_exception_is_a_bug_report_and_debug_shows_it(monkeypatch,
     assert "ZeroDivisionError: an internal slip" in err and len(err.strip().splitlines()) == 2
     assert main(["--debug", "info", "--config", "x.yaml"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 64 GB"),
+        RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)
+def test_a_failed_allocation_is_the_out_of_memory_line(error, monkeypatch, capsys):
+    from condlora import cli
+
+    def exhausted(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_info", exhausted)
+    assert main(["info", "--config", "x.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err == "condlora: error: out of memory (try a smaller model, batch or --num)\n", err

@@ -3,6 +3,7 @@ and LoRA files: a load succeeds correctly or raises condlora's error, never anyt
 never reads more tensor bytes than the file holds."""
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -332,3 +333,94 @@ def test_a_lora_config_that_would_exhaust_memory_is_refused_before_allocating(tm
     with pytest.raises(CondloraError, match="does not fit the model"):
         load_lora(model, path)
     assert not lora_layers(model)
+
+
+# --- peft adapter folders and diffusers adapter metadata ----------------------------------
+
+FEW = settings(FUZZ, max_examples=40)
+PEFT_KEYS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "use_rslora"]
+PEFT_KEYS += ["use_dora", "peft_type", "base_model_name_or_path", "bias", "modules_to_save"]
+PEFT_CONFIG = {"r": 2, "lora_alpha": 4, "target_modules": ["to_q", "to_v"], "peft_type": "LORA"}
+PEFT_CONFIG |= {"rank_pattern": {"to_v": 1}, "alpha_pattern": {"to_v": 3}}
+
+
+def _adapter_tensors(prefix):
+    g = torch.Generator().manual_seed(0)
+    return {
+        f"{prefix}mid.to_q.lora_A.weight": torch.randn(2, 8, generator=g),
+        f"{prefix}mid.to_q.lora_B.weight": torch.randn(8, 2, generator=g),
+        f"{prefix}mid.to_v.lora_A.weight": torch.randn(1, 8, generator=g),
+        f"{prefix}mid.to_v.lora_B.weight": torch.randn(8, 1, generator=g),
+    }
+
+
+def config_values():
+    """What a JSON config may hold: numbers of every kind, text, lists, mappings."""
+    numbers = st.floats(allow_nan=False) | st.integers(-(2**70), 2**70)
+    odd = st.sampled_from([0, -1, 0.5, 1e308, "2", "", [], {}, None, True])
+    return json_values() | numbers | odd | st.dictionaries(st.sampled_from(["to_q", "x"]), numbers)
+
+
+@st.composite
+def adapter_config_edits(draw, config):
+    """adapter_config.json text: one value replaced or dropped, the whole value, or bytes."""
+    action = draw(st.sampled_from(["value", "drop", "whole", "text"]))
+    config = json.loads(json.dumps(config))
+    if action == "value":
+        config[draw(st.sampled_from(PEFT_KEYS + sorted(config)))] = draw(config_values())
+    elif action == "drop":
+        config.pop(draw(st.sampled_from(sorted(config))), None)
+    elif action == "whole":
+        config = draw(json_values())
+    else:
+        return draw(st.text(max_size=40))
+    return json.dumps(config)
+
+
+def read_any(path):
+    """read_lora, checked like load_kohya: finite float factors or one line of LoRAError."""
+    try:
+        weights = read_lora(path)
+    except CondloraError as err:
+        assert str(err) and "\n" not in str(err)
+        return
+    for m in weights.modules.values():
+        assert m.A.is_floating_point() and torch.isfinite(m.A).all() and math.isfinite(m.scale)
+
+
+def test_fuzzed_peft_folders_read_or_raise_one_line(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    save_file(_adapter_tensors("base_model.model."), str(folder / "adapter_model.safetensors"))
+    tensors = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_config.json").write_text(json.dumps(PEFT_CONFIG))
+    read_lora(folder)  # the original reads
+
+    @FEW
+    @given(data=st.data())
+    def run(data):
+        config = data.draw(adapter_config_edits(PEFT_CONFIG))
+        weights = data.draw(mutated(tensors)) if data.draw(st.booleans()) else tensors
+        (folder / "adapter_config.json").write_text(config)
+        (folder / "adapter_model.safetensors").write_bytes(weights)
+        read_any(folder)
+
+    run()
+
+
+def test_fuzzed_diffusers_adapter_metadata_reads_or_raises_one_line(tmp_path):
+    path = tmp_path / "d.safetensors"
+    unet = {f"unet.{k}": v for k, v in PEFT_CONFIG.items()}
+    save_file(_adapter_tensors("unet."), str(path), metadata={"lora_adapter_metadata": "{}"})
+    original = path.read_bytes()
+
+    @FEW
+    @given(data=st.data())
+    def run(data):
+        text = data.draw(adapter_config_edits(unet if data.draw(st.booleans()) else PEFT_CONFIG))
+        header, body = split(original)
+        header["__metadata__"] = {"lora_adapter_metadata": text}
+        path.write_bytes(join(header, body))
+        read_any(path)
+
+    run()

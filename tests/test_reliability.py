@@ -11,7 +11,7 @@ from PIL import Image
 import condlora.core.safetensors_io as sio
 from condlora.core.config import Each, OneOf, Range, from_dict
 from condlora.core.errors import CondloraError, ConfigError, DataError, LoRAError
-from condlora.core.files import read_jsonl
+from condlora.core.files import read_jsonl, undone_on_error
 from condlora.core.images import save_grid
 from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.image.build import build_denoiser
@@ -41,6 +41,35 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
     (tmp_path / "d.safetensors").mkdir()
     with pytest.raises(CondloraError, match="is a folder"):
         write_weights(tmp_path / "d.safetensors", {"a": torch.zeros(2)}, {"format": "x"})
+
+
+def test_a_failed_block_puts_its_folder_back_and_an_interrupt_keeps_the_work(tmp_path):
+    folder = tmp_path / "out"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "kept.txt").write_text("old")
+
+    def work():
+        (folder / "kept.txt").write_text("new")
+        (folder / "sub" / "made").mkdir()
+        (folder / "sub" / "made" / "f.bin").write_bytes(b"x")
+        (folder / "g.txt").write_text("g")
+
+    with pytest.raises(DataError), undone_on_error(folder):
+        work()
+        raise DataError("diverged")
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [
+        "kept.txt",
+        "sub",
+    ]
+    assert (folder / "kept.txt").read_text() == "old"
+    with pytest.raises(DataError), undone_on_error(tmp_path / "new" / "deeper"):
+        (tmp_path / "new" / "deeper").mkdir(parents=True)
+        raise DataError("diverged")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(KeyboardInterrupt), undone_on_error(folder):
+        work()
+        raise KeyboardInterrupt
+    assert (folder / "kept.txt").read_text() == "new" and (folder / "g.txt").exists()
 
 
 def test_reads_refuse_non_finite_tensors_unless_asked(tmp_path):

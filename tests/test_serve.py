@@ -6,11 +6,13 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,19 @@ def _png(path: Path, pixels: np.ndarray) -> Path:
     return path
 
 
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A small PNG file whose header declares width x height grey pixels (the data is short)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    data = chunk(b"IDAT", zlib.compress(bytes(16))) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + data)
+    return path
+
+
 def _stroke(size: int = 64, dark_on_light: bool = True) -> np.ndarray:
     """A vertical bar off-centre, 8 px wide, as a photo of a '1' on paper would be."""
     ink = np.zeros((size, size), dtype=np.uint8)
@@ -109,6 +124,9 @@ def test_bad_uploads_are_refused_in_one_line_naming_the_file(tmp_path):
     blank = _png(tmp_path / "blank.png", np.full((20, 20), 255, dtype=np.uint8))
     with pytest.raises(DataError, match="blank.png is blank"):
         uploads.load_uploads([blank], 16)
+    bomb = _png_header(tmp_path / "bomb.png", 60000, 60000)  # PIL's decompression-bomb guard
+    with pytest.raises(DataError, match="bomb.png is too large: more than .* pixels"):
+        uploads.load_uploads([bomb], 16)
 
 
 def test_a_picture_becomes_a_centred_bright_digit_whatever_its_paper(tmp_path):
@@ -281,6 +299,43 @@ def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     assert err == [
         "condlora: error: condlora serve needs gradio (the demo extra): pip install -e '.[demo]'"
     ]
+
+
+def test_serve_on_a_host_it_cannot_use_says_why_in_one_line(tmp_path, capsys):
+    from condlora.cli import main
+
+    runs = ["--runs", str(tmp_path)]
+    assert main(["serve", "--host", "no.such.host.invalid", *runs]) == 2
+    assert "no.such.host.invalid:7860: the host cannot be resolved" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--port", port, *runs]) == 2
+    assert f"127.0.0.1:{port}: the port is in use" in capsys.readouterr().err
+
+
+def test_a_sigterm_while_the_page_is_built_deletes_the_temporary_folder(tmp_path):
+    """SIGTERM as soon as the temporary folder exists (gradio still loading): a clean stop."""
+    tmp, runs = tmp_path / "tmp", tmp_path / "runs"
+    tmp.mkdir(), runs.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "condlora.cli", "serve", "--port", str(free_port())]
+    proc = subprocess.Popen(
+        [*cmd, "--runs", str(runs)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 60
+    while not list(tmp.glob("condlora-serve-*")) and proc.poll() is None:
+        assert time.time() < deadline, "serve made no temporary folder"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, output
+    assert "stopped" in output and not list(tmp.iterdir()), output
 
 
 # ---------------------------------------------------------------- the page in a browser

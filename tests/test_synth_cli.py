@@ -55,19 +55,26 @@ def test_wrong_embedding_dimension(trained, tmp_path, capsys):
     _, _, model = trained
     save_file({"e": torch.randn(3)}, str(tmp_path / "e3.safetensors"))
     out = tmp_path / "kept.safetensors"
-    out.write_bytes(b"written before")
+    out.write_bytes(b"written before")  # not a LoRA: never overwritten
     args = ["synth", "generate", "--model", str(model), "--format", "kohya", "--out", str(out)]
+    save_file({"e": torch.randn(4)}, str(tmp_path / "e4.safetensors"))
+    e4 = ["--embedding", str(tmp_path / "e4.safetensors")]
+    fails_in_one_line(capsys, [*args, *e4], "kept.safetensors exists and is not a LoRA file")
+    stem = "lora_unet_mid_block_attentions_0_proj_in"  # an older LoRA: replaced by a success
+    save_file(
+        {f"{stem}.lora_down.weight": torch.ones(1, 4), f"{stem}.lora_up.weight": torch.ones(4, 1)},
+        str(out),
+    )
+    before = out.read_bytes()
     fails_in_one_line(
         capsys, [*args, "--embedding", str(tmp_path / "e3.safetensors")], r"trained on 4-d"
     )
-    assert out.read_bytes() == b"written before"
+    assert out.read_bytes() == before
     save_file({"e": torch.full((4,), float("nan"))}, str(tmp_path / "nan.safetensors"))
     fails_in_one_line(capsys, [*args, "--embedding", str(tmp_path / "nan.safetensors")], "NaN")
-    save_file({"e": torch.randn(4)}, str(tmp_path / "e4.safetensors"))
-    e4 = ["--embedding", str(tmp_path / "e4.safetensors")]
     fails_in_one_line(capsys, [*args, *e4, "--num", "0"], "--num must be at least 1")
-    assert out.read_bytes() == b"written before"
-    assert main([*args, *e4]) == 0 and out.read_bytes() != b"written before"
+    assert out.read_bytes() == before
+    assert main([*args, *e4]) == 0 and out.read_bytes() != before
 
 
 def test_guidance_without_condition_dropout(trained, tmp_path, capsys):

@@ -81,8 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     return run(args)
 
 
+# what torch's allocators say when an allocation fails
+OUT_OF_MEMORY_TEXTS = ("can't allocate memory", "out of memory")
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """True for a failed allocation: MemoryError, or torch's error for one (CPU or GPU)."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(s in text for s in OUT_OF_MEMORY_TEXTS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -97,12 +109,13 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("condlora: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print(
-            "condlora: error: out of memory (try a smaller model, batch or --num)", file=sys.stderr
-        )
-        return 1
     except Exception as err:  # anything else is a defect of condlora, not of the input
+        if _out_of_memory(err):
+            print(
+                "condlora: error: out of memory (try a smaller model, batch or --num)",
+                file=sys.stderr,
+            )
+            return 1
         if args.debug:
             traceback.print_exc()
         print(

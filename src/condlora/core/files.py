@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from condlora.core.errors import CondloraError
+from condlora.core.paths import first_missing
 
 
 def _sync_folder(folder: Path) -> None:
@@ -99,3 +102,40 @@ def truncate_jsonl(path: Path, step: int) -> None:
     if path.is_file():
         kept = [r for r in read_jsonl(path) if r["step"] <= step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+KEPT_BYTES = 16 * 2**20  # undone_on_error keeps copies of files up to this size
+
+
+@contextmanager
+def undone_on_error(folder: str | Path) -> Iterator[None]:
+    """On an error inside the block, `folder` is put back as it was: what appeared in it (or
+    it, when new) removed, the files it held restored (copies in memory, of files up to
+    KEPT_BYTES: configs, statistics, logs; larger ones must not be rewritten by the block).
+    Not for an interrupt, which keeps what a resume needs."""
+    folder = Path(folder).absolute()
+    new = first_missing(folder)
+    held = sorted(folder.rglob("*")) if folder.is_dir() else []
+    files = {p: p.read_bytes() for p in held if p.is_file() and p.stat().st_size <= KEPT_BYTES}
+    try:
+        yield
+    except Exception:
+        if new is None:
+            _put_back(folder, set(held), files)
+        else:  # the folder is new, and maybe some of its parents
+            shutil.rmtree(new, ignore_errors=True)
+        raise
+
+
+def _put_back(folder: Path, held: set[Path], files: dict[Path, bytes]) -> None:
+    """Remove from `folder` what is not in `held`; give `files` their old bytes again."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # what a folder holds before it
+        if path in held:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for path, data in files.items():
+        if not path.is_file() or path.read_bytes() != data:
+            path.write_bytes(data)

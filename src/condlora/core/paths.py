@@ -25,11 +25,19 @@ def default_run_folder(name: str) -> Path:
     return Path("runs") / check_folder_name(name, "the config's name")
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: Path) -> Path:
     """`path` or the closest of its parents that exists."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def first_missing(path: str | Path) -> Path | None:
+    """The outermost folder on the way to `path` (or `path` itself) that does not exist yet:
+    what making `path` creates, removed with it; None if `path` exists."""
+    path = Path(path).absolute()
+    top = nearest_existing(path)
+    return None if top == path else top / path.relative_to(top).parts[0]
 
 
 def check_output_folder(path: str | Path, what: str) -> Path:
@@ -37,7 +45,7 @@ def check_output_folder(path: str | Path, what: str) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CondloraError(f"{what} {path} is a file, not a folder")
-    existing = _nearest_existing(path.absolute())
+    existing = nearest_existing(path.absolute())
     if not existing.is_dir():
         raise CondloraError(f"{what} {path} cannot be created: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):

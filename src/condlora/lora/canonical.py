@@ -26,6 +26,7 @@ R^T diag(S) R for both factors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,10 +78,26 @@ def canonical_factors(module: ModuleLoRA, rank: int | None = None) -> Canonical:
     return Canonical(ModuleLoRA(new_a.to(dtype), new_b.to(dtype), 1.0), s.to(dtype), dropped)
 
 
+def check_rank(weights: LoRAWeights, rank: int) -> None:
+    """LoRAError unless 1 <= rank <= the largest rank a module's dW can have (before allocating
+    factors of that rank)."""
+    shapes = [m.delta_shape for m in weights.modules.values()]
+    most = max((min(s[0], math.prod(s[1:])) for s in shapes), default=0)
+    if rank < 1:
+        raise LoRAError(f"rank must be at least 1, got {rank}")
+    if shapes and rank > most:  # no modules (e.g. no text-encoder part): nothing to reduce
+        raise LoRAError(
+            f"rank {rank} is too large: no module's dW has a rank above {most} "
+            f"(the smaller of its out and in features); use a rank in 1..{most}"
+        )
+
+
 def canonicalize(
     weights: LoRAWeights, rank: int | None = None
 ) -> tuple[LoRAWeights, dict[str, float]]:
     """Every module in canonical form (scale 1); also each module's dropped energy fraction."""
+    if rank is not None:
+        check_rank(weights, rank)
     modules, dropped = {}, {}
     for name, module in weights.modules.items():
         result = canonical_factors(module, rank)

@@ -18,6 +18,7 @@ from types import TracebackType
 import numpy as np
 
 from condlora.core.errors import DataError
+from condlora.core.safetensors_io import read_header as checked_header
 
 DTYPE = np.dtype("<f4")  # every tensor of these files is float32
 DTYPE_NAME = "F32"
@@ -90,30 +91,16 @@ class StreamWriter:
             self.abort()
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict, int]:
-    """(header, data start) of a safetensors file; DataError if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"file not found: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < length <= min(size - 8, 1 << 30):
-            raise DataError(f"{path} is not a safetensors file")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise DataError(f"{path} is not a safetensors file (bad header)") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if 8 + length + max(ends, default=0) != size:
-        raise DataError(f"{path} is truncated or has trailing bytes")
-    return header, 8 + length
+def read_header(path: str | os.PathLike) -> tuple[dict, dict, int]:
+    """(metadata, tensor entries, data start) of a safetensors file, checked like weights."""
+    metadata, entries = checked_header(path, "dataset", DataError)
+    data_size = max((entry["data_offsets"][1] for entry in entries.values()), default=0)
+    return metadata, entries, Path(path).stat().st_size - data_size
 
 
-def tensor_info(header: dict, name: str, path: str | os.PathLike) -> tuple[tuple[int, ...], int]:
+def tensor_info(entries: dict, name: str, path: str | os.PathLike) -> tuple[tuple[int, ...], int]:
     """(shape, data offset) of a float32 tensor in a header; DataError if absent or not F32."""
-    entry = header.get(name)
-    if entry is None or entry.get("dtype") != DTYPE_NAME:
+    entry = entries.get(name)
+    if entry is None or entry["dtype"] != DTYPE_NAME:
         raise DataError(f"{path} has no float32 tensor {name!r}")
     return tuple(entry["shape"]), entry["data_offsets"][0]

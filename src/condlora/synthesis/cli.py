@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 from condlora.core.errors import CondloraError
+from condlora.core.files import undone_on_error
 from condlora.core.paths import default_run_folder
 
 # Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
@@ -78,10 +81,16 @@ def _add_training_options(p: argparse.ArgumentParser, config_required: bool = Fa
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. vae.latent=64")
 
 
+def _unless_resumed(args: argparse.Namespace, out: str | Path) -> AbstractContextManager:
+    """A fresh training that fails leaves `out` as it was; a resume keeps what it saved."""
+    return nullcontext() if args.resume else undone_on_error(out)
+
+
 def _train_vae(args: argparse.Namespace) -> None:
     from condlora.synthesis.training import train_vae
 
-    out = train_vae(_config(args), args.out, resume=args.resume, progress=not args.quiet)
+    with _unless_resumed(args, args.out):
+        out = train_vae(_config(args), args.out, resume=args.resume, progress=not args.quiet)
     print(f"model folder: {out} (VAE trained; next: synth train-prior --vae {out})")
 
 
@@ -97,7 +106,8 @@ def _train_prior(args: argparse.Namespace) -> None:
     from condlora.synthesis.training import train_prior
 
     cfg = _config(args)
-    out = train_prior(cfg, args.out, args.vae, resume=args.resume, progress=not args.quiet)
+    with _unless_resumed(args, args.out):
+        out = train_prior(cfg, args.out, args.vae, resume=args.resume, progress=not args.quiet)
     print(f"model folder: {out}")
 
 
@@ -111,13 +121,12 @@ def _add_train_prior(synth_sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from condlora.synthesis.training import train_synthesis
 
     cfg = _config(args)
     out = Path(args.out) if args.out else default_run_folder(cfg.name)
-    train_synthesis(cfg, out, resume=args.resume, progress=not args.quiet)
+    with _unless_resumed(args, out):
+        train_synthesis(cfg, out, resume=args.resume, progress=not args.quiet)
     print(f"model folder: {out}")
 
 
@@ -149,8 +158,10 @@ def _embedding(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from condlora.image.checks import check_seed
     from condlora.synthesis.generate import SynthModel, write_generated
 
+    check_seed(args.seed)
     if args.num < 1:
         raise CondloraError(f"--num must be at least 1, got {args.num}")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):

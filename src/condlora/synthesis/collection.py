@@ -147,9 +147,10 @@ def load_embeddings(path: str | os.PathLike, names: list[str]) -> np.ndarray:
     dim = tuple(rows[0].shape)
     for name, row in zip(names, rows, strict=True):
         if row.dim() != 1 or tuple(row.shape) != dim:
+            like = f" of shape {dim} like {names[0]!r}" if len(dim) == 1 else ""
             raise DataError(
                 f"embeddings {path}: {name!r} has shape {tuple(row.shape)}, expected one "
-                f"vector of shape {dim} like {names[0]!r}"
+                f"vector{like}"
             )
         if not torch.isfinite(row).all():
             raise DataError(f"embeddings {path}: {name!r} has NaN or inf values")
@@ -302,6 +303,21 @@ def _counted(chunks: Iterable[np.ndarray], n: int, dim: int, out: Path) -> Itera
         raise DataError(f"{out}: {seen} vectors given for {n} names")
 
 
+def _refuse_overwriting_other_files(out: Path) -> None:
+    """DataError if `out` exists and is not a LoRA dataset (a LoRA of the folder, say)."""
+    if not out.exists():
+        return
+    try:
+        metadata, _ = read_header(out)[:2]
+    except DataError:
+        metadata = {}
+    if metadata.get("format") != FORMAT:
+        raise DataError(
+            f"dataset path {out} exists and is not a LoRA dataset: it would be overwritten; "
+            "give a new file name"
+        )
+
+
 def collect(
     loras_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -319,9 +335,12 @@ def collect(
     training collection's, for held-out LoRAs); it must have the same layout.
     """
     base, out = as_base_modules(base_modules), Path(out)
+    if align_to is not None and not aligned:
+        raise DataError("--align-to and --no-align contradict each other: give one of them")
     if out.is_dir():
         raise DataError(f"dataset path {out} is a folder; give a file name")
     check_output_file(out, "dataset path")  # before the scan: a place that cannot be written
+    _refuse_overwriting_other_files(out)
     found = [(n, p) for n, p in find_loras(loras_dir) if p.resolve() != out.resolve()]
     candidates, signatures, skipped = _scan(found, base, skip_bad)
     if not candidates:
@@ -369,8 +388,7 @@ class LoRADataset:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        header, self._start = read_header(self.path)
-        metadata = header.get("__metadata__", {})
+        metadata, header, self._start = read_header(self.path)
         if metadata.get("format") != FORMAT:
             raise DataError(f"{self.path} is not a condlora LoRA dataset")
         try:
@@ -385,6 +403,8 @@ class LoRADataset:
             raise DataError(f"{self.path}: vectors {self.vectors.shape} do not fit names and spec")
         self.mean = torch.from_numpy(np.array(self._map(header, "mean")))
         self.std = torch.from_numpy(np.array(self._map(header, "std")))
+        if not (torch.isfinite(self.mean).all() and torch.isfinite(self.std).all()):
+            raise DataError(f"{self.path} holds NaN or inf values (its mean or std is not finite)")
         self.embeddings = self._map(header, "embeddings") if "embeddings" in header else None
         self.alignment = metadata.get("alignment", "none")
         self.reference = None  # (D,) the alignment reference (alignment "reference")

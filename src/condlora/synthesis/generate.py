@@ -22,7 +22,8 @@ from torch import Tensor
 from condlora.core.errors import ConfigError, DataError
 from condlora.core.paths import check_output_folder
 from condlora.diffusion import Denoiser, EmbeddingGuidedDenoiser, sample
-from condlora.lora.formats import LoRAWeights, write_lora
+from condlora.image.checks import MAX_SAMPLE_BYTES
+from condlora.lora.formats import LoRAWeights, write_loras
 from condlora.synthesis.baselines import Nearest, PCARidge
 from condlora.synthesis.config import PriorRunConfig
 from condlora.synthesis.model import (
@@ -115,6 +116,16 @@ class SynthModel:
             raise ConfigError(f"--guidance {g}: the prior in {self.folder} is unconditional")
         return g
 
+    def check_count(self, num: int, rows: int = 1) -> None:
+        """ConfigError unless 1 <= num and `num` LoRAs per row fit in MAX_SAMPLE_BYTES."""
+        latent = self.prior_cfg.prior.net.dim if self.prior_cfg else 0
+        most = MAX_SAMPLE_BYTES // (4 * max(rows, 1) * (self.info.spec.size + latent))
+        if not 1 <= num <= most:
+            raise ConfigError(
+                f"--num must be at least 1 and at most {most:,} (LoRAs of "
+                f"{self.info.spec.size:,} numbers held in memory), got {num}"
+            )
+
     @torch.no_grad()
     def _sample_prior(self, e: Tensor, guidance: float | None, seed: int) -> Tensor:
         """Standardised vectors (len(e), D) from the prior (and the VAE decoder)."""
@@ -137,9 +148,8 @@ class SynthModel:
         self, embeddings: Tensor, num: int = 1, guidance: float | None = None, seed: int = 0
     ) -> Tensor:
         """Raw LoRA vectors (N, num, D) for embeddings (N, E) (or one (E,)): `num` per row."""
-        if num < 1:
-            raise ConfigError(f"--num must be at least 1, got {num}")
         e = self.check_embeddings(embeddings)
+        self.check_count(num, len(e))
         if self.nearest is not None:
             return self.nearest.vectors(e, num)
         if self.pca is not None:
@@ -190,6 +200,7 @@ def write_generated(
     seed: int = 0,
 ) -> list[Path]:
     """Generate `num` LoRAs for one embedding and write them (see `output_paths`)."""
+    model.check_count(num)
     for path in output_paths(out, num):  # before the sampling: a place that cannot be written
         check_output_folder(path.parent, "the folder of --out")
     vectors = model.vectors(embedding, num, guidance, seed)
@@ -198,7 +209,4 @@ def write_generated(
     loras = [model.lora(v) for v in vectors[0]]
     for weights in loras:  # check before writing anything
         weights.check_finite("generated LoRA")
-    written = []
-    for weights, path in zip(loras, output_paths(out, num), strict=True):
-        written += write_lora(weights, path, layout)
-    return written
+    return write_loras(zip(loras, output_paths(out, num), strict=True), layout)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from condlora.core.config import to_dict
 from condlora.core.errors import ConfigError, DataError
 from condlora.core.files import read_jsonl, write_text_atomic
+from condlora.core.safetensors_io import read_header
 from condlora.diffusion import Denoiser
 from condlora.synthesis.baselines import Nearest, collection_embeddings, fit_pca_ridge
 from condlora.synthesis.collection import LoRADataset
@@ -43,6 +44,7 @@ from condlora.synthesis.model import (
     BASELINE_FILE,
     COLLECTION_FILE,
     MODEL_FILE,
+    MODEL_FORMAT,
     PRIOR_DIR,
     VAE_DIR,
     ModelInfo,
@@ -54,7 +56,14 @@ from condlora.synthesis.model import (
 from condlora.synthesis.vae import LoRAVAE
 from condlora.train.checkpoint import CHECKPOINT_NAME, EMA_NAME, load_ema, read_checkpoint
 from condlora.train.config import TrainConfig
-from condlora.train.loop import METRICS_FILE, Callback, Trainer, TrainTask, batch_indices
+from condlora.train.loop import (
+    METRICS_FILE,
+    Callback,
+    Trainer,
+    TrainTask,
+    batch_indices,
+    check_batch_size,
+)
 
 VAE_KIND, PRIOR_KIND = "synthesis-vae", "synthesis-prior"
 RESUMABLE = ("dataset",)  # the dataset file may move between a run and its resume
@@ -99,6 +108,7 @@ class RowBatches:
         embeddings: Tensor | None = None,  # (count, E) conditions, or None
         dropout: float = 0.0,  # probability that a row's condition is dropped
     ) -> None:
+        check_batch_size(count, train.batch_size)  # before the run writes anything
         self.rows, self.count, self.train, self.key = rows, count, train, key
         self.embeddings, self.dropout = embeddings, dropout
 
@@ -149,8 +159,32 @@ class LossPlot(Callback):
             plot_losses(trainer.out / METRICS_FILE, trainer.out / "loss.png", title)
 
 
+def _is_ours(path: Path) -> bool:
+    """True for a part that a synthesis model folder holds (files checked by their tags)."""
+    if path.name == MODEL_FILE:
+        metadata, _ = read_header(path, "synthesis model", DataError)
+        return metadata.get("format") == MODEL_FORMAT
+    if path.name == "config.yaml":
+        try:
+            return yaml.safe_load(path.read_text(encoding="utf-8")).get("kind") == "synthesis"
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+            return False
+    return path.name in (VAE_DIR, PRIOR_DIR, BASELINE_FILE, COLLECTION_FILE)
+
+
+def _refuse_foreign_folder(out: Path) -> None:
+    """DataError if `out` holds anything but a synthesis model's parts (before any write)."""
+    foreign = sorted(p.name for p in out.iterdir() if not _is_ours(p)) if out.is_dir() else []
+    if foreign:
+        raise DataError(
+            f"{out} holds files that are not a synthesis model's ({', '.join(foreign[:3])}): "
+            "choose a new --out, or empty that folder"
+        )
+
+
 def _refuse_existing_model(out: Path) -> None:
     """DataError if `out` holds a trained stage (statistics alone may be rewritten)."""
+    _refuse_foreign_folder(out)
     parts = (f"{VAE_DIR}/{CHECKPOINT_NAME}", f"{PRIOR_DIR}/{CHECKPOINT_NAME}")
     if any((out / p).exists() for p in (*parts, BASELINE_FILE, COLLECTION_FILE)):
         raise DataError(
@@ -253,6 +287,8 @@ def train_prior(
     dataset = open_dataset(cfg.dataset)
     if not resume and (vae_dir.resolve() != out.resolve() or not cfg.use_vae):
         _refuse_existing_model(out)
+    elif not resume:
+        _refuse_foreign_folder(out)
     conditional = cfg.prior.net.cond_mode != "none"
     embeddings = collection_embeddings(dataset) if conditional else None
     cfg, info, rows = _prior_source(cfg, dataset, vae_dir)

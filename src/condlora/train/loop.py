@@ -13,12 +13,10 @@ Every random choice of step k (data order, noise levels, noise, dropout) is a fu
 from __future__ import annotations
 
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from condlora.core.errors import CondloraError
 from condlora.core.files import append_jsonl, truncate_jsonl, write_text_atomic
 from condlora.core.paths import check_output_folder
 from condlora.core.progress import progress_bar
+from condlora.core.signals import sigterm_as_interrupt
 from condlora.train.checkpoint import (
     CHECKPOINT_NAME,
     EMA_NAME,
@@ -92,11 +91,16 @@ class Callback:
         """Once after the final checkpoint of a run that reached max_steps."""
 
 
+def check_batch_size(n: int, batch: int) -> None:
+    """CondloraError if a batch of `batch` items does not fit in a data set of `n`."""
+    if batch > n:
+        raise CondloraError(f"train.batch_size {batch} is larger than the data set ({n} items)")
+
+
 def batch_indices(k: int, n: int, batch: int, seed: int) -> torch.Tensor:
     """Indices of global batch k: epochs are seeded permutations, the last partial batch dropped."""
+    check_batch_size(n, batch)
     per_epoch = n // batch
-    if per_epoch == 0:
-        raise CondloraError(f"train.batch_size {batch} is larger than the data set ({n} items)")
     epoch, within = divmod(k, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     return perm[within * batch : (within + 1) * batch]
@@ -209,23 +213,6 @@ def _fresh_accelerator_state(mixed_precision: str) -> None:
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Any:
-    """SIGTERM (what `kill` and schedulers send) raises KeyboardInterrupt, as Ctrl-C does."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class Trainer:
@@ -378,7 +365,7 @@ class Trainer:
         bar = progress_bar(shown, total=end, initial=self.step, unit="step")
         log, window, start = {}, [], time.time()
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 while self.step < end:
                     loss, norm = self.train_step()
                     window.append(loss)

@@ -26,6 +26,8 @@ def _serve(args: argparse.Namespace) -> None:
         raise CondloraError(
             f"--runs {runs} does not exist: give the folder of `condlora train` runs"
         )
+    if args.base and not Path(args.base).is_dir():
+        raise CondloraError(f"--base {args.base} is not a folder: give the demo's base model run")
     from condlora.apps.serve.server import serve
 
     synth = Path(args.synth or DEFAULT_SYNTH)

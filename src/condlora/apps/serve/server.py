@@ -7,8 +7,9 @@ has no authentication, so another host exposes it to everyone who can reach that
 
 from __future__ import annotations
 
+import errno
 import os
-import signal
+import socket
 import sys
 import tempfile
 import time
@@ -16,12 +17,28 @@ from pathlib import Path
 
 from condlora.apps.serve.uploads import MAX_BYTES
 from condlora.core.errors import CondloraError
+from condlora.core.signals import sigterm_as_interrupt
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def check_address(host: str, port: int) -> None:
+    """CondloraError unless `host` resolves and host:port can be bound (before gradio starts)."""
+    where = f"cannot serve on {host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise CondloraError(f"{where}: the host cannot be resolved ({reason})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise CondloraError(f"{where}: the port is in use (pass --port)") from None
+            why = f"the address cannot be bound ({err.strerror or err})"
+            raise CondloraError(f"{where}: {why}: pass another --host or --port") from None
 
 
 def load_demo(folder: Path, base: Path | None, explicit: bool) -> tuple[object, str]:
@@ -45,33 +62,54 @@ def serve(
     port: int = 7860,
     explicit_synth: bool = False,
 ) -> None:
-    """Serve the page until interrupted; everything written lives in a temporary folder."""
-    with tempfile.TemporaryDirectory(prefix="condlora-serve-") as tmp:
-        workdir = Path(tmp)
-        # gradio reads these when it is imported and when the app is built
-        os.environ["GRADIO_TEMP_DIR"] = str(workdir / "uploads")
-        os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-        from condlora.apps.serve.page import build_page
+    """Serve the page until Ctrl-C or SIGTERM; everything written lives in a temporary folder,
+    deleted whenever the stop comes (also while the page is still being built)."""
+    check_address(host, port)
+    try:
+        with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="condlora-serve-") as tmp:
+            _serve_from(Path(tmp), runs, synth, base, host, port, explicit_synth)
+    except KeyboardInterrupt:
+        print("condlora serve: stopped", flush=True)
 
-        demo, problem = load_demo(synth, base, explicit_synth)
-        app = build_page(demo, problem, runs, workdir)
-        app.queue(default_concurrency_limit=1)
-        try:
-            app.launch(
-                server_name=host,
-                server_port=port,
-                prevent_thread_lock=True,
-                ssr_mode=False,
-                quiet=True,
-                show_error=False,
-                max_file_size=MAX_BYTES,
-                footer_links=["gradio"],
-            )
-        except OSError as err:  # gradio's words for a taken port are long: say it short
-            why = "the port is in use" if "empty port" in str(err) else " ".join(str(err).split())
-            raise CondloraError(f"cannot serve on {host}:{port}: {why} (pass --port)") from None
+
+def _serve_from(
+    workdir: Path,
+    runs: Path,
+    synth: Path,
+    base: Path | None,
+    host: str,
+    port: int,
+    explicit_synth: bool,
+) -> None:
+    """Build the page with its files in workdir, launch it and block until interrupted."""
+    # gradio reads these when it is imported and when the app is built
+    os.environ["GRADIO_TEMP_DIR"] = str(workdir / "uploads")
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    from condlora.apps.serve.page import build_page
+
+    demo, problem = load_demo(synth, base, explicit_synth)
+    app = build_page(demo, problem, runs, workdir)
+    app.queue(default_concurrency_limit=1)
+    try:
+        app.launch(
+            server_name=host,
+            server_port=port,
+            prevent_thread_lock=True,
+            ssr_mode=False,
+            quiet=True,
+            show_error=False,
+            max_file_size=MAX_BYTES,
+            footer_links=["gradio"],
+        )
+    except OSError as err:  # gradio's words for a taken port are long: say it short
+        why = "the port is in use" if "empty port" in str(err) else " ".join(str(err).split())
+        raise CondloraError(f"cannot serve on {host}:{port}: {why} (pass --port)") from None
+    try:
         _announce(host, port, workdir)
-        _wait(app)
+        while True:
+            time.sleep(0.5)
+    finally:
+        app.close()
 
 
 def _announce(host: str, port: int, workdir: Path) -> None:
@@ -85,16 +123,3 @@ def _announce(host: str, port: int, workdir: Path) -> None:
             file=sys.stderr,
             flush=True,
         )
-
-
-def _wait(app: object) -> None:
-    """Block until Ctrl-C or SIGTERM, then close the server."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        while True:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("condlora serve: stopped", flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        app.close()

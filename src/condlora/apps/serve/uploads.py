@@ -54,7 +54,12 @@ def read_grey(path: str | Path) -> np.ndarray:
                     f"{MIN_SIDE} to {MAX_SIDE}"
                 )
             grey = _flatten_alpha(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # PIL's guard, from the header's dimensions
+        raise DataError(
+            f"{path.name} is too large: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, each "
+            f"side must be {MIN_SIDE} to {MAX_SIDE}"
+        ) from None
+    except UnidentifiedImageError:
         raise DataError(f"{path.name} is not an image (PNG, JPEG, ...)") from None
     except OSError as err:
         raise DataError(f"{path.name} is a damaged image ({err})") from None

@@ -15,6 +15,7 @@ from condlora.lora.formats.files import (
     load_base_modules,
     read_lora,
     write_lora,
+    write_loras,
 )
 from condlora.lora.formats.weights import (
     BaseMismatch,
@@ -36,4 +37,5 @@ __all__ = [
     "make_module",
     "read_lora",
     "write_lora",
+    "write_loras",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
-from condlora.core.paths import check_output_folder
+from condlora.core.paths import check_output_folder, first_missing
 from condlora.core.safetensors_io import read_header, read_weights
 from condlora.lora.formats import diffusers, kohya, peft
 from condlora.lora.formats.keys import key_layout
@@ -23,6 +24,8 @@ from condlora.lora.formats.single import from_single_file
 from condlora.lora.formats.weights import BaseModules, LoRAWeights
 
 LAYOUTS = ("peft", "diffusers", "kohya")
+# the factor names of every layout (kohya, peft / diffusers)
+LORA_KEY_ENDS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
 
 
 def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict[str, Tensor], dict]:
@@ -133,11 +136,17 @@ def read_lora(
     return weights
 
 
-def _save_atomically(files: Mapping[Path, tuple[dict[str, Tensor], dict] | str]) -> None:
-    """Write every file to a temporary name first, then rename them all into place."""
+LoRAFiles = dict[Path, "tuple[dict[str, Tensor], dict] | str"]  # path -> tensors or text
+
+
+def _save_atomically(files: LoRAFiles) -> None:
+    """Write every file to a temporary name first, then rename them all into place; on a
+    failure the temporary files and the folders made for them are removed."""
+    made = [d for d in dict.fromkeys(first_missing(p.parent) for p in files) if d is not None]
     temps = {}
     try:
         for path, content in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
             temps[path] = tmp = path.with_name(path.name + ".tmp")
             if isinstance(content, str):
                 tmp.write_text(content)
@@ -148,6 +157,8 @@ def _save_atomically(files: Mapping[Path, tuple[dict[str, Tensor], dict] | str])
     except BaseException:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+        for folder in reversed(made):
+            shutil.rmtree(folder, ignore_errors=True)
         raise
     for path, tmp in temps.items():
         os.replace(tmp, path)
@@ -163,37 +174,66 @@ def holds(weights: LoRAWeights, layout: str) -> bool:
     return layout in ("peft", "diffusers") and not peft.split_dora(weights)[0].others
 
 
-def write_lora(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> list[Path]:
-    """Write the LoRA in a layout: peft -> folder, diffusers -> folder or file, kohya -> file."""
-    path = Path(path)
+def _check_replaceable(path: Path) -> None:
+    """LoRAError if `path` exists and is not a LoRA's weights (a base model, say): a LoRA is
+    written over another LoRA only. Only the header is read."""
+    if not path.is_file():
+        return
+    try:
+        keys, _ = read_safetensors(path, tensors=False)
+    except LoRAError:
+        keys = {}
+    if not any(k.endswith(LORA_KEY_ENDS) for k in keys):
+        raise LoRAError(f"{path} exists and is not a LoRA file: give a new name (it is kept)")
+
+
+def lora_files(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> LoRAFiles:
+    """The files that write_lora would write (checked, nothing written yet)."""
+    files = _lora_files(weights, Path(path), layout)
+    for target in files:
+        if target.suffix == ".safetensors":
+            _check_replaceable(target)
+    return files
+
+
+def _lora_files(weights: LoRAWeights, path: Path, layout: str) -> LoRAFiles:
+    """lora_files before the check of what they would replace."""
     if layout == "peft":
         tensors, config = peft.to_peft(weights)
         if path.exists() and not path.is_dir():
             raise LoRAError(f"peft LoRAs are folders, but {path} is a file")
         check_output_folder(path, "LoRA folder")
-        path.mkdir(parents=True, exist_ok=True)
-        files = {
+        return {
             path / peft.WEIGHTS_NAME: (tensors, {"format": "pt"}),
             path / peft.CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n",
         }
-    elif layout in ("diffusers", "kohya"):
-        writer = diffusers.to_diffusers if layout == "diffusers" else kohya.to_kohya
-        tensors, metadata = writer(weights)
-        if path.suffix != ".safetensors":
-            if layout == "kohya" or (path.exists() and not path.is_dir()):
-                raise LoRAError(f"{layout} LoRAs are .safetensors files, got {path}")
-            check_output_folder(path, "LoRA folder")
-            path.mkdir(parents=True, exist_ok=True)
-            path = path / diffusers.WEIGHTS_NAME
-        if path.is_dir():
-            raise LoRAError(f"{path} is a folder, not a {layout} LoRA file")
-        check_output_folder(path.parent, "the folder of the LoRA file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        files = {path: (tensors, metadata)}
-    else:
+    if layout not in ("diffusers", "kohya"):
         raise LoRAError(f"unknown LoRA layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    writer = diffusers.to_diffusers if layout == "diffusers" else kohya.to_kohya
+    tensors, metadata = writer(weights)
+    if path.suffix != ".safetensors":
+        if layout == "kohya" or (path.exists() and not path.is_dir()):
+            raise LoRAError(f"{layout} LoRAs are .safetensors files, got {path}")
+        check_output_folder(path, "LoRA folder")
+        path = path / diffusers.WEIGHTS_NAME
+    if path.is_dir():
+        raise LoRAError(f"{path} is a folder, not a {layout} LoRA file")
+    check_output_folder(path.parent, "the folder of the LoRA file")
+    return {path: (tensors, metadata)}
+
+
+def write_loras(loras: Iterable[tuple[LoRAWeights, str | os.PathLike]], layout: str) -> list[Path]:
+    """Write several LoRAs in a layout, all or none: every path is checked before any write."""
+    files: LoRAFiles = {}
+    for weights, path in loras:
+        files |= lora_files(weights, path, layout)
     _save_atomically(files)
     return list(files)
+
+
+def write_lora(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> list[Path]:
+    """Write the LoRA in a layout: peft -> folder, diffusers -> folder or file, kohya -> file."""
+    return write_loras([(weights, path)], layout)
 
 
 def base_modules_of(model: nn.Module) -> dict[str, tuple[int, ...] | None]:
@@ -204,6 +244,16 @@ def base_modules_of(model: nn.Module) -> dict[str, tuple[int, ...] | None]:
         if name:
             out[name] = tuple(weight.shape) if isinstance(weight, Tensor) else None
     return out
+
+
+def _weight_shape(value: object, name: str, path: Path) -> tuple[int, ...] | None:
+    """A module's weight shape from JSON: null, or a list of sizes >= 0; LoRAError if not."""
+    if value is None:
+        return None
+    sizes = isinstance(value, list) and all(type(d) is int and d >= 0 for d in value)
+    if not sizes:
+        raise LoRAError(f"{path}: the shape of {name!r} must be a list of sizes, got {value!r}")
+    return tuple(value)
 
 
 def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | None]:
@@ -228,7 +278,7 @@ def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | No
         if isinstance(value, dict) and "down_block_types" in value:
             return _modules_of_unet_config(value, path)
         if isinstance(value, dict):
-            return {str(k): (tuple(v) if v is not None else None) for k, v in value.items()}
+            return {str(k): _weight_shape(v, k, path) for k, v in value.items()}
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return dict.fromkeys(value)
         raise LoRAError(f"{path}: expected a list of module names or a name -> shape object")
