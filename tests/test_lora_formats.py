@@ -311,3 +311,20 @@ def test_every_pair_of_layouts_keeps_every_dw(source, target, tmp_path):
     if "peft" not in (source, target):  # a peft folder holds the U-Net only
         text = LoRAWeights(last.text_encoder)
         assert_same_deltas(text, LoRAWeights(original.text_encoder))
+
+
+def test_kohya_header_carries_network_module_dim_and_alpha(tmp_path, capsys):
+    lora = make_lora()
+    write_lora(lora, tmp_path / "k.safetensors", "kohya")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "k.safetensors"), framework="pt") as f:
+        header = f.metadata()
+    assert header["ss_network_module"] == "networks.lora"
+    assert header["ss_network_dim"] == str(max(lora.ranks().values()))
+    alphas = load_file(tmp_path / "k.safetensors")
+    alpha = next(float(v) for k, v in alphas.items() if k.endswith(".alpha"))
+    assert float(header["ss_network_alpha"]) == alpha  # the file's one alpha
+    assert main(["lora", "info", str(tmp_path / "k.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "ss_network_module: networks.lora" in out and "ss_network_dim:" in out

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from condlora.cli import main
@@ -109,6 +110,10 @@ def test_lycoris_files_read_with_their_exact_dw(unet, name, tmp_path, capsys):
     assert len(written) == len(source)
     renamed = {k.replace("lycoris_", "lora_unet_", 1): v for k, v in source.items()}
     assert all(torch.equal(written[k], v) for k, v in renamed.items())
+    with safe_open(str(tmp_path / "k.safetensors"), framework="pt") as f:
+        header = f.metadata()  # what LoRA managers read: network module and algorithm
+    assert header["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(header["ss_network_args"])["algo"] == ALGOS[name]["algo"]
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -12,6 +12,7 @@ U-Net modules by their LDM paths (lora_unet_input_blocks_4_1_...), mapped the sa
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -26,6 +27,9 @@ from condlora.lora.formats.weights import BaseMismatch, LoRAWeights, ModuleLoRA,
 
 UNET_PREFIX = "lora_unet_"
 HINT_KEYS = ("ss_sd_model_name", "ss_base_model_version", "modelspec.architecture", "ss_v2")
+# the header keys LoRA managers read (kohya's sd-scripts names), shown by `lora info`
+NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+LYCORIS_ALGOS = {"loha": "loha", "lokr": "lokr", "full": "full", "tucker": "locon"}
 # how the parts of other kinds are written (LyCORIS roles keep their own names)
 ROLE_SUFFIXES = {
     "A": ".lora_down.weight",
@@ -119,7 +123,27 @@ def to_kohya(weights: LoRAWeights) -> tuple[dict[str, Tensor], dict[str, str]]:
             )
         for role, t in m.parts.items():
             tensors[stems[name] + ROLE_SUFFIXES.get(role, f".{role}")] = t
-    return tensors, {"format": "pt"}
+    return tensors, kohya_metadata(weights, alpha)
+
+
+def kohya_metadata(weights: LoRAWeights, alpha: float) -> dict[str, str]:
+    """The header of a kohya file: the network module, dim and alpha as sd-scripts writes
+    them (LyCORIS kinds: lycoris.kohya with the algorithm in ss_network_args), and the
+    base-model keys the source file carried."""
+    ranks = [m.rank for m in {**weights.modules, **weights.text_encoder}.values()]
+    ranks += [m.rank for m in weights.others.values() if m.rank]
+    metadata = {"format": "pt", "ss_network_alpha": str(clean_number(alpha))}
+    if ranks:
+        metadata["ss_network_dim"] = str(max(ranks))
+    kinds = sorted({m.kind for m in weights.others.values()} - {"dora", "kohya_dora"})
+    if kinds:
+        metadata["ss_network_module"] = "lycoris.kohya"
+        algo = LYCORIS_ALGOS.get(kinds[0], kinds[0])
+        metadata["ss_network_args"] = json.dumps({"algo": algo})
+    else:
+        metadata["ss_network_module"] = "networks.lora"
+    metadata |= {k: v for k, v in weights.hints.items() if k in HINT_KEYS}
+    return metadata
 
 
 def _stem(name: str, two_encoders: bool) -> str:
