@@ -4,8 +4,9 @@ One wrapped Linear (TimeLoRA, no gradients, one condition for the batch) is call
 grid of widths, bases x rank (m*r) and positions per call, once on each path (the layer's
 `merge_pays` forced true, then false); rounds interleave the two, times are medians. The
 table shows both times, the faster path and the path the rule picks; the summary gives,
-for each flop fraction k of `k * positions * (d_in + d_out) >= d_in * d_out`, the cells
-where it picks the faster path (condlora uses MERGE_FLOP_FRACTION).
+for each overhead c of `positions * (d_in + d_out) + c >= d_in * d_out`, the cells where
+it picks the faster path (condlora uses MERGE_OVERHEAD, the low-rank path's small ops in
+multiply-adds).
 
     python benchmarks/merge_threshold.py [--threads 1] [--repeats 200] [--smoke]
 """
@@ -29,7 +30,7 @@ GRID = {
     (512, 18, 4): (4, 32, 64, 128, 256),
 }
 SMOKE_GRID = {(16, 2, 2): (1, 64)}
-FRACTIONS = (1, 2, 4, 8, 16)
+OVERHEADS = (0, 12_500, 25_000, 50_000, 100_000)
 
 
 def measure(width: int, m: int, r: int, positions: int, args: argparse.Namespace) -> dict:
@@ -72,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
             faster = "merged" if t["merged"] <= t["lowrank"] else "low-rank"
             cells.append({"width": width, "mr": m * r, "positions": positions, **t})
             cells[-1]["faster"] = faster
-    rule = layer_module.MERGE_FLOP_FRACTION
+    rule = layer_module.MERGE_OVERHEAD
     agree = {}
-    for k in FRACTIONS:
-        picks = [k * c["positions"] * 2 * c["width"] >= c["width"] ** 2 for c in cells]
+    for k in OVERHEADS:
+        picks = [c["positions"] * 2 * c["width"] + k >= c["width"] ** 2 for c in cells]
         agree[k] = sum(p == (c["faster"] == "merged") for p, c in zip(picks, cells, strict=True))
     rows = []
     for c in cells:
@@ -89,10 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             + [f"{c['lowrank']:.0f}", c["faster"], picked]
         )
     print(f"{args.threads} thread(s), medians of {args.repeats} interleaved calls")
-    print(", ".join(f"k={k}: {n}/{len(cells)} cells" for k, n in agree.items()))
-    print(f"condlora's rule: k = {rule}, the faster path in {agree.get(rule, 0)}/{len(cells)}")
+    print(", ".join(f"c={k}: {n}/{len(cells)} cells" for k, n in agree.items()))
+    print(f"condlora's rule: c = {rule}, the faster path in {agree.get(rule, 0)}/{len(cells)}")
     print_table(["width, m*r", "positions", "merged (us)", "low-rank (us)", "faster", "rule"], rows)
-    info = machine("cpu") | {"smoke": args.smoke, "rule_fraction": rule}
+    info = machine("cpu") | {"smoke": args.smoke, "rule_overhead": rule}
     print_json("merge_threshold", info, {"cells": cells, "agreement": agree})
 
 

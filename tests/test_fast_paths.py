@@ -251,18 +251,20 @@ def test_state_dict_names_are_unchanged():
 
 def test_merging_only_where_it_is_cheaper():
     layer = make_layer("linear", "time")
-    layer.base_layer = nn.Linear(64, 64)
-    layer.lora_A = nn.Parameter(torch.randn(6, 64))
-    layer.lora_B = nn.Parameter(torch.randn(64, 6))
-    layer.lora_E = nn.Parameter(torch.randn(3, 64))
+    layer.base_layer = nn.Linear(512, 512)
+    layer.lora_A = nn.Parameter(torch.randn(6, 512))
+    layer.lora_B = nn.Parameter(torch.randn(512, 6))
+    layer.lora_E = nn.Parameter(torch.randn(3, 512))
     merged = []
     fast_path = layer._forward_merged
     layer._forward_merged = lambda *a: merged.append(1) or fast_path(*a)
     with torch.no_grad(), conditioning(layer, t=0.3):
-        layer(torch.randn(4, 64))  # dW: 64*64*6 multiply-adds, low-rank 4*128*6: low-rank
+        layer(torch.randn(4, 512))  # 4 * 1024 + MERGE_OVERHEAD < 512 * 512: low-rank
         assert not merged
-        layer(torch.randn(8, 64))  # 4 * 8 * 128 >= 64 * 64: merged
+        layer(torch.randn(256, 512))  # 256 * 1024 + MERGE_OVERHEAD >= 512 * 512: merged
         assert merged
+    small = nn.Linear(64, 64)  # narrow layers merge even for a few rows (the small ops cost)
+    assert layer_module.merge_pays(4, small.in_features, small.out_features)
 
 
 METHOD_OVERRIDES = {
