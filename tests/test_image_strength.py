@@ -2,8 +2,10 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from condlora.image.build import build_data, build_denoiser
 from condlora.image.config import load_config
@@ -104,8 +106,6 @@ def test_a_written_schedule_reads_back_into_the_same_lora(tmp_path):
 
 def digit_folder(root, images, labels, flat=False):
     """The images as PNGs, in one subfolder per class (or flat)."""
-    from PIL import Image
-
     for k, (image, label) in enumerate(zip(images, labels, strict=True)):
         folder = root if flat else root / str(int(label))
         folder.mkdir(parents=True, exist_ok=True)
@@ -141,3 +141,20 @@ def test_schedule_fit_command_writes_its_files_and_refuses_a_flat_folder(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "give the images in class subfolders" in err[0]
     assert not (tmp_path / "t").exists()
+
+    # sampling applies the LoRA at the fitted schedule, or at a constant strength
+    def sample(out, *extra):
+        argv = ["sample", "--run", str(tmp_path / "run"), "--num", "4", "--out", str(out)]
+        return main([*argv, "--steps", "2", *extra])
+
+    lora_args = ["--lora", str(tmp_path / "lora")]
+    assert sample(tmp_path / "fitted.png", *lora_args, "--schedule", str(tmp_path / "s")) == 0
+    assert sample(tmp_path / "base.png") == 0
+    assert sample(tmp_path / "zero.png", *lora_args, "--strength", "0") == 0
+    assert sample(tmp_path / "one.png", *lora_args, "--strength", "1") == 0
+    pixels = {n: np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("base", "zero", "one")}
+    assert np.array_equal(pixels["zero"], pixels["base"])  # strength 0: the base model
+    assert not np.array_equal(pixels["one"], pixels["base"])  # the LoRA changes the samples
+    capsys.readouterr()
+    assert sample(tmp_path / "x.png", "--schedule", str(tmp_path / "s")) == 2
+    assert "give the LoRA too" in capsys.readouterr().err

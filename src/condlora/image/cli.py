@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from condlora.core.errors import CondloraError
@@ -45,7 +46,18 @@ def _sample(args: argparse.Namespace) -> None:
         raise CondloraError(f"--num must be at least 1, got {args.num}")
     if args.nrow < 1:
         raise CondloraError(f"--nrow must be at least 1, got {args.nrow}")
+    if (args.schedule or args.strength is not None) and not args.lora:
+        raise CondloraError("--schedule and --strength apply to a --lora: give the LoRA too")
+    if args.schedule and args.strength is not None:
+        raise CondloraError("give --schedule (a fitted s(t)) or --strength (a constant), not both")
+    if args.strength is not None and not math.isfinite(args.strength):
+        raise CondloraError(f"--strength must be a finite number, got {args.strength}")
     cfg, denoiser, step = load_run(args.run)
+    if args.lora:
+        from condlora.image.strength import lora_with_schedule
+
+        strength = 1.0 if args.strength is None else args.strength
+        lora_with_schedule(denoiser, Path(args.lora), args.schedule, strength)
     cfg = sampling_config(cfg, args.steps, args.sampler, args.guidance)
     check_sample_count(cfg, args.num)
     labels = labels_for(cfg, args.num, args.label)
@@ -129,5 +141,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--guidance", type=float, help="classifier-free guidance scale (needs train.label_dropout)"
     )
     p.add_argument("--nrow", type=int, default=10, help="images per grid row")
+    p.add_argument("--lora", help="a static LoRA to apply (peft folder, diffusers or kohya)")
+    p.add_argument("--schedule", help="its fitted strength schedule (`condlora schedule fit`)")
+    p.add_argument("--strength", type=float, help="or a constant strength (default 1)")
     p.set_defaults(func=_sample)
     _register_schedule(sub)

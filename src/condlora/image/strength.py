@@ -32,7 +32,13 @@ from condlora.diffusion import Denoiser
 from condlora.image.build import ConditionedNet
 from condlora.image.runs import load_run
 from condlora.lora.formats import LoRAWeights, base_modules_of, read_lora
-from condlora.lora.schedule import StrengthSchedule, apply_schedule, base_only, follow_noise_level
+from condlora.lora.schedule import (
+    ONE_BLOCK,
+    StrengthSchedule,
+    apply_schedule,
+    base_only,
+    follow_noise_level,
+)
 
 SCHEDULE_FILE = "schedule.safetensors"
 SCHEDULE_FORMAT = "condlora-schedule-1"
@@ -174,6 +180,28 @@ def write_schedule(schedule: StrengthSchedule, out: Path, ts: list[float], meta:
     write_text_atomic(out / "schedule.csv", schedule.to_csv(ts))
     write_text_atomic(out / "keyframes.json", schedule.keyframes(ts))
     plot_schedule(schedule, out / "schedule.png")
+
+
+def lora_with_schedule(
+    denoiser: Denoiser, lora_path: Path, schedule_path: Path | None = None, strength: float = 1.0
+) -> StrengthSchedule:
+    """`condlora sample --lora FILE [--schedule DIR | --strength S]`: the run's denoiser with
+    a static LoRA applied at a fitted schedule (or at a constant strength)."""
+    lora = read_lora(lora_path, base_modules_of(denoiser.net.net))
+    if schedule_path is None:
+        schedule = attach_schedule(denoiser, lora, bins=1)
+        with torch.no_grad():
+            schedule.table.fill_(strength)
+        return schedule
+    path = Path(schedule_path)
+    path = path / SCHEDULE_FILE if path.is_dir() else path
+    meta, tensors = read_weights(path, SCHEDULE_FORMAT, "condlora schedule", CondloraError)
+    blocks, table = json.loads(meta.get("blocks", "[]")), tensors.get("table")
+    if table is None or table.dim() != 2:
+        raise CondloraError(f"{path}: no schedule table in it")
+    schedule = attach_schedule(denoiser, lora, table.shape[1], per_block=blocks != [ONE_BLOCK])
+    read_schedule_into(schedule, path)
+    return schedule
 
 
 def read_schedule_into(schedule: StrengthSchedule, path: Path) -> None:
