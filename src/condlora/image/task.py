@@ -130,10 +130,10 @@ def image_trainer(
 ) -> Trainer:
     """A Trainer for an image config, with sample grids (unless `grids` is False) and any
     extra callbacks."""
-    check_run_folder(Path(out_dir), resume)  # before the data is read or the model built
+    check_run_folder(Path(out_dir), resume, cfg)  # before the data is read or the model built
     task = image_task(cfg, None if resume else init_path)
     callbacks = [*([SampleGrids()] if grids else []), *callbacks]
-    return Trainer(task, out_dir, resume=resume, callbacks=callbacks)
+    return Trainer(task, out_dir, resume=resume, callbacks=callbacks, folder_checked=True)
 
 
 def train(

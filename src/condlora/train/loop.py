@@ -224,6 +224,7 @@ class Trainer:
         out_dir: str | Path,
         resume: bool = False,
         callbacks: Iterable[Callback] = (),
+        folder_checked: bool = False,  # the caller ran check_run_folder with this config
     ) -> None:
         self.task, self.out, self.callbacks = task, Path(out_dir), list(callbacks)
         self.cfg, t = task.config, task.config.train
@@ -239,7 +240,8 @@ class Trainer:
                 f"train.batch_size {t.batch_size} is not divisible by "
                 f"{self.acc.num_processes} processes"
             )
-        check_run_folder(self.out, resume, self.cfg)
+        if not folder_checked:
+            check_run_folder(self.out, resume, self.cfg)
         model = task.model
         self.model = model
         self.ema = EMA(
