@@ -29,7 +29,7 @@ from condlora.evaluation.evaluate import digits_classifier
 from condlora.image.build import build_data
 from condlora.image.config import load_config
 from condlora.image.generate import generate, labels_for
-from condlora.image.runs import load_run, train_or_reuse
+from condlora.image.task import load_run, train_or_reuse
 from condlora.metrics import digits_metrics
 
 

@@ -47,7 +47,7 @@ def tiny_demo(folder: Path) -> Path:
 def tiny_run(root: Path) -> Path:
     """A ClassLoRA + TimeLoRA run of 20 steps in root/classlora."""
     from condlora.image.config import load_config
-    from condlora.image.runs import train_or_reuse
+    from condlora.image.task import train_or_reuse
 
     cfg = load_config(REPO / "configs" / "digits-classlora.yaml", [*TINY_NET, "train.max_steps=20"])
     train_or_reuse(cfg, root / "classlora", progress=False)

@@ -9,7 +9,7 @@ from PIL import Image
 
 from condlora.cli import main
 from condlora.image.config import load_config
-from condlora.image.runs import read_run_checkpoint as read_checkpoint
+from condlora.image.task import read_run_checkpoint as read_checkpoint
 from condlora.train.checkpoint import CHECKPOINT_NAME
 
 from .conftest import CONFIGS, REPO

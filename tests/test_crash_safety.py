@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from condlora.image.runs import read_run_checkpoint
+from condlora.image.task import read_run_checkpoint
 from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_step
 
 from .conftest import CONFIGS, REPO, TINY

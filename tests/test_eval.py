@@ -15,8 +15,7 @@ from condlora.data import load_digits_images
 from condlora.image.build import build_data
 from condlora.image.config import load_config
 from condlora.image.generate import generate, labels_for
-from condlora.image.runs import load_run
-from condlora.image.task import train
+from condlora.image.task import load_run, train
 from condlora.metrics import load_classifier, save_classifier, train_digits_classifier
 from condlora.metrics.kid import kid_from_features
 from condlora.metrics.reference import floor_at_sizes

@@ -25,7 +25,7 @@ from condlora.lora import (
     lora_state_dict,
 )
 from condlora.lora.composers import ParameterStacks
-from condlora.lora.lowrank import StackedLoRA
+from condlora.lora.layer import StackedLoRA
 from condlora.lora.runtime import ConditionState
 
 from .conftest import CONFIGS

@@ -29,7 +29,7 @@ from condlora.apps.serve.synthesis_page import lora_download
 from condlora.core.errors import CondloraError, DataError
 from condlora.image.config import load_config
 from condlora.image.generate import generate
-from condlora.image.runs import train_or_reuse
+from condlora.image.task import train_or_reuse
 from condlora.lora.formats import read_lora
 from condlora.synthesis.collection import LoRADataset
 

@@ -15,8 +15,7 @@ from condlora.cli import main
 from condlora.core.errors import CondloraError
 from condlora.image.build import build_denoiser
 from condlora.image.config import Config, load_config
-from condlora.image.runs import load_run, read_run_checkpoint
-from condlora.image.task import IMAGE_KIND, image_trainer, train
+from condlora.image.task import IMAGE_KIND, image_trainer, load_run, read_run_checkpoint, train
 from condlora.train.checkpoint import CHECKPOINT_NAME, EMA_NAME, read_checkpoint, read_ema_model
 from condlora.train.config import TrainConfig
 from condlora.train.loop import Trainer, TrainingDiverged, TrainTask, batch_indices

@@ -32,7 +32,7 @@ from condlora.image.build import build_data
 from condlora.image.checks import parameter_summary
 from condlora.image.config import Config, load_config
 from condlora.image.generate import generate, labels_for
-from condlora.image.runs import load_run, saved_step, train_or_reuse
+from condlora.image.task import load_run, saved_step, train_or_reuse
 from condlora.metrics import digits_metrics
 
 MODELS = {"baseline": "digits-baseline.yaml", "uclora": "digits-uclora.yaml"}

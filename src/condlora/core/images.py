@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from condlora.core.paths import check_output_file
+from condlora.core.files import check_output_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -29,13 +29,12 @@ import torch
 from torch import nn
 
 from condlora.core.errors import CondloraError, DataError
-from condlora.core.files import write_text_atomic
-from condlora.core.paths import check_output_file, check_output_folder
+from condlora.core.files import check_output_file, check_output_folder, write_text_atomic
 from condlora.image.build import build_data
 from condlora.image.checks import check_sample_count, check_seed, sampling_config
 from condlora.image.config import Config
 from condlora.image.generate import generate, labels_for
-from condlora.image.runs import load_run
+from condlora.image.task import load_run
 from condlora.metrics import (
     DigitsClassifier,
     class_accuracy,

@@ -1,5 +1,6 @@
 """The image-diffusion task of the first half: config -> backbone + LoRA + objective
-(`build`, `config`), the task of the training loop (`task`), sampling a run (`generate`,
-`runs`), --init-from weights (`pretrained`, `edm_pickle`) and the `train`, `sample` and
-`info` commands (`cli`). Import from the modules; nothing is imported here, so the command
-line starts fast."""
+(`build`, `config`), the task of the training loop and its run folders (`task`), sampling
+a run (`generate`), a static LoRA's strength schedule (`strength`), --init-from weights
+(`pretrained`, `edm_pickle`), checks and parameter counts (`checks`) and the `train`,
+`sample`, `schedule fit` and `info` commands (`cli`). Import from the modules; nothing is
+imported here, so the command line starts fast."""

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from condlora.core.errors import CondloraError
-from condlora.core.paths import default_run_folder
+from condlora.core.files import default_run_folder
 
 # Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
 
@@ -37,7 +37,7 @@ def _sample(args: argparse.Namespace) -> None:
     from condlora.core.images import check_image_path, save_grid
     from condlora.image.checks import check_sample_count, check_seed, sampling_config
     from condlora.image.generate import generate, labels_for
-    from condlora.image.runs import load_run
+    from condlora.image.task import load_run
 
     # everything that can be refused is refused before the sampling work
     check_image_path(args.out)

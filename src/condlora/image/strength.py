@@ -23,14 +23,13 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from condlora.core.errors import CondloraError
-from condlora.core.files import write_text_atomic
-from condlora.core.paths import check_output_folder
+from condlora.core.files import check_output_folder, write_text_atomic
 from condlora.core.progress import progress_bar
 from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.data import load_image_folder
 from condlora.diffusion import Denoiser
 from condlora.image.build import ConditionedNet
-from condlora.image.runs import load_run
+from condlora.image.task import load_run
 from condlora.lora.formats import LoRAWeights, base_modules_of, read_lora
 from condlora.lora.schedule import (
     ONE_BLOCK,

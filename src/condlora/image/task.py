@@ -2,11 +2,13 @@
 
 The task adds what images need to the loop: the data split, EDM's augmentation, label
 dropout for classifier-free guidance, channels_last, and sample grids as a callback.
+Run folders: `load_run` (the EMA inference file), `saved_step`, `train_or_reuse`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,7 +16,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from condlora.core.errors import CondloraError
 from condlora.core.labels import class_weights
+from condlora.core.safetensors_io import load_state_checked
 from condlora.data.augment import AugmentPipe
 from condlora.diffusion import Denoiser
 from condlora.image.build import build_data, build_denoiser, num_classes
@@ -22,7 +26,22 @@ from condlora.image.checks import check_model_size
 from condlora.image.config import Config
 from condlora.image.generate import save_sample_grid
 from condlora.image.pretrained import init_from
-from condlora.train.loop import Callback, Trainer, TrainTask, batch_indices, check_run_folder
+from condlora.train.checkpoint import (
+    CHECKPOINT_NAME,
+    EMA_NAME,
+    checkpoint_config,
+    read_checkpoint,
+    read_ema_model,
+)
+from condlora.train.loop import (
+    RESUMABLE_CHANGES,
+    Callback,
+    Trainer,
+    TrainTask,
+    batch_indices,
+    check_run_folder,
+    config_changes,
+)
 
 IMAGE_KIND = "image-diffusion"  # the checkpoint kind of image runs
 
@@ -148,3 +167,74 @@ def train(
     if max_steps is not None:  # the config checks the value (the command line names it first)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
     return image_trainer(cfg, out_dir, resume, init_path).run(progress=progress)
+
+
+def read_run_checkpoint(path: str | Path) -> tuple[Config, int, dict[str, dict]]:
+    """(config, step, parts) of an image run's training checkpoint (what --resume reads)."""
+    return read_checkpoint(Path(path), Config, IMAGE_KIND)
+
+
+def load_run(
+    run_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[Config, Denoiser, int]:
+    """(config, denoiser with the EMA weights, step) of a training run folder."""
+    run_dir = Path(run_dir)
+    path = run_dir / EMA_NAME
+    if not run_dir.exists():
+        raise CondloraError(f"run folder not found: {run_dir}")
+    if not run_dir.is_dir():
+        raise CondloraError(
+            f"{run_dir} is a file, not a run folder (give the folder --out of train)"
+        )
+    if not path.exists() and not (run_dir / CHECKPOINT_NAME).exists():
+        raise CondloraError(
+            f"no {EMA_NAME} (nor {CHECKPOINT_NAME}) in {run_dir}: is it a `condlora train` folder?"
+        )
+    cfg, step, ema = read_ema_model(path, Config, IMAGE_KIND)
+    # the stored config must not build a model larger than the weights the file holds
+    if check_model_size(cfg) > sum(t.numel() for t in ema.values()):
+        raise CondloraError(f"{path}: its EMA weights are fewer than its config's model needs")
+    denoiser = build_denoiser(cfg)
+    load_state_checked(denoiser, ema, f"{path} (EMA)")
+    return cfg, denoiser.to(device).eval(), step
+
+
+def saved_step(run_dir: Path, cfg: Config) -> int:
+    """Step of the run's checkpoint (0: none); an error if the folder holds another config.
+
+    Only what does not change the computation (log and checkpoint intervals, ...) may differ;
+    train.max_steps counts, since it sets the learning-rate horizon.
+    """
+    ckpt = run_dir / CHECKPOINT_NAME
+    if not ckpt.is_file():
+        return 0
+    saved, step = checkpoint_config(ckpt, Config, IMAGE_KIND)
+    allowed = [k for k in RESUMABLE_CHANGES if k not in ("train.max_steps", "train.ckpt_every")]
+    changed = config_changes(saved, cfg, [*allowed, "data.path"])
+    if changed:
+        raise CondloraError(
+            f"{run_dir} holds a run of a different config ({', '.join(changed[:4])} changed): "
+            "delete it or pass another --out"
+        )
+    return step
+
+
+def train_or_reuse(
+    cfg: Config,
+    run_dir: str | Path,
+    progress: bool | dict = True,
+    callbacks: Iterable[Callback] = (),
+    grids: bool = True,
+) -> float:
+    """Train `cfg` in `run_dir` to train.max_steps, resuming a partial run of the same config.
+
+    A finished run of the same config is reused. Returns the seconds spent training now.
+    grids: sample grids in the run folder during and after training.
+    """
+    run_dir = Path(run_dir)
+    done = saved_step(run_dir, cfg)
+    if done >= cfg.train.max_steps:
+        return 0.0
+    start = time.time()
+    image_trainer(cfg, run_dir, resume=done > 0, callbacks=callbacks, grids=grids).run(progress)
+    return time.time() - start

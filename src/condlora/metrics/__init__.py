@@ -2,11 +2,13 @@
 
 from condlora.metrics.classifier import (
     DigitsClassifier,
+    class_accuracy,
+    classifier_outputs,
+    digits_metrics,
     load_classifier,
     save_classifier,
     train_digits_classifier,
 )
-from condlora.metrics.digits import class_accuracy, classifier_outputs, digits_metrics
 
 __all__ = [
     "DigitsClassifier",

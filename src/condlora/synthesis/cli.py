@@ -12,8 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 from condlora.core.errors import CondloraError
-from condlora.core.files import undone_on_error
-from condlora.core.paths import default_run_folder
+from condlora.core.files import default_run_folder, undone_on_error
 
 # Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
 

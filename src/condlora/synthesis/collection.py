@@ -34,13 +34,12 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from condlora.core.errors import DataError, LoRAError
-from condlora.core.paths import check_output_file
+from condlora.core.files import check_output_file
 from condlora.lora.canonical import canonicalize
 from condlora.lora.formats import BaseMismatch, LoRAWeights, read_lora
 from condlora.lora.formats.files import as_base_modules
-from condlora.synthesis.alignment import ReferenceBuilder, align
 from condlora.synthesis.bigfile import StreamWriter, read_header, tensor_info
-from condlora.synthesis.flatten import FlatSpec
+from condlora.synthesis.flatten import FlatSpec, ReferenceBuilder, align
 
 FORMAT = "condlora.lora_dataset"
 CHUNK_BYTES = 8 << 20  # rows buffered before each write (and statistics update)

@@ -1,7 +1,9 @@
 """One vector per LoRA: all factors laid end to end, with a spec that maps it back exactly.
 
 The spec lists (module, factor, shape, offset) for every factor, modules in sorted order,
-A before B; it is stored as JSON with every dataset and every generated vector.
+A before B; it is stored as JSON with every dataset and every generated vector. Before
+flattening, `align` puts each LoRA's factors in the gauge of a reference (the factors of a
+LoRA are unique only up to an invertible r x r matrix; see the functions below).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import DataError
-from condlora.lora.formats.weights import LoRAWeights, ModuleLoRA
+from condlora.lora.canonical import align_factors, closest_rotation, pair_matrix
+from condlora.lora.formats import LoRAWeights, ModuleLoRA
 
 SPEC_VERSION = 1
 
@@ -102,3 +105,52 @@ class FlatSpec:
                 raise DataError(f"malformed layout spec at module {e.module} ({e.factor})")
             offset += e.size
         return spec
+
+
+class ReferenceBuilder:
+    """The reference factors of a collection, from its canonical LoRAs seen one at a time.
+
+    Memory: one float64 pair matrix per module (the size of one LoRA).
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}  # module -> sum of the aligned pair matrices
+        self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.count = 0
+
+    def add(self, canonical: LoRAWeights) -> None:
+        """Fold in one LoRA in canonical form (scale 1), aligned to the running sum."""
+        for name, module in canonical.modules.items():
+            p = pair_matrix(module)
+            if name not in self.sums:
+                self.sums[name] = p.clone()
+                self.shapes[name] = (tuple(module.A.shape), tuple(module.B.shape))
+            else:
+                self.sums[name] += p @ closest_rotation(p.T @ self.sums[name])
+        self.count += 1
+
+    def reference(self) -> LoRAWeights:
+        """The mean aligned factors as a LoRA (scale 1, the collection's module shapes)."""
+        if not self.count:
+            raise DataError("a reference needs at least one LoRA")
+        modules = {}
+        for name, total in self.sums.items():
+            mean = total / self.count
+            a_shape, b_shape = self.shapes[name]
+            out = b_shape[0]
+            b, a = mean[:out], mean[out:].T
+            modules[name] = ModuleLoRA(a.reshape(a_shape).float(), b.reshape(b_shape).float(), 1.0)
+        return LoRAWeights(modules)
+
+
+def align(canonical: LoRAWeights, reference: LoRAWeights) -> LoRAWeights:
+    """Every module's canonical factors rotated to the reference's (the same dW)."""
+    if set(canonical.modules) != set(reference.modules):
+        raise DataError("the LoRA's modules differ from the reference's")
+    modules = {
+        name: align_factors(module, pair_matrix(reference.modules[name]))
+        for name, module in canonical.modules.items()
+    }
+    return LoRAWeights(
+        modules, canonical.layout, canonical.text_encoder, canonical.resolved, canonical.hints
+    )

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import ConfigError, DataError
-from condlora.core.paths import check_output_folder
+from condlora.core.files import check_output_folder
 from condlora.diffusion import Denoiser, EmbeddingGuidedDenoiser, sample
 from condlora.image.checks import MAX_SAMPLE_BYTES
 from condlora.lora.formats import LoRAWeights, write_loras

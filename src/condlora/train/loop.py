@@ -30,8 +30,7 @@ from tqdm.auto import tqdm
 
 from condlora.core.config import to_dict
 from condlora.core.errors import CondloraError
-from condlora.core.files import append_jsonl, truncate_jsonl, write_text_atomic
-from condlora.core.paths import check_output_folder
+from condlora.core.files import append_jsonl, check_output_folder, truncate_jsonl, write_text_atomic
 from condlora.core.progress import progress_bar
 from condlora.core.signals import sigterm_as_interrupt
 from condlora.train.checkpoint import (

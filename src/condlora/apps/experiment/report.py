@@ -26,7 +26,7 @@ from condlora.evaluation.diagnostics import (
 )
 from condlora.image.build import num_classes
 from condlora.image.generate import save_sample_grid
-from condlora.image.runs import load_run
+from condlora.image.task import load_run
 
 
 def _mean_by_step(series: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float]]:

@@ -29,7 +29,7 @@ from condlora.image.build import build_denoiser
 from condlora.image.checks import parameter_summary
 from condlora.image.config import Config
 from condlora.image.generate import generate, labels_for
-from condlora.image.runs import saved_step, train_or_reuse
+from condlora.image.task import saved_step, train_or_reuse
 from condlora.train.loop import Callback, Trainer
 
 CURVE_FILE = "curve.jsonl"

@@ -41,7 +41,7 @@ from condlora.core.config import (
     yaml_problem,
 )
 from condlora.core.errors import ConfigError
-from condlora.core.paths import FOLDER_NAME
+from condlora.core.files import FOLDER_NAME
 from condlora.evaluation.evaluate import FEATURES
 from condlora.image.config import Config, load_config
 

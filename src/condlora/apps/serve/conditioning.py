@@ -32,8 +32,7 @@ from condlora.evaluation.diagnostics import (
 from condlora.image.build import num_classes
 from condlora.image.config import Config
 from condlora.image.generate import generate, labels_for
-from condlora.image.runs import load_run
-from condlora.image.task import IMAGE_KIND
+from condlora.image.task import IMAGE_KIND, load_run
 from condlora.train.checkpoint import (
     CHECKPOINT_NAME,
     EMA_NAME,

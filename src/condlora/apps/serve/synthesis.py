@@ -28,7 +28,7 @@ from condlora.apps.synthesis_demo.config import DemoConfig
 from condlora.apps.synthesis_demo.encoder import SubjectEncoder, load_encoder
 from condlora.apps.synthesis_demo.methods import DemoData, simple_methods
 from condlora.apps.synthesis_demo.run import QUICKSTART_BASE, held_out_digits
-from condlora.apps.synthesis_demo.sampling import sample_subjects
+from condlora.apps.synthesis_demo.scoring import sample_subjects
 from condlora.apps.synthesis_demo.styles import apply_style, describe
 from condlora.apps.synthesis_demo.zoo import TIMING_FILE, Subjects, make_subjects
 from condlora.core.config import from_dict
@@ -36,7 +36,7 @@ from condlora.core.errors import CondloraError, DataError
 from condlora.diffusion import Denoiser
 from condlora.image.build import build_data
 from condlora.image.config import Config
-from condlora.image.runs import load_run, saved_step
+from condlora.image.task import load_run, saved_step
 from condlora.lora.formats import LoRAWeights
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.generate import SynthModel

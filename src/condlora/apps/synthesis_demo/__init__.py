@@ -5,8 +5,8 @@ bank      per-sample LoRA weights on a frozen base model (one LoRA per subject)
 zoo       one LoRA per subject, fine-tuned in batches of subjects, written as peft folders
 encoder   the subject encoder (stand-in for ArcFace): image sets -> unit vectors
 methods   LoRA writers from an embedding: a plug-in interface, simple baselines, slots
-sampling  digits drawn with many subjects' LoRAs at once
-scoring   subject score, class accuracy, LoRA MSE, time; mean +- std over seeds
+scoring   digits drawn with many subjects' LoRAs at once; subject score, class accuracy,
+          LoRA MSE, time; mean +- std over seeds
 stages    the cached stages (base model, judge, encoder, embeddings, collections)
 report    report.md, grids, the curve against the number of training subjects
 run       the whole demo, each stage reused when done

@@ -30,7 +30,7 @@ from condlora.core.errors import CondloraError
 from condlora.core.files import write_text_atomic
 from condlora.diffusion import Denoiser
 from condlora.image.config import Config
-from condlora.image.runs import load_run, saved_step, train_or_reuse
+from condlora.image.task import load_run, saved_step, train_or_reuse
 from condlora.metrics import (
     DigitsClassifier,
     load_classifier,

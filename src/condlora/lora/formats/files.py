@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
-from condlora.core.paths import check_output_folder, first_missing
+from condlora.core.files import check_output_folder, first_missing
 from condlora.core.safetensors_io import read_header, read_weights
 from condlora.lora.formats import diffusers, kohya, peft
 from condlora.lora.formats.keys import key_layout
