@@ -28,11 +28,17 @@ from condlora.diffusion import (
     make_precond,
 )
 from condlora.image.config import Config
+from condlora.image.diffusers_net import check_against_model, load_unet
 from condlora.lora import conditioning, inject, lora_layers
 from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
 
 # The module whose output is the backbone's condition embedding (UC-LoRA's input).
-EMB_MODULES = {"small_unet": "embed", "adm": "time_embed", "ddpmpp": "map_act"}
+EMB_MODULES = {
+    "small_unet": "embed",
+    "adm": "time_embed",
+    "ddpmpp": "map_act",
+    "diffusers": "unet.time_embedding",
+}
 
 
 class ConditionedNet(nn.Module):
@@ -94,6 +100,10 @@ def build_net(cfg: Config) -> nn.Module:
     lora_only = n.cond_mode == "lora_only"
     uses_embedding = not lora_only or "uc" in cfg.lora.method.split("+")
     labels_in_net = cfg.net.class_conditional and uses_embedding
+    if n.arch == "diffusers":
+        net = load_unet(n.pretrained)
+        check_against_model(cfg, net)
+        return net
     try:
         if n.arch == "adm":
             return _adm(cfg)

@@ -34,7 +34,7 @@ from condlora.nets.unet import COND_MODES
 from condlora.train.config import TrainConfig
 
 DATA_SETS = {"digits": (1, 10), "cifar10": (3, 10), "folder": (3, None)}  # channels, classes
-ARCHS = ("small_unet", "adm", "ddpmpp")
+ARCHS = ("small_unet", "adm", "ddpmpp", "diffusers")
 DECODER_NLLS = ("tanh", "exact")  # diffusion.decoder_nll
 LORA_METHODS_SEEING_CLASS = ("class", "time+class", "uc")  # what lora_only needs with classes
 MAX_RESOLUTION = 4096  # image side
@@ -96,6 +96,7 @@ class NetConfig(Checked):
     class_conditional: bool = True  # condition on the class label
     cond_mode: str = "scale_shift"  # residual blocks: "scale_shift" | "lora_only" | "both"
     dropout: float = 0.0  # dropout in residual blocks
+    pretrained: str | None = None  # arch diffusers: a local UNet2DModel or pipeline folder
 
     CHECKS: ClassVar[dict] = {
         "arch": OneOf(ARCHS),
@@ -176,6 +177,8 @@ class Config(Checked):
     def check(self, key: Callable[[str], str]) -> None:
         """Rules across the net, LoRA, data and training settings."""
         net, method = self.net, self.lora.method
+        if (net.arch == "diffusers") != (net.pretrained is not None):
+            raise ConfigError("net.pretrained (a diffusers folder) goes with net.arch diffusers")
         if net.cond_mode != "scale_shift" and method == "none":
             raise ConfigError(
                 f"{key('net')}.cond_mode '{net.cond_mode}' adds LoRA conditioning: set "

@@ -1,0 +1,119 @@
+"""A local diffusers `UNet2DModel` as the backbone of an image run (`net.arch: diffusers`).
+
+`net.pretrained` names a model folder (its `config.json` and weights) or a pipeline folder
+(its `unet/` and `scheduler/`); it is read with `local_files_only`, nothing is downloaded.
+The base weights are frozen: a run trains its conditional LoRA only. The network sees
+what a DDPM-trained diffusers U-Net expects: the VP input sqrt(abar) x0 + sqrt(1 - abar) n
+(condlora's discrete objectives' c_in) and the timestep (their noise label, in [0, T-1]),
+and predicts epsilon (`diffusion.objective: ddpm`) or v (`v`), as the pipeline's
+scheduler says; a config that disagrees with the scheduler is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from condlora.core.errors import ConfigError
+
+PREDICTIONS = {"epsilon": "ddpm", "v_prediction": "v"}  # scheduler prediction_type -> objective
+SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}  # beta_schedule -> schedule
+
+
+class DiffusersUNet(nn.Module):
+    """condlora's backbone call net(x, noise_labels, class_labels) on a UNet2DModel."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+        self.num_classes = int(unet.config.num_class_embeds or 0)
+
+    def forward(
+        self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None
+    ) -> Tensor:
+        """The U-Net's output; class weights (batch, K) are read as their argmax class."""
+        labels = None
+        if self.num_classes and class_labels is not None:
+            labels = class_labels.argmax(-1) if class_labels.dim() == 2 else class_labels.long()
+        return self.unet(x, noise_labels.to(x.dtype), class_labels=labels).sample
+
+
+def model_folder(path: str | Path) -> Path:
+    """The folder of the U-Net: `path` itself (a model folder) or its `unet/` (a pipeline)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"net.pretrained {path} is not a folder (a diffusers model or pipeline)")
+    for folder in (path, path / "unet"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise ConfigError(
+        f"net.pretrained {path} holds no diffusers config.json (nor unet/config.json)"
+    )
+
+
+def load_unet(path: str | Path) -> DiffusersUNet:
+    """The frozen UNet2DModel of a local folder, wrapped as a condlora backbone (under the
+    meta device, as parameter counts are made: its structure alone, no weights read)."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise ConfigError("net.arch diffusers needs diffusers: pip install diffusers") from None
+    folder = model_folder(path)
+    kind = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if kind != "UNet2DModel":
+        raise ConfigError(f"{folder} holds a {kind}; net.arch diffusers reads a UNet2DModel")
+    try:
+        if torch.get_default_device().type == "meta":
+            unet = UNet2DModel.from_config(UNet2DModel.load_config(folder))
+        else:
+            unet = UNet2DModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"{folder}: the U-Net does not load ({err})") from None
+    return DiffusersUNet(unet.requires_grad_(False).eval())
+
+
+def scheduler_objective(path: str | Path) -> tuple[str, str, int] | None:
+    """(objective, schedule, timesteps) that a pipeline folder's scheduler trained with, or
+    None for a model folder without one."""
+    config = Path(path) / "scheduler" / "scheduler_config.json"
+    if not config.is_file():
+        return None
+    s = json.loads(config.read_text())
+    prediction, betas = s.get("prediction_type", "epsilon"), s.get("beta_schedule", "linear")
+    if prediction not in PREDICTIONS or betas not in SCHEDULES:
+        raise ConfigError(
+            f"{config}: prediction_type {prediction!r} with beta_schedule {betas!r} is not "
+            f"supported (supported: {', '.join(PREDICTIONS)}; {', '.join(SCHEDULES)})"
+        )
+    if (s.get("beta_start", 1e-4), s.get("beta_end", 0.02)) != (1e-4, 0.02) and betas == "linear":
+        raise ConfigError(f"{config}: only DDPM's linear betas 1e-4..0.02 are supported")
+    return PREDICTIONS[prediction], SCHEDULES[betas], int(s.get("num_train_timesteps", 1000))
+
+
+def check_against_model(cfg: object, net: DiffusersUNet) -> None:
+    """ConfigError unless the data, the objective and the classes fit the loaded U-Net."""
+    c, d = net.unet.config, cfg.data
+    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+    if (d.resolution, d.channels) != (size, c.in_channels) or c.out_channels != c.in_channels:
+        raise ConfigError(
+            f"the U-Net takes {c.in_channels} x {size} x {size} images: set data.resolution "
+            f"{size} and data.channels {c.in_channels} (got {d.channels} x {d.resolution})"
+        )
+    wanted = scheduler_objective(cfg.net.pretrained)
+    got = (cfg.diffusion.objective, cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
+    if wanted is not None and wanted != got:
+        raise ConfigError(
+            f"the pipeline's scheduler trained objective {wanted[0]}, schedule {wanted[1]}, "
+            f"{wanted[2]} timesteps: set diffusion.objective, .schedule and .num_timesteps so "
+            f"(got {got[0]}, {got[1]}, {got[2]})"
+        )
+    if got[0] not in ("ddpm", "v"):
+        raise ConfigError("net.arch diffusers trains with diffusion.objective ddpm or v")
+    if cfg.net.class_conditional and net.num_classes != cfg.data.num_classes:
+        raise ConfigError(
+            f"the U-Net has {net.num_classes} class embeddings, the data {d.num_classes} "
+            "classes (set net.class_conditional: false for an unconditional U-Net)"
+        )
