@@ -45,8 +45,8 @@ from condlora.metrics import (
     save_classifier,
     train_digits_classifier,
 )
+from condlora.metrics.distances import DEFAULT_SUBSETS, kid_from_features
 from condlora.metrics.inception import WEIGHTS_HINT
-from condlora.metrics.kid import DEFAULT_SUBSETS, kid_from_features
 from condlora.metrics.reference import (
     Reference,
     floor_at_sizes,

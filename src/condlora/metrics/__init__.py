@@ -20,7 +20,7 @@ __all__ = [
     "train_digits_classifier",
 ]
 
-from condlora.metrics.fid import (  # noqa: E402
+from condlora.metrics.distances import (  # noqa: E402
     frechet_of_features,
     frechet_to_stats,
 )
@@ -33,7 +33,7 @@ __all__ += [
     "load_fid_inception",
 ]
 
-from condlora.metrics.kid import kid_from_features, kid_gamma  # noqa: E402
+from condlora.metrics.distances import kid_from_features, kid_gamma  # noqa: E402
 from condlora.metrics.reference import (  # noqa: E402
     Reference,
     floor_at_sizes,

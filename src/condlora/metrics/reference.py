@@ -17,8 +17,12 @@ import torch
 
 from condlora.core.errors import DataError
 from condlora.core.safetensors_io import read_weights, write_weights
-from condlora.metrics.fid import check_finite, frechet_of_features
-from condlora.metrics.kid import kid_from_features, kid_gamma
+from condlora.metrics.distances import (
+    check_finite,
+    frechet_of_features,
+    kid_from_features,
+    kid_gamma,
+)
 
 FORMAT = "condlora.reference_stats"
 KID_MAX_REAL = 10_000  # real features kept for KID (a seeded subset beyond this)
