@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from condlora.core.errors import ConfigError
+from condlora.image.config import Config
 
 PREDICTIONS = {"epsilon": "ddpm", "v_prediction": "v"}  # scheduler prediction_type -> objective
 SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}  # beta_schedule -> schedule
@@ -93,7 +94,7 @@ def scheduler_objective(path: str | Path) -> tuple[str, str, int] | None:
     return PREDICTIONS[prediction], SCHEDULES[betas], int(s.get("num_train_timesteps", 1000))
 
 
-def check_against_model(cfg: object, net: DiffusersUNet) -> None:
+def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
     """ConfigError unless the data, the objective and the classes fit the loaded U-Net."""
     c, d = net.unet.config, cfg.data
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
