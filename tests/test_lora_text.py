@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from condlora.cli import main
 from condlora.lora.formats import read_lora, write_lora
@@ -189,3 +189,32 @@ def test_text_encoder_files_from_diffusers_saver_keep_their_scale(clip, tmp_path
         for name, want in expected.items():
             err = (weights.text_encoder[name].delta() - want).norm() / want.norm()
             assert err < 1e-6, name
+
+
+def test_a_peft_adapter_of_a_clip_text_model_is_read_as_a_text_encoder(clip, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    model = get_peft_model(
+        copy.deepcopy(clip), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    expected = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, LoraLayer):  # peft's own dW, by the CLIP path of the layer
+            path = name.removeprefix("base_model.model.")
+            path = path if path.startswith("text_model.") else f"text_model.{path}"
+            expected[f"text_encoder.{path}"] = layer.get_delta_weight("default")
+    model.save_pretrained(tmp_path / "peft")
+    lora = read_lora(tmp_path / "peft")
+    assert lora.modules == {} and sorted(lora.text_encoder) == sorted(expected)  # not U-Net
+    for name, want in expected.items():
+        err = (lora.text_encoder[name].delta() - want).norm() / want.norm()
+        assert err < 1e-6, name
+    write_lora(lora, tmp_path / "k.safetensors", "kohya")  # kohya names them lora_te_ ...
+    assert all(k.startswith("lora_te_") for k in load_file(tmp_path / "k.safetensors"))
+    assert sorted(read_lora(tmp_path / "k.safetensors").text_encoder) == sorted(expected)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
+from condlora.lora.formats.keys import TEXT
 from condlora.lora.formats.kinds import ModuleDelta, check_parts
 from condlora.lora.formats.weights import (
     LoRAWeights,
@@ -106,6 +107,14 @@ def check_config(config: Mapping, where: str) -> None:
         )
 
 
+CLIP_LAYER = re.compile(r"^(text_model\.)?encoder\.layers\.\d+\.")  # a CLIP text layer
+
+
+def clip_name(path: str) -> str:
+    """A CLIP text layer's path under CLIPTextModel (text_model.encoder.layers...)."""
+    return path if path.startswith("text_model.") else f"text_model.{path}"
+
+
 def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoRAWeights:
     """peft state dict + adapter config -> LoRAWeights (DoRA modules, use_dora, go to
     `others` with their magnitude vectors)."""
@@ -125,7 +134,13 @@ def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoR
         check_parts("dora", dora, module, where)
         others[module] = ModuleDelta("dora", dora)
     hints = {k: str(config[k]) for k in ("base_model_name_or_path", "use_rslora") if config.get(k)}
-    return LoRAWeights(modules, "peft", hints=hints, unmapped=unmapped, others=others)
+    # an adapter of a CLIP text model (its layers under [text_model.]encoder.layers.) is a
+    # text encoder's, named by its CLIPTextModel path as the other layouts' text parts are
+    text = {f"{TEXT}.{clip_name(n)}": m for n, m in modules.items() if CLIP_LAYER.match(n)}
+    modules = {n: m for n, m in modules.items() if not CLIP_LAYER.match(n)}
+    return LoRAWeights(
+        modules, "peft", text_encoder=text, hints=hints, unmapped=unmapped, others=others
+    )
 
 
 def lora_config(weights: LoRAWeights) -> dict:
