@@ -1,10 +1,15 @@
-"""condlora.data: the embedded digits, CIFAR-10 (python format), image folders, EDM augmentation."""
+"""condlora.data: the embedded digits, image folders and the split (images), CIFAR-10 (python
+format, cifar), EDM augmentation (augment)."""
 
 from condlora.data.augment import AUGMENT_DIM, AugmentPipe
 from condlora.data.cifar import CIFAR10_CLASSES, load_cifar10
-from condlora.data.digits import NUM_CLASSES, load_digits_images
-from condlora.data.folder import folder_layout, load_image_folder
-from condlora.data.split import stratified_split
+from condlora.data.images import (
+    NUM_CLASSES,
+    folder_layout,
+    load_digits_images,
+    load_image_folder,
+    stratified_split,
+)
 
 __all__ = [
     "AUGMENT_DIM",
