@@ -133,7 +133,8 @@ def test_schedule_fit_command_writes_its_files_and_refuses_a_flat_folder(tmp_pat
     argv = ["schedule", "fit", "--base", str(tmp_path / "run"), "--lora", str(tmp_path / "lora")]
     argv += ["--data", str(data), "--steps", "2", "--batch", "4", "--blocks"]
     assert main([*argv, "--out", str(tmp_path / "s")]) == 0
-    for name in ("schedule.safetensors", "schedule.csv", "keyframes.json", "schedule.png"):
+    written = ("schedule.safetensors", "schedule.csv", "keyframes.json", "schedule.png")
+    for name in (*written, "diffusers_callback.py"):
         assert (tmp_path / "s" / name).is_file()
     flat = digit_folder(tmp_path / "flat", images[:4], labels[:4], flat=True)
     argv[argv.index("--data") + 1] = str(flat)

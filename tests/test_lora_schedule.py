@@ -116,3 +116,32 @@ def test_blocks_are_top_level_parts_with_their_index():
     assert block_of("enc.2.attn.qkv", True) == "enc.2"
     assert block_of("mid.attn.proj", True) == "mid"
     assert block_of("enc.2.attn.qkv", False) == "all"
+
+
+def test_the_diffusers_callback_sets_each_steps_strength(tmp_path):
+    import importlib.util
+
+    model = TwoBlocks()
+    schedule = apply_schedule(model, deltas_for(model), bins=4)
+    with torch.no_grad():
+        schedule.table.copy_(torch.tensor([[0.2, 1.0, 1.4, 0.6]]))
+    ts = torch.linspace(1, 0, 18).tolist()
+    path = tmp_path / "diffusers_callback.py"
+    path.write_text(schedule.diffusers_callback(ts, adapter="style"))
+    spec = importlib.util.spec_from_file_location("callback", path)
+    callback = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(callback)
+
+    class Pipe:  # records what a diffusers pipeline would be told
+        weights = []
+
+        def set_adapters(self, names, adapter_weights):
+            assert names == ["style"]
+            self.weights.append(adapter_weights[0])
+
+    pipe = Pipe()
+    callback.set_first(pipe)
+    for step in range(18):  # the pipeline calls it after every step
+        assert callback.strength_callback(pipe, step, 0, {"latents": 1}) == {"latents": 1}
+    truth = schedule.strength(torch.tensor(ts))[:, 0]
+    assert pipe.weights == pytest.approx(truth.tolist(), abs=1e-6)

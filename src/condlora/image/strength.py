@@ -171,13 +171,14 @@ def plot_schedule(schedule: StrengthSchedule, path: Path) -> Path:
 
 
 def write_schedule(schedule: StrengthSchedule, out: Path, ts: list[float], meta: dict) -> None:
-    """schedule.safetensors (table and blocks), .csv and keyframes.json at the sampler's
-    noise levels, and schedule.png."""
+    """schedule.safetensors (table and blocks), .csv, keyframes.json and a diffusers
+    callback (diffusers_callback.py) at the sampler's noise levels, and schedule.png."""
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": SCHEDULE_FORMAT, "blocks": json.dumps(schedule.blocks)}
     write_weights(out / SCHEDULE_FILE, {"table": schedule.table.detach()}, {**metadata, **meta})
     write_text_atomic(out / "schedule.csv", schedule.to_csv(ts))
     write_text_atomic(out / "keyframes.json", schedule.keyframes(ts))
+    write_text_atomic(out / "diffusers_callback.py", schedule.diffusers_callback(ts))
     plot_schedule(schedule, out / "schedule.png")
 
 

@@ -94,6 +94,38 @@ class StrengthSchedule(nn.Module):
         }
         return json.dumps({"steps": n, "noise_levels": list(ts), "keyframes": frames}, indent=1)
 
+    def diffusers_callback(self, ts: Sequence[float], adapter: str = "default") -> str:
+        """A Python module for diffusers: `set_first(pipe)` before the call, then
+        `callback_on_step_end=strength_callback` sets the LoRA adapter's weight of each next
+        step. One weight for the whole LoRA: the mean over blocks (per-block strengths are
+        in BLOCK_STRENGTHS, and the ComfyUI keyframes)."""
+        rows = self.at_steps(ts)
+        mean = [round(sum(r.values()) / len(r), 6) for r in rows]
+        per_block = {b: [round(r[b], 6) for r in rows] for b in self.blocks}
+        return f'''"""LoRA strength per sampling step, fitted by condlora ({len(ts)} steps).
+
+    pipe.load_lora_weights(..., adapter_name={adapter!r})
+    set_first(pipe)
+    pipe(..., num_inference_steps={len(ts)}, callback_on_step_end=strength_callback)
+"""
+
+ADAPTER = {adapter!r}
+STRENGTHS = {mean!r}
+BLOCK_STRENGTHS = {per_block!r}
+
+
+def set_first(pipe, adapter=ADAPTER):
+    """The strength of the first step, before the pipeline runs."""
+    pipe.set_adapters([adapter], adapter_weights=[STRENGTHS[0]])
+
+
+def strength_callback(pipe, step, timestep, callback_kwargs, adapter=ADAPTER):
+    """diffusers' callback_on_step_end: set the strength of the next step."""
+    if step + 1 < len(STRENGTHS):
+        pipe.set_adapters([adapter], adapter_weights=[STRENGTHS[step + 1]])
+    return callback_kwargs
+'''
+
 
 class ScheduledLoRA(nn.Module):
     """A frozen base layer plus a static LoRA update at the schedule's strength."""
