@@ -155,24 +155,33 @@ def test_comfyui_text_encoder_prefixes(clip, tmp_path):
     assert_deltas(lora.text_encoder, expected)
 
 
-def test_text_encoder_files_from_diffusers_saver_keep_their_scale(clip, tmp_path):
-    from peft import LoraConfig, inject_adapter_in_model
+def randomised_peft_deltas(model, seed):
+    """Random LoRA factors in a peft-injected CLIP model; peft's own dW of each layer, named
+    by its CLIPTextModel path as the files name text-encoder layers."""
     from peft.tuners.lora import LoraLayer
-    from peft.utils import get_peft_model_state_dict
 
-    model = inject_adapter_in_model(
-        LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "fc1"]), copy.deepcopy(clip)
-    )
-    g = torch.Generator().manual_seed(12)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_" in name:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
     expected = {}
     for name, layer in model.named_modules():
-        if isinstance(layer, LoraLayer):  # peft's own dW, named as the files name CLIP layers
-            path = name if name.startswith("text_model.") else f"text_model.{name}"
+        if isinstance(layer, LoraLayer):
+            path = name.removeprefix("base_model.model.")
+            path = path if path.startswith("text_model.") else f"text_model.{path}"
             expected[f"text_encoder.{path}"] = layer.get_delta_weight("default")
+    return expected
+
+
+def test_text_encoder_files_from_diffusers_saver_keep_their_scale(clip, tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    model = inject_adapter_in_model(
+        LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "fc1"]), copy.deepcopy(clip)
+    )
+    expected = randomised_peft_deltas(model, seed=12)
     Pipeline.save_lora_weights(
         tmp_path / "d",
         unet_lora_layers=None,
@@ -193,22 +202,11 @@ def test_text_encoder_files_from_diffusers_saver_keep_their_scale(clip, tmp_path
 
 def test_a_peft_adapter_of_a_clip_text_model_is_read_as_a_text_encoder(clip, tmp_path):
     from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
 
     model = get_peft_model(
         copy.deepcopy(clip), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     )
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    expected = {}
-    for name, layer in model.named_modules():
-        if isinstance(layer, LoraLayer):  # peft's own dW, by the CLIP path of the layer
-            path = name.removeprefix("base_model.model.")
-            path = path if path.startswith("text_model.") else f"text_model.{path}"
-            expected[f"text_encoder.{path}"] = layer.get_delta_weight("default")
+    expected = randomised_peft_deltas(model, seed=5)
     model.save_pretrained(tmp_path / "peft")
     lora = read_lora(tmp_path / "peft")
     assert lora.modules == {} and sorted(lora.text_encoder) == sorted(expected)  # not U-Net
