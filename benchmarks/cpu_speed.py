@@ -23,7 +23,7 @@ from timing import interleaved, machine, print_json, print_table
 
 from condlora.image.build import build_denoiser
 from condlora.image.config import load_config
-from condlora.train.ema import EMA
+from condlora.train.checkpoint import EMA
 from condlora.train.loop import adamw
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

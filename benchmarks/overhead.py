@@ -29,7 +29,7 @@ from timing import interleaved, machine, peak_step_bytes, print_json, print_tabl
 
 from condlora.image.build import build_denoiser, image_channels, num_classes
 from condlora.image.config import load_config
-from condlora.train.ema import EMA
+from condlora.train.checkpoint import EMA
 from condlora.train.loop import adamw
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

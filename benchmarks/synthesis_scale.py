@@ -22,9 +22,8 @@ from timing import machine, print_json, print_table
 
 from condlora.diffusion import EmbeddingGuidedDenoiser, sample
 from condlora.synthesis.config import load_synth_config, resolve
-from condlora.synthesis.model import build_prior
+from condlora.synthesis.model import LoRAVAE, build_prior
 from condlora.synthesis.training import PriorLoss, VAELoss
-from condlora.synthesis.vae import LoRAVAE
 from condlora.train.loop import adamw
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthesis" / "w2w-sd15.yaml"

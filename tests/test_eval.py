@@ -17,8 +17,7 @@ from condlora.image.config import load_config
 from condlora.image.generate import generate, labels_for
 from condlora.image.task import load_run, train
 from condlora.metrics import load_classifier, save_classifier, train_digits_classifier
-from condlora.metrics.distances import kid_from_features
-from condlora.metrics.reference import floor_at_sizes
+from condlora.metrics.reference import floor_at_sizes, kid_from_features
 
 from .conftest import CONFIGS, TINY
 

@@ -91,10 +91,10 @@ def test_every_package_states_what_it_holds():
 @pytest.mark.parametrize(
     "where, planted",
     [
-        ("core/labels.py", "from ..apps.serve import cli as _planted  # noqa"),  # relative, up
+        ("core/labels.py", "from ..apps.serve import server as _planted  # noqa"),  # relative, up
         ("apps/reporting.py", "from . import quickstart as _planted  # noqa"),  # within apps
         ("lora/io.py", "from condlora.nets import unet as _planted  # noqa"),  # sideways
-        ("train/ema.py", "import condlora.apps.quickstart as _planted  # noqa"),
+        ("train/config.py", "import condlora.apps.quickstart as _planted  # noqa"),
     ],
 )
 def test_a_planted_upward_import_breaks_the_contract(tmp_path, where, planted):

@@ -19,7 +19,7 @@ from condlora.image.checks import check_model_size, sampling_config
 from condlora.image.config import Config, load_config
 from condlora.lora import load_lora
 from condlora.metrics import frechet_of_features, frechet_to_stats, gaussian_stats
-from condlora.metrics.distances import kid_from_features
+from condlora.metrics.reference import kid_from_features
 from condlora.train.config import TrainConfig
 
 from .conftest import CONFIGS, TINY

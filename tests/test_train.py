@@ -12,8 +12,7 @@ from condlora.core.errors import CondloraError
 from condlora.image.config import load_config
 from condlora.image.task import image_trainer, train
 from condlora.image.task import read_run_checkpoint as read_checkpoint
-from condlora.train.checkpoint import CHECKPOINT_NAME
-from condlora.train.ema import EMA
+from condlora.train.checkpoint import CHECKPOINT_NAME, EMA
 from condlora.train.loop import adamw, batch_indices, learning_rate
 
 from .conftest import CONFIGS

@@ -8,7 +8,8 @@ import torch
 
 from condlora.core.errors import ConfigError
 from condlora.nets import ResMLPBlock
-from condlora.synthesis.vae import LoRAVAE, VAEConfig, gaussian_kl
+from condlora.synthesis.config import VAEConfig
+from condlora.synthesis.model import LoRAVAE, gaussian_kl
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import sys
 import traceback
 
 from condlora.apps import cli as apps_cli
-from condlora.apps.serve import cli as serve_cli
+from condlora.apps.serve import server as serve_server
 from condlora.core.errors import CondloraError
 from condlora.evaluation import cli as evaluation_cli
 from condlora.image import cli as image_cli
@@ -43,7 +43,7 @@ REGISTRARS = (
     evaluation_cli.register,
     apps_cli.register,
     lora_cli.register,
-    serve_cli.register,
+    serve_server.register,
     _register_synth,
 )
 

@@ -1,6 +1,6 @@
 """The applications' commands: `condlora experiment`, `quickstart` and `synth demo`.
 
-`condlora serve` registers itself (`apps.serve.cli`).
+`condlora serve` registers itself (`apps.serve.server`).
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ from condlora.diffusion.iddpm import (
     sample_iddpm,
     space_timesteps,
 )
-from condlora.diffusion.objectives import Denoiser
 from condlora.diffusion.precond import (
+    Denoiser,
     DiscretePrecond,
     EDMPrecond,
     EpsPrecond,

@@ -25,12 +25,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from condlora.core.errors import ConfigError
-from condlora.diffusion.objectives import Denoiser, expand_per_sample, sigma_per_sample
 from condlora.diffusion.precond import (
     SCHEDULES,
+    Denoiser,
     DiscretePrecond,
     EpsPrecond,
     alphas_cumprod,
+    expand_per_sample,
+    sigma_per_sample,
     standard_normal,
 )
 

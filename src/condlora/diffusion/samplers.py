@@ -11,8 +11,7 @@ from tqdm.auto import tqdm
 from condlora.core.errors import ConfigError
 from condlora.core.labels import class_weights
 from condlora.diffusion.iddpm import sample_iddpm
-from condlora.diffusion.objectives import Denoiser
-from condlora.diffusion.precond import standard_normal
+from condlora.diffusion.precond import Denoiser, standard_normal
 
 
 def _floats(sigmas: Tensor) -> list[float]:

@@ -45,11 +45,12 @@ from condlora.metrics import (
     save_classifier,
     train_digits_classifier,
 )
-from condlora.metrics.distances import DEFAULT_SUBSETS, kid_from_features
 from condlora.metrics.inception import WEIGHTS_HINT
 from condlora.metrics.reference import (
+    DEFAULT_SUBSETS,
     Reference,
     floor_at_sizes,
+    kid_from_features,
     load_reference,
     reference_from_features,
     save_reference,

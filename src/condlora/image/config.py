@@ -26,8 +26,7 @@ from condlora.core.config import (
 from condlora.core.errors import ConfigError
 from condlora.data import folder_layout
 from condlora.data.augment import AUGMENT_DIM
-from condlora.diffusion.objectives import LOSS_REDUCTIONS
-from condlora.diffusion.precond import OBJECTIVES, SCHEDULES
+from condlora.diffusion.precond import LOSS_REDUCTIONS, OBJECTIVES, SCHEDULES
 from condlora.diffusion.samplers import LEARNED_VARIANCE_SAMPLERS, SAMPLERS
 from condlora.lora import LoRAConfig
 from condlora.nets.unet import COND_MODES

@@ -20,11 +20,11 @@ __all__ = [
     "train_digits_classifier",
 ]
 
-from condlora.metrics.distances import (  # noqa: E402
+from condlora.metrics.inception import FIDInception, load_fid_inception  # noqa: E402
+from condlora.metrics.reference import (  # noqa: E402
     frechet_of_features,
     frechet_to_stats,
 )
-from condlora.metrics.inception import FIDInception, load_fid_inception  # noqa: E402
 
 __all__ += [
     "FIDInception",
@@ -33,11 +33,12 @@ __all__ += [
     "load_fid_inception",
 ]
 
-from condlora.metrics.distances import kid_from_features, kid_gamma  # noqa: E402
-from condlora.metrics.reference import (  # noqa: E402
+from condlora.metrics.reference import (  # noqa: E402  # noqa: E402
     Reference,
     floor_at_sizes,
     gaussian_stats,
+    kid_from_features,
+    kid_gamma,
     load_reference,
     reference_from_features,
     save_reference,

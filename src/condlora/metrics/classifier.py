@@ -16,7 +16,7 @@ from torch import nn
 from condlora.core.errors import DataError
 from condlora.core.progress import progress_bar
 from condlora.core.safetensors_io import load_state_checked, read_weights, write_weights
-from condlora.metrics.distances import frechet_of_features
+from condlora.metrics.reference import frechet_of_features
 
 FEATURE_DIM = 128
 FORMAT = "condlora.digits_classifier"

@@ -2,9 +2,15 @@
 
 from condlora.nets.adm import ADMUNet
 from condlora.nets.ddpmpp import DDPMppUNet
-from condlora.nets.mlp import AdaLoRA, AdaNorm, ResMLP, ResMLPBlock
 from condlora.nets.unet import SmallUNet
-from condlora.nets.vector import VectorDenoiser, VectorNetConfig
+from condlora.nets.vector import (
+    AdaLoRA,
+    AdaNorm,
+    ResMLP,
+    ResMLPBlock,
+    VectorDenoiser,
+    VectorNetConfig,
+)
 
 __all__ = [
     "ADMUNet",

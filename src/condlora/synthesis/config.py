@@ -30,7 +30,6 @@ from condlora.core.config import (
 )
 from condlora.core.errors import ConfigError
 from condlora.nets.vector import VectorNetConfig
-from condlora.synthesis.vae import VAEConfig
 from condlora.train.config import TrainConfig
 
 KIND = "synthesis"
@@ -38,6 +37,27 @@ SYNTH_METHODS = ("diffusion", "pca", "nearest")
 PRIOR_OBJECTIVES = ("v", "x0")
 PRIOR_SAMPLERS = ("ddim", "ddpm", "heun")
 PRIOR_SCHEDULES = ("linear", "cosine")
+
+
+@dataclass
+class VAEConfig(Checked):
+    """Settings of a LoRAVAE; enough to rebuild it exactly."""
+
+    dim: int = 0  # D, length of the LoRA vectors; 0: set from the dataset before building
+    latent: int = 512  # width of the latent z
+    hidden: int = 1024  # residual stream width of the encoder and of the decoder
+    depth: int = 2  # residual blocks in the encoder, and as many in the decoder
+    mlp_ratio: float = 2.0  # hidden width of each block's MLP = mlp_ratio * hidden
+    dropout: float = 0.0  # dropout inside each block's MLP
+    beta: float = 0.01  # weight of the KL term (< 1)
+
+    CHECKS: ClassVar[dict] = {
+        "dim": Range(0, 2**40),
+        **{name: Range(1, 2**24) for name in ("latent", "hidden", "depth")},
+        "mlp_ratio": Range(0, 1024, low_open=True),
+        "dropout": Range(0, 1, high_open=True),
+        "beta": NON_NEGATIVE,
+    }
 
 
 @dataclass

@@ -30,11 +30,11 @@ from condlora.synthesis.model import (
     BASELINE_FILE,
     COLLECTION_FILE,
     PRIOR_DIR,
+    LoRAVAE,
     ModelInfo,
     build_prior,
 )
 from condlora.synthesis.training import PRIOR_KIND, load_vae
-from condlora.synthesis.vae import LoRAVAE
 from condlora.train.checkpoint import CHECKPOINT_NAME, EMA_NAME, load_ema
 
 

@@ -10,6 +10,18 @@
 
 Standardised vectors are (x - mean) / std per coordinate, std floored (SynthConfig.std_floor);
 the prior models VAE latent means standardised the same way with their own statistics.
+LoRAVAE, the VAE over standardised LoRA vectors (arXiv 2412.02352, sec. 3):
+
+    encoder  x (B, D) -> ResMLP -> (mean, logvar), each (B, latent)
+    sample   z = mean + exp(logvar / 2) * n,  n ~ N(0, I)        (reparametrisation)
+    decoder  z -> ResMLP -> x_hat (B, D)
+    loss     recon + beta * kl
+             recon = mean over batch and coordinates of (x_hat - x)^2
+             kl    = mean over batch and latent units of KL(N(mean, var) || N(0, 1))
+                   = mean of (mean^2 + var - 1 - logvar) / 2
+
+Both terms are per-number means, so beta weighs one latent unit against one coordinate
+whatever D and latent are; beta < 1 keeps reconstructions sharp (the paper's choice).
 """
 
 from __future__ import annotations
@@ -27,18 +39,80 @@ from torch import Tensor, nn
 from condlora.core.errors import ConfigError, DataError
 from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.diffusion import Denoiser, make_precond
+from condlora.diffusion.precond import standard_normal
 from condlora.lora import LoRAConfig, inject
-from condlora.nets.vector import VectorDenoiser, VectorNetConfig
+from condlora.nets.vector import ResMLP, VectorDenoiser, VectorNetConfig
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.config import (
     EncoderConfig,
     PriorConfig,
     SynthConfig,
+    VAEConfig,
     load_synth_config,
     resolve,
 )
 from condlora.synthesis.flatten import FlatSpec
-from condlora.synthesis.vae import LoRAVAE
+
+LOGVAR_RANGE = (-30.0, 20.0)  # clamp of the encoder's logvar, so exp() stays finite
+
+
+def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)) per element (Kingma & Welling 2014, appendix B)."""
+    return 0.5 * (mean.square() + logvar.exp() - 1 - logvar)
+
+
+class LoRAVAE(nn.Module):
+    """Residual-MLP VAE over (B, D) vectors; calling it returns (loss, parts) for training."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        if config.dim < 1:
+            raise ConfigError("VAEConfig.dim is 0: set it from the dataset (synthesis resolve)")
+        self.config = config
+        block = {"mlp_ratio": config.mlp_ratio, "dropout": config.dropout}
+        c = config
+        self.encoder = ResMLP(c.dim, c.hidden, c.depth, 2 * c.latent, **block)
+        self.decoder = ResMLP(c.latent, c.hidden, c.depth, c.dim, **block)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, D) -> (mean, logvar) of q(z | x), each (B, latent)."""
+        if x.dim() != 2 or x.shape[1] != self.config.dim:
+            raise ConfigError(f"VAE input must be (batch, {self.config.dim}), got {tuple(x.shape)}")
+        mean, logvar = self.encoder(x).chunk(2, dim=1)
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z (B, latent) -> x_hat (B, D)."""
+        return self.decoder(z)
+
+    @staticmethod
+    def reparametrise(
+        mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """z = mean + exp(logvar / 2) * n with n ~ N(0, I) drawn from `generator`."""
+        noise = standard_normal(tuple(mean.shape), generator, mean.device).to(mean.dtype)
+        return mean + (0.5 * logvar).exp() * noise
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Deterministic reconstruction decode(mean(x)), for evaluation."""
+        return self.decode(self.encode(x)[0])
+
+    def loss(
+        self, x: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """(recon + beta * kl, {"recon", "kl"} detached) on a batch x (B, D)."""
+        mean, logvar = self.encode(x)
+        x_hat = self.decode(self.reparametrise(mean, logvar, generator))
+        recon = (x_hat.float() - x.float()).square().mean()
+        kl = gaussian_kl(mean.float(), logvar.float()).mean()
+        return recon + self.config.beta * kl, {"recon": recon.detach(), "kl": kl.detach()}
+
+    def forward(
+        self, x: Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Same as `loss`; call the module (not .loss) under DDP so gradients are synced."""
+        return self.loss(x, generator)
+
 
 MODEL_FILE = "model.safetensors"
 MODEL_FORMAT = "condlora.synth_model"

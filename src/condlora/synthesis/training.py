@@ -47,13 +47,13 @@ from condlora.synthesis.model import (
     MODEL_FORMAT,
     PRIOR_DIR,
     VAE_DIR,
+    LoRAVAE,
     ModelInfo,
     build_prior,
     embedding_dim,
     floored_std,
     open_dataset,
 )
-from condlora.synthesis.vae import LoRAVAE
 from condlora.train.checkpoint import CHECKPOINT_NAME, EMA_NAME, load_ema, read_checkpoint
 from condlora.train.config import TrainConfig
 from condlora.train.loop import (

@@ -1,1 +1,2 @@
-"""condlora.train."""
+"""condlora.train: the generic training loop (loop), its config (config), EMA and checkpoints
+(checkpoint)."""

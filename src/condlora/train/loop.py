@@ -29,12 +29,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from condlora.core.config import to_dict
-from condlora.core.errors import CondloraError
+from condlora.core.errors import CondloraError, sigterm_as_interrupt
 from condlora.core.files import append_jsonl, check_output_folder, truncate_jsonl, write_text_atomic
 from condlora.core.progress import progress_bar
-from condlora.core.signals import sigterm_as_interrupt
 from condlora.train.checkpoint import (
     CHECKPOINT_NAME,
+    EMA,
     EMA_NAME,
     load_training_state,
     read_checkpoint,
@@ -42,7 +42,6 @@ from condlora.train.checkpoint import (
     save_ema_model,
 )
 from condlora.train.config import TrainConfig
-from condlora.train.ema import EMA
 
 METRICS_FILE = "metrics.jsonl"
 # Config keys that may change when a run resumes (they do not change what it computes).

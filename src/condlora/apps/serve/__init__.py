@@ -6,6 +6,5 @@ uploads       visitors' images and drawings checked and turned into digits
 plots         the embedding scatter and the TimeLoRA heat map (matplotlib)
 page          the page (gradio): synthesis_page (and its LoRA downloads), conditioning_page,
               widgets
-server        the temporary folder, the gradio settings, launch and shutdown
-cli           `condlora serve`
+server        `condlora serve`: the temporary folder, the gradio settings, launch and shutdown
 """

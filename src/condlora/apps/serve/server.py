@@ -1,4 +1,5 @@
-"""Running the page: one temporary folder for everything the server writes, then gradio.
+"""`condlora serve`: its options checked, one temporary folder for everything the server
+writes, then gradio (imported only when the command runs).
 
 Uploads (gradio's cache) and downloads go under a fresh temporary folder that is deleted when
 the server stops (Ctrl-C or SIGTERM). The server binds 127.0.0.1 unless told otherwise; it
@@ -7,7 +8,9 @@ has no authentication, so another host exposes it to everyone who can reach that
 
 from __future__ import annotations
 
+import argparse
 import errno
+import importlib.util
 import os
 import socket
 import sys
@@ -16,8 +19,7 @@ import time
 from pathlib import Path
 
 from condlora.apps.serve.uploads import MAX_BYTES
-from condlora.core.errors import CondloraError
-from condlora.core.signals import sigterm_as_interrupt
+from condlora.core.errors import CondloraError, sigterm_as_interrupt
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -123,3 +125,51 @@ def _announce(host: str, port: int, workdir: Path) -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+DEFAULT_SYNTH = "runs/synth-demo"
+DEFAULT_RUNS = "runs"
+
+
+def _serve(args: argparse.Namespace) -> None:
+    if importlib.util.find_spec("gradio") is None:
+        raise CondloraError(
+            "condlora serve needs gradio (the demo extra): pip install -e '.[demo]'"
+        )
+    if not 1 <= args.port <= 65535:
+        raise CondloraError(f"--port must be in 1..65535, got {args.port}")
+    runs = Path(args.runs or DEFAULT_RUNS)
+    if runs.exists() and not runs.is_dir():
+        raise CondloraError(f"--runs {runs} is a file, not a folder of `condlora train` runs")
+    if args.runs and not runs.exists():  # the default may be missing: no runs to list yet
+        raise CondloraError(
+            f"--runs {runs} does not exist: give the folder of `condlora train` runs"
+        )
+    if args.base and not Path(args.base).is_dir():
+        raise CondloraError(f"--base {args.base} is not a folder: give the demo's base model run")
+    synth = Path(args.synth or DEFAULT_SYNTH)
+    base = Path(args.base) if args.base else None
+    serve(runs, synth, base, args.host, args.port, explicit_synth=bool(args.synth))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `condlora serve`."""
+    p = sub.add_parser("serve", help="a local web page to try synthesis and trained runs")
+    p.add_argument(
+        "--runs",
+        metavar="DIR",
+        help=f"folder of `condlora train` runs (default {DEFAULT_RUNS})",
+    )
+    p.add_argument(
+        "--synth", metavar="DIR", help=f"a `condlora synth demo` folder (default {DEFAULT_SYNTH})"
+    )
+    p.add_argument(
+        "--base", metavar="RUN", help="the demo's base model run (default: found from the demo)"
+    )
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: every interface)",
+    )
+    p.set_defaults(func=_serve)

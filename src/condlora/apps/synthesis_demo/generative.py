@@ -29,11 +29,10 @@ from tqdm.auto import tqdm
 from condlora.apps.synthesis_demo.config import GenerativeConfig
 from condlora.apps.synthesis_demo.methods import DemoData, Generate, Method
 from condlora.nets.vector import VectorNetConfig
-from condlora.synthesis.config import PriorConfig, SynthConfig
+from condlora.synthesis.config import PriorConfig, SynthConfig, VAEConfig
 from condlora.synthesis.generate import SynthModel
 from condlora.synthesis.model import PRIOR_DIR, VAE_DIR
 from condlora.synthesis.training import train_prior, train_vae
-from condlora.synthesis.vae import VAEConfig
 from condlora.train.checkpoint import CHECKPOINT_NAME, checkpoint_step
 from condlora.train.config import TrainConfig
 from condlora.train.loop import METRICS_FILE
