@@ -4,7 +4,7 @@ synthesis     the Synthesis tab's work: a digits demo folder, LoRAs written from
 conditioning  the Conditioning tab's work: trained runs, class grids, class weights
 uploads       visitors' images and drawings checked and turned into digits
 plots         the embedding scatter and the TimeLoRA heat map (matplotlib)
-page          the page (gradio): synthesis_page (and its LoRA downloads), conditioning_page,
-              widgets
-server        `condlora serve`: the temporary folder, the gradio settings, launch and shutdown
+synthesis_page, conditioning_page   the two tabs (gradio), on shared widgets
+server        `condlora serve`: the temporary folder, the gradio settings, the page built
+              from the two tabs, launch and shutdown
 """

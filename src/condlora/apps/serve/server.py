@@ -17,9 +17,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from condlora.apps.serve.uploads import MAX_BYTES
 from condlora.core.errors import CondloraError, sigterm_as_interrupt
+
+if TYPE_CHECKING:  # gradio is imported only when the page is built
+    import gradio as gr
+
+    from condlora.apps.serve.synthesis import SynthDemo
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -87,8 +93,6 @@ def _serve_from(
     # gradio reads these when it is imported and when the app is built
     os.environ["GRADIO_TEMP_DIR"] = str(workdir / "uploads")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    from condlora.apps.serve.page import build_page
-
     demo, problem = load_demo(synth, base, explicit_synth)
     app = build_page(demo, problem, runs, workdir)
     app.queue(default_concurrency_limit=1)
@@ -173,3 +177,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0: every interface)",
     )
     p.set_defaults(func=_serve)
+
+
+def build_page(
+    demo: SynthDemo | None, demo_problem: str, runs_root: Path, workdir: Path
+) -> gr.Blocks:
+    """The page (gr.Blocks): the Synthesis and Conditioning tabs, which lay out components and
+    route events (`serve.synthesis` and `serve.conditioning` do the work). `demo` None: the
+    Synthesis tab shows `demo_problem` instead. gradio is imported here, after `_serve_from`
+    has set its environment."""
+    import gradio as gr
+
+    from condlora.apps.serve.conditioning_page import ConditioningPage
+    from condlora.apps.serve.synthesis_page import SynthesisPage
+
+    with gr.Blocks(title="condlora", analytics_enabled=False) as page:
+        gr.Markdown("## condlora: conditional LoRA for diffusion models")
+        with gr.Tab("Synthesis", id="synthesis"):
+            if demo is None:
+                gr.Markdown(f"⚠ {demo_problem}", elem_id="synth-status")
+            else:
+                SynthesisPage(demo, workdir / "downloads").build()
+        with gr.Tab("Conditioning", id="conditioning"):
+            ConditioningPage(runs_root).build()
+    return page
