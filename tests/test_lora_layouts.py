@@ -152,6 +152,31 @@ def test_old_diffusers_keys_read_as_diffusers_loads_them(unet, inputs, tmp_path)
     torch.testing.assert_close(run(model, inputs), run(merged_by_hand(unet, lora), inputs))
 
 
+def test_old_diffusers_alpha_keys_read_as_diffusers_converts_them(unet, inputs, tmp_path):
+    # diffusers < 0.25 keyed a module's alpha after its down factor (network_alphas):
+    # <attn>.processor.to_q_lora.down.weight.alpha, <module>.lora.down.weight.alpha
+    parts = factors(unet, TARGETS, seed=5)
+    alphas = {name: float(i + 2) for i, name in enumerate(parts)}  # one alpha per module
+    state, alpha_keys = {}, {}
+    for name, (A, B) in parts.items():
+        state |= {old_diffusers_key(name, "down"): A, old_diffusers_key(name, "up"): B}
+        alpha_keys[old_diffusers_key(name, "down") + ".alpha"] = torch.tensor(alphas[name])
+    assert f"unet.{ATTN}.attn1.processor.to_q_lora.down.weight.alpha" in alpha_keys
+    save_file(state | alpha_keys, tmp_path / "old.safetensors")
+    lora = read_lora(tmp_path / "old.safetensors")
+    assert lora.unmapped == {}
+    for name, m in lora.modules.items():
+        assert m.scale == alphas[name] / m.rank, name
+    # diffusers' own conversion: its key map turns the alpha keys into network alphas
+    # (unet.<module>.lora_A.weight.alpha), which its loader applies per module
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    network_alphas = {k: float(v) for k, v in convert_unet_state_dict_to_peft(alpha_keys).items()}
+    model = copy.deepcopy(unet)
+    Pipeline.load_lora_into_unet(state, network_alphas, model)
+    torch.testing.assert_close(run(model, inputs), run(merged_by_hand(unet, lora), inputs))
+
+
 def ldm_kohya_file(unet, parts, alpha, path):
     """A kohya file as sd-scripts writes SDXL: U-Net modules under their LDM names."""
     table = ldm_table(name for name, _ in unet.named_modules() if name)

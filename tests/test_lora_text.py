@@ -134,10 +134,15 @@ def test_old_diffusers_text_encoder_keys(clip, tmp_path):
         old = {"q_proj": "to_q_lora", "out_proj": "to_out_lora"}.get(proj)
         stem = f"text_encoder.{layer}.{old}" if old else f"text_encoder.{path}.lora_linear_layer"
         tensors |= {f"{stem}.down.weight": A, f"{stem}.up.weight": B}
+        # and its alpha keyed after the down factor, as diffusers' network_alphas were
+        tensors[f"{stem}.down.weight.alpha"] = torch.tensor(3.0)
+    layer0 = "text_encoder.text_model.encoder.layers.0"
+    assert f"{layer0}.self_attn.to_q_lora.down.weight.alpha" in tensors
     save_file(tensors, tmp_path / "old.safetensors")
     lora = read_lora(tmp_path / "old.safetensors")
     assert lora.unmapped == {}
-    assert_deltas(lora.text_encoder, {f"text_encoder.{p}": ab for p, ab in parts.items()})
+    expected = {f"text_encoder.{p}": ab for p, ab in parts.items()}
+    assert_deltas(lora.text_encoder, expected, alpha=3)
 
 
 def test_comfyui_text_encoder_prefixes(clip, tmp_path):
