@@ -3,6 +3,7 @@ text_encoder., older diffusers keys, ComfyUI text_encoders.) read, kept and writ
 against diffusers' own savers and loaders on a tiny CLIP text model."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -221,3 +222,58 @@ def test_a_peft_adapter_of_a_clip_text_model_is_read_as_a_text_encoder(clip, tmp
     write_lora(lora, tmp_path / "k.safetensors", "kohya")  # kohya names them lora_te_ ...
     assert all(k.startswith("lora_te_") for k in load_file(tmp_path / "k.safetensors"))
     assert sorted(read_lora(tmp_path / "k.safetensors").text_encoder) == sorted(expected)
+
+
+def lora_layers(model):
+    """The LoRA layers that peft injected into a model."""
+    from peft.tuners.lora import LoraLayer
+
+    return [name for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def test_peft_folders_per_component_as_peft_dreambooth_saves_and_loads_them(
+    clip, unet, tmp_path, capsys
+):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    # peft's DreamBooth example: one adapter per model, in unet/ and text_encoder/
+    text_model = get_peft_model(
+        copy.deepcopy(clip), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "fc1"])
+    )
+    expected = randomised_peft_deltas(text_model, seed=13)
+    unet_model = get_peft_model(
+        copy.deepcopy(unet), LoraConfig(r=1, lora_alpha=3, target_modules=["to_q", "conv1"])
+    )
+    randomised_peft_deltas(unet_model, seed=14)
+    text_model.save_pretrained(tmp_path / "db" / "text_encoder")
+    unet_model.save_pretrained(tmp_path / "db" / "unet")
+    assert main(["lora", "info", "--strict", str(tmp_path / "db")]) == 0
+    assert "unmapped keys: 0" in capsys.readouterr().out
+    lora = read_lora(tmp_path / "db")
+    assert sorted(lora.modules) == sorted(
+        n.removeprefix("base_model.model.") for n in lora_layers(unet_model)
+    )
+    for name, want in expected.items():
+        err = (lora.text_encoder[name].delta() - want).norm() / want.norm()
+        assert err < 1e-6, name
+
+    # condlora writes them the same way (from a kohya file here), and peft loads each
+    # adapter with every module of the file in its model and the source's outputs
+    write_lora(lora, tmp_path / "k.safetensors", "kohya")
+    names = tmp_path / "modules.json"
+    names.write_text(json.dumps([n for n, _ in unet.named_modules() if n]))
+    args = ["lora", "convert", str(tmp_path / "k.safetensors"), "--to", "peft"]
+    assert main([*args, "--out", str(tmp_path / "out"), "--base-modules", str(names)]) == 0
+    assert "peft adapters: text_encoder, unet" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["text_encoder", "unet"]
+    loaded = PeftModel.from_pretrained(copy.deepcopy(clip), tmp_path / "out" / "text_encoder")
+    assert len(lora_layers(loaded)) == len(lora.text_encoder)
+    torch.testing.assert_close(encode(loaded.eval()), encode(text_model.eval()))
+    loaded = PeftModel.from_pretrained(copy.deepcopy(unet), tmp_path / "out" / "unet")
+    assert len(lora_layers(loaded)) == len(lora.modules)
+    g = torch.Generator().manual_seed(3)
+    args = torch.randn(1, 4, 8, 8, generator=g), 10, torch.randn(1, 3, 8, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*args).sample, unet_model(*args).sample)
+    again = read_lora(tmp_path / "out")
+    assert sorted(again.text_encoder) == sorted(expected) and again.unmapped == {}

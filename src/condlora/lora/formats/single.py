@@ -17,7 +17,7 @@ from condlora.core.errors import LoRAError
 from condlora.lora.formats.diffusers import adapter_config
 from condlora.lora.formats.keys import UNET, ParsedKey, key_layout, parse_key
 from condlora.lora.formats.kinds import ModuleDelta, check_parts, kind_of
-from condlora.lora.formats.kohya import HINT_KEYS, NETWORK_KEYS, kohya_stem, resolve, stem_table
+from condlora.lora.formats.kohya import header_hints, kohya_stem, resolve, stem_table
 from condlora.lora.formats.names import clip_path, ldm_table, looks_ldm
 from condlora.lora.formats.peft import check_config, config_scales
 from condlora.lora.formats.weights import (
@@ -144,7 +144,7 @@ def from_single_file(
             others[name] = other_module(name, {**group, "alpha": alpha}, base, where)
         else:
             others[name] = other_module(name, group, base, where)
-    hints = {k: metadata[k] for k in (*HINT_KEYS, *NETWORK_KEYS) if metadata.get(k)}
+    hints = header_hints(metadata)
     return LoRAWeights(modules, layout, text, resolved, hints, unmapped, others)
 
 
