@@ -118,7 +118,7 @@ def test_lycoris_files_read_with_their_exact_dw(unet, name, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore")
 def test_loha_to_plain_lora_by_svd_prints_each_error(unet, tmp_path, capsys):
-    path, _ = lycoris_file(unet, "loha", tmp_path / "loha.safetensors")
+    path, reference = lycoris_file(unet, "loha", tmp_path / "loha.safetensors")
     exact = read_lora(path, base_shapes(unet), other_kinds=True)
     names = tmp_path / "base.txt"
     names.write_text("\n".join(base_shapes(unet)))
@@ -136,6 +136,13 @@ def test_loha_to_plain_lora_by_svd_prints_each_error(unet, tmp_path, capsys):
         want = m.delta()
         got = plain.modules[name].delta()
         assert float((got - want).norm() / want.norm()) < 1e-6, name
+    # the peft folder loads through peft, every module used, with the LoHa network's output
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    loaded = PeftModel.from_pretrained(copy.deepcopy(unet), out).eval()
+    assert sum(isinstance(m, LoraLayer) for m in loaded.modules()) == len(exact.others)
+    torch.testing.assert_close(run(loaded, inputs_of(unet)), reference, atol=1e-5, rtol=1e-4)
     assert main([*args[:-1], str(tmp_path / "r1"), "--rank", "1", "--base-modules", str(base)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "attn1.to_q:" in x)
     name = line.split(": ")[1]

@@ -277,3 +277,42 @@ def test_peft_folders_per_component_as_peft_dreambooth_saves_and_loads_them(
         torch.testing.assert_close(loaded(*args).sample, unet_model(*args).sample)
     again = read_lora(tmp_path / "out")
     assert sorted(again.text_encoder) == sorted(expected) and again.unmapped == {}
+
+
+LYCORIS_ALGOS = {"lora": {}, "loha": {}, "lokr": {"factor": 2}}
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("algo", sorted(LYCORIS_ALGOS))
+def test_lycoris_networks_on_a_clip_text_encoder(clip, algo, tmp_path, capsys):
+    lycoris = pytest.importorskip("lycoris")
+    from peft import PeftModel
+
+    model = copy.deepcopy(clip)
+    args = dict(linear_dim=2, linear_alpha=1.0, algo=algo) | LYCORIS_ALGOS[algo]
+    network = lycoris.create_lycoris(model, 1.0, **args)
+    network.apply_to()
+    g = torch.Generator().manual_seed(21)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    path = tmp_path / f"{algo}.safetensors"
+    network.save_weights(str(path), torch.float32, None)
+    reference = encode(model)
+    assert main(["lora", "info", "--strict", str(path)]) == 0
+    assert "unmapped keys: 0" in capsys.readouterr().out
+    lora = read_lora(path, other_kinds=True)  # lycoris_encoder_layers_0_... : CLIP layers
+    every = {**lora.text_encoder, **lora.others}
+    assert lora.modules == {} and len(every) == 12  # 2 layers x q, k, v, out, fc1, fc2
+    by_hand = copy.deepcopy(clip)
+    with torch.no_grad():
+        for name, m in every.items():
+            weight = clip_module(by_hand, name.removeprefix("text_encoder.")).weight
+            weight += m.delta().reshape(weight.shape)
+    torch.testing.assert_close(encode(by_hand), reference)
+    # condlora's peft output (LoHa / LoKr by SVD at their numerical rank) loads through
+    # peft with every module and gives the lycoris network's outputs
+    assert main(["lora", "convert", str(path), "--to", "peft", "--out", str(tmp_path / "p")]) == 0
+    loaded = PeftModel.from_pretrained(copy.deepcopy(clip), tmp_path / "p" / "text_encoder")
+    assert len(lora_layers(loaded)) == len(every)
+    torch.testing.assert_close(encode(loaded.eval()), reference, atol=1e-5, rtol=1e-4)
