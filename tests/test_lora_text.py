@@ -144,6 +144,17 @@ def test_old_diffusers_text_encoder_keys(clip, tmp_path):
     assert lora.unmapped == {}
     expected = {f"text_encoder.{p}": ab for p, ab in parts.items()}
     assert_deltas(lora.text_encoder, expected, alpha=3)
+    # diffusers' own loader, given the factors and those alphas as its network_alphas
+    state = {k: v for k, v in tensors.items() if not k.endswith(".alpha")}
+    alphas = {k: float(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    loaded = copy.deepcopy(clip)
+    Pipeline.load_lora_into_text_encoder(state, alphas, loaded, prefix="text_encoder")
+    by_hand = copy.deepcopy(clip)
+    with torch.no_grad():
+        for name, m in lora.text_encoder.items():
+            weight = clip_module(by_hand, name.removeprefix("text_encoder.")).weight
+            weight += m.delta().reshape(weight.shape)
+    torch.testing.assert_close(encode(loaded), encode(by_hand))
 
 
 def test_comfyui_text_encoder_prefixes(clip, tmp_path):
@@ -194,6 +205,7 @@ def test_text_encoder_files_from_diffusers_saver_keep_their_scale(clip, tmp_path
         text_encoder_lora_layers=get_peft_model_state_dict(model),
         text_encoder_lora_adapter_metadata={"r": 2, "lora_alpha": 6},
     )
+    assert main(["lora", "info", "--strict", str(tmp_path / "d")]) == 0  # every key read
     lora = read_lora(tmp_path / "d")
     assert lora.unmapped == {} and {m.scale for m in lora.text_encoder.values()} == {3.0}
     write_lora(lora, tmp_path / "k.safetensors", "kohya")  # kohya's CLIP stems map back
@@ -214,6 +226,7 @@ def test_a_peft_adapter_of_a_clip_text_model_is_read_as_a_text_encoder(clip, tmp
     )
     expected = randomised_peft_deltas(model, seed=5)
     model.save_pretrained(tmp_path / "peft")
+    assert main(["lora", "info", "--strict", str(tmp_path / "peft")]) == 0  # every key read
     lora = read_lora(tmp_path / "peft")
     assert lora.modules == {} and sorted(lora.text_encoder) == sorted(expected)  # not U-Net
     for name, want in expected.items():
