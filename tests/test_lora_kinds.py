@@ -56,7 +56,8 @@ def lycoris_file(unet, name, path, **extra):
     from lycoris import create_lycoris
 
     model = copy.deepcopy(unet)
-    args = dict(linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0) | ALGOS[name] | extra
+    algo = ALGOS.get(name, {"algo": name})
+    args = dict(linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0) | algo | extra
     network = create_lycoris(model, 1.0, **args)
     network.apply_to()
     g = torch.Generator().manual_seed(3)
@@ -114,6 +115,34 @@ def test_lycoris_files_read_with_their_exact_dw(unet, name, tmp_path, capsys):
         header = f.metadata()  # what LoRA managers read: network module and algorithm
     assert header["ss_network_module"] == "lycoris.kohya"
     assert json.loads(header["ss_network_args"])["algo"] == ALGOS[name]["algo"]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_lycoris_plain_lora_written_by_condlora_loads_in_diffusers(unet, tmp_path, capsys):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Pipeline
+
+    from .test_lora_interop import assert_loaded
+
+    path, reference = lycoris_file(unet, "lora", tmp_path / "lora.safetensors")  # LoCon
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(unet.config)))
+    assert main(["lora", "info", "--strict", str(path), "--base-modules", str(config)]) == 0
+    lora = read_lora(path, base_shapes(unet))
+    assert lora.others == {} and lora.unmapped == {} and lora.modules
+    for to, out in (("diffusers", "d"), ("kohya", "k.safetensors"), ("peft", "p")):
+        args = ["lora", "convert", str(path), "--to", to, "--out", str(tmp_path / out)]
+        assert main([*args, "--base-modules", str(config)]) == 0, to
+        loaded = copy.deepcopy(unet)
+        if to == "peft":
+            loaded = peft.PeftModel.from_pretrained(loaded, tmp_path / out)
+        else:
+            state, alphas, meta = Pipeline.lora_state_dict(
+                tmp_path / out, return_lora_metadata=True
+            )
+            Pipeline.load_lora_into_unet(state, alphas, loaded, metadata=meta)
+        assert_loaded(loaded, lora)
+        out = run(loaded.eval(), inputs_of(unet))
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -250,6 +279,18 @@ def test_merge_is_the_weighted_sum_and_resize_the_best_low_rank(unet, tmp_path, 
     resize_args = ["lora", "resize", str(tmp_path / "a"), "--rank", "1"]
     assert main([*resize_args, "--out", str(tmp_path / "r.safetensors"), "--to", "kohya"]) == 0
     assert "resized: " in capsys.readouterr().out
+    energy_args = ["lora", "resize", str(tmp_path / "a"), "--energy", "0.99"]
+    assert main([*energy_args, "--out", str(tmp_path / "e")]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("resized: ")]
+    assert len(lines) == len(a.modules)  # one line per module: its rank and error
+    for line in lines:
+        _, name, rest = line.split(": ", 2)
+        delta = a.modules[name].delta().double()
+        s = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1))
+        r = int((torch.cumsum(s**2, 0) / (s**2).sum() < 0.99).sum()) + 1  # by hand
+        rank, error = rest.removeprefix("rank ").split(", relative error ")
+        assert int(rank) == r, line
+        assert float(error) == pytest.approx(float(s[r:].norm() / s.norm()), rel=1e-3, abs=1e-9)
     assert main(["lora", "resize", str(tmp_path / "a"), "--energy", "1.5", "--out", "x"]) == 2
     assert "--energy must be in (0, 1]" in capsys.readouterr().err
 
