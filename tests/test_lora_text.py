@@ -77,6 +77,14 @@ def test_kohya_text_encoder_modules_are_read_and_load_in_diffusers(clip, tmp_pat
         for name, m in lora.text_encoder.items():
             clip_module(by_hand, name.removeprefix("text_encoder.")).weight += m.delta()
     torch.testing.assert_close(encode(model), encode(by_hand))
+    # what condlora writes (diffusers, kohya) loads through the same loader, every module
+    for layout in ("diffusers", "kohya"):
+        write_lora(lora, tmp_path / f"{layout}.safetensors", layout)
+        state, alphas = Pipeline.lora_state_dict(tmp_path / f"{layout}.safetensors")
+        model = copy.deepcopy(clip)
+        Pipeline.load_lora_into_text_encoder(state, alphas, model, prefix="text_encoder")
+        assert len(lora_layers(model)) == len(lora.text_encoder), layout
+        torch.testing.assert_close(encode(model), encode(by_hand))
 
 
 def test_text_encoders_survive_kohya_diffusers_round_trips(clip, unet, tmp_path):
