@@ -5,6 +5,7 @@ kohya's LDM (SGM) module names, ComfyUI's `diffusion_model.` prefix, text-encode
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -208,6 +209,13 @@ def test_kohya_ldm_names_map_through_the_base_model(unet, inputs, tmp_path):
     assert not read_lora(tmp_path / "k.safetensors").resolved
 
 
+def modules_file(unet, tmp_path):
+    """The U-Net's module names as a --base-modules JSON list."""
+    path = tmp_path / "modules.json"
+    path.write_text(json.dumps([name for name, _ in unet.named_modules() if name]))
+    return path
+
+
 def test_comfyui_prefix_with_ldm_or_diffusers_paths(unet, tmp_path):
     parts = factors(unet, TARGETS, seed=3)
     table = ldm_table(name for name, _ in unet.named_modules() if name)
@@ -222,6 +230,14 @@ def test_comfyui_prefix_with_ldm_or_diffusers_paths(unet, tmp_path):
         lora = read_lora(tmp_path / f"{label}.safetensors", base)
         assert lora.layout == "comfyui" and lora.resolved and lora.unmapped == {}, label
         assert_deltas(lora.modules, parts, alpha=3)
+    # LDM names without the base model: never written as module names that do not exist
+    args = ["lora", "convert", str(tmp_path / "ldm.safetensors"), "--to", "peft", "--out"]
+    assert main([*args, str(tmp_path / "p")]) == 2 and not (tmp_path / "p").exists()
+    assert (
+        main([*args, str(tmp_path / "p"), "--base-modules", str(modules_file(unet, tmp_path))]) == 0
+    )
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(parts)  # the U-Net's own module paths
 
 
 def test_info_lists_unmapped_keys_and_strict_refuses(tmp_path, capsys):
