@@ -111,6 +111,11 @@ def test_lycoris_files_read_with_their_exact_dw(unet, name, tmp_path, capsys):
     assert len(written) == len(source)
     renamed = {k.replace("lycoris_", "lora_unet_", 1): v for k, v in source.items()}
     assert all(torch.equal(written[k], v) for k, v in renamed.items())
+    again = read_lora(tmp_path / "k.safetensors", base_shapes(unet), other_kinds=True)
+    write_lora(again, tmp_path / "k2.safetensors", "kohya")  # kohya -> kohya: the same
+    twice = load_file(tmp_path / "k2.safetensors")
+    assert sorted(twice) == sorted(written)
+    assert all(torch.equal(twice[k], v) for k, v in written.items())
     with safe_open(str(tmp_path / "k.safetensors"), framework="pt") as f:
         header = f.metadata()  # what LoRA managers read: network module and algorithm
     assert header["ss_network_module"] == "lycoris.kohya"
@@ -213,6 +218,10 @@ def test_peft_dora_round_trips_in_peft_and_diffusers_and_is_refused_in_kohya(
     torch.testing.assert_close(run(loaded, inputs_of(unet)), run(model, inputs_of(unet)))
     back = read_lora(tmp_path / "d", other_kinds=True)
     assert {m.kind for m in back.others.values()} == {"dora"} and back.unmapped == {}
+    args = ["lora", "convert", str(tmp_path / "d"), "--to", "peft", "--out"]
+    assert main([*args, str(tmp_path / "p2")]) == 0  # diffusers -> peft keeps it too
+    loaded = PeftModel.from_pretrained(copy.deepcopy(unet), tmp_path / "p2").eval()
+    torch.testing.assert_close(run(loaded, inputs_of(unet)), run(model, inputs_of(unet)))
     for to, out in (("kohya", "k.safetensors"),):
         args = ["lora", "convert", str(tmp_path / "dora"), "--to", to, "--out", str(tmp_path / out)]
         assert main(args) == 2, to

@@ -111,7 +111,28 @@ def tiny_sdxl_unet():
     )
 
 
-@pytest.mark.parametrize("make", [tiny_unet2d_condition, tiny_sdxl_unet], ids=["sd1", "sdxl"])
+def tiny_sd2_unet():
+    """SD 2.x's U-Net form: linear proj_in / proj_out, a head width per block."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+    ).eval()
+
+
+UNETS = {"sd1": tiny_unet2d_condition, "sd2": tiny_sd2_unet, "sdxl": tiny_sdxl_unet}
+
+
+@pytest.mark.parametrize("make", UNETS.values(), ids=UNETS.keys())
 def test_ldm_names_agree_with_diffusers_checkpoint_converter(make):
     unet = make()
     table = ldm_table(name for name, _ in unet.named_modules() if name)
@@ -190,7 +211,9 @@ def ldm_kohya_file(unet, parts, alpha, path):
     return tensors
 
 
-def test_kohya_ldm_names_map_through_the_base_model(unet, inputs, tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_kohya_ldm_names_map_through_the_base_model(family, inputs, tmp_path):
+    unet = UNETS[family]()
     parts = factors(unet, TARGETS, seed=2)
     tensors = ldm_kohya_file(unet, parts, 4, tmp_path / "k.safetensors")
     assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha" in tensors
