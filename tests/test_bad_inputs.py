@@ -233,6 +233,10 @@ def kohya(down=None, up=None, alpha=None):
     }
 
 
+TE_STEM = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+TE = {"lora_down.weight": torch.ones(2, 8), "lora_up.weight": torch.ones(8, 2)}
+
+
 def peft_folder(d, config):
     """A peft adapter folder: one good module, the given adapter_config.json."""
     folder = d / "adapter"
@@ -242,6 +246,14 @@ def peft_folder(d, config):
     save_file(tensors, str(folder / "adapter_model.safetensors"))
     write(folder, "adapter_config.json", json.dumps({"target_modules": ["to_q"]} | config))
     return folder
+
+
+def per_model(d):
+    """A folder of peft adapters per model (unet/, text_encoder/) whose text_encoder/ lacks
+    its weights file."""
+    peft_folder(d, {"r": 2, "lora_alpha": 2}).rename(d / "unet")
+    write(d / "text_encoder", "adapter_config.json", "{}")
+    return d
 
 
 def diffusers_file(d, metadata):
@@ -690,6 +702,24 @@ CASES = {
         s / "lora.safetensors", "kohya", write(d, "afile", "x") / "k.safetensors"
     ),
     "lora convert unknown out": lambda s, d: convert(s / "lora.safetensors", "kohya", d / "x.txt"),
+    # damaged, truncated or mismatched LoRA files given to a writing command (issue 22)
+    "lora convert truncated": lambda s, d: convert(
+        lora_file(s, d, lambda b: b[:-5]), "kohya", d / "k.safetensors"
+    ),
+    "lora convert other base model": lambda s, d: [
+        *convert(s / "lora.safetensors", "peft", d / "p"),
+        *["--base-modules", write(d, "b.json", '{"mid_block.attentions.0.proj_in": [16, 16]}')],
+    ],
+    "lora convert module not in the base": lambda s, d: [
+        *convert(s / "lora.safetensors", "peft", d / "p"),
+        *["--base-modules", write(d, "b.json", '["mid_block.attentions.0.proj_out"]')],
+    ],
+    "lora convert peft over a peft LoRA of other parts": lambda s, d: convert(
+        lora_file(s, d, tensors=kohya() | {f"{TE_STEM}.{k}": v for k, v in TE.items()}),
+        "peft",
+        peft_folder(d, {"r": 2, "lora_alpha": 2}),
+    ),
+    "lora peft component folder without weights": lambda s, d: ["lora", "info", per_model(d)],
     "lora convert over a model file": lambda s, d: convert(
         s / "lora.safetensors",
         "kohya",

@@ -382,3 +382,29 @@ def test_cli_alignment_options(tmp_path, capsys):
     assert main([*args, *bad]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no alignment reference" in err
+
+
+def test_collect_refactorises_a_lora_of_another_rank_whose_dw_fits(tmp_path, capsys):
+    folder, out = tmp_path / "loras", tmp_path / "data.safetensors"
+    members = {f"s{i}": make_lora(i) for i in range(3)}  # the collection's rank: 2
+    members["low"] = make_lora(7, rank=1)  # rank 1: its dW fits rank 2 exactly
+    wide = make_lora(8)  # rank-4 factors of a rank-2 dW (B's last two columns zero)
+    members["wide"] = LoRAWeights(
+        {
+            n: make_module(
+                n, torch.cat([m.A, torch.ones_like(m.A)]), torch.cat([m.B, 0 * m.B], 1), 2.0, "t"
+            )
+            for n, m in wide.modules.items()
+        }
+    )
+    for name, lora in members.items():
+        write_lora(lora, folder / name, "peft")
+    write_lora(make_lora(9, rank=3), folder / "x_rank", "peft")  # a rank-3 dW: cannot fit
+    assert main(["synth", "collect", "--loras", str(folder), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "re-factorised low: another rank" in printed and "re-factorised wide:" in printed
+    assert "skipped x_rank: other rank: 3 instead of 2 (module " in printed
+    assert "its dW has rank 3" in printed
+    dataset = LoRADataset(out)
+    assert sorted(dataset.names) == sorted(members)
+    assert_maps_back(dataset, members)

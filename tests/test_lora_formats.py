@@ -308,9 +308,8 @@ def test_every_pair_of_layouts_keeps_every_dw(source, target, tmp_path):
     last = read_lora(tmp_path / "b" / paths[target], list(BASE))
     assert last.unmapped == {} and first.unmapped == {}
     assert_same_deltas(last, original)
-    if "peft" not in (source, target):  # a peft folder holds the U-Net only
-        text = LoRAWeights(last.text_encoder)
-        assert_same_deltas(text, LoRAWeights(original.text_encoder))
+    # text encoders in every layout (peft: a folder per component, unet/ and text_encoder/)
+    assert_same_deltas(LoRAWeights(last.text_encoder), LoRAWeights(original.text_encoder))
 
 
 def test_kohya_header_carries_network_module_dim_and_alpha(tmp_path, capsys):
@@ -328,3 +327,45 @@ def test_kohya_header_carries_network_module_dim_and_alpha(tmp_path, capsys):
     assert main(["lora", "info", str(tmp_path / "k.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "ss_network_module: networks.lora" in out and "ss_network_dim:" in out
+
+
+def header_of(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+def test_modelspec_header_is_written_read_and_shown(tmp_path, capsys):
+    # a cross-attention key projection 768 wide: a Stable Diffusion 1.x LoRA
+    attn2 = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (8, 768, None, 1, 1)}
+    lora = make_lora(3, MODULES | attn2)
+    for layout, name in (("kohya", "my style.safetensors"), ("diffusers", "d.safetensors")):
+        write_lora(lora, tmp_path / name, layout)
+        header = header_of(tmp_path / name)
+        assert header["modelspec.sai_model_spec"] == "1.0.0"
+        assert header["modelspec.architecture"] == "stable-diffusion-v1/lora"
+        assert header["modelspec.implementation"] == "diffusers"
+        assert header["modelspec.resolution"] == "512x512"
+        assert header["modelspec.title"] == name.removesuffix(".safetensors")
+    # a source's own modelspec keys are read, shown and kept; its hash (of its own bytes) not
+    source = tmp_path / "src.safetensors"
+    spec = {
+        "modelspec.title": "Ink",
+        "modelspec.author": "A. Painter",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.license": "CC-BY-4.0",
+        "modelspec.hash_sha256": "0xabc",
+    }
+    save_file(load_file(tmp_path / "my style.safetensors"), source, metadata=spec)
+    assert read_lora(source).hints["modelspec.author"] == "A. Painter"
+    assert main(["lora", "info", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "metadata: modelspec.title: Ink" in out and "metadata: modelspec.license: CC-BY-4.0" in out
+    )
+    out_file = tmp_path / "out.safetensors"
+    assert main(["lora", "convert", str(source), "--to", "kohya", "--out", str(out_file)]) == 0
+    header = header_of(out_file)
+    assert {k: header.get(k) for k in spec} == {**spec, "modelspec.hash_sha256": None}
+    assert header["modelspec.sai_model_spec"] == "1.0.0"

@@ -88,6 +88,28 @@ def randomise(model):
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
 
 
+def assert_strict(path):
+    """`lora info --strict` accounts for every key of the file."""
+    from condlora.cli import main
+
+    assert main(["lora", "info", "--strict", str(path)]) == 0
+
+
+def assert_loaded(model, lora):
+    """The loader made a LoRA layer of every module of the file, with its dW, and no other
+    (100% of the file's keys used)."""
+    layers = {
+        name.removeprefix("base_model.model."): layer
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer)
+    }
+    assert sorted(layers) == sorted(lora.modules)
+    for name, layer in layers.items():
+        want = lora.modules[name].delta()
+        got = layer.get_delta_weight(layer.active_adapters[0]).detach().reshape(want.shape)
+        assert float((got - want).norm() / want.norm()) < 1e-5, name
+
+
 def assert_deltas(lora, expected):
     assert sorted(lora.modules) == sorted(expected)
     for name, want in expected.items():
@@ -112,8 +134,8 @@ def test_files_from_peft_save_pretrained_read_with_their_scale(unet, kind, tmp_p
     model = get_peft_model(copy.deepcopy(unet), LoraConfig(**PEFT_CONFIGS[kind]))
     randomise(model)
     model.save_pretrained(tmp_path)
+    assert_strict(tmp_path)  # every key of the file accounted for
     lora = read_lora(tmp_path)
-    assert lora.unmapped == {}  # every key of the file accounted for
     expected = peft_deltas(model)
     assert_deltas(lora, expected)
     scales = {m.scale for m in lora.modules.values()}
@@ -130,11 +152,12 @@ def test_files_from_diffusers_savers_read_with_their_scale(unet, tmp_path):
     metadata = {k: v for k, v in config.to_dict().items() if k in ("r", "lora_alpha")}
     Pipeline.save_lora_weights(tmp_path / "p", layers, unet_lora_adapter_metadata=metadata)
     assert_deltas(read_lora(tmp_path / "p"), expected)
-    assert read_lora(tmp_path / "p").unmapped == {}
     model.save_lora_adapter(tmp_path / "m")  # keys without the unet. prefix
     assert_deltas(read_lora(tmp_path / "m"), expected)
     # no metadata, no alpha entries: diffusers assumes alpha = r (scale 1), and so do we
     Pipeline.save_lora_weights(tmp_path / "bare", layers)
+    for folder in ("p", "m", "bare"):
+        assert_strict(tmp_path / folder)
     bare = read_lora(tmp_path / "bare")
     assert {m.scale for m in bare.modules.values()} == {1.0}
     assert_deltas(bare, {k: v / 27 for k, v in expected.items()})
@@ -147,6 +170,7 @@ def test_condlora_files_load_in_peft_and_diffusers_as_w_plus_dw(unet, inputs, tm
 
     write_lora(lora, tmp_path / "peft", "peft")
     model = PeftModel.from_pretrained(copy.deepcopy(unet), tmp_path / "peft").eval()
+    assert_loaded(model, lora)
     torch.testing.assert_close(run(model, inputs), reference, atol=1e-5, rtol=0)
 
     write_lora(lora, tmp_path / "diffusers", "diffusers")
@@ -154,6 +178,7 @@ def test_condlora_files_load_in_peft_and_diffusers_as_w_plus_dw(unet, inputs, tm
     model.load_lora_adapter(
         tmp_path / "diffusers", weight_name="pytorch_lora_weights.safetensors", prefix="unet"
     )
+    assert_loaded(model, lora)
     torch.testing.assert_close(run(model, inputs), reference, atol=1e-5, rtol=0)
 
     # what a pipeline's load_lora_weights does with the file
@@ -162,6 +187,7 @@ def test_condlora_files_load_in_peft_and_diffusers_as_w_plus_dw(unet, inputs, tm
     )
     model = copy.deepcopy(unet)
     Pipeline.load_lora_into_unet(state, alphas, model, metadata=meta)
+    assert_loaded(model, lora)
     torch.testing.assert_close(run(model, inputs), reference, atol=1e-5, rtol=0)
 
 
@@ -175,6 +201,7 @@ def test_condlora_kohya_files_load_through_diffusers_kohya_conversion(unet, inpu
     assert set(alphas.values()) == {27.0}
     model = copy.deepcopy(unet)
     Pipeline.load_lora_into_unet(state, alphas, model)
+    assert_loaded(model, lora)
     torch.testing.assert_close(run(model, inputs), reference, atol=1e-5, rtol=0)
 
 
@@ -214,6 +241,7 @@ def test_pissa_converted_by_peft_reads_as_plain_lora(tmp_path):
     model.save_pretrained(
         tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init"
     )
+    assert_strict(tmp_path / "plain")
     lora = read_lora(tmp_path / "plain")
     x = torch.randn(3, 8)
     with torch.no_grad():
@@ -253,6 +281,7 @@ def test_per_module_alphas_survive_diffusers_kohya_loader(unet, inputs, kind, tm
     assert len(set(alphas.values())) == 1  # one alpha for the file, as diffusers applies it
     loaded = copy.deepcopy(unet)
     Pipeline.load_lora_into_unet(state, alphas, loaded)
+    assert_loaded(loaded, lora)
     model.eval()
     torch.testing.assert_close(run(loaded, inputs), run(model, inputs), atol=1e-5, rtol=0)
     assert_deltas(

@@ -56,7 +56,8 @@ def lycoris_file(unet, name, path, **extra):
     from lycoris import create_lycoris
 
     model = copy.deepcopy(unet)
-    args = dict(linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0) | ALGOS[name] | extra
+    algo = ALGOS.get(name, {"algo": name})
+    args = dict(linear_dim=2, linear_alpha=1.0, conv_dim=2, conv_alpha=1.0) | algo | extra
     network = create_lycoris(model, 1.0, **args)
     network.apply_to()
     g = torch.Generator().manual_seed(3)
@@ -110,6 +111,11 @@ def test_lycoris_files_read_with_their_exact_dw(unet, name, tmp_path, capsys):
     assert len(written) == len(source)
     renamed = {k.replace("lycoris_", "lora_unet_", 1): v for k, v in source.items()}
     assert all(torch.equal(written[k], v) for k, v in renamed.items())
+    again = read_lora(tmp_path / "k.safetensors", base_shapes(unet), other_kinds=True)
+    write_lora(again, tmp_path / "k2.safetensors", "kohya")  # kohya -> kohya: the same
+    twice = load_file(tmp_path / "k2.safetensors")
+    assert sorted(twice) == sorted(written)
+    assert all(torch.equal(twice[k], v) for k, v in written.items())
     with safe_open(str(tmp_path / "k.safetensors"), framework="pt") as f:
         header = f.metadata()  # what LoRA managers read: network module and algorithm
     assert header["ss_network_module"] == "lycoris.kohya"
@@ -117,8 +123,36 @@ def test_lycoris_files_read_with_their_exact_dw(unet, name, tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore")
+def test_lycoris_plain_lora_written_by_condlora_loads_in_diffusers(unet, tmp_path, capsys):
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Pipeline
+
+    from .test_lora_interop import assert_loaded
+
+    path, reference = lycoris_file(unet, "lora", tmp_path / "lora.safetensors")  # LoCon
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(dict(unet.config)))
+    assert main(["lora", "info", "--strict", str(path), "--base-modules", str(config)]) == 0
+    lora = read_lora(path, base_shapes(unet))
+    assert lora.others == {} and lora.unmapped == {} and lora.modules
+    for to, out in (("diffusers", "d"), ("kohya", "k.safetensors"), ("peft", "p")):
+        args = ["lora", "convert", str(path), "--to", to, "--out", str(tmp_path / out)]
+        assert main([*args, "--base-modules", str(config)]) == 0, to
+        loaded = copy.deepcopy(unet)
+        if to == "peft":
+            loaded = peft.PeftModel.from_pretrained(loaded, tmp_path / out)
+        else:
+            state, alphas, meta = Pipeline.lora_state_dict(
+                tmp_path / out, return_lora_metadata=True
+            )
+            Pipeline.load_lora_into_unet(state, alphas, loaded, metadata=meta)
+        assert_loaded(loaded, lora)
+        out = run(loaded.eval(), inputs_of(unet))
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore")
 def test_loha_to_plain_lora_by_svd_prints_each_error(unet, tmp_path, capsys):
-    path, _ = lycoris_file(unet, "loha", tmp_path / "loha.safetensors")
+    path, reference = lycoris_file(unet, "loha", tmp_path / "loha.safetensors")
     exact = read_lora(path, base_shapes(unet), other_kinds=True)
     names = tmp_path / "base.txt"
     names.write_text("\n".join(base_shapes(unet)))
@@ -136,6 +170,13 @@ def test_loha_to_plain_lora_by_svd_prints_each_error(unet, tmp_path, capsys):
         want = m.delta()
         got = plain.modules[name].delta()
         assert float((got - want).norm() / want.norm()) < 1e-6, name
+    # the peft folder loads through peft, every module used, with the LoHa network's output
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    loaded = PeftModel.from_pretrained(copy.deepcopy(unet), out).eval()
+    assert sum(isinstance(m, LoraLayer) for m in loaded.modules()) == len(exact.others)
+    torch.testing.assert_close(run(loaded, inputs_of(unet)), reference, atol=1e-5, rtol=1e-4)
     assert main([*args[:-1], str(tmp_path / "r1"), "--rank", "1", "--base-modules", str(base)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "attn1.to_q:" in x)
     name = line.split(": ")[1]
@@ -177,6 +218,10 @@ def test_peft_dora_round_trips_in_peft_and_diffusers_and_is_refused_in_kohya(
     torch.testing.assert_close(run(loaded, inputs_of(unet)), run(model, inputs_of(unet)))
     back = read_lora(tmp_path / "d", other_kinds=True)
     assert {m.kind for m in back.others.values()} == {"dora"} and back.unmapped == {}
+    args = ["lora", "convert", str(tmp_path / "d"), "--to", "peft", "--out"]
+    assert main([*args, str(tmp_path / "p2")]) == 0  # diffusers -> peft keeps it too
+    loaded = PeftModel.from_pretrained(copy.deepcopy(unet), tmp_path / "p2").eval()
+    torch.testing.assert_close(run(loaded, inputs_of(unet)), run(model, inputs_of(unet)))
     for to, out in (("kohya", "k.safetensors"),):
         args = ["lora", "convert", str(tmp_path / "dora"), "--to", to, "--out", str(tmp_path / out)]
         assert main(args) == 2, to
@@ -186,13 +231,13 @@ def test_peft_dora_round_trips_in_peft_and_diffusers_and_is_refused_in_kohya(
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("name", ["loha", "locon_tucker"])
+@pytest.mark.parametrize("name", ["lora", "loha", "locon_tucker"])
 def test_lycoris_dora_kept_in_kohya_and_refused_as_plain_lora(unet, name, tmp_path, capsys):
     path, _ = lycoris_file(unet, name, tmp_path / "wd.safetensors", dora_wd=True)
     lora = read_lora(path, base_shapes(unet), other_kinds=True)
     assert lora.unmapped == {} and all(not m.exact for m in lora.others.values())
     assert main(["lora", "info", "--strict", str(path)]) == 0
-    assert "with a DoRA magnitude: dW needs the base weight" in capsys.readouterr().out
+    assert "DoRA" in (out := capsys.readouterr().out) and ": dW needs the base weight" in out
     write_lora(lora, tmp_path / "k.safetensors", "kohya")
     written = load_file(tmp_path / "k.safetensors")
     source = {k.replace("lycoris_", "lora_unet_", 1): v for k, v in load_file(path).items()}
@@ -243,6 +288,18 @@ def test_merge_is_the_weighted_sum_and_resize_the_best_low_rank(unet, tmp_path, 
     resize_args = ["lora", "resize", str(tmp_path / "a"), "--rank", "1"]
     assert main([*resize_args, "--out", str(tmp_path / "r.safetensors"), "--to", "kohya"]) == 0
     assert "resized: " in capsys.readouterr().out
+    energy_args = ["lora", "resize", str(tmp_path / "a"), "--energy", "0.99"]
+    assert main([*energy_args, "--out", str(tmp_path / "e")]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("resized: ")]
+    assert len(lines) == len(a.modules)  # one line per module: its rank and error
+    for line in lines:
+        _, name, rest = line.split(": ", 2)
+        delta = a.modules[name].delta().double()
+        s = torch.linalg.svdvals(delta.reshape(delta.shape[0], -1))
+        r = int((torch.cumsum(s**2, 0) / (s**2).sum() < 0.99).sum()) + 1  # by hand
+        rank, error = rest.removeprefix("rank ").split(", relative error ")
+        assert int(rank) == r, line
+        assert float(error) == pytest.approx(float(s[r:].norm() / s.norm()), rel=1e-3, abs=1e-9)
     assert main(["lora", "resize", str(tmp_path / "a"), "--energy", "1.5", "--out", "x"]) == 2
     assert "--energy must be in (0, 1]" in capsys.readouterr().err
 

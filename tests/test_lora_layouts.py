@@ -5,6 +5,7 @@ kohya's LDM (SGM) module names, ComfyUI's `diffusion_model.` prefix, text-encode
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -110,7 +111,28 @@ def tiny_sdxl_unet():
     )
 
 
-@pytest.mark.parametrize("make", [tiny_unet2d_condition, tiny_sdxl_unet], ids=["sd1", "sdxl"])
+def tiny_sd2_unet():
+    """SD 2.x's U-Net form: linear proj_in / proj_out, a head width per block."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        norm_num_groups=4,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+    ).eval()
+
+
+UNETS = {"sd1": tiny_unet2d_condition, "sd2": tiny_sd2_unet, "sdxl": tiny_sdxl_unet}
+
+
+@pytest.mark.parametrize("make", UNETS.values(), ids=UNETS.keys())
 def test_ldm_names_agree_with_diffusers_checkpoint_converter(make):
     unet = make()
     table = ldm_table(name for name, _ in unet.named_modules() if name)
@@ -152,6 +174,31 @@ def test_old_diffusers_keys_read_as_diffusers_loads_them(unet, inputs, tmp_path)
     torch.testing.assert_close(run(model, inputs), run(merged_by_hand(unet, lora), inputs))
 
 
+def test_old_diffusers_alpha_keys_read_as_diffusers_converts_them(unet, inputs, tmp_path):
+    # diffusers < 0.25 keyed a module's alpha after its down factor (network_alphas):
+    # <attn>.processor.to_q_lora.down.weight.alpha, <module>.lora.down.weight.alpha
+    parts = factors(unet, TARGETS, seed=5)
+    alphas = {name: float(i + 2) for i, name in enumerate(parts)}  # one alpha per module
+    state, alpha_keys = {}, {}
+    for name, (A, B) in parts.items():
+        state |= {old_diffusers_key(name, "down"): A, old_diffusers_key(name, "up"): B}
+        alpha_keys[old_diffusers_key(name, "down") + ".alpha"] = torch.tensor(alphas[name])
+    assert f"unet.{ATTN}.attn1.processor.to_q_lora.down.weight.alpha" in alpha_keys
+    save_file(state | alpha_keys, tmp_path / "old.safetensors")
+    lora = read_lora(tmp_path / "old.safetensors")
+    assert lora.unmapped == {}
+    for name, m in lora.modules.items():
+        assert m.scale == alphas[name] / m.rank, name
+    # diffusers' own conversion: its key map turns the alpha keys into network alphas
+    # (unet.<module>.lora_A.weight.alpha), which its loader applies per module
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    network_alphas = {k: float(v) for k, v in convert_unet_state_dict_to_peft(alpha_keys).items()}
+    model = copy.deepcopy(unet)
+    Pipeline.load_lora_into_unet(state, network_alphas, model)
+    torch.testing.assert_close(run(model, inputs), run(merged_by_hand(unet, lora), inputs))
+
+
 def ldm_kohya_file(unet, parts, alpha, path):
     """A kohya file as sd-scripts writes SDXL: U-Net modules under their LDM names."""
     table = ldm_table(name for name, _ in unet.named_modules() if name)
@@ -164,7 +211,9 @@ def ldm_kohya_file(unet, parts, alpha, path):
     return tensors
 
 
-def test_kohya_ldm_names_map_through_the_base_model(unet, inputs, tmp_path):
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_kohya_ldm_names_map_through_the_base_model(family, inputs, tmp_path):
+    unet = UNETS[family]()
     parts = factors(unet, TARGETS, seed=2)
     tensors = ldm_kohya_file(unet, parts, 4, tmp_path / "k.safetensors")
     assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.alpha" in tensors
@@ -183,6 +232,13 @@ def test_kohya_ldm_names_map_through_the_base_model(unet, inputs, tmp_path):
     assert not read_lora(tmp_path / "k.safetensors").resolved
 
 
+def modules_file(unet, tmp_path):
+    """The U-Net's module names as a --base-modules JSON list."""
+    path = tmp_path / "modules.json"
+    path.write_text(json.dumps([name for name, _ in unet.named_modules() if name]))
+    return path
+
+
 def test_comfyui_prefix_with_ldm_or_diffusers_paths(unet, tmp_path):
     parts = factors(unet, TARGETS, seed=3)
     table = ldm_table(name for name, _ in unet.named_modules() if name)
@@ -197,6 +253,14 @@ def test_comfyui_prefix_with_ldm_or_diffusers_paths(unet, tmp_path):
         lora = read_lora(tmp_path / f"{label}.safetensors", base)
         assert lora.layout == "comfyui" and lora.resolved and lora.unmapped == {}, label
         assert_deltas(lora.modules, parts, alpha=3)
+    # LDM names without the base model: never written as module names that do not exist
+    args = ["lora", "convert", str(tmp_path / "ldm.safetensors"), "--to", "peft", "--out"]
+    assert main([*args, str(tmp_path / "p")]) == 2 and not (tmp_path / "p").exists()
+    assert (
+        main([*args, str(tmp_path / "p"), "--base-modules", str(modules_file(unet, tmp_path))]) == 0
+    )
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(parts)  # the U-Net's own module paths
 
 
 def test_info_lists_unmapped_keys_and_strict_refuses(tmp_path, capsys):

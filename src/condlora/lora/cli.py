@@ -26,15 +26,14 @@ def _base(args: argparse.Namespace) -> dict | None:
 
 
 def _hints(weights: LoRAWeights) -> list[str]:
-    """Base-model hints: what the file says, and what the module shapes reveal."""
-    hints = [f"{k}: {v}" for k, v in weights.hints.items()]
-    for name, m in weights.modules.items():
-        if name.endswith(("attn2.to_k", "attn2_to_k")) and not m.is_conv:
-            dim = m.A.shape[1]
-            family = CROSS_ATTENTION_FAMILIES.get(dim, "")
-            hints.append(f"cross-attention dim {dim} (from {name}){family}")
-            break
-    return hints
+    """Base-model hints that the module shapes reveal."""
+    from condlora.lora.formats.kohya import cross_attention
+
+    width = cross_attention(weights)
+    if width is None:
+        return []
+    family = CROSS_ATTENTION_FAMILIES.get(width[0], "")
+    return [f"cross-attention dim {width[0]} (from {width[1]}){family}"]
 
 
 def _read(path: str, args: argparse.Namespace) -> LoRAWeights:
@@ -68,6 +67,8 @@ def _info(args: argparse.Namespace) -> None:
         group = [m for m in weights.others.values() if m.describe() == what]
         dw = "exact dW" if group[0].exact else "dW needs the base weight"
         print(f"{group[0].kind} modules: {len(group)}, {what}: {dw}, no low-rank form")
+    for key, value in weights.hints.items():  # header keys (kohya ss_*, modelspec.*)
+        print(f"metadata: {key}: {value}")
     for hint in _hints(weights):
         print(f"base model hint: {hint}")
     print(f"unmapped keys: {len(weights.unmapped)}")
@@ -104,14 +105,11 @@ def _write(weights: LoRAWeights, args: argparse.Namespace, to: str) -> None:
     for key, reason in weights.unmapped.items():
         print(f"not written: {key}: {reason}")
     written = write_lora(weights, args.out, to)
-    if weights.text_encoder and to == "peft":
-        print(
-            f"note: {len(weights.text_encoder)} text-encoder modules were not written "
-            "(a peft folder holds the U-Net's adapter only)"
-        )
-    where = written[0].parent if to == "peft" else written[0]
-    count = len(weights.modules) + len(weights.others)
+    where = args.out if to == "peft" else written[0]
+    count = len(weights.modules) + len(weights.text_encoder) + len(weights.others)
     print(f"wrote {to} LoRA ({count} modules) to {where}")
+    if to == "peft" and weights.text_encoder:  # one adapter per model, as peft loads them
+        print(f"peft adapters: {', '.join(sorted({str(p.parent.name) for p in written}))}")
 
 
 def _convert(args: argparse.Namespace) -> None:

@@ -31,6 +31,8 @@ def _collect(args: argparse.Namespace) -> None:
         aligned=not args.no_align,
         align_to=args.align_to,
     )
+    for name in report.refit:
+        print(f"re-factorised {name}: another rank, its dW fits the collection's exactly")
     for name, reason in report.skipped:
         print(f"skipped {name}: {reason}")
     print(f"took {len(report.taken)} LoRAs, skipped {len(report.skipped)}")

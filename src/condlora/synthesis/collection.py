@@ -25,7 +25,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from condlora.core.files import check_output_file
 from condlora.lora.canonical import canonicalize
 from condlora.lora.formats import BaseMismatch, LoRAWeights, read_lora
 from condlora.lora.formats.files import as_base_modules
+from condlora.lora.formats.svd import choose_rank, lowrank
 from condlora.synthesis.bigfile import StreamWriter, read_header, tensor_info
 from condlora.synthesis.flatten import FlatSpec, ReferenceBuilder, align
 
@@ -60,6 +61,7 @@ class CollectReport:
     taken: list[str]
     skipped: list[tuple[str, str]]  # (name, reason)
     dim: int
+    refit: list[str] = field(default_factory=list)  # taken at the collection's rank by SVD
 
 
 def find_loras(folder: str | os.PathLike) -> list[tuple[str, Path]]:
@@ -100,6 +102,39 @@ def intruder_reason(sig: Signature, ref: Signature) -> str | None:
             shape, ref_shape = (b[0], *a[1:]), (ref_b[0], *ref_a[1:])
             return f"other base model: module {name} is {shape} instead of {ref_shape}"
     return None
+
+
+def ranks_only(sig: Signature, ref: Signature) -> bool:
+    """True when two signatures differ in their modules' ranks only (same modules, same
+    dW shapes)."""
+    if set(sig) != set(ref):
+        return False
+    dw = lambda a, b: (b[0], *a[1:], *b[2:])  # noqa: E731  dW's shape from (A, B) shapes
+    return all(dw(*sig[name]) == dw(*ref[name]) for name in ref)
+
+
+def at_ranks(weights: LoRAWeights, ranks: dict[str, int], where: str) -> LoRAWeights:
+    """The LoRA with each module of another rank re-factorised from its exact dW at the
+    collection's rank r: exact when dW has rank <= r (numerically), a DataError otherwise."""
+    modules = {}
+    for name, m in weights.modules.items():
+        r = ranks[name]
+        if m.rank != r:
+            delta = m.delta()
+            dw_rank = choose_rank(torch.linalg.svdvals(delta.double().flatten(1)), None, None)
+            if dw_rank > r:
+                raise DataError(
+                    f"other rank: {m.rank} instead of {r} (module {name}: its dW has rank "
+                    f"{dw_rank})"
+                )
+            m, _ = lowrank(delta, rank=r)
+        modules[name] = m
+    return weights.replace_modules(modules)
+
+
+def _load(path: Path, base: dict | None, ranks: dict[str, int]) -> LoRAWeights:
+    """A taken LoRA as collected: read, then at the collection's ranks."""
+    return at_ranks(read_lora(path, base, check_base=False), ranks, str(path))
 
 
 def _scan(
@@ -198,12 +233,12 @@ def canonical_vector(
 
 
 def build_reference(
-    taken: list[tuple[str, Path]], spec: FlatSpec, base: dict | None
+    taken: list[tuple[str, Path]], spec: FlatSpec, base: dict | None, ranks: dict[str, int]
 ) -> LoRAWeights:
     """The alignment reference of the taken LoRAs: one streaming pass (`ReferenceBuilder`)."""
     builder = ReferenceBuilder()
     for _, path in taken:
-        canonical, _ = canonicalize(read_lora(path, base, check_base=False))
+        canonical, _ = canonicalize(_load(path, base, ranks))
         if FlatSpec.of(canonical) != spec:
             raise DataError(f"{path} changed while the collection was written")
         builder.add(canonical)
@@ -248,6 +283,7 @@ def _canonical_chunks(
     base: dict | None,
     chunk_bytes: int,
     reference: LoRAWeights | None,
+    ranks: dict[str, int],
 ) -> Iterator[np.ndarray]:
     """The canonical (aligned) vectors of the taken LoRAs, read chunk by chunk into one buffer."""
     n, dim = len(taken), spec.size
@@ -256,7 +292,7 @@ def _canonical_chunks(
     for start in range(0, n, rows):
         part = taken[start : start + rows]
         for i, (_, path) in enumerate(part):
-            weights = read_lora(path, base, check_base=False)
+            weights = _load(path, base, ranks)
             buffer[i] = canonical_vector(weights, spec, str(path), reference).numpy()
         yield buffer[: len(part)]
 
@@ -345,21 +381,28 @@ def collect(
     if not candidates:
         raise DataError(f"{loras_dir}: no usable LoRA found")
     majority = signatures[Counter(key for _, _, key in candidates).most_common(1)[0][0]]
-    taken = []
+    ranks = {name: a[0] for name, (a, _) in majority.items()}
+    taken, refit = [], []
     for name, path, key in candidates:
         reason = intruder_reason(signatures[key], majority)
+        if reason is not None and ranks_only(signatures[key], majority):
+            try:  # a LoRA of another rank whose dW fits the collection's rank
+                _load(path, base, ranks)
+                reason, refit = None, [*refit, name]
+            except DataError as err:
+                reason = str(err)
         if reason is None:
             taken.append((name, path))
         else:
             skipped.append((name, reason))
     names = [name for name, _ in taken]
     emb = load_embeddings(embeddings, names) if embeddings is not None else None
-    spec = FlatSpec.of(read_lora(taken[0][1], base, check_base=False))
+    spec = FlatSpec.of(_load(taken[0][1], base, ranks))
     reference = None
     if align_to is not None:
         reference = reference_of(align_to, spec)
     elif aligned:
-        reference = build_reference(taken, spec, base)
+        reference = build_reference(taken, spec, base, ranks)
     metadata = {
         "format": FORMAT,
         "names": json.dumps(names),
@@ -367,9 +410,9 @@ def collect(
         "skipped": json.dumps(skipped),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    chunks = _canonical_chunks(taken, spec, base, chunk_bytes, reference)
+    chunks = _canonical_chunks(taken, spec, base, chunk_bytes, reference, ranks)
     _stream_dataset(out, len(taken), spec, chunks, emb, metadata, reference)
-    return CollectReport(out, names, skipped, spec.size)
+    return CollectReport(out, names, skipped, spec.size, refit)
 
 
 def reference_of(path: str | os.PathLike, spec: FlatSpec) -> LoRAWeights:

@@ -19,7 +19,7 @@ from condlora.core.errors import LoRAError
 from condlora.core.files import check_output_folder, first_missing
 from condlora.core.safetensors_io import read_header, read_weights
 from condlora.lora.formats import diffusers, kohya, peft
-from condlora.lora.formats.keys import key_layout
+from condlora.lora.formats.keys import COMPONENTS, key_layout
 from condlora.lora.formats.single import from_single_file
 from condlora.lora.formats.weights import BaseModules, LoRAWeights
 
@@ -48,6 +48,26 @@ def _peft_folder(folder: Path) -> tuple[str, Path]:
     return "peft", folder
 
 
+def peft_components(folder: Path) -> dict[str, Path]:
+    """The component folders (unet/, text_encoder/, text_encoder_2/) of a folder that holds
+    a peft adapter per model, each checked; {} if it has none."""
+    subs = {c: folder / c for c in COMPONENTS if (folder / c / peft.CONFIG_NAME).exists()}
+    for sub in subs.values():
+        _peft_folder(sub)
+    return subs
+
+
+def _read_peft(folder: Path) -> LoRAWeights:
+    """A peft folder, or one with a peft folder per component, as LoRAWeights."""
+    subs = peft_components(folder) or {None: folder}
+    parts = {}
+    for component, sub in subs.items():
+        config = _read_json(sub / peft.CONFIG_NAME)
+        tensors, _ = read_safetensors(sub / peft.WEIGHTS_NAME)
+        parts[component] = peft.from_peft(tensors, config, str(sub), component)
+    return peft.join_components(parts) if len(parts) > 1 else next(iter(parts.values()))
+
+
 def _layout_of_keys(keys: Iterable[str], path: Path) -> str:
     """The layout that a LoRA file's keys belong to (kohya, comfyui or diffusers)."""
     keys = list(keys)
@@ -70,11 +90,13 @@ def detect_layout(path: str | os.PathLike) -> tuple[str, Path]:
     if path.is_dir():
         if (path / peft.CONFIG_NAME).exists() or (path / peft.WEIGHTS_NAME).exists():
             return _peft_folder(path)
+        if peft_components(path):
+            return "peft", path
         if (path / diffusers.WEIGHTS_NAME).is_file():
             return detect_layout(path / diffusers.WEIGHTS_NAME)
         raise LoRAError(
-            f"{path} holds no LoRA ({peft.CONFIG_NAME} + {peft.WEIGHTS_NAME}, "
-            f"or {diffusers.WEIGHTS_NAME})"
+            f"{path} holds no LoRA ({peft.CONFIG_NAME} + {peft.WEIGHTS_NAME}, in it or in "
+            f"unet/ and text_encoder/, or {diffusers.WEIGHTS_NAME})"
         )
     if path.name in (peft.CONFIG_NAME, peft.WEIGHTS_NAME):
         return _peft_folder(path.parent)
@@ -116,9 +138,7 @@ def read_lora(
     layout, source = detect_layout(path)
     base = as_base_modules(base_modules)
     if layout == "peft":
-        config = _read_json(source / peft.CONFIG_NAME)
-        tensors, _ = read_safetensors(source / peft.WEIGHTS_NAME)
-        weights = peft.from_peft(tensors, config, str(source))
+        weights = _read_peft(source)
     else:
         tensors, metadata = read_safetensors(source)
         weights = from_single_file(tensors, metadata, base, str(source), layout)
@@ -199,18 +219,12 @@ def lora_files(weights: LoRAWeights, path: str | os.PathLike, layout: str) -> Lo
 def _lora_files(weights: LoRAWeights, path: Path, layout: str) -> LoRAFiles:
     """lora_files before the check of what they would replace."""
     if layout == "peft":
-        tensors, config = peft.to_peft(weights)
-        if path.exists() and not path.is_dir():
-            raise LoRAError(f"peft LoRAs are folders, but {path} is a file")
-        check_output_folder(path, "LoRA folder")
-        return {
-            path / peft.WEIGHTS_NAME: (tensors, {"format": "pt"}),
-            path / peft.CONFIG_NAME: json.dumps(config, indent=2, sort_keys=True) + "\n",
-        }
+        return _peft_files(weights, path)
     if layout not in ("diffusers", "kohya"):
         raise LoRAError(f"unknown LoRA layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     writer = diffusers.to_diffusers if layout == "diffusers" else kohya.to_kohya
     tensors, metadata = writer(weights)
+    metadata = metadata | kohya.modelspec(weights, path.stem)  # what LoRA managers show
     if path.suffix != ".safetensors":
         if layout == "kohya" or (path.exists() and not path.is_dir()):
             raise LoRAError(f"{layout} LoRAs are .safetensors files, got {path}")
@@ -220,6 +234,25 @@ def _lora_files(weights: LoRAWeights, path: Path, layout: str) -> LoRAFiles:
         raise LoRAError(f"{path} is a folder, not a {layout} LoRA file")
     check_output_folder(path.parent, "the folder of the LoRA file")
     return {path: (tensors, metadata)}
+
+
+def _peft_files(weights: LoRAWeights, path: Path) -> LoRAFiles:
+    """A peft folder's files: one adapter, or one per component (unet/, text_encoder/ ...)
+    when the LoRA has text-encoder parts; never both forms in one folder."""
+    if path.exists() and not path.is_dir():
+        raise LoRAError(f"peft LoRAs are folders, but {path} is a file")
+    check_output_folder(path, "LoRA folder")
+    parts = peft.split_components(weights)
+    stale = set(peft_components(path)) - set(parts)  # a part this LoRA would not replace
+    if stale or ("" not in parts and (path / peft.CONFIG_NAME).exists()):
+        raise LoRAError(f"{path} holds a peft LoRA of other parts: give a new folder (it is kept)")
+    files: LoRAFiles = {}
+    for component, part in parts.items():
+        tensors, config = peft.to_peft(part)
+        files[path / component / peft.WEIGHTS_NAME] = (tensors, {"format": "pt"})
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        files[path / component / peft.CONFIG_NAME] = text
+    return files
 
 
 def write_loras(loras: Iterable[tuple[LoRAWeights, str | os.PathLike]], layout: str) -> list[Path]:

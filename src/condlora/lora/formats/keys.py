@@ -12,6 +12,9 @@ A key is `<prefix><module><suffix>`:
 Older diffusers wrote attention LoRAs under the attention processor:
     <attn>.processor.to_q_lora.down.weight   = <attn>.to_q's A   (to_out_lora: to_out.0)
     text_encoder.<...>.self_attn.to_q_lora.down.weight = <...>.self_attn.q_proj's A
+and keyed a module's alpha after its down factor (the network_alphas of diffusers < 0.25):
+    <attn>.processor.to_q_lora.down.weight.alpha = <attn>.to_q's alpha
+    <module>.lora.down.weight.alpha              = <module>'s alpha
 A key that fits none of this gets a reason instead, so that no key is dropped silently.
 """
 
@@ -67,6 +70,8 @@ OLD_KEYS = (
     (re.compile(r"\.processor\.to_out_lora\."), ".to_out.0.lora."),
     (re.compile(r"\.self_attn\.to_(q|k|v)_lora\."), r".self_attn.\1_proj.lora."),
     (re.compile(r"\.self_attn\.to_out_lora\."), ".self_attn.out_proj.lora."),
+    # an alpha named after its down factor, as diffusers < 0.25 keyed network alphas
+    (re.compile(r"\.(?:lora|lora_linear_layer)\.down\.weight\.alpha$"), ".alpha"),
 )
 
 # what an unmapped key most likely is, by a pattern in its name

@@ -27,6 +27,18 @@ from condlora.lora.formats.weights import BaseMismatch, LoRAWeights, ModuleLoRA,
 
 UNET_PREFIX = "lora_unet_"
 HINT_KEYS = ("ss_sd_model_name", "ss_base_model_version", "modelspec.architecture", "ss_v2")
+MODELSPEC = "modelspec."  # the SAI model spec's header keys (Stability-AI/ModelSpec)
+NOT_KEPT = ("modelspec.hash_sha256",)  # describes the source's bytes, not the written file's
+# cross-attention width -> the base model's modelspec architecture, implementation and
+# resolution, as kohya's sd-scripts writes them (SD 2.x's 1024 is 512 or 768-v: not told)
+FAMILIES = {
+    768: ("stable-diffusion-v1", "diffusers", "512x512"),
+    2048: (
+        "stable-diffusion-xl-v1-base",
+        "https://github.com/Stability-AI/generative-models",
+        "1024x1024",
+    ),
+}
 # the header keys LoRA managers read (kohya's sd-scripts names), shown by `lora info`
 NETWORK_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
 LYCORIS_ALGOS = {"loha": "loha", "lokr": "lokr", "full": "full", "tucker": "locon"}
@@ -144,6 +156,43 @@ def kohya_metadata(weights: LoRAWeights, alpha: float) -> dict[str, str]:
         metadata["ss_network_module"] = "networks.lora"
     metadata |= {k: v for k, v in weights.hints.items() if k in HINT_KEYS}
     return metadata
+
+
+def header_hints(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The header keys of a file that condlora keeps and shows: kohya's base-model and
+    network keys and every modelspec.* key (but its hash)."""
+    keys = [*HINT_KEYS, *NETWORK_KEYS]
+    keys += [k for k in metadata if k.startswith(MODELSPEC) and k not in NOT_KEPT]
+    return {k: str(metadata[k]) for k in dict.fromkeys(keys) if metadata.get(k)}
+
+
+def cross_attention(weights: LoRAWeights) -> tuple[int, str] | None:
+    """(the text encoder's width, the module it is read from): the input width of a
+    cross-attention key projection (attn2.to_k), or None if the LoRA adapts none."""
+    for name, m in weights.modules.items():
+        if name.endswith(("attn2.to_k", "attn2_to_k")) and not m.is_conv:
+            return m.A.shape[1], name
+    return None
+
+
+def modelspec(weights: LoRAWeights, title: str) -> dict[str, str]:
+    """The SAI model spec header of a written LoRA file: the source's modelspec.* keys
+    kept, and the required ones it lacks filled in where the LoRA shows them (the base
+    family from its cross-attention width, or SDXL from a second text encoder; the title
+    from the file's name)."""
+    spec = {k: v for k, v in weights.hints.items() if k.startswith(MODELSPEC)}
+    spec.setdefault("modelspec.sai_model_spec", "1.0.0")
+    spec.setdefault("modelspec.title", title)
+    width = cross_attention(weights)
+    texts = [*weights.text_encoder, *weights.others]
+    if width is None and any(n.startswith(TEXT_2 + ".") for n in texts):
+        width = (2048, "text_encoder_2")
+    family = FAMILIES.get(width[0]) if width else None
+    if family and "modelspec.architecture" not in spec:
+        spec["modelspec.architecture"] = f"{family[0]}/lora"
+        spec.setdefault("modelspec.implementation", family[1])
+        spec.setdefault("modelspec.resolution", family[2])
+    return spec
 
 
 def _stem(name: str, two_encoders: bool) -> str:

@@ -42,8 +42,9 @@ RESNET_PARTS = {
 LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.")
 BLOCK = re.compile(r"^(down_blocks|up_blocks|mid_block)\.(?:(\d+)\.)?(resnets|attentions)\.(\d+)")
 SAMPLER = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(downsamplers|upsamplers)\.0\.conv$")
+# a CLIP layer's kohya stem (lycoris' own files of a transformers-5 CLIP lack text_model_)
 CLIP_STEM = re.compile(
-    r"^text_model_encoder_layers_(\d+)_(self_attn_(q|k|v|out)_proj|mlp_fc(1|2))$"
+    r"^(?:text_model_)?encoder_layers_(\d+)_(self_attn_(q|k|v|out)_proj|mlp_fc(1|2))$"
 )
 
 

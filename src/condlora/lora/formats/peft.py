@@ -5,10 +5,17 @@ Key table (module = dotted path in the base model):
     base_model.model.<module>.lora_B.weight   B [out, r] or [out, r, 1, 1]
 Scale per module: alpha / r, or alpha / sqrt(r) with use_rslora, where r and alpha come from
 rank_pattern / alpha_pattern when a pattern matches the module (peft's own matching rule).
+
+A peft folder holds one model's adapter. A LoRA with text-encoder parts is a folder per
+component, as peft's DreamBooth example saves and loads it (PeftModel.from_pretrained on
+each model): <folder>/unet/, <folder>/text_encoder/, <folder>/text_encoder_2/, each with
+its adapter_model.safetensors and adapter_config.json; text-encoder modules are named by
+their path in the CLIP text model.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import re
 from collections import Counter
@@ -18,7 +25,7 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
-from condlora.lora.formats.keys import TEXT
+from condlora.lora.formats.keys import TEXT, TEXT_2, UNET, is_text_module
 from condlora.lora.formats.kinds import ModuleDelta, check_parts
 from condlora.lora.formats.weights import (
     LoRAWeights,
@@ -115,9 +122,12 @@ def clip_name(path: str) -> str:
     return path if path.startswith("text_model.") else f"text_model.{path}"
 
 
-def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoRAWeights:
+def from_peft(
+    tensors: Mapping[str, Tensor], config: Mapping, where: str, component: str | None = None
+) -> LoRAWeights:
     """peft state dict + adapter config -> LoRAWeights (DoRA modules, use_dora, go to
-    `others` with their magnitude vectors)."""
+    `others` with their magnitude vectors); `component` text_encoder / text_encoder_2 for
+    the adapter of a text encoder (every module is then that encoder's)."""
     check_config(config, where)
     unmapped: dict[str, str] = {}
     groups = group_by_module(tensors, PREFIX, KEYS, where, unmapped)
@@ -136,11 +146,67 @@ def from_peft(tensors: Mapping[str, Tensor], config: Mapping, where: str) -> LoR
     hints = {k: str(config[k]) for k in ("base_model_name_or_path", "use_rslora") if config.get(k)}
     # an adapter of a CLIP text model (its layers under [text_model.]encoder.layers.) is a
     # text encoder's, named by its CLIPTextModel path as the other layouts' text parts are
-    text = {f"{TEXT}.{clip_name(n)}": m for n, m in modules.items() if CLIP_LAYER.match(n)}
-    modules = {n: m for n, m in modules.items() if not CLIP_LAYER.match(n)}
+    is_text = (lambda n: True) if component in (TEXT, TEXT_2) else CLIP_LAYER.match  # noqa: E731
+    prefix = component if component in (TEXT, TEXT_2) else TEXT
+    text_name = lambda n: f"{prefix}.{clip_name(n) if CLIP_LAYER.match(n) else n}"  # noqa: E731
+    text = {text_name(n): m for n, m in modules.items() if is_text(n)}
+    modules = {n: m for n, m in modules.items() if not is_text(n)}
+    others = {(text_name(n) if is_text(n) else n): m for n, m in others.items()}
     return LoRAWeights(
         modules, "peft", text_encoder=text, hints=hints, unmapped=unmapped, others=others
     )
+
+
+def _clip_has_text_model_level() -> bool:
+    """True when the installed transformers' CLIP text models hold their layers under
+    `text_model.` (before transformers 5, and the files' convention when it is absent)."""
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0]) < 5
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return True
+
+
+def split_components(weights: LoRAWeights) -> dict[str, LoRAWeights]:
+    """The adapters of a peft folder: {"": weights} for a U-Net-only LoRA, else one per
+    component (unet, text_encoder, text_encoder_2), text modules named by their path in
+    the installed transformers' CLIP text model."""
+    texts = [n for n in [*weights.text_encoder, *weights.others] if is_text_module(n)]
+    if not texts:
+        return {"": weights}
+    strip = "" if _clip_has_text_model_level() else "text_model."
+    parts = {}
+    unet = LoRAWeights(weights.modules, "peft", resolved=weights.resolved, hints=weights.hints)
+    unet.others = {n: m for n, m in weights.others.items() if not is_text_module(n)}
+    if unet.modules or unet.others:
+        parts[UNET] = unet
+    for component in (TEXT, TEXT_2):
+        modules = _paths_in(weights.text_encoder, component, strip)
+        part = LoRAWeights(modules, "peft", others=_paths_in(weights.others, component, strip))
+        if part.modules or part.others:
+            parts[component] = part
+    return parts
+
+
+def _paths_in(group: Mapping, component: str, strip: str) -> dict:
+    """The members of `group` named `<component>.<path>`, by path (without `strip`)."""
+    out = {}
+    for name, m in group.items():
+        first, _, path = name.partition(".")
+        if first == component:
+            out[path.removeprefix(strip)] = m
+    return out
+
+
+def join_components(parts: Mapping[str, LoRAWeights]) -> LoRAWeights:
+    """One LoRA from the adapters of a peft folder's components (from_peft of each)."""
+    out = LoRAWeights({}, "peft")
+    for part in parts.values():
+        out.modules |= part.modules
+        out.text_encoder |= part.text_encoder
+        out.others |= part.others
+        out.unmapped |= part.unmapped
+        out.hints = out.hints or part.hints
+    return out
 
 
 def lora_config(weights: LoRAWeights) -> dict:

@@ -15,9 +15,16 @@ from torch import Tensor
 
 from condlora.core.errors import LoRAError
 from condlora.lora.formats.diffusers import adapter_config
-from condlora.lora.formats.keys import UNET, ParsedKey, key_layout, parse_key
+from condlora.lora.formats.keys import (
+    TEXT,
+    UNET,
+    ParsedKey,
+    is_text_module,
+    key_layout,
+    parse_key,
+)
 from condlora.lora.formats.kinds import ModuleDelta, check_parts, kind_of
-from condlora.lora.formats.kohya import HINT_KEYS, NETWORK_KEYS, kohya_stem, resolve, stem_table
+from condlora.lora.formats.kohya import header_hints, kohya_stem, resolve, stem_table
 from condlora.lora.formats.names import clip_path, ldm_table, looks_ldm
 from condlora.lora.formats.peft import check_config, config_scales
 from condlora.lora.formats.weights import (
@@ -124,6 +131,8 @@ def from_single_file(
     modules, text, others, resolved = {}, {}, {}, True
     for slot, group in sorted(groups.items()):
         component, naming, module = slot
+        if component == UNET and naming == "stem" and clip_path(module):
+            component = TEXT  # lycoris_<CLIP layer>: lycoris' own file of a text encoder
         if component == UNET:
             name, ok = names.unet(naming, module)
             resolved &= ok
@@ -144,7 +153,7 @@ def from_single_file(
             others[name] = other_module(name, {**group, "alpha": alpha}, base, where)
         else:
             others[name] = other_module(name, group, base, where)
-    hints = {k: metadata[k] for k in (*HINT_KEYS, *NETWORK_KEYS) if metadata.get(k)}
+    hints = header_hints(metadata)
     return LoRAWeights(modules, layout, text, resolved, hints, unmapped, others)
 
 
@@ -153,7 +162,10 @@ def other_module(name: str, parts: Group, base: BaseModules | None, where: str) 
     kind = kind_of(set(parts))
     check_parts(kind, parts, name, where)
     shape = base.get(name) if base is not None else None
-    return ModuleDelta(kind, dict(parts), tuple(shape) if shape is not None else None)
+    module = ModuleDelta(kind, dict(parts), tuple(shape) if shape is not None else None)
+    if module.ambiguous_shape and is_text_module(name):  # CLIP layers are Linear: dW as stored
+        module = ModuleDelta(kind, module.parts, module.delta_shape)
+    return module
 
 
 def from_diffusers(
