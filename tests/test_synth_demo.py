@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from condlora.apps.synthesis_demo import bank as bank_mod
 from condlora.apps.synthesis_demo.config import DemoConfig
 from condlora.apps.synthesis_demo.encoder import load_encoder, save_encoder, train_encoder
 from condlora.apps.synthesis_demo.generative import generative_methods
@@ -30,13 +29,15 @@ from condlora.apps.synthesis_demo.styles import (
     thicken,
     warp,
 )
-from condlora.apps.synthesis_demo.zoo import fine_tune, zoo_loss
+from condlora.apps.synthesis_demo.zoo import fine_tune
 from condlora.core.errors import CondloraError
 from condlora.image.build import build_denoiser
 from condlora.image.config import load_config
 from condlora.lora.formats import read_lora, write_lora
+from condlora.synthesis import bank as bank_mod
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.flatten import FlatSpec
+from condlora.synthesis.zoo import zoo_loss
 
 from .conftest import CONFIGS, TINY, assert_same_function
 

@@ -193,6 +193,45 @@ def _add_generate(synth_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_generate)
 
 
+def _zoo(args: argparse.Namespace) -> None:
+    from condlora.core.config import from_dict, parse_overrides, read_config
+    from condlora.image.build import image_channels, num_classes
+    from condlora.image.task import load_run
+    from condlora.synthesis.config import EncoderConfig, ZooConfig
+    from condlora.synthesis.encoders import build_encoder
+    from condlora.synthesis.zoo import make_zoo, read_subjects, write_embeddings
+
+    if args.config:
+        cfg = read_config(ZooConfig, args.config, args.overrides)
+    else:
+        cfg = from_dict(ZooConfig, parse_overrides(args.overrides))
+    encoder = None  # built first, so that a bad encoder fails before any training
+    if args.encoder:
+        encoder = build_encoder(EncoderConfig(kind=args.encoder, path=args.encoder_path or ""))
+    run_cfg, base, step = load_run(args.base)
+    found = read_subjects(
+        args.subjects, run_cfg.data.resolution, image_channels(run_cfg), num_classes(run_cfg)
+    )
+    base_name = f"{Path(args.base).resolve()} (step {step})"
+    record = make_zoo(base, found, cfg, args.out, base_name, progress=not args.quiet)
+    print(f"{len(found)} subjects in {args.out} ({len(record['seconds'])} fine-tuned so far)")
+    if encoder is not None:
+        print(f"wrote {write_embeddings(Path(args.out), found, encoder)}")
+
+
+def _add_zoo(synth_sub: argparse._SubParsersAction) -> None:
+    p = synth_sub.add_parser("zoo", help="fine-tune one LoRA per subject folder (a collection)")
+    p.add_argument("--base", required=True, metavar="RUN", help="the base model (condlora run)")
+    p.add_argument("--subjects", required=True, metavar="DIR", help="one image folder per subject")
+    p.add_argument("--out", required=True, metavar="LORAS", help="folder of peft LoRAs to write")
+    p.add_argument("--config", help="zoo YAML config (rank, targets, steps, lr, ...)")
+    p.add_argument("--encoder", help="also write embeddings.safetensors with this encoder kind")
+    p.add_argument("--encoder-path", help="encoder model file (e.g. a face-recognition .onnx)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. rank=2 steps=300")
+    p.set_defaults(func=_zoo)
+
+
 def print_info(path: str, overrides: list[str]) -> None:
     """Sizes and parameter counts of a synthesis config (also `condlora info`)."""
     from condlora.synthesis.model import info_lines
@@ -214,6 +253,7 @@ SUBCOMMANDS = (
     _add_train_prior,
     _add_train,
     _add_generate,
+    _add_zoo,
     _add_info,
 )
 

@@ -376,7 +376,9 @@ def collect(
         raise DataError(f"dataset path {out} is a folder; give a file name")
     check_output_file(out, "dataset path")  # before the scan: a place that cannot be written
     _refuse_overwriting_other_files(out)
-    found = [(n, p) for n, p in find_loras(loras_dir) if p.resolve() != out.resolve()]
+    # the dataset and the embeddings may lie in the LoRA folder (`synth zoo` writes them there)
+    not_loras = {Path(f).resolve() for f in (out, embeddings) if f is not None}
+    found = [(n, p) for n, p in find_loras(loras_dir) if p.resolve() not in not_loras]
     candidates, signatures, skipped = _scan(found, base, skip_bad)
     if not candidates:
         raise DataError(f"{loras_dir}: no usable LoRA found")

@@ -20,7 +20,9 @@ from typing import ClassVar
 from condlora.core.config import (
     NON_NEGATIVE,
     POSITIVE,
+    SEED,
     Checked,
+    Each,
     OneOf,
     Range,
     from_dict,
@@ -117,6 +119,31 @@ class EncoderConfig(Checked):
 
     kind: str = "embeddings"  # "embeddings" (none: precomputed) | "onnx-face" | a registered kind
     path: str = ""  # "onnx-face": the insightface-style .onnx model file
+
+
+@dataclass
+class ZooConfig(Checked):
+    """Settings of `condlora synth zoo`: one plain LoRA per subject on a frozen base."""
+
+    rank: int = 1  # LoRA rank (weights2weights: 1)
+    alpha: float = 1.0  # peft lora_alpha (scale alpha / rank)
+    targets: tuple[str, ...] = ("qkv",)  # module names or suffixes (diffusers: to_q, to_v)
+    steps: int = 200  # fine-tuning steps of every subject
+    lr: float = 5e-3  # Adam learning rate (constant, then linear decay to 0 over the last half)
+    images_per_subject: int = 4  # images of each subject in every step
+    subjects_per_batch: int = 16  # subjects fine-tuned together (per-sample LoRA in one batch)
+    log_sigma_mean: float | None = None  # EDM base: mean of ln(sigma) while fine-tuning (None:
+    # the base's own training distribution)
+    seed: int = 0  # draws of images, noise levels and noise (the same for every subject)
+
+    CHECKS: ClassVar[dict] = {
+        **{name: Range(1, 10**7) for name in ("rank", "steps", "images_per_subject")},
+        "subjects_per_batch": Range(1, 10**6),
+        "alpha": POSITIVE,
+        "lr": POSITIVE,
+        "targets": Each(),
+        "seed": SEED,
+    }
 
 
 @dataclass

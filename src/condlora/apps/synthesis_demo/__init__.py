@@ -1,8 +1,8 @@
 """The embedded demo of zero-shot LoRA synthesis (`condlora synth demo`), on the digits.
 
 styles    a subject = a handwriting style (stroke width, slant, rotation, scale)
-bank      per-sample LoRA weights on a frozen base model (one LoRA per subject)
-zoo       one LoRA per subject, fine-tuned in batches of subjects, written as peft folders
+zoo       one LoRA per subject, fine-tuned in batches of subjects (the library's bank and
+          loop, condlora.synthesis.zoo), written as peft folders
 encoder   the subject encoder (stand-in for ArcFace): image sets -> unit vectors
 methods   LoRA writers from an embedding: a plug-in interface, simple baselines, slots
 scoring   digits drawn with many subjects' LoRAs at once; subject score, class accuracy,

@@ -26,7 +26,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from condlora.apps.reporting import mean_std
-from condlora.apps.synthesis_demo.bank import bank_denoiser, load_subject, subjects
 from condlora.apps.synthesis_demo.config import DemoConfig
 from condlora.apps.synthesis_demo.encoder import SubjectEncoder
 from condlora.apps.synthesis_demo.methods import DemoData, Method
@@ -34,6 +33,7 @@ from condlora.core.files import write_text_atomic
 from condlora.diffusion import Denoiser, sample
 from condlora.lora.formats import LoRAWeights
 from condlora.metrics import DigitsClassifier, classifier_outputs
+from condlora.synthesis.bank import bank_denoiser, load_subject, subjects
 
 NUM_DIGITS = 10
 

@@ -1,7 +1,8 @@
 """The zoo: one plain LoRA per subject, fine-tuned on its styled digits, written as peft folders.
 
 Subjects are fine-tuned `subjects_per_batch` at a time on the frozen base model (a LoRA bank,
-`bank.py`): every step takes `images_per_subject` styled training digits of each subject,
+`condlora.synthesis.bank`, trained by `condlora.synthesis.zoo.train_bank`): every step takes
+`images_per_subject` styled training digits of each subject,
 with their digit labels, and the base model's own denoising loss. The loss is the sum of each
 subject's mean loss and Adam is per coordinate, so a subject's training is the one it would
 have alone: batching only saves time. Every subject sees the same digits, noise levels and
@@ -25,13 +26,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from condlora.apps.synthesis_demo.bank import bank_denoiser, subject_lora, subjects
 from condlora.apps.synthesis_demo.config import DemoConfig
 from condlora.apps.synthesis_demo.styles import apply_style, sample_styles
 from condlora.core.files import write_text_atomic
-from condlora.diffusion import Denoiser, EDMPrecond, Preconditioner
+from condlora.diffusion import Denoiser
 from condlora.lora.formats import LoRAWeights, write_lora
 from condlora.lora.formats.peft import WEIGHTS_NAME
+from condlora.synthesis.bank import bank_denoiser, subject_lora
+from condlora.synthesis.zoo import train_bank, zoo_sigma
 
 TIMING_FILE = "timing.json"
 
@@ -64,24 +66,6 @@ def make_subjects(cfg: DemoConfig) -> Subjects:
     """Subjects s0000, s0001, ... with seeded styles; the last num_heldout are held out."""
     names = [f"s{i:04d}" for i in range(cfg.num_subjects)]
     return Subjects(names, sample_styles(cfg.num_subjects, cfg.ranges, cfg.seed), cfg.num_train)
-
-
-def zoo_loss(
-    denoiser: Denoiser, x0: Tensor, labels: Tensor, ids: Tensor, sigma: Tensor, noise: Tensor
-) -> Tensor:
-    """Sum over subjects of each subject's mean denoising loss (equal images per subject)."""
-    with subjects(denoiser, ids):
-        loss = denoiser.loss(x0, sigma=sigma, noise=noise, class_labels=labels)
-    return loss * len(ids.unique())
-
-
-def zoo_sigma(
-    precond: Preconditioner, n: int, generator: torch.Generator, log_mean: float | None
-) -> Tensor:
-    """Noise levels for fine-tuning: the base's own, or for EDM ln(sigma) ~ N(log_mean, P_std^2)."""
-    if log_mean is None or not isinstance(precond, EDMPrecond):
-        return precond.sample_sigma(n, generator=generator)
-    return (torch.randn(n, generator=generator) * precond.P_std + log_mean).exp()
 
 
 def common_batch(
@@ -120,23 +104,14 @@ def fine_tune(
 ) -> list[LoRAWeights]:
     """One plain LoRA per style, fine-tuned together on the frozen base model."""
     bank = bank_denoiser(base, len(styles), cfg.rank, list(cfg.targets), cfg.scale, cfg.seed)
-    params = [p for p in bank.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    # constant, then linear decay to 0 over the second half
-    decay = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, 2.0 * (1.0 - step / cfg.steps))
-    )
     generator = torch.Generator().manual_seed(seed)
-    bank.train()
-    for _ in tqdm(range(cfg.steps), desc="fine-tuning", leave=False, disable=not progress):
-        batch = common_batch(
+
+    def next_batch() -> dict:
+        return common_batch(
             base, images, labels, styles, cfg.images_per_subject, generator, cfg.log_sigma_mean
         )
-        loss = zoo_loss(bank, **batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        decay.step()
+
+    train_bank(bank, cfg.steps, cfg.lr, next_batch, progress)
     return [subject_lora(bank, k) for k in range(len(styles))]
 
 

@@ -97,9 +97,9 @@ def base_backbone(base: Denoiser) -> tuple[nn.Module, bool]:
     """(backbone, passes class labels) of a base denoiser built by `build_denoiser`."""
     net = base.net
     if not isinstance(net, ConditionedNet):
-        raise CondloraError("the demo's base model must be an image denoiser (`condlora train`)")
+        raise CondloraError("the base model must be an image denoiser (a `condlora train` run)")
     if net.lora:
-        raise CondloraError("the demo's base model must have no LoRA of its own (lora.method none)")
+        raise CondloraError("the base model must have no LoRA of its own (lora.method none)")
     return net.net, net.pass_labels
 
 

@@ -1,0 +1,228 @@
+"""`condlora synth zoo`: one plain LoRA per subject folder, fine-tuned many at a time.
+
+The collection that synthesis learns from is one LoRA per subject on one base model
+(weights2weights: 65k rank-1 LoRAs on `to_q`, `to_v`). Here every subfolder of SUBJECTS is a
+subject (its images flat, or in class subfolders `0/`, `1/`, ... for a class-conditional
+base); its LoRA is fine-tuned on the frozen base with the base's own denoising loss.
+
+Subjects train `subjects_per_batch` at a time in one batched model (`bank.py`: per-sample
+LoRA weights). The loss is the sum of each subject's mean loss and Adam acts per
+coordinate, and every subject draws its images, noise levels and noise from a generator of
+its own seeded with `seed` (the same draws for every subject: common random numbers). So a
+subject's LoRA is the one it would get alone with the same seed and steps: batching only
+saves time. Each finished batch is on disk before the next starts; a rerun skips the
+subjects done and refuses a folder made with other settings.
+
+    OUT/<subject>/               peft folders (what `synth collect` reads)
+    OUT/embeddings.safetensors   subject -> embedding (`--encoder`), `synth collect --embeddings`
+    OUT/zoo.json                 the settings, the base, and seconds per finished subject
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from condlora.core.config import to_dict
+from condlora.core.errors import CondloraError, DataError
+from condlora.core.files import check_folder_name, check_output_folder, write_text_atomic
+from condlora.core.safetensors_io import write_weights
+from condlora.data.images import folder_layout, load_image_folder
+from condlora.diffusion import Denoiser, EDMPrecond, Preconditioner
+from condlora.lora.formats import LoRAWeights, write_lora
+from condlora.lora.formats.peft import WEIGHTS_NAME
+from condlora.synthesis.bank import bank_denoiser, subject_lora, subjects
+from condlora.synthesis.config import ZooConfig
+from condlora.synthesis.encoders import ImageEncoder
+
+RECORD_FILE = "zoo.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+
+
+def zoo_loss(
+    denoiser: Denoiser,
+    x0: Tensor,
+    labels: Tensor | None,
+    ids: Tensor,
+    sigma: Tensor,
+    noise: Tensor,
+) -> Tensor:
+    """Sum over subjects of each subject's mean denoising loss (equal images per subject)."""
+    with subjects(denoiser, ids):
+        loss = denoiser.loss(x0, sigma=sigma, noise=noise, class_labels=labels)
+    return loss * len(ids.unique())
+
+
+def zoo_sigma(
+    precond: Preconditioner, n: int, generator: torch.Generator, log_mean: float | None
+) -> Tensor:
+    """Noise levels for fine-tuning: the base's own, or for EDM ln(sigma) ~ N(log_mean, P_std^2)."""
+    if log_mean is None or not isinstance(precond, EDMPrecond):
+        return precond.sample_sigma(n, generator=generator)
+    return (torch.randn(n, generator=generator) * precond.P_std + log_mean).exp()
+
+
+def train_bank(
+    bank: Denoiser, steps: int, lr: float, next_batch: Callable[[], dict], progress: bool = False
+) -> None:
+    """Adam on the bank's LoRAs for `steps` steps of `zoo_loss` on next_batch(); the learning
+    rate is constant, then decays linearly to 0 over the second half."""
+    params = [p for p in bank.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, 2.0 * (1.0 - step / steps))
+    )
+    bank.train()
+    for _ in tqdm(range(steps), desc="fine-tuning", leave=False, disable=not progress):
+        loss = zoo_loss(bank, **next_batch())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        decay.step()
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One subject's images (N, C, R, R) in [-1, 1], their class labels or None, the files."""
+
+    name: str
+    images: Tensor
+    labels: Tensor | None
+    files: list[Path]
+
+
+def _class_labels(folder: Path, labels: Tensor | None, classes: list[str], num: int) -> Tensor:
+    """Labels of a class-subfolder layout as the base's class indices (folder names 0..K-1)."""
+    if labels is None:
+        raise DataError(
+            f"{folder}: the base model is class-conditional ({num} classes): put the subject's "
+            "images in class subfolders named 0, 1, ..."
+        )
+    bad = [c for c in classes if not (c.isdigit() and int(c) < num)]
+    if bad:
+        raise DataError(
+            f"{folder}: class subfolders must be named 0..{num - 1} (the base's classes), "
+            f"got {', '.join(bad[:5])}"
+        )
+    return torch.tensor([int(c) for c in classes])[labels]
+
+
+def read_subjects(folder: str | Path, resolution: int, channels: int, num_classes: int) -> list:
+    """Every subfolder of `folder` as a Subject, sorted by name; DataError if there are none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--subjects {folder} is not a folder (one subfolder per subject)")
+    found = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        check_folder_name(sub.name, "subject folder")
+        images, labels, classes = load_image_folder(sub, resolution, channels)
+        if num_classes:
+            labels = _class_labels(sub, labels, classes, num_classes)
+        found.append(
+            Subject(sub.name, images, labels if num_classes else None, folder_layout(sub)[0])
+        )
+    if not found:
+        raise DataError(f"--subjects {folder} holds no subject folders (one per subject)")
+    return found
+
+
+def subject_batch(
+    precond: Preconditioner,
+    members: list[Subject],
+    generators: list[torch.Generator],
+    per_subject: int,
+    log_mean: float | None,
+) -> dict[str, Tensor | None]:
+    """One step's batch: `per_subject` images of each subject, drawn with its own generator."""
+    parts: dict[str, list[Tensor]] = {"x0": [], "labels": [], "sigma": [], "noise": []}
+    for subject, g in zip(members, generators, strict=True):
+        index = torch.randint(0, len(subject.images), (per_subject,), generator=g)
+        parts["x0"].append(subject.images[index])
+        parts["sigma"].append(zoo_sigma(precond, per_subject, g, log_mean))
+        parts["noise"].append(torch.randn((per_subject, *subject.images.shape[1:]), generator=g))
+        if subject.labels is not None:
+            parts["labels"].append(subject.labels[index])
+    batch = {k: torch.cat(v) if v else None for k, v in parts.items()}
+    batch["ids"] = torch.arange(len(members)).repeat_interleave(per_subject)
+    return batch
+
+
+def fine_tune_subjects(
+    base: Denoiser, members: list[Subject], cfg: ZooConfig, progress: bool = False
+) -> list[LoRAWeights]:
+    """The LoRA of each subject, fine-tuned together on the frozen base (one batched model)."""
+    bank = bank_denoiser(base, len(members), cfg.rank, list(cfg.targets), cfg.alpha / cfg.rank)
+    generators = [torch.Generator().manual_seed(cfg.seed) for _ in members]
+
+    def next_batch() -> dict:
+        return subject_batch(
+            base.precond, members, generators, cfg.images_per_subject, cfg.log_sigma_mean
+        )
+
+    train_bank(bank, cfg.steps, cfg.lr, next_batch, progress)
+    return [subject_lora(bank, k) for k in range(len(members))]
+
+
+def _check_record(out: Path, record: dict) -> dict:
+    """The zoo record in `out` (a fresh one if there is none); CondloraError if it differs."""
+    path = out / RECORD_FILE
+    if not path.is_file():
+        return {**record, "seconds": {}}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CondloraError(
+            f"{path} is damaged ({err}): remove it to start the zoo again"
+        ) from None
+    for key in ("config", "base"):
+        if old.get(key) != record[key]:
+            raise CondloraError(
+                f"{out} holds a zoo made with another {key} ({old.get(key)} against "
+                f"{record[key]}): give a new --out"
+            )
+    return old
+
+
+def write_embeddings(out: Path, subjects_: Iterable[Subject], encoder: ImageEncoder) -> Path:
+    """OUT/embeddings.safetensors: each subject's unit embedding, the normalised mean of its
+    images' unit embeddings (as `synth generate --images` embeds a subject)."""
+    vectors = {
+        s.name: F.normalize(F.normalize(encoder(s.files).float(), dim=1).mean(0), dim=0)
+        for s in subjects_
+    }
+    write_weights(out / EMBEDDINGS_FILE, vectors, {"format": "condlora.subject_embeddings"})
+    return out / EMBEDDINGS_FILE
+
+
+def make_zoo(
+    base: Denoiser,
+    found: list[Subject],
+    cfg: ZooConfig,
+    out: str | Path,
+    base_name: str = "",
+    progress: bool = True,
+) -> dict:
+    """Fine-tune the LoRA of every subject not on disk yet into OUT; returns the record."""
+    out = check_output_folder(out, "--out")
+    record = _check_record(out, {"config": to_dict(cfg), "base": base_name})
+    pending = [s for s in found if not (out / s.name / WEIGHTS_NAME).is_file()]
+    size = cfg.subjects_per_batch
+    batches = [pending[i : i + size] for i in range(0, len(pending), size)]
+    out.mkdir(parents=True, exist_ok=True)
+    for members in tqdm(batches, desc="zoo (batches of subjects)", disable=not progress):
+        start = time.perf_counter()
+        loras = fine_tune_subjects(base, members, cfg, progress)
+        for subject, weights in zip(members, loras, strict=True):
+            write_lora(weights, out / subject.name, "peft")
+        seconds = (time.perf_counter() - start) / len(members)
+        record["seconds"].update({s.name: round(seconds, 3) for s in members})
+        write_text_atomic(out / RECORD_FILE, json.dumps(record, indent=1, sort_keys=True))
+    return record

@@ -1,0 +1,150 @@
+"""`condlora synth zoo`: one LoRA per subject folder on a frozen condlora run, many at a time;
+equal to fine-tuning each subject alone, resumable, read by `synth collect`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from condlora.cli import main
+from condlora.image.build import image_channels, num_classes
+from condlora.image.config import load_config
+from condlora.image.task import load_run, train
+from condlora.lora.formats import read_lora
+from condlora.synthesis.config import ZooConfig
+from condlora.synthesis.encoders import ENCODERS
+from condlora.synthesis.zoo import fine_tune_subjects, read_subjects
+
+from .conftest import CONFIGS, TINY
+
+SETTINGS = ["steps=6", "images_per_subject=2", "rank=2", "alpha=4", "targets=[qkv, proj]"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, one_thread):
+    """A tiny class-conditional digits baseline (8 steps): the frozen base of the zoo."""
+    run = tmp_path_factory.mktemp("zoo") / "base"
+    train(load_config(CONFIGS / "digits-baseline.yaml", TINY), run, max_steps=8, progress=False)
+    return run
+
+
+def write_subjects(folder, count=3, classes=(0, 3), per_class=2):
+    """Subject folders s0, s1, ... with class subfolders of seeded random 16x16 images."""
+    rng = np.random.default_rng(0)
+    for s in range(count):
+        for c in classes:
+            sub = folder / f"s{s}" / str(c)
+            sub.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (16, 16), dtype=np.uint8) // (s + 1)
+                Image.fromarray(pixels, "L").save(sub / f"{i}.png")
+    return folder
+
+
+def zoo(base_run, subjects, out, *extra):
+    args = ["synth", "zoo", "--base", str(base_run), "--subjects", str(subjects)]
+    return main([*args, "--out", str(out), "--quiet", *SETTINGS, *extra])
+
+
+def test_zoo_equals_fine_tuning_each_subject_alone(base_run, tmp_path, capsys):
+    subjects = write_subjects(tmp_path / "subjects")
+    assert zoo(base_run, subjects, tmp_path / "loras", "subjects_per_batch=3") == 0
+    assert "3 subjects" in capsys.readouterr().out
+    cfg, base, _ = load_run(base_run)
+    found = read_subjects(subjects, 16, image_channels(cfg), num_classes(cfg))
+    assert [s.name for s in found] == ["s0", "s1", "s2"]
+    assert sorted(found[0].labels.tolist()) == [0, 0, 3, 3]  # class folders -> the base's classes
+    zoo_cfg = ZooConfig(steps=6, images_per_subject=2, rank=2, alpha=4, targets=("qkv", "proj"))
+    for subject in found:  # one at a time, as a user would fine-tune each alone
+        (alone,) = fine_tune_subjects(base, [subject], zoo_cfg)
+        written = read_lora(tmp_path / "loras" / subject.name)
+        assert set(written.modules) == set(alone.modules) and len(alone.modules) >= 2
+        for name, module in alone.modules.items():
+            torch.testing.assert_close(
+                written.modules[name].delta(), module.delta(), atol=1e-5, rtol=1e-5
+            )
+            assert written.modules[name].rank == 2 and written.modules[name].scale == 2.0
+        assert alone.modules[name].delta().abs().max() > 1e-4  # it trained: B moved from 0
+    deltas = [read_lora(tmp_path / "loras" / s).modules[name].delta() for s in ("s0", "s1")]
+    assert not torch.allclose(*deltas)  # subjects differ by their images
+
+
+def test_stopped_zoo_resumes_without_retraining_and_collect_reads_it(base_run, tmp_path, capsys):
+    subjects = write_subjects(tmp_path / "subjects")
+    out = tmp_path / "loras"
+    assert zoo(base_run, subjects, out, "subjects_per_batch=2") == 0
+    first = {s: (out / s / "adapter_model.safetensors").stat().st_mtime_ns for s in ("s0", "s1")}
+    original = (out / "s2" / "adapter_model.safetensors").read_bytes()
+    # a stop after the first batch: s2's folder was never written
+    for f in (out / "s2").iterdir():
+        f.unlink()
+    (out / "s2").rmdir()
+    record = json.loads((out / "zoo.json").read_text())
+    assert sorted(record["seconds"]) == ["s0", "s1", "s2"]
+    assert zoo(base_run, subjects, out, "subjects_per_batch=2") == 0
+    after = {s: (out / s / "adapter_model.safetensors").stat().st_mtime_ns for s in ("s0", "s1")}
+    assert after == first  # finished subjects are not trained again
+    assert (out / "s2" / "adapter_model.safetensors").read_bytes() == original
+    capsys.readouterr()
+    assert main(["synth", "collect", "--loras", str(out), "--out", str(tmp_path / "ds")]) == 0
+    assert "took 3 LoRAs, skipped 0" in capsys.readouterr().out
+
+
+def test_zoo_with_other_settings_in_the_same_folder_is_refused(base_run, tmp_path, capsys):
+    subjects = write_subjects(tmp_path / "subjects", count=1)
+    assert zoo(base_run, subjects, tmp_path / "loras") == 0
+    before = (tmp_path / "loras" / "zoo.json").read_text()
+    capsys.readouterr()
+    assert zoo(base_run, subjects, tmp_path / "loras", "lr=1e-2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another config" in err[0] and err[0].startswith("condlora: error:")
+    assert (tmp_path / "loras" / "zoo.json").read_text() == before
+
+
+def test_zoo_writes_embeddings_that_collect_takes(base_run, tmp_path, capsys, monkeypatch):
+    class MeanPixels:  # a stand-in encoder: (mean, std) of each image's pixels
+        dim = 2
+
+        def __call__(self, paths):
+            rows = [np.asarray(Image.open(p), dtype=np.float32) for p in paths]
+            return torch.tensor([[r.mean() + 1.0, r.std() + 1.0] for r in rows])
+
+    monkeypatch.setitem(ENCODERS, "mean-pixels", lambda cfg: MeanPixels())
+    subjects = write_subjects(tmp_path / "subjects")
+    out = tmp_path / "loras"
+    assert zoo(base_run, subjects, out, "--encoder", "mean-pixels") == 0
+    from safetensors.torch import load_file
+
+    vectors = load_file(out / "embeddings.safetensors")
+    assert sorted(vectors) == ["s0", "s1", "s2"]
+    files = sorted((subjects / "s1").rglob("*.png"))
+    rows = torch.nn.functional.normalize(MeanPixels()(files), dim=1).mean(0)
+    torch.testing.assert_close(vectors["s1"], rows / rows.norm())
+    capsys.readouterr()
+    args = ["synth", "collect", "--loras", str(out), "--out", str(tmp_path / "ds")]
+    assert main([*args, "--embeddings", str(out / "embeddings.safetensors")]) == 0
+
+
+@pytest.mark.parametrize(
+    "layout, expected",
+    [
+        ("flat", "class-conditional"),
+        ("named", "must be named 0..9"),
+        ("empty", "holds no subject folders"),
+    ],
+)
+def test_bad_subject_folders_are_one_line(base_run, tmp_path, capsys, layout, expected):
+    subjects = tmp_path / "subjects"
+    subjects.mkdir()
+    if layout == "flat":
+        (subjects / "s0").mkdir()
+        Image.fromarray(np.zeros((16, 16), np.uint8), "L").save(subjects / "s0" / "a.png")
+    elif layout == "named":
+        (subjects / "s0" / "cat").mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16), np.uint8), "L").save(subjects / "s0" / "cat" / "a.png")
+    assert zoo(base_run, subjects, tmp_path / "loras") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0]
+    assert not (tmp_path / "loras").exists()
