@@ -1,5 +1,6 @@
 """`condlora synth zoo`: one LoRA per subject folder on a frozen condlora run, many at a time;
-equal to fine-tuning each subject alone, resumable, read by `synth collect`."""
+equal to fine-tuning each subject alone, resumable, read by `synth collect`. `condlora synth
+eval`: every method's LoRA for held-out subject folders, scored (the identity benchmark)."""
 
 import json
 
@@ -148,3 +149,83 @@ def test_bad_subject_folders_are_one_line(base_run, tmp_path, capsys, layout, ex
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0]
     assert not (tmp_path / "loras").exists()
+
+
+class DemoEncoder:
+    """The tiny demo's subject encoder behind the image-file interface of `synth eval`."""
+
+    def __init__(self, path):
+        from condlora.apps.synthesis_demo.encoder import load_encoder
+
+        self.model = load_encoder(path)
+        self.dim = self.model.config["dim"]
+
+    def __call__(self, paths):
+        pixels = np.stack([np.asarray(Image.open(p).convert("L"), np.float32) for p in paths])
+        images = torch.from_numpy(pixels)[:, None] / 127.5 - 1
+        with torch.no_grad():
+            return self.model.features(images) - self.model.center
+
+
+def write_styled_subjects(folder, demo_cfg, names, per_class=2):
+    """Held-out subjects of the demo as folders of their styled real digits, by class."""
+    from condlora.apps.synthesis_demo.styles import apply_style
+    from condlora.apps.synthesis_demo.zoo import make_subjects
+    from condlora.core.images import to_uint8
+    from condlora.data.images import load_digits_images
+
+    subs = make_subjects(demo_cfg)
+    images, labels = load_digits_images(16)
+    for name in names:
+        style = subs.styles[subs.names.index(name)]
+        for c in range(10):
+            pick = images[labels == c][-per_class:]  # the last digits of each class
+            for j, pixels in enumerate(to_uint8(apply_style(pick, style))):
+                (folder / name / str(c)).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels[..., 0], "L").save(folder / name / str(c) / f"{j}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_synth_eval_on_the_tiny_demo_writes_its_table(tiny_demo, tmp_path, monkeypatch, one_thread):
+    from condlora.synthesis.subject_eval import sample_with, unit_mean
+
+    folder, demo_cfg, _ = tiny_demo
+    encoder = DemoEncoder(folder / "encoder.safetensors")
+    monkeypatch.setitem(ENCODERS, "demo-digits", lambda cfg: encoder)
+    heldout = sorted(p.name for p in (folder / "zoo" / "heldout").iterdir())
+    subjects = write_styled_subjects(tmp_path / "subjects", demo_cfg, heldout)
+    out = tmp_path / "eval"
+    args = ["synth", "eval", "--model", str(folder / "methods" / "vae-prior-adalora-seed0")]
+    args += ["--base", str(folder / "base"), "--subjects", str(subjects), "--out", str(out)]
+    args += ["--finetuned", str(folder / "zoo" / "heldout"), "--encoder", "demo-digits"]
+    args += ["--judge", str(folder / "judge.safetensors"), "--num", "10"]
+    assert main(args) == 0
+    report = (out / "report.md").read_text()
+    rows = {
+        line.split(" | ")[0].strip("| "): line
+        for line in report.splitlines()
+        if line.startswith("| ")
+    }
+    assert {"generator", "nearest", "pca-ridge", "fine-tuned", "no LoRA"} <= set(rows)
+    assert "| 1.00 |" in rows["fine-tuned"] and "| 0.00 |" in rows["no LoRA"]  # normalised ends
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results) == heldout
+    for name in heldout:
+        assert (out / "grids" / f"{name}.png").is_file()
+        for method, scored in results[name].items():
+            # the score is the cosine of the saved samples' set embedding with the subject's
+            files = sorted((out / "samples" / name / method.replace(" ", "-")).glob("*.png"))
+            assert len(files) == 10 and 0.0 <= scored["accuracy"] <= 1.0
+            target = unit_mean(encoder(sorted((subjects / name).rglob("*.png"))))
+            want = float(unit_mean(encoder(files)) @ target)
+            assert scored["score"] == pytest.approx(want, abs=1e-5)
+    # every method starts from the same noise: a bank of zero LoRAs draws the base's samples
+    cfg, base, _ = load_run(folder / "base")
+    zero = read_lora(folder / "zoo" / "heldout" / heldout[0])
+    for module in zero.modules.values():
+        module.B.zero_()
+    torch.testing.assert_close(
+        sample_with(base, [zero, zero], cfg, 4, seed=3),
+        sample_with(base, None, cfg, 4, seed=3).expand(2, -1, -1, -1, -1),
+    )

@@ -141,8 +141,6 @@ def _add_train(synth_sub: argparse._SubParsersAction) -> None:
 
 def _embedding(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
     """The subject's embedding (1, E): from --embedding, or --images through an encoder."""
-    import dataclasses
-
     from condlora.synthesis.encoders import build_encoder, read_embeddings, subject_embedding
 
     if args.embedding:
@@ -150,12 +148,19 @@ def _embedding(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
         if len(e) != 1:
             raise CondloraError(f"{args.embedding}: one embedding per call, got {len(e)} rows")
         return e
+    return subject_embedding(build_encoder(_encoder_config(args, model)), args.images)[None]
+
+
+def _encoder_config(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
+    """The model's encoder settings with --encoder / --encoder-path put over them."""
+    import dataclasses
+
     cfg = model.info.encoder
     if args.encoder:
         cfg = dataclasses.replace(cfg, kind=args.encoder)
     if args.encoder_path:
         cfg = dataclasses.replace(cfg, path=args.encoder_path)
-    return subject_embedding(build_encoder(cfg), args.images)[None]
+    return cfg
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -232,6 +237,75 @@ def _add_zoo(synth_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_zoo)
 
 
+def _model_dataset(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
+    """--dataset, else the collection the model was trained on (its config.yaml)."""
+    from condlora.core.config import read_yaml
+    from condlora.synthesis.collection import LoRADataset
+
+    path = args.dataset
+    if not path and (model.folder / "config.yaml").is_file():
+        path = read_yaml(model.folder / "config.yaml").get("dataset", "")
+    if not path:
+        raise CondloraError(f"{model.folder} names no collection: give --dataset DS")
+    return LoRADataset(path)
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from condlora.image.build import image_channels, num_classes
+    from condlora.image.checks import check_seed
+    from condlora.image.task import load_run
+    from condlora.metrics import load_classifier
+    from condlora.synthesis.encoders import build_encoder
+    from condlora.synthesis.generate import SynthModel
+    from condlora.synthesis.subject_eval import evaluate_subjects, summary_rows
+    from condlora.synthesis.zoo import read_subjects
+
+    check_seed(args.seed)
+    if not 1 <= args.num <= 10_000:
+        raise CondloraError(f"--num must be in 1..10000, got {args.num}")
+    model = SynthModel.load(args.model)
+    encoder = build_encoder(_encoder_config(args, model))
+    dataset = _model_dataset(args, model)
+    judge = load_classifier(args.judge) if args.judge else None
+    cfg, base, _ = load_run(args.base)
+    held_out = read_subjects(
+        args.subjects, cfg.data.resolution, image_channels(cfg), num_classes(cfg)
+    )
+    finetuned = Path(args.finetuned) if args.finetuned else None
+    results = evaluate_subjects(
+        model,
+        dataset,
+        base,
+        cfg,
+        held_out,
+        encoder,
+        args.out,
+        finetuned,
+        judge,
+        args.num,
+        args.seed,
+    )
+    for row in summary_rows(results):
+        print(" | ".join(row))
+    print(f"wrote {Path(args.out) / 'report.md'}")
+
+
+def _add_eval(synth_sub: argparse._SubParsersAction) -> None:
+    p = synth_sub.add_parser("eval", help="identity benchmark: every method on held-out subjects")
+    p.add_argument("--model", required=True, metavar="DIR", help="model folder (synth train)")
+    p.add_argument("--base", required=True, metavar="RUN", help="the base model (condlora run)")
+    p.add_argument("--subjects", required=True, metavar="DIR", help="held-out subject folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, grids")
+    p.add_argument("--dataset", metavar="DS", help="the collection (default: the model's)")
+    p.add_argument("--finetuned", metavar="DIR", help="the subjects' own LoRAs (synth zoo)")
+    p.add_argument("--encoder", help="encoder kind (default: the model's)")
+    p.add_argument("--encoder-path", help="encoder model file (e.g. a face-recognition .onnx)")
+    p.add_argument("--judge", metavar="FILE", help="a digits classifier: class accuracy too")
+    p.add_argument("--num", type=int, default=10, help="samples per subject and method")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(func=_eval)
+
+
 def print_info(path: str, overrides: list[str]) -> None:
     """Sizes and parameter counts of a synthesis config (also `condlora info`)."""
     from condlora.synthesis.model import info_lines
@@ -254,6 +328,7 @@ SUBCOMMANDS = (
     _add_train,
     _add_generate,
     _add_zoo,
+    _add_eval,
     _add_info,
 )
 
