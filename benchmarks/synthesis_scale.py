@@ -8,6 +8,15 @@ Prints a table and one JSON line.
     python benchmarks/synthesis_scale.py [--device cuda] [--batch 8] [--steps 3] [--smoke]
 
 --smoke shrinks the config to a few hundred numbers per LoRA (the test suite's check).
+
+    python benchmarks/synthesis_scale.py --collection [--rows 65000] [--dim 99648] [--file F]
+
+--collection: larger than memory. Writes a synthetic rows x dim float16 collection to disk
+(13 GB at the paper's size; a temporary file, deleted afterwards unless --keep), runs
+`synth collect`'s streaming statistics over it, then trains the VAE and the prior for
+--train-steps steps each from random rows of the file (a DataLoader worker, prefetching)
+alternating with the same training from --memory-rows rows held in memory; prints peak
+RSS / PSS per phase, steps/s, read MB/s and the file / memory throughput ratio.
 """
 
 from __future__ import annotations
