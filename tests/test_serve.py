@@ -262,7 +262,7 @@ def test_the_page_names_methods_as_the_report_and_says_what_its_times_are(tiny_d
     assert loaded.ready == "loaded" and loaded.ready_seconds > 0
     line = timing_line(demo.label(loaded.method), loaded)
     assert line.startswith("**VAE + prior (AdaNorm), seed 1** wrote the LoRA in ")
-    assert "s per LoRA" in line and "trained model loaded first, in " in line
+    assert "s per LoRA" in line and "method was loaded from its trained model first, in " in line
     assert "fitted on the training collection first" in timing_line("nearest", first)
     assert "first" not in timing_line("nearest", again)  # no 0.00 s for a cached method
 

@@ -77,7 +77,8 @@ def serve(
     explicit_synth: bool = False,
 ) -> None:
     """Serve the page until Ctrl-C or SIGTERM; everything written lives in a temporary folder,
-    deleted whenever the stop comes (also while the page is still being built)."""
+    deleted whenever the stop comes (also while the page is still being built). `synth`: the
+    demo folders to try, in order (the one given with --synth when `explicit_synth`)."""
     check_address(host, port)
     try:
         with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="condlora-serve-") as tmp:

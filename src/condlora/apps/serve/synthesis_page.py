@@ -240,18 +240,18 @@ class SynthesisPage:
 
 READY = {
     "fitted": "fitted on the training collection first, in {:.2f} s (once: later LoRAs reuse it)",
-    "loaded": "its trained model loaded first, in {:.2f} s (once: later LoRAs reuse it)",
+    "loaded": "loaded from its trained model first, in {:.2f} s (once: later LoRAs reuse it)",
 }
 
 
 def timing_line(label: str, written: Written) -> str:
     """What writing the LoRA took: from the embedding to the LoRA's numbers (the report's "s
     per LoRA"), and apart from it the one-off fit or load of the method when this call did it."""
-    lines = f"**{label}** wrote the LoRA in {1000 * written.seconds:.1f} ms"
-    lines += " (from the embedding to the LoRA's numbers: the report's \"s per LoRA\")"
+    line = f"**{label}** wrote the LoRA in {1000 * written.seconds:.1f} ms"
+    line += " (from the embedding to the LoRA's numbers: the report's \"s per LoRA\")"
     if written.ready in READY:
-        lines += "; the method was " + READY[written.ready].format(written.ready_seconds)
-    return lines + "."
+        line += "; the method was " + READY[written.ready].format(written.ready_seconds)
+    return line + "."
 
 
 def safe_stem(text: str) -> str:
