@@ -134,7 +134,11 @@ def main() -> None:
     p.add_argument("--runs", default="runs", help="folder of `condlora train` runs")
     p.add_argument("--base", help="the demo's base model run (default: found from the demo)")
     p.add_argument("--subject", help="held-out subject to show (default: the first)")
-    p.add_argument("--method", help="method to write the LoRA with (default: the first)")
+    p.add_argument(
+        "--method",
+        help="method to write the LoRA with, by (the start of) its name on the page, e.g. "
+        "'VAE + prior (AdaNorm), seed 0' (default: the first)",
+    )
     p.add_argument("--run", help="run to show (default: the first)")
     p.add_argument("--out", default=str(REPO / "docs"), help="where the PNGs go")
     args = p.parse_args()

@@ -6,7 +6,9 @@ import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 from condlora.evaluation.evaluate import CLASSIFIER_FILE
 
@@ -79,6 +81,46 @@ def test_synthesis_scale_smoke(capsys, one_thread):
     parts = result["results"]
     assert {"VAE train step", "prior train step"} <= set(parts)
     assert all(p["seconds"] > 0 for p in parts.values())
+
+
+def test_synthesis_scale_collection_smoke(tmp_path, capsys, one_thread):
+    """--collection at a tiny size: the statistics are numpy's over the file, the batches
+    are rows of the file (read by a loader worker as in the main process), figures printed."""
+    from safetensors.numpy import load_file
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        scale = importlib.import_module("synthesis_scale")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    path = tmp_path / "collection.safetensors"
+    argv = ["--collection", "--smoke", "--rows", "300", "--dim", "96", "--train-steps", "2"]
+    argv += ["--memory-rows", "64", "--file", str(path)]
+    result = scale.run_collection(scale.parse_args([*argv, "--keep"]))
+    x = load_file(path)["vectors"]
+    assert x.dtype == np.float16 and x.shape == (300, 96)
+    want = x.astype(np.float64)
+    assert np.allclose(result["stats"]["mean"], want.mean(0), rtol=1e-9, atol=1e-12)
+    assert np.allclose(result["stats"]["std"], want.std(0), rtol=1e-9, atol=1e-12)
+    start, rows, dim = scale.open_collection(path)
+    from_file = scale.RowBatches(path, start, rows, dim, batch=5, count=3, seed=7)
+    in_memory = scale.RowBatches(path, start, rows, dim, 5, 3, 7, memory=x)
+    by_worker = list(scale.batches(from_file, workers=1))
+    for k in range(3):
+        got = from_file[k][0]
+        assert torch.equal(got, in_memory[k][0]) and torch.equal(got, by_worker[k][0])
+        matches = (torch.from_numpy(want).float()[None] == got[:, None]).all(-1)
+        assert (matches.sum(1) >= 1).all()  # every batch row is a row of the file
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    record = json.loads(lines[-1])
+    assert record["benchmark"] == "synthesis_scale_collection" and record["rows"] == 300
+    for part in ("vae", "prior"):
+        assert all(record["results"][part][s]["steps_per_s"] > 0 for s in ("file", "memory"))
+    assert {"collect", "train"} <= set(record["results"]["memory"])
+    assert "peak RSS of the main process" in out and "file: " in out
+    scale.run_collection(scale.parse_args(argv))  # without --keep: the file is deleted
+    assert not path.exists()
 
 
 def test_every_benchmark_has_a_smoke_test():

@@ -1,5 +1,6 @@
 """LoRA files in peft / diffusers / kohya layouts: scale kept, names mapped, bad input refused."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -183,6 +184,71 @@ def test_base_model_shapes_are_checked(tmp_path):
     path = tmp_path / "model.safetensors"
     save_file({f"{k}.weight": torch.zeros(v) for k, v in BASE.items()}, path)
     assert load_base_modules(path) == BASE
+
+
+def tiny_condlora_run(folder):
+    """A condlora run folder (EMA file and checkpoint, as training writes them) of a tiny
+    ClassLoRA + TimeLoRA digits net, and its backbone (denoiser.net.net)."""
+    from condlora.image.build import build_denoiser
+    from condlora.image.config import load_config
+    from condlora.train.checkpoint import save_checkpoint, save_ema_model
+
+    from .conftest import CONFIGS, TINY
+
+    cfg = load_config(CONFIGS / "digits-classlora.yaml", TINY)
+    denoiser = build_denoiser(cfg)
+    folder.mkdir()
+    save_ema_model(folder / "ema.safetensors", cfg, "image-diffusion", 1, denoiser)
+    optimizer = torch.optim.Adam(denoiser.parameters())
+    args = (cfg, "image-diffusion", 1, denoiser, copy.deepcopy(denoiser), optimizer)
+    save_checkpoint(folder / "checkpoint.safetensors", *args)
+    return denoiser.net.net
+
+
+def test_lora_convert_takes_a_condlora_run_for_the_base_modules(tmp_path):
+    from condlora.lora.formats import base_modules_of
+    from condlora.lora.runtime import lora_layers
+
+    backbone = tiny_condlora_run(tmp_path / "run")
+    wanted = base_modules_of(backbone)  # the module paths condlora's LoRAs use, and shapes
+    wrapped = list(lora_layers(backbone))
+    for source in (tmp_path / "run", tmp_path / "run" / "checkpoint.safetensors"):
+        found = load_base_modules(source)
+        assert set(wrapped) <= set(found) and "enc.0.res.conv1" in found
+        assert all(wanted[name] == shape for name, shape in found.items())
+        assert not [n for n in found if ".base_layer" in n or ".composer" in n]
+    # a kohya file on the run's LoRA-wrapped layers (1x1 convs) and a plain conv: by stems
+    modules = {name: (*wanted[name][:2], wanted[name][2], 2, 4) for name in wrapped[:3]}
+    modules["enc.0.res.conv1"] = (*wanted["enc.0.res.conv1"][:3], 1, 1)
+    lora = make_lora(5, modules)
+    kohya = tmp_path / "k.safetensors"
+    write_lora(lora, kohya, "kohya")
+    for i, base in enumerate([tmp_path / "run", tmp_path / "run" / "checkpoint.safetensors"]):
+        out = tmp_path / f"peft{i}"
+        args = ["lora", "convert", str(kohya), "--to", "peft", "--out", str(out)]
+        assert main([*args, "--base-modules", str(base)]) == 0
+        assert_same_deltas(read_lora(out), lora)
+
+
+def test_a_checkpoint_of_another_task_is_no_base_model(tmp_path, capsys):
+    from condlora.core.safetensors_io import write_weights
+
+    path = tmp_path / "vae.safetensors"
+    write_weights(
+        path,
+        {"vae.w.weight": torch.zeros(2, 2)},
+        {"format": "condlora-ema-1", "kind": "synthesis-vae"},
+    )
+    with pytest.raises(LoRAError, match="condlora synthesis-vae checkpoint, not a base model"):
+        load_base_modules(path)
+    (tmp_path / "empty").mkdir()
+    kohya = tmp_path / "k.safetensors"
+    write_lora(make_lora(), kohya, "kohya")
+    args = ["lora", "convert", str(kohya), "--to", "peft", "--out", str(tmp_path / "o")]
+    assert main([*args, "--base-modules", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without ema.safetensors or checkpoint.safetensors" in err[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_detect_layout(tmp_path):

@@ -233,15 +233,72 @@ def test_trained_synthesis_models_of_the_demo_are_methods_too(tmp_path, tiny_dem
 
 
 def test_a_missing_or_foreign_demo_folder_is_one_clear_line(tmp_path, tiny_demo):
-    demo, problem = load_demo(tmp_path / "nowhere", None, explicit=False)
-    assert demo is None and "condlora synth demo --out" in problem
+    demo, problem = load_demo([tmp_path / "nowhere"], None, explicit=False)
+    assert demo is None and "condlora synth demo" in problem and str(tmp_path) in problem
     with pytest.raises(DataError, match="demo folder not found"):
-        load_demo(tmp_path / "nowhere", None, explicit=True)
+        load_demo([tmp_path / "nowhere"], None, explicit=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no demo.json"):
         SynthDemo(tmp_path / "empty")
     with pytest.raises(CondloraError, match="no finished run|run folder"):
         SynthDemo(tiny_demo[0], base=tmp_path / "empty")
+
+
+def test_the_page_names_methods_as_the_report_and_says_what_its_times_are(tiny_demo, one_thread):
+    from condlora.apps.serve.synthesis_page import timing_line
+
+    folder = tiny_demo[0]
+    demo = SynthDemo(folder)
+    report = (folder / "report.md").read_text()
+    labels = {m: demo.label(m) for m in demo.methods()}
+    assert labels["vae-prior-adalora-seed0"] == "VAE + prior (ADALoRA), seed 0"
+    assert labels["raw-diffusion-adalora-seed2"] == "raw diffusion (ADALoRA), seed 2"
+    for label in labels.values():  # every name is a row of the report's table
+        assert f"| {label.split(', seed')[0]} |" in report
+    e = demo.subject_embedding("s0006")
+    first, again = demo.write_lora("nearest", e), demo.write_lora("nearest", e)
+    assert (first.ready, again.ready, again.ready_seconds) == ("fitted", "cached", 0.0)
+    loaded = demo.write_lora("vae-prior-adanorm-seed1", e)
+    assert loaded.ready == "loaded" and loaded.ready_seconds > 0
+    line = timing_line(demo.label(loaded.method), loaded)
+    assert line.startswith("**VAE + prior (AdaNorm), seed 1** wrote the LoRA in ")
+    assert "s per LoRA" in line and "method was loaded from its trained model first, in " in line
+    assert "fitted on the training collection first" in timing_line("nearest", first)
+    assert "first" not in timing_line("nearest", again)  # no 0.00 s for a cached method
+
+
+def test_synth_generate_with_the_digits_encoder_gives_the_pages_embedding(
+    tmp_path, tiny_demo, one_thread, capsys
+):
+    from condlora.cli import main
+    from condlora.synthesis.config import load_synth_config
+    from condlora.synthesis.encoders import subject_embedding
+    from condlora.synthesis.training import train_baseline
+
+    folder = tiny_demo[0]
+    demo = SynthDemo(folder)
+    images = tmp_path / "mine"
+    images.mkdir()
+    for i, digit in enumerate(demo.styled_digits("s0007")[:4]):  # dark strokes on white paper
+        grey = ((1 - digit[0].numpy()) * 127.5).clip(0, 255).astype(np.uint8)
+        Image.fromarray(np.kron(grey, np.ones((4, 4), dtype=np.uint8))).save(images / f"{i}.png")
+    files = sorted(images.iterdir())
+    page = demo.embed(uploads.load_uploads(files, demo.resolution))  # what the page computes
+    for path in (folder / "encoder.safetensors", folder):
+        encoder = uploads.DigitsEncoder(path)  # `condlora` registers it as kind "digits"
+        assert torch.allclose(subject_embedding(encoder, images), page, atol=1e-6)
+    dataset = folder / "dataset" / "train.safetensors"
+    model = tmp_path / "nearest-model"
+    train_baseline(load_synth_config(None, ["method=nearest", f"dataset={dataset}"]), model)
+    args = ["synth", "generate", "--model", str(model), "--images", str(images)]
+    args += ["--encoder", "digits", "--out", str(tmp_path / "lora")]
+    assert main(args) == 2  # no encoder file: one line saying what to give
+    assert "needs --encoder-path" in capsys.readouterr().err
+    assert main([*args, "--encoder-path", str(folder / "encoder.safetensors")]) == 0
+    train = LoRADataset(dataset)
+    keys = torch.from_numpy(np.array(train.embeddings))
+    best = int(np.argmax([float(k @ page / (k.norm() * page.norm())) for k in keys]))
+    assert_same_update(read_lora(tmp_path / "lora"), train.lora(best))
 
 
 # ---------------------------------------------------------------- runs of condlora train
@@ -299,6 +356,31 @@ def test_serve_without_gradio_says_how_to_install_it(monkeypatch, capsys):
     assert err == [
         "condlora: error: condlora serve needs gradio (the demo extra): pip install -e '.[demo]'"
     ]
+
+
+def test_serve_looks_for_the_demo_then_the_quick_demo(tmp_path, monkeypatch):
+    from condlora.apps.serve import server, synthesis
+    from condlora.cli import main
+
+    given = []
+    monkeypatch.setattr(server, "serve", lambda runs, synth, *a, **k: given.append(synth))
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve"]) == 0
+    looked = [Path("runs/synth-demo"), Path("runs/synth-demo-quick")]
+    assert given == [looked]
+    demo, problem = load_demo(looked, None, explicit=False)  # neither there: where it looked
+    assert demo is None
+    assert "no digits demo in runs/synth-demo or runs/synth-demo-quick" in problem
+    assert "condlora synth demo --quick" in problem
+    opened = []
+    monkeypatch.setattr(synthesis, "SynthDemo", lambda folder, base: opened.append(folder))
+    (tmp_path / "runs" / "synth-demo-quick").mkdir(parents=True)
+    assert load_demo(looked, None, explicit=False)[1] == ""
+    (tmp_path / "runs" / "synth-demo").mkdir()
+    load_demo(looked, None, explicit=False)
+    assert opened == looked[::-1]  # the quick demo alone, then the full one first
+    assert main(["serve", "--synth", "elsewhere"]) == 0
+    assert given[-1] == [Path("elsewhere")]
 
 
 def test_serve_on_a_host_it_cannot_use_says_why_in_one_line(tmp_path, capsys):

@@ -8,11 +8,13 @@ import traceback
 
 from condlora.apps import cli as apps_cli
 from condlora.apps.serve import server as serve_server
+from condlora.apps.serve.uploads import DigitsEncoder
 from condlora.core.errors import CondloraError
 from condlora.evaluation import cli as evaluation_cli
 from condlora.image import cli as image_cli
 from condlora.lora import cli as lora_cli
 from condlora.synthesis import cli as synthesis_cli
+from condlora.synthesis.encoders import register_encoder
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -34,6 +36,8 @@ def _register_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_synth(sub: argparse._SubParsersAction) -> None:
+    # `synth generate --encoder digits` reads images as the page does (condlora serve)
+    register_encoder("digits", lambda cfg: DigitsEncoder(cfg.path))
     synthesis_cli.register(sub, extra=(apps_cli.add_synth_demo,))
 
 

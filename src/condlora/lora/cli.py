@@ -184,8 +184,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser("lora", help="LoRA files: inspect and convert between layouts")
     lora_sub = group.add_subparsers(dest="lora_command", required=True)
     base_help = (
-        "the base model's modules: its .safetensors weights, its diffusers U-Net config.json, "
-        "a JSON list or a text file"
+        "the base model's modules: a condlora run folder or checkpoint, its .safetensors "
+        "weights, its diffusers U-Net config.json, a JSON list or a text file"
     )
 
     p = lora_sub.add_parser("info", help="layout, modules, ranks, alpha, scale, dW norms")

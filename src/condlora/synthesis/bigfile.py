@@ -20,12 +20,14 @@ import numpy as np
 from condlora.core.errors import DataError
 from condlora.core.safetensors_io import read_header as checked_header
 
-DTYPE = np.dtype("<f4")  # every tensor of these files is float32
+DTYPE = np.dtype("<f4")  # every tensor of the datasets is float32
 DTYPE_NAME = "F32"
+DTYPE_NAMES = {np.dtype("<f4"): "F32", np.dtype("<f2"): "F16"}  # what StreamWriter writes
 
 
 class StreamWriter:
-    """Write float32 tensors whose shapes are known up front, their data in pieces.
+    """Write float tensors (float32, or float16 with `dtype`) whose shapes are known up front,
+    their data in pieces.
 
     The file is written to a temporary name and renamed into place only when every declared
     byte has arrived (`close`); on an exception inside `with`, the temporary file is removed.
@@ -36,15 +38,17 @@ class StreamWriter:
         path: str | os.PathLike,
         tensors: Sequence[tuple[str, tuple[int, ...]]],
         metadata: dict,
+        dtype: np.dtype | type = DTYPE,
     ) -> None:
         self.path = Path(path)
+        self.dtype = np.dtype(dtype).newbyteorder("<")
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         header: dict = {"__metadata__": metadata}
         offset = 0
         for name, shape in tensors:
-            size = math.prod(shape) * DTYPE.itemsize
+            size = math.prod(shape) * self.dtype.itemsize
             header[name] = {
-                "dtype": DTYPE_NAME,
+                "dtype": DTYPE_NAMES[self.dtype],
                 "shape": list(shape),
                 "data_offsets": [offset, offset + size],
             }
@@ -56,8 +60,8 @@ class StreamWriter:
         self.file.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, array: np.ndarray) -> None:
-        """Append the next values (any shape; float32 in C order)."""
-        data = np.ascontiguousarray(array, dtype=DTYPE)
+        """Append the next values (any shape, in C order; converted to the file's dtype)."""
+        data = np.ascontiguousarray(array, dtype=self.dtype)
         if self.written + data.nbytes > self.total:
             raise DataError(f"{self.path}: more data than the declared tensors hold")
         self.file.write(memoryview(data.reshape(-1)).cast("B"))  # no copy of the data

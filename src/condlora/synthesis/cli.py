@@ -45,7 +45,9 @@ def _add_collect(synth_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DATASET", help="dataset file to write")
     p.add_argument("--embeddings", metavar="FILE", help="safetensors: LoRA name -> vector")
     p.add_argument(
-        "--base-modules", metavar="FILE", help="base model's modules (.safetensors, JSON, text)"
+        "--base-modules",
+        metavar="FILE",
+        help="base model's modules (a condlora run, .safetensors, JSON, text)",
     )
     p.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable LoRAs instead of stopping"
@@ -188,8 +190,15 @@ def _add_generate(synth_sub: argparse._SubParsersAction) -> None:
     source.add_argument("--embedding", metavar="FILE", help="safetensors file: name -> vector")
     source.add_argument("--images", metavar="DIR", help="the subject's images (an encoder)")
     p.add_argument("--key", help="which entry of --embedding (when it holds several)")
-    p.add_argument("--encoder", help="encoder kind for --images (default: the model's)")
-    p.add_argument("--encoder-path", help="encoder model file (e.g. a face-recognition .onnx)")
+    p.add_argument(
+        "--encoder",
+        help="encoder kind for --images: onnx-face, digits (the digits demo's) ... "
+        "(default: the model's)",
+    )
+    p.add_argument(
+        "--encoder-path",
+        help="encoder model file: a face-recognition .onnx, a demo's encoder.safetensors",
+    )
     p.add_argument("--out", required=True, metavar="PATH", help="LoRA to write (_i for --num)")
     p.add_argument("--format", default="peft", choices=["peft", "diffusers", "kohya"])
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")

@@ -8,7 +8,9 @@
 - any other kind registered with `register_encoder` (the digits demo adds its own).
 
 An image encoder maps image files to (n, E) embeddings; `subject_embedding` averages the
-unit embeddings of a subject's images and normalises the mean (a subject's identity vector).
+unit embeddings of a subject's images and normalises the mean (a subject's identity vector),
+unless the encoder embeds a set of images itself (an `embed_subject(paths)` method: the
+digits demo's encoder centres the set's mean feature before normalising it).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def build_encoder(cfg: EncoderConfig) -> ImageEncoder:
     if cfg.kind == "embeddings":
         raise ConfigError(
             "this model's encoder is 'embeddings' (precomputed): give --embedding FILE, or "
-            "--encoder onnx-face --encoder-path MODEL.onnx to embed images"
+            "--encoder onnx-face --encoder-path MODEL.onnx to embed images (encoder kinds: "
+            f"{', '.join(ENCODERS)})"
         )
     if cfg.kind not in ENCODERS:
         valid = ", ".join(["embeddings", *ENCODERS])
@@ -110,7 +113,10 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def subject_embedding(encoder: ImageEncoder, folder: str | Path) -> Tensor:
-    """One unit embedding (E,) for a subject: the normalised mean of its images' unit embeddings."""
+    """One unit embedding (E,) for a subject: the encoder's own `embed_subject`, else the
+    normalised mean of its images' unit embeddings."""
+    if hasattr(encoder, "embed_subject"):
+        return F.normalize(encoder.embed_subject(image_files(folder)).float(), dim=0)
     rows = F.normalize(encoder(image_files(folder)).float(), dim=1)
     return F.normalize(rows.mean(0), dim=0)
 

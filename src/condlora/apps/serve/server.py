@@ -16,6 +16,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,29 +50,35 @@ def check_address(host: str, port: int) -> None:
             raise CondloraError(f"{where}: {why}: pass another --host or --port") from None
 
 
-def load_demo(folder: Path, base: Path | None, explicit: bool) -> tuple[object, str]:
-    """(SynthDemo or None, why not): a missing default folder is a note on the page, a bad
-    folder given with --synth an error."""
+def load_demo(folders: Sequence[Path], base: Path | None, explicit: bool) -> tuple[object, str]:
+    """(SynthDemo or None, why not): the first of `folders` that exists (the full demo, then
+    the quick one); none there is a note on the page naming where it looked, a bad folder
+    given with --synth an error."""
     from condlora.apps.serve.synthesis import SynthDemo
 
-    if not explicit and not folder.exists():
-        return None, (
-            f"no digits demo in {folder}: make one with `condlora synth demo --out {folder}` "
-            "(or pass --synth DIR)"
-        )
-    return SynthDemo(folder, base), ""
+    if explicit:
+        return SynthDemo(folders[0], base), ""
+    for folder in folders:
+        if folder.exists():
+            return SynthDemo(folder, base), ""
+    looked = " or ".join(str(f) for f in folders)
+    return None, (
+        f"no digits demo in {looked}: make one with `condlora synth demo` (or "
+        "`condlora synth demo --quick`, a first look) in this folder, or pass --synth DIR"
+    )
 
 
 def serve(
     runs: Path,
-    synth: Path,
+    synth: Sequence[Path],
     base: Path | None = None,
     host: str = "127.0.0.1",
     port: int = 7860,
     explicit_synth: bool = False,
 ) -> None:
     """Serve the page until Ctrl-C or SIGTERM; everything written lives in a temporary folder,
-    deleted whenever the stop comes (also while the page is still being built)."""
+    deleted whenever the stop comes (also while the page is still being built). `synth`: the
+    demo folders to try, in order (the one given with --synth when `explicit_synth`)."""
     check_address(host, port)
     try:
         with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="condlora-serve-") as tmp:
@@ -83,7 +90,7 @@ def serve(
 def _serve_from(
     workdir: Path,
     runs: Path,
-    synth: Path,
+    synth: Sequence[Path],
     base: Path | None,
     host: str,
     port: int,
@@ -94,6 +101,8 @@ def _serve_from(
     os.environ["GRADIO_TEMP_DIR"] = str(workdir / "uploads")
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     demo, problem = load_demo(synth, base, explicit_synth)
+    shown = f"the demo in {demo.folder}" if demo is not None else problem
+    print(f"condlora serve: Synthesis tab: {shown}", flush=True)
     app = build_page(demo, problem, runs, workdir)
     app.queue(default_concurrency_limit=1)
     try:
@@ -131,7 +140,7 @@ def _announce(host: str, port: int, workdir: Path) -> None:
         )
 
 
-DEFAULT_SYNTH = "runs/synth-demo"
+DEFAULT_SYNTHS = ("runs/synth-demo", "runs/synth-demo-quick")  # `synth demo [--quick]`'s
 DEFAULT_RUNS = "runs"
 
 
@@ -151,7 +160,7 @@ def _serve(args: argparse.Namespace) -> None:
         )
     if args.base and not Path(args.base).is_dir():
         raise CondloraError(f"--base {args.base} is not a folder: give the demo's base model run")
-    synth = Path(args.synth or DEFAULT_SYNTH)
+    synth = [Path(args.synth)] if args.synth else [Path(f) for f in DEFAULT_SYNTHS]
     base = Path(args.base) if args.base else None
     serve(runs, synth, base, args.host, args.port, explicit_synth=bool(args.synth))
 
@@ -165,7 +174,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=f"folder of `condlora train` runs (default {DEFAULT_RUNS})",
     )
     p.add_argument(
-        "--synth", metavar="DIR", help=f"a `condlora synth demo` folder (default {DEFAULT_SYNTH})"
+        "--synth",
+        metavar="DIR",
+        help="a `condlora synth demo` folder (default: the first of "
+        f"{', '.join(DEFAULT_SYNTHS)} that exists)",
     )
     p.add_argument(
         "--base", metavar="RUN", help="the demo's base model run (default: found from the demo)"

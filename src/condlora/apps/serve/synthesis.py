@@ -26,6 +26,7 @@ from torch import Tensor
 from condlora.apps.serve.plots import embedding_figure
 from condlora.apps.synthesis_demo.config import DemoConfig
 from condlora.apps.synthesis_demo.encoder import SubjectEncoder, load_encoder
+from condlora.apps.synthesis_demo.generative import generative_methods, method_slug
 from condlora.apps.synthesis_demo.methods import DemoData, simple_methods
 from condlora.apps.synthesis_demo.run import QUICKSTART_BASE, held_out_digits
 from condlora.apps.synthesis_demo.scoring import sample_subjects
@@ -65,8 +66,9 @@ class Written:
 
     method: str
     weights: LoRAWeights
-    seconds: float  # writing it from the embedding
-    fit_seconds: float  # fitting the method first (0 when it was fitted before)
+    seconds: float  # writing it from the embedding (sampling included), the method ready
+    ready_seconds: float  # making the method ready first: 0 when an earlier call did
+    ready: str  # how: "fitted" (on the collection, here), "loaded" (trained before), "cached"
 
 
 def _read_demo_json(folder: Path) -> tuple[DemoConfig, Config]:
@@ -194,6 +196,13 @@ class SynthDemo:
         models = sorted(d.name for d in folder.iterdir() if is_model(d)) if folder.is_dir() else []
         return [m.name for m in simple_methods()] + models
 
+    def label(self, method: str) -> str:
+        """A method's name as the demo's report writes it: "vae-prior-adalora-seed0" ->
+        "VAE + prior (ADALoRA), seed 0"; names of other folders as they are."""
+        stem, _, seed = method.rpartition("-seed")
+        names = {method_slug(m.name): m.name for m in generative_methods(self.cfg.generative)}
+        return f"{names[stem]}, seed {seed}" if stem in names and seed.isdigit() else method
+
     def _writer(self, method: str) -> Writer:
         """The method fitted (or loaded) once; later calls reuse it."""
         simple = {m.name: m for m in simple_methods()}
@@ -211,14 +220,21 @@ class SynthDemo:
         """A LoRA for one embedding (E,) by a method; fits the method on first use."""
         with self._lock:
             start = time.perf_counter()
-            if method not in self._writers:
+            ready = "cached" if method in self._writers else self._ready_by(method)
+            if ready != "cached":
                 self._writers[method] = self._writer(method)
             fitted = time.perf_counter()
             vector = self._writers[method](embedding.float()[None], seed)[0]
             done = time.perf_counter()
         weights = self.data.spec.unflatten(vector.float())
         weights.check_finite(f"the LoRA of {method}")
-        return Written(method, weights, done - fitted, fitted - start)
+        ready_seconds = 0.0 if ready == "cached" else fitted - start
+        return Written(method, weights, done - fitted, ready_seconds, ready)
+
+    @staticmethod
+    def _ready_by(method: str) -> str:
+        """ "fitted" for the simple predictors (fitted here), "loaded" for trained models."""
+        return "fitted" if method in {m.name for m in simple_methods()} else "loaded"
 
     def samples(self, weights: LoRAWeights | None, seed: int) -> Tensor:
         """(10 * GRID_ROWS, 1, R, R) digits 0..9 in rows, from the base model with the LoRA.

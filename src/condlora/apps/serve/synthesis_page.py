@@ -100,8 +100,8 @@ class SynthesisPage:
                 self.clear = gr.Button("clear the drawings", elem_id="clear-drawings")
 
     def _method_inputs(self) -> None:
-        methods = self.demo.methods()
-        self.method = gr.Dropdown(methods, value=methods[0], label="method", elem_id="method")
+        methods = [(self.demo.label(m), m) for m in self.demo.methods()]
+        self.method = gr.Dropdown(methods, value=methods[0][1], label="method", elem_id="method")
         self.seed = gr.Number(0, precision=0, label="seed", elem_id="seed")
         self.generate = gr.Button("Write the LoRA", variant="primary", elem_id="generate")
 
@@ -213,13 +213,13 @@ class SynthesisPage:
 
     def _summary(self, written: Written, embedding: Tensor, grids: dict[str, Tensor]) -> str:
         """What the LoRA took to write, against fine-tuning, and the grids' subject scores."""
-        fit = (
-            f" (after fitting it once: {written.fit_seconds:.2f} s)" if written.fit_seconds else ""
-        )
-        lines = [f"**{written.method}** wrote the LoRA in {1000 * written.seconds:.1f} ms{fit}."]
+        lines = [timing_line(self.demo.label(written.method), written)]
         tune = self.demo.finetune_seconds()
         if tune is not None:
-            lines.append(f"Fine-tuning one in the demo's zoo took {tune:.2f} s per subject.")
+            lines.append(
+                f"Fine-tuning a LoRA in the demo's zoo took {tune:.2f} s per subject "
+                '(the report\'s "s per LoRA" of fine-tuned).'
+            )
         scores = ", ".join(f"{k} {self.demo.score(x, embedding):.3f}" for k, x in grids.items())
         lines.append(
             f"Subject score (cosine of the samples' and the subject's embedding): {scores}."
@@ -236,6 +236,22 @@ class SynthesisPage:
         weights, stem = written
         path = lora_download(weights, layout, self.downloads, stem)
         return {self.download: gr.DownloadButton(value=str(path), interactive=True)}
+
+
+READY = {
+    "fitted": "fitted on the training collection first, in {:.2f} s (once: later LoRAs reuse it)",
+    "loaded": "loaded from its trained model first, in {:.2f} s (once: later LoRAs reuse it)",
+}
+
+
+def timing_line(label: str, written: Written) -> str:
+    """What writing the LoRA took: from the embedding to the LoRA's numbers (the report's "s
+    per LoRA"), and apart from it the one-off fit or load of the method when this call did it."""
+    line = f"**{label}** wrote the LoRA in {1000 * written.seconds:.1f} ms"
+    line += " (from the embedding to the LoRA's numbers: the report's \"s per LoRA\")"
+    if written.ready in READY:
+        line += "; the method was " + READY[written.ready].format(written.ready_seconds)
+    return line + "."
 
 
 def safe_stem(text: str) -> str:

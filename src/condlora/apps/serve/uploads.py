@@ -116,3 +116,39 @@ def load_uploads(paths: list[str | Path], resolution: int) -> Tensor:
     check_count(paths)
     digits = [to_digit(read_grey(p), resolution, Path(p).name) for p in paths]
     return torch.stack(digits)
+
+
+class DigitsEncoder:
+    """The digits demo's subject encoder on image files, read as the page reads uploads:
+    `synth generate --images DIR --encoder digits --encoder-path DEMO/encoder.safetensors`
+    gives the embedding that the page gives for the same files (registered as kind "digits"
+    by `condlora.cli`). `path`: the encoder file, or the demo folder holding it."""
+
+    def __init__(self, path: str | Path) -> None:
+        from condlora.apps.synthesis_demo.encoder import load_encoder
+
+        if not str(path):
+            raise DataError(
+                "the digits encoder needs --encoder-path: a digits demo's encoder.safetensors "
+                "(or the demo folder)"
+            )
+        path = Path(path)
+        file = path / "encoder.safetensors" if path.is_dir() else path
+        if not file.is_file():
+            raise DataError(
+                f"no digits demo encoder at {file}: make one with `condlora synth demo`"
+            )
+        self.model = load_encoder(file)
+        self.dim = self.model.config["dim"]
+
+    def digits(self, paths: list[Path]) -> Tensor:
+        """The images as digits (N, 1, R, R), as the page reads an upload."""
+        return torch.stack([to_digit(read_grey(p), self.model.resolution, p.name) for p in paths])
+
+    def __call__(self, paths: list[Path]) -> Tensor:
+        """One image per row: the centred, unit-norm feature (n, dim)."""
+        return torch.stack([self.model.embed(d[None]) for d in self.digits(paths)])
+
+    def embed_subject(self, paths: list[Path]) -> Tensor:
+        """The subject's embedding (dim,) from all its images, as the page embeds a set."""
+        return self.model.embed(self.digits(paths))

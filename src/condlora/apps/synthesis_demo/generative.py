@@ -174,7 +174,7 @@ def _stages(
 
     def stages(data: DemoData, seed: int) -> list[Stage]:
         cfg = synth_config(g, cond_mode, use_vae, data, seed)
-        folder = data.work_dir / f"{_slug(name)}-seed{seed}"
+        folder = data.work_dir / f"{method_slug(name)}-seed{seed}"
         vae = [_vae_stage(data, g, seed)] if use_vae else []
         return [*vae, Stage("prior", cfg, folder, vae[0].folder if vae else None)]
 
@@ -204,7 +204,7 @@ def generative_method(
     return Method(name, fit, on_curve, stages=stages, train_seconds=train_seconds)
 
 
-def _slug(name: str) -> str:
+def method_slug(name: str) -> str:
     """A folder name for a method: "VAE + prior (UC-LoRA)" -> "vae-prior-uc-lora"."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 

@@ -289,15 +289,32 @@ def _weight_shape(value: object, name: str, path: Path) -> tuple[int, ...] | Non
     return tuple(value)
 
 
+# a condlora run folder: its EMA weights, else its training checkpoint (train.checkpoint's names)
+RUN_FILES = ("ema.safetensors", "checkpoint.safetensors")
+RUN_KIND = "image-diffusion"  # the checkpoints' `kind` of a condlora diffusion model
+BACKBONE = "net.net."  # where a condlora Denoiser holds its backbone (denoiser.net.net)
+
+
 def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | None]:
     """A base model's modules from a file: the model's safetensors weights (names and shapes),
+    a condlora run folder or checkpoint (its backbone's modules, as condlora names LoRAs),
     JSON (a list of names, name -> shape, or a diffusers U-Net's config.json), or text (one
     name per line, # comments)."""
     path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in RUN_FILES if (path / name).is_file()]
+        if not found:
+            raise LoRAError(
+                f"{path} is a folder without {' or '.join(RUN_FILES)}: give a condlora run "
+                "folder, a checkpoint, the base model's .safetensors or a module list"
+            )
+        path = found[0]
     if not path.is_file():
         raise LoRAError(f"base-modules file not found: {path}")
     if path.suffix == ".safetensors":
-        _, entries = read_header(path, "base-modules file", LoRAError)
+        metadata, entries = read_header(path, "base-modules file", LoRAError)
+        if metadata.get("format", "").startswith("condlora-"):
+            return _modules_of_run(path, metadata, entries)
         return {
             k[: -len(".weight")]: tuple(e["shape"])
             for k, e in entries.items()
@@ -321,6 +338,31 @@ def load_base_modules(path: str | os.PathLike) -> dict[str, tuple[int, ...] | No
         raise LoRAError(f"{path} is not a text file of module names") from None
     lines = (line.split("#")[0].strip() for line in text.splitlines())
     return dict.fromkeys(line for line in lines if line)
+
+
+def _modules_of_run(path: Path, metadata: dict, entries: dict) -> dict[str, tuple[int, ...]]:
+    """The backbone's modules of a condlora checkpoint or EMA file, named as condlora names
+    LoRAs: without the wrapper's prefix, a LoRA-wrapped layer by its own name (the shape of
+    its base layer), the adapters' own parameters left out."""
+    kind = metadata.get("kind", "")
+    if kind != RUN_KIND:
+        raise LoRAError(f"{path} is a condlora {kind or 'unknown'} checkpoint, not a base model's")
+    prefix = ("ema." if any(k.startswith("ema.") for k in entries) else "") + BACKBONE
+    weights = {
+        k[len(prefix) : -len(".weight")]: tuple(e["shape"])
+        for k, e in entries.items()
+        if k.startswith(prefix) and k.endswith(".weight")
+    }
+    wrapped = {n[: -len(".base_layer")] for n in weights if n.endswith(".base_layer")}
+    out = {}
+    for name, shape in weights.items():
+        owner = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+        inside = any(owner.startswith(f"{w}.") for w in wrapped)  # the adapter's own layers
+        if not inside:
+            out[owner] = shape
+    if not out:
+        raise LoRAError(f"{path}: no backbone weights under {prefix!r}")
+    return out
 
 
 def _modules_of_unet_config(config: dict, path: Path) -> dict[str, tuple[int, ...] | None]:
