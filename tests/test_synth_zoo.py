@@ -151,22 +151,6 @@ def test_bad_subject_folders_are_one_line(base_run, tmp_path, capsys, layout, ex
     assert not (tmp_path / "loras").exists()
 
 
-class DemoEncoder:
-    """The tiny demo's subject encoder behind the image-file interface of `synth eval`."""
-
-    def __init__(self, path):
-        from condlora.apps.synthesis_demo.encoder import load_encoder
-
-        self.model = load_encoder(path)
-        self.dim = self.model.config["dim"]
-
-    def __call__(self, paths):
-        pixels = np.stack([np.asarray(Image.open(p).convert("L"), np.float32) for p in paths])
-        images = torch.from_numpy(pixels)[:, None] / 127.5 - 1
-        with torch.no_grad():
-            return self.model.features(images) - self.model.center
-
-
 def write_styled_subjects(folder, demo_cfg, names, per_class=2):
     """Held-out subjects of the demo as folders of their styled real digits, by class."""
     from condlora.apps.synthesis_demo.styles import apply_style
@@ -187,18 +171,20 @@ def write_styled_subjects(folder, demo_cfg, names, per_class=2):
 
 
 @pytest.mark.slow
-def test_synth_eval_on_the_tiny_demo_writes_its_table(tiny_demo, tmp_path, monkeypatch, one_thread):
-    from condlora.synthesis.subject_eval import sample_with, unit_mean
+def test_synth_eval_on_the_tiny_demo_writes_its_table(tiny_demo, tmp_path, one_thread):
+    from condlora.apps.serve.uploads import DigitsEncoder
+    from condlora.synthesis.encoders import set_embedding
+    from condlora.synthesis.subject_eval import sample_with
 
     folder, demo_cfg, _ = tiny_demo
-    encoder = DemoEncoder(folder / "encoder.safetensors")
-    monkeypatch.setitem(ENCODERS, "demo-digits", lambda cfg: encoder)
+    encoder = DigitsEncoder(folder)
     heldout = sorted(p.name for p in (folder / "zoo" / "heldout").iterdir())
     subjects = write_styled_subjects(tmp_path / "subjects", demo_cfg, heldout)
     out = tmp_path / "eval"
     args = ["synth", "eval", "--model", str(folder / "methods" / "vae-prior-adalora-seed0")]
     args += ["--base", str(folder / "base"), "--subjects", str(subjects), "--out", str(out)]
-    args += ["--finetuned", str(folder / "zoo" / "heldout"), "--encoder", "demo-digits"]
+    args += ["--finetuned", str(folder / "zoo" / "heldout"), "--encoder", "digits"]
+    args += ["--encoder-path", str(folder)]
     args += ["--judge", str(folder / "judge.safetensors"), "--num", "10"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
@@ -217,8 +203,8 @@ def test_synth_eval_on_the_tiny_demo_writes_its_table(tiny_demo, tmp_path, monke
             # the score is the cosine of the saved samples' set embedding with the subject's
             files = sorted((out / "samples" / name / method.replace(" ", "-")).glob("*.png"))
             assert len(files) == 10 and 0.0 <= scored["accuracy"] <= 1.0
-            target = unit_mean(encoder(sorted((subjects / name).rglob("*.png"))))
-            want = float(unit_mean(encoder(files)) @ target)
+            target = set_embedding(encoder, sorted((subjects / name).rglob("*.png")))
+            want = float(set_embedding(encoder, files) @ target)
             assert scored["score"] == pytest.approx(want, abs=1e-5)
     # every method starts from the same noise: a bank of zero LoRAs draws the base's samples
     cfg, base, _ = load_run(folder / "base")

@@ -57,6 +57,13 @@ def check_class_range(y: Tensor | int, num_classes: int) -> None:
         )
 
 
+def counting_parameters() -> bool:
+    """Is the model being built on the meta device, to count its parameters? Then
+    initialisers draw nothing: torch's first random or arange op there costs seconds of
+    imports (`condlora.image.checks.check_model_size` runs before every build)."""
+    return torch.empty(()).is_meta
+
+
 def hat_table(num_rows: int, num_bases: int) -> Tensor:
     """(T, m) table, row k = linear interpolation between one-hot rows at m evenly spaced knots.
 
@@ -67,6 +74,8 @@ def hat_table(num_rows: int, num_bases: int) -> Tensor:
         return torch.full((num_rows, num_bases), 1.0 / num_bases)
     if num_rows < num_bases:
         raise LoRAError(f"TimeLoRA needs num_time_rows >= num_bases, got {num_rows} < {num_bases}")
+    if counting_parameters():
+        return torch.empty(num_rows, num_bases)
     knots = torch.linspace(0, num_rows - 1, num_bases, dtype=torch.float64).round()
     rows = torch.arange(num_rows, dtype=torch.float64)
     left = (torch.searchsorted(knots, rows, right=True) - 1).clamp(0, num_bases - 2)
@@ -170,7 +179,10 @@ class ClassComposer(Composer):
         self.mix = None
         if class_bases:
             # rows of norm ~1: every class starts with a comparable, generic mixture
-            self.mix = nn.Parameter(torch.randn(num_classes, class_bases) / math.sqrt(class_bases))
+            shape = (num_classes, class_bases)
+            counting = counting_parameters()
+            mix = torch.empty(shape) if counting else torch.randn(shape) / math.sqrt(class_bases)
+            self.mix = nn.Parameter(mix)
 
     @staticmethod
     def batched(
@@ -194,6 +206,8 @@ def _paper_linear(width_in: int, width_out: int) -> nn.Linear:
     """Linear layer initialised as the paper's code (EDM's Linear, mode "kaiming_normal"):
     weight ~ N(0, 1 / fan_in), i.e. Kaiming-normal with gain 1, and a zero bias."""
     layer = nn.Linear(width_in, width_out)
+    if counting_parameters():
+        return layer
     nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="linear")
     nn.init.zeros_(layer.bias)
     return layer

@@ -174,8 +174,12 @@ class CondLoRALayer(nn.Module):
         self.state = state
         self.index = state.register(self.composer)  # this wrapper's row of the state's w
         kw = {"device": weight.device, "dtype": weight.dtype}
-        # A ~ N(0, (1/r)^2), B = 0, E = 0: a fresh wrapper computes the base layer
-        self.lora_A = nn.Parameter(torch.randn(m * rank, d_in, **kw) / rank)
+        # A ~ N(0, (1/r)^2), B = 0, E = 0: a fresh wrapper computes the base layer. On the
+        # meta device (a parameter count) nothing is drawn: torch's first random op there
+        # costs seconds of imports.
+        shape = (m * rank, d_in)
+        a = torch.empty(shape, **kw) if weight.is_meta else torch.randn(shape, **kw) / rank
+        self.lora_A = nn.Parameter(a)
         self.lora_B = nn.Parameter(torch.zeros(d_out, m * rank, **kw))
         e_rows = m * rank if bias_per_rank else m
         self.lora_E = nn.Parameter(torch.zeros(e_rows, d_out, **kw)) if bias else None

@@ -112,13 +112,18 @@ def read_rgb(path: Path) -> np.ndarray:
         raise DataError(f"{path} is not a readable image ({err})") from None
 
 
-def subject_embedding(encoder: ImageEncoder, folder: str | Path) -> Tensor:
-    """One unit embedding (E,) for a subject: the encoder's own `embed_subject`, else the
-    normalised mean of its images' unit embeddings."""
+def set_embedding(encoder: ImageEncoder, files: Sequence[Path]) -> Tensor:
+    """One unit embedding (E,) for a set of image files (a subject's): the encoder's own
+    `embed_subject`, else the normalised mean of the images' unit embeddings."""
     if hasattr(encoder, "embed_subject"):
-        return F.normalize(encoder.embed_subject(image_files(folder)).float(), dim=0)
-    rows = F.normalize(encoder(image_files(folder)).float(), dim=1)
+        return F.normalize(encoder.embed_subject(list(files)).float(), dim=0)
+    rows = F.normalize(encoder(list(files)).float(), dim=1)
     return F.normalize(rows.mean(0), dim=0)
+
+
+def subject_embedding(encoder: ImageEncoder, folder: str | Path) -> Tensor:
+    """The set embedding (E,) of the images in a folder (or of one image file)."""
+    return set_embedding(encoder, image_files(folder))
 
 
 def _onnxruntime():  # noqa: ANN202  the optional module itself

@@ -12,7 +12,7 @@ method writes its LoRA from the subject's embedding (the encoder over its real i
 Every method's LoRA samples from the same starting noise (and classes, cycling 0..K-1 on a
 class-conditional base). Scores per subject and method:
 
-    subject score   cos(unit mean of the samples' unit embeddings, the subject's embedding)
+    subject score   cos(the samples' set embedding, the subject's: `set_embedding`)
     normalised      (method - no LoRA) / (fine-tuned - no LoRA) on the subject-mean scores
     class accuracy  with `--judge` (a digits classifier file): the judge reads the class asked
 
@@ -28,7 +28,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -43,16 +42,11 @@ from condlora.synthesis.bank import bank_denoiser, load_subject, subjects
 from condlora.synthesis.baselines import Nearest, fit_pca_ridge
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.config import BaselineConfig
-from condlora.synthesis.encoders import ImageEncoder
+from condlora.synthesis.encoders import ImageEncoder, set_embedding
 from condlora.synthesis.generate import SynthModel
 from condlora.synthesis.zoo import Subject
 
 NO_LORA, FINE_TUNED = "no LoRA", "fine-tuned"
-
-
-def unit_mean(rows: Tensor) -> Tensor:
-    """The normalised mean of the rows' unit vectors (a set's embedding)."""
-    return F.normalize(F.normalize(rows.float(), dim=1).mean(0), dim=0)
 
 
 def method_loras(
@@ -183,7 +177,7 @@ def evaluate_subjects(  # noqa: PLR0913 - what the benchmark compares, one argum
     """Score every method on every held-out subject; write the report into OUT; return
     {subject: {method: {"score", "accuracy"}}}."""
     out = check_output_folder(out, "--out")
-    targets = torch.stack([unit_mean(encoder(s.files)) for s in held_out])
+    targets = torch.stack([set_embedding(encoder, s.files) for s in held_out])
     loras: dict[str, list[LoRAWeights] | None] = {**method_loras(model, dataset, targets)}
     if finetuned is not None:
         missing = [s.name for s in held_out if not (finetuned / s.name).exists()]
@@ -199,7 +193,7 @@ def evaluate_subjects(  # noqa: PLR0913 - what the benchmark compares, one argum
         for method, images in samples.items():
             x = images[k if len(images) > 1 else 0]
             folder = out / "samples" / subject.name / method.replace(" ", "-")
-            score = float(unit_mean(encoder(save_samples(folder, x))) @ targets[k])
+            score = float(set_embedding(encoder, save_samples(folder, x)) @ targets[k])
             acc = (
                 judge_accuracy(judge, x, labels)
                 if judge is not None and labels is not None

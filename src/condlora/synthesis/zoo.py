@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -41,7 +40,7 @@ from condlora.lora.formats import LoRAWeights, write_lora
 from condlora.lora.formats.peft import WEIGHTS_NAME
 from condlora.synthesis.bank import bank_denoiser, subject_lora, subjects
 from condlora.synthesis.config import ZooConfig
-from condlora.synthesis.encoders import ImageEncoder
+from condlora.synthesis.encoders import ImageEncoder, set_embedding
 
 RECORD_FILE = "zoo.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
@@ -192,12 +191,9 @@ def _check_record(out: Path, record: dict) -> dict:
 
 
 def write_embeddings(out: Path, subjects_: Iterable[Subject], encoder: ImageEncoder) -> Path:
-    """OUT/embeddings.safetensors: each subject's unit embedding, the normalised mean of its
-    images' unit embeddings (as `synth generate --images` embeds a subject)."""
-    vectors = {
-        s.name: F.normalize(F.normalize(encoder(s.files).float(), dim=1).mean(0), dim=0)
-        for s in subjects_
-    }
+    """OUT/embeddings.safetensors: each subject's set embedding of its images (as `synth
+    generate --images` embeds a subject)."""
+    vectors = {s.name: set_embedding(encoder, s.files) for s in subjects_}
     write_weights(out / EMBEDDINGS_FILE, vectors, {"format": "condlora.subject_embeddings"})
     return out / EMBEDDINGS_FILE
 
