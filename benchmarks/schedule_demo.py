@@ -83,11 +83,13 @@ def prepare(args: argparse.Namespace, cfg: DemoConfig, subjects: list[int]) -> t
     return Bench(base, encoder, judge, cfg, (train_x, train_y), hold_x)
 
 
-def scheduled_copy(bench: Bench, folder: Path, bins: int) -> tuple[Denoiser, StrengthSchedule]:
+def scheduled_copy(
+    bench: Bench, folder: Path, bins: int, per_block: bool
+) -> tuple[Denoiser, StrengthSchedule]:
     """A copy of the base model with the LoRA in `folder` under a schedule (all ones)."""
     denoiser = copy.deepcopy(bench.base)
     lora = read_lora(folder, base_modules_of(denoiser.net.net))
-    return denoiser, attach_schedule(denoiser, lora, bins)
+    return denoiser, attach_schedule(denoiser, lora, bins, per_block)
 
 
 @contextmanager
@@ -150,7 +152,13 @@ def score(bench: Bench, samples: Tensor, target: Tensor) -> tuple[float, float]:
 
 
 def run_lora(
-    bench: Bench, subject: int, folder: Path, seed: int, settings: FitSettings, bins: int
+    bench: Bench,
+    subject: int,
+    folder: Path,
+    seed: int,
+    settings: FitSettings,
+    bins: int,
+    per_block: bool = False,
 ) -> dict:
     """Fit one schedule; score it and every constant strength on the same noise."""
     cfg = bench.cfg
@@ -160,7 +168,7 @@ def run_lora(
     pick = pick[: settings.batch * 8]  # the subject's styled training digits
     styled = apply_style(images[pick], style)
     target = bench.encoder.embed_sets(apply_style(bench.heldout, style)[None])
-    denoiser, schedule = scheduled_copy(bench, folder, bins)
+    denoiser, schedule = scheduled_copy(bench, folder, bins, per_block)
     start = time.perf_counter()
     log = fit_schedule(denoiser, schedule, styled, labels[pick], settings)
     seconds = time.perf_counter() - start
@@ -225,43 +233,44 @@ def table_lines(records: list[dict], weight: float) -> list[str]:
     return markdown_table(["LoRA applied as", "subject score", "class accuracy"], lines)
 
 
-def plot_tradeoff(records: list[dict], weight: float, path: Path) -> None:
-    """Class accuracy against subject score: the constant strengths as a curve, the learned
-    schedules as a point; error bars are the std over LoRAs x seeds."""
-    rows = curve(records)
-    stats = {row: (mean_std(s), mean_std(a)) for row, (s, a) in rows.items()}
-    fig = Figure(figsize=(6, 4.2), dpi=110)
-    ax = fig.subplots()
-    consts = [row for row in rows if row != "learned"]
+def draw_tradeoff(ax: object, stats: dict, weight: float) -> None:
+    """The constant strengths as a curve, the learned schedules as a star; std error bars."""
+    consts = [row for row in stats if row != "learned"]
     xs = [stats[c][0][0] for c in consts]
     ys = [100 * stats[c][1][0] for c in consts]
-    ax.errorbar(
-        xs,
-        ys,
-        xerr=[stats[c][0][1] for c in consts],
-        yerr=[100 * stats[c][1][1] for c in consts],
-        marker="o",
-        capsize=3,
-        label="constant strength",
-        color="tab:blue",
-    )
+    xerr = [stats[c][0][1] for c in consts]
+    yerr = [100 * stats[c][1][1] for c in consts]
+    ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, marker="o", capsize=3, label="constant strength")
     for c, x, y in zip(consts, xs, ys, strict=True):
         ax.annotate(c, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     (sx, ssd), (ay, asd) = stats["learned"]
-    ax.errorbar(
-        [sx],
-        [100 * ay],
-        xerr=[ssd],
-        yerr=[100 * asd],
-        marker="*",
-        markersize=12,
-        capsize=3,
-        color="tab:red",
-        label=f"learned schedule (weight {weight:g})",
-    )
-    ax.set_xlabel("subject score (cosine to the subject's real digits)")
+    label = f"learned schedule (weight {weight:g})"
+    ax.errorbar([sx], [100 * ay], xerr=[ssd], yerr=[100 * asd], marker="*", markersize=12,
+                capsize=3, color="tab:red", label=label)  # fmt: skip
+    ax.set_xlabel("subject score")
     ax.set_ylabel("class accuracy (%)")
-    ax.legend(fontsize=8)
+
+
+def plot_tradeoff(records: list[dict], weight: float, path: Path) -> None:
+    """Three panels: the trade-off (all strengths; zoomed on strengths >= 0.8), error bars
+    the std over LoRAs x seeds; and the learned s(t), mean and std over the fits."""
+    stats = {row: (mean_std(s), mean_std(a)) for row, (s, a) in curve(records).items()}
+    fig = Figure(figsize=(13, 4.2), dpi=100)
+    full, zoom, sched = fig.subplots(1, 3)
+    draw_tradeoff(full, stats, weight)
+    full.legend(fontsize=8, loc="lower left")
+    draw_tradeoff(zoom, stats, weight)
+    low = min(stats[c][0][0] for c in ("0.8", "learned") if c in stats)
+    zoom.set_xlim(low - 0.05, 1.0)
+    zoom.set_title("zoom: strengths 0.8 and up", fontsize=9)
+    tables = torch.tensor([r["table"] for r in records])  # (fits, blocks, bins)
+    knots = torch.linspace(0, 1, tables.shape[-1])
+    for b in range(tables.shape[1]):
+        mean, std = tables[:, b].mean(0), tables[:, b].std(0) if len(tables) > 1 else 0 * knots
+        sched.errorbar(knots.numpy(), mean.numpy(), yerr=std.numpy(), capsize=3, marker=".")
+    sched.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    sched.set_xlabel("noise level t (0 clean, 1 noisiest)")
+    sched.set_ylabel("learned strength s(t) at the knots")
     fig.tight_layout()
     replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
 
@@ -280,6 +289,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--bins", type=int, default=8)
+    p.add_argument("--blocks", action="store_true", help="one schedule per block of the net")
     p.add_argument("--training-sigmas", action="store_true", help="not the sampler grid")
     p.add_argument("--smoke", action="store_true", help="the tiny demo config (tests)")
     p.add_argument("overrides", nargs="*", help="key=value for the base model's config")
@@ -301,7 +311,7 @@ def fitted(
             None if args.training_sigmas else bench.cfg.sample_steps,
         )
         folder = make_subjects(bench.cfg).folder(args.demo / "zoo", subject)
-        store[key] = run_lora(bench, subject, folder, seed, settings, args.bins)
+        store[key] = run_lora(bench, subject, folder, seed, settings, args.bins, args.blocks)
         args.out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(args.out / "runs.json", json.dumps(store, indent=1))
     return store[key]
