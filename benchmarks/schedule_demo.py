@@ -328,16 +328,19 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = args.out / "runs.json"
     store = json.loads(runs.read_text()) if runs.is_file() else {}
+    loaded = len(store)  # fits of an earlier run (same --out), reused
     weights = [float(x) for x in args.weights.split(",")]
     validation = {
         w: gain([fitted(args, bench, store, i, seeds[0], w) for i in val]) for w in weights
     }
     weight = max(weights, key=lambda w: validation[w])
     records = [fitted(args, bench, store, i, s, weight) for i in scored for s in seeds]
-    report(args, records, weight, validation)
+    report(args, records, weight, validation, (loaded, len(store)))
 
 
-def report(args: argparse.Namespace, records: list[dict], weight: float, validation: dict) -> None:
+def report(
+    args: argparse.Namespace, records: list[dict], weight: float, validation: dict, fits: tuple
+) -> None:
     """table.md, tradeoff.png and results.json into --out; the table and a JSON line printed."""
     info = machine("cpu")
     gains = seed_gains(records)
@@ -355,7 +358,8 @@ def report(args: argparse.Namespace, records: list[dict], weight: float, validat
         f"subject score: {', '.join(f'{w:g}: {g * 100:+.1f}' for w, g in validation.items())}).",
         f"Learned minus constant-strength class accuracy at equal subject score: "
         f"{plus_minus(*(100 * v for v in mean_std(gains)), '.1f')} points (mean ± std over "
-        f"seeds). Fit: {plus_minus(*fit, '.1f')} s per schedule.",
+        f"seeds). Fit: {plus_minus(*fit, '.1f')} s per schedule. runs.json held {fits[0]} fits "
+        f"of an earlier run (reused), {fits[1]} now.",
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "table.md", "\n".join(text) + "\n")
@@ -365,6 +369,7 @@ def report(args: argparse.Namespace, records: list[dict], weight: float, validat
         "validation_gain": validation,
         "gain_per_seed": gains,
         "fit_seconds": fit,
+        "fits_reused": fits[0],
         "table": lines,
         "settings": {k: str(v) for k, v in vars(args).items()},
     }

@@ -129,9 +129,8 @@ def test_schedule_demo_smoke(capsys, one_thread, tmp_path):
     argv = ["--smoke", "--demo", str(tmp_path / "demo"), "--out", str(tmp_path / "out")]
     argv += ["--loras", "2", "--val", "1", "--seeds", "0,1", "--weights", "0,1"]
     # no fitting steps: every learned table is all ones, the static LoRA at strength 1
-    result = run_benchmark(
-        "schedule_demo", [*argv, "--steps", "0", *TINY, "train.max_steps=2"], capsys
-    )
+    argv += ["--steps", "0", *TINY, "train.max_steps=2"]
+    result = run_benchmark("schedule_demo", argv, capsys)
     assert result["benchmark"] == "schedule_demo" and result["smoke"]
     runs = json.loads((tmp_path / "out" / "runs.json").read_text())
     assert len(runs) == 2 * 1 + 2 * 2  # the validation LoRA per weight, then 2 LoRAs x 2 seeds
@@ -146,3 +145,6 @@ def test_schedule_demo_smoke(capsys, one_thread, tmp_path):
     assert len(rows) == 7 and "| learned schedule (weight 0)" in table
     assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 0
     assert result["results"]["gain_per_seed"] == pytest.approx([0.0, 0.0], abs=0.01)
+    again = run_benchmark("schedule_demo", argv, capsys)  # every fit read back from runs.json
+    assert again["results"]["fits_reused"] == 6
+    assert again["results"]["table"] == result["results"]["table"]
