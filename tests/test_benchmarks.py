@@ -164,3 +164,29 @@ def test_merge_threshold_smoke(capsys, one_thread):
         assert c["merged"] > 0 and c["lowrank"] > 0
         assert c["faster"] == ("merged" if c["merged"] <= c["lowrank"] else "low-rank")
     assert set(result["results"]["agreement"]) == {"0", "12500", "25000", "50000", "100000"}
+
+
+@pytest.mark.slow
+def test_schedule_demo_smoke(capsys, one_thread, tmp_path):
+    argv = ["--smoke", "--demo", str(tmp_path / "demo"), "--out", str(tmp_path / "out")]
+    argv += ["--loras", "2", "--val", "1", "--seeds", "0,1", "--weights", "0,1"]
+    # no fitting steps: every learned table is all ones, the static LoRA at strength 1
+    argv += ["--steps", "0", *TINY, "train.max_steps=2"]
+    result = run_benchmark("schedule_demo", argv, capsys)
+    assert result["benchmark"] == "schedule_demo" and result["smoke"]
+    runs = json.loads((tmp_path / "out" / "runs.json").read_text())
+    assert len(runs) == 2 * 1 + 2 * 2  # the validation LoRA per weight, then 2 LoRAs x 2 seeds
+    for record in runs.values():
+        assert all(v == 1.0 for row in record["table"] for v in row)
+        one = record["constant"]["1.0"]
+        assert record["learned"][0] == pytest.approx(one[0], abs=1e-4)
+        assert record["learned"][1] == one[1]
+        assert set(record["constant"]) == {"0.0", "0.2", "0.4", "0.6", "0.8", "1.0", "1.2"}
+    table = (tmp_path / "out" / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| strength")]
+    assert len(rows) == 7 and "| learned schedule (weight 0)" in table
+    assert (tmp_path / "out" / "tradeoff.png").stat().st_size > 0
+    assert result["results"]["gain_per_seed"] == pytest.approx([0.0, 0.0], abs=0.01)
+    again = run_benchmark("schedule_demo", argv, capsys)  # every fit read back from runs.json
+    assert again["results"]["fits_reused"] == 6
+    assert again["results"]["table"] == result["results"]["table"]

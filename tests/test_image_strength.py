@@ -159,3 +159,31 @@ def test_schedule_fit_command_writes_its_files_and_refuses_a_flat_folder(tmp_pat
     capsys.readouterr()
     assert sample(tmp_path / "x.png", "--schedule", str(tmp_path / "s")) == 2
     assert "give the LoRA too" in capsys.readouterr().err
+
+
+def test_one_fit_step_logs_the_loss_and_the_distance_to_the_base_models_own_prediction():
+    cfg, denoiser, lora = tiny_run()
+    base = copy.deepcopy(denoiser)
+    static = merged_by_hand(denoiser, lora, 1.0)
+    (images, labels), _ = build_data(cfg)
+    schedule = attach_schedule(denoiser, lora, bins=3)
+    settings = FitSettings(steps=1, batch=8, seed=4, sampler_steps=cfg.diffusion.sample_steps)
+    (record,) = fit_schedule(denoiser, schedule, images[:20], labels[:20], settings)
+    # the same draws, written out: batch, grid sigmas, noise; then both backbones plainly
+    gen = torch.Generator().manual_seed(4)
+    idx = torch.randint(20, (8,), generator=gen)
+    grid = denoiser.precond.sampling_sigmas(cfg.diffusion.sample_steps)[:-1]
+    sigma = grid[torch.randint(len(grid), (8,), generator=gen)]
+    noise = torch.randn(images[idx].shape, generator=gen)
+    x0, y = images[idx], labels[idx]
+    c_in = denoiser.precond.scalings(sigma)[2].reshape(-1, 1, 1, 1)
+    x_in, label = (
+        c_in * (x0 + sigma.reshape(-1, 1, 1, 1) * noise),
+        denoiser.precond.noise_label(sigma),
+    )
+    with torch.no_grad():
+        fit = static.loss(x0, sigma=sigma, noise=noise, class_labels=y)
+        keep = static.net(x_in, label, class_labels=y) - base.net(x_in, label, class_labels=y)
+    assert record["fit"] == pytest.approx(float(fit), rel=1e-4)
+    assert record["preserve"] == pytest.approx(float(keep.square().mean()), rel=1e-4)
+    assert record["preserve"] > 0

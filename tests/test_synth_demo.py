@@ -29,11 +29,12 @@ from condlora.apps.synthesis_demo.styles import (
     thicken,
     warp,
 )
-from condlora.apps.synthesis_demo.zoo import fine_tune
+from condlora.apps.synthesis_demo.zoo import TIMING_FILE, build_zoo, fine_tune, make_subjects
 from condlora.core.errors import CondloraError
 from condlora.image.build import build_denoiser
 from condlora.image.config import load_config
 from condlora.lora.formats import read_lora, write_lora
+from condlora.lora.formats.peft import WEIGHTS_NAME
 from condlora.synthesis import bank as bank_mod
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.flatten import FlatSpec
@@ -213,6 +214,22 @@ def test_fine_tuning_a_subject_in_company_or_alone_gives_the_same_lora(base):
         # measured: 1.5e-7 on AVX-512, 2.2e-5 with AVX2 on one thread; another subject 0.69
         assert relative(together[2].modules[name].B, module.B) < 1e-3
     assert relative(together[0].modules[name].B, module.B) > 0.1  # another subject's LoRA
+
+
+def test_a_zoo_of_some_subjects_fine_tunes_only_their_batches_and_the_rest_later(base, tmp_path):
+    from condlora.data import load_digits_images
+
+    images, labels = load_digits_images(16)
+    cfg = DemoConfig(num_train=3, num_heldout=2, subjects_per_batch=2, steps=2, rank=2)
+    subs = make_subjects(cfg)
+    build_zoo(base, images[:40], labels[:40], cfg, tmp_path, False, needed={3})
+    done = [(subs.folder(tmp_path, i) / WEIGHTS_NAME).is_file() for i in range(5)]
+    assert done == [False, False, True, True, False]  # batch 1 (subjects 2, 3) alone
+    assert set(json.loads((tmp_path / TIMING_FILE).read_text())) == {"1"}
+    before = (subs.folder(tmp_path, 3) / WEIGHTS_NAME).read_bytes()
+    build_zoo(base, images[:40], labels[:40], cfg, tmp_path, False)  # the rest of the zoo
+    assert all((subs.folder(tmp_path, i) / WEIGHTS_NAME).is_file() for i in range(5))
+    assert (subs.folder(tmp_path, 3) / WEIGHTS_NAME).read_bytes() == before  # not redone
 
 
 def test_peft_export_round_trips_and_applies_the_banks_update(base, tmp_path):

@@ -3,19 +3,24 @@
 The base model and the LoRA stay as they are; only the schedule's table s(t, block)
 (`condlora.lora.schedule`, started at 1) is trained, with DreamBooth's trade-off between
 learning the LoRA's images and preserving the base model, the prior here being the base
-model's own predictions on the same noised images:
+model's own predictions on the same noised images, both in the backbone's output units
+(the objective's own weighting: EDM's lambda(sigma) = 1 / c_out^2 is absorbed):
 
     L = loss of the scheduled model on the LoRA's images (the run's objective)
-      + weight * mean || D_s(x0 + sigma n, sigma) - D_base(x0 + sigma n, sigma) ||^2
+      + weight * mean || F_s(c_in x, c_noise) - F_base(c_in x, c_noise) ||^2,
+        x = x0 + sigma n, F the backbone
 
-A large weight keeps the base model where the LoRA would change it most; weight 0 leaves
-the LoRA at whatever strength fits its images best.
+The base prediction reuses the loss's own backbone inputs (one forward with the LoRA and
+one without per step). Noise levels are drawn from the sampler's grid (where the schedule
+acts), or from the run's training distribution. A large weight keeps the base model where
+the LoRA would change it most; weight 0 leaves the LoRA at whatever strength fits its
+images best.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,11 +52,12 @@ SCHEDULE_FORMAT = "condlora-schedule-1"
 class FitSettings:
     """How a schedule is fitted."""
 
-    steps: int = 300  # Adam steps on the table
-    lr: float = 0.05  # Adam learning rate
+    steps: int = 100  # Adam steps on the table
+    lr: float = 0.1  # Adam learning rate
     batch: int = 32  # images per step
     weight: float = 1.0  # weight of the preservation term
     seed: int = 0  # batches and noise
+    sampler_steps: int | None = None  # draw sigma from this sampler grid (None: training's)
 
 
 def attach_schedule(
@@ -88,6 +94,14 @@ def fit_schedule(
     return log
 
 
+def fit_sigmas(denoiser: Denoiser, settings: FitSettings, gen: torch.Generator) -> Tensor:
+    """A batch of noise levels: uniform over the sampler grid's steps, or the training ones."""
+    if settings.sampler_steps is None:
+        return denoiser.precond.sample_sigma(settings.batch, gen)
+    grid = denoiser.precond.sampling_sigmas(settings.sampler_steps)[:-1]
+    return grid[torch.randint(len(grid), (settings.batch,), generator=gen)]
+
+
 def _fit_step(
     denoiser: Denoiser,
     schedule: StrengthSchedule,
@@ -101,13 +115,20 @@ def _fit_step(
     idx = torch.randint(len(images), (settings.batch,), generator=gen)
     x0 = images[idx]
     cond = {} if labels is None else {"class_labels": labels[idx]}
-    sigma = denoiser.precond.sample_sigma(settings.batch, gen)
+    sigma = fit_sigmas(denoiser, settings, gen)
     noise = torch.randn(x0.shape, generator=gen)
-    x = x0 + sigma.reshape(-1, *[1] * (x0.dim() - 1)) * noise
+    calls = []  # the backbone call of the loss: its inputs and output (F_s)
+    hook = denoiser.net.register_forward_hook(
+        lambda _m, args, kwargs, out: calls.append((args, kwargs, out)), with_kwargs=True
+    )
+    try:
+        fit = denoiser.loss(x0, sigma=sigma, noise=noise, **cond)
+    finally:
+        hook.remove()
+    (args, kwargs, scheduled_out), *_ = calls
     with torch.no_grad(), base_only(schedule):
-        prior = denoiser(x, sigma, **cond)
-    fit = denoiser.loss(x0, sigma=sigma, noise=noise, **cond)
-    keep = (denoiser(x, sigma, **cond) - prior).square().mean()
+        prior = denoiser.net(*args, **kwargs)
+    keep = (scheduled_out.float() - prior.float()).square().mean()
     loss = fit + settings.weight * keep
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -140,6 +161,8 @@ def fit_from_files(
             f"{data} has {len(names)} class subfolders, the model {cfg.data.num_classes} classes"
         )
     schedule = attach_schedule(denoiser, lora, bins, per_block)
+    if settings.sampler_steps is None:  # fit where the run's sampler will use it
+        settings = replace(settings, sampler_steps=cfg.diffusion.sample_steps)
     fit_schedule(denoiser, schedule, images, labels, settings, progress)
     meta = {"run": str(run), "lora": str(lora_path), "weight": str(settings.weight)}
     write_schedule(schedule, out, sampler_times(denoiser, cfg.diffusion.sample_steps), meta)

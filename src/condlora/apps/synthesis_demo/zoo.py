@@ -135,10 +135,13 @@ def build_zoo(
     cfg: DemoConfig,
     zoo_dir: str | Path,
     progress: bool = True,
+    needed: set[int] | None = None,
 ) -> float:
     """Fine-tune every subject's LoRA that is not on disk yet; returns seconds per subject.
 
-    timing.json keeps {batch index: [seconds, subjects]} so a reused zoo still knows its cost.
+    needed: only the batches holding one of these subjects (default: all); a batch is
+    always fine-tuned whole, so its LoRAs are the full zoo's. timing.json keeps {batch
+    index: [seconds, subjects]} so a reused zoo still knows its cost.
     """
     zoo_dir = Path(zoo_dir)
     subs = make_subjects(cfg)
@@ -149,6 +152,8 @@ def build_zoo(
         tqdm(batches, desc="zoo (batches of subjects)", disable=not progress)
     ):
         members = list(range(first, min(first + size, cfg.num_subjects)))
+        if needed is not None and not needed & set(members):
+            continue
         if all(_done(subs.folder(zoo_dir, i)) for i in members):
             continue
         start = time.perf_counter()
