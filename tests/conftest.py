@@ -151,12 +151,13 @@ def classifier_file(tmp_path_factory):
     return path
 
 
-def tiny_unet2d_condition():
-    """A small diffusers UNet2DConditionModel (cross-attention width 8), eval mode, seeded."""
+def tiny_unet2d_condition(**changes):
+    """A small diffusers UNet2DConditionModel (cross-attention width 8), eval mode, seeded;
+    `changes` replace its settings (e.g. SD 2.x's linear projections)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    model = UNet2DConditionModel(
+    settings = dict(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -168,7 +169,7 @@ def tiny_unet2d_condition():
         norm_num_groups=4,
         attention_head_dim=2,
     )
-    return model.eval()
+    return UNet2DConditionModel(**(settings | changes)).eval()
 
 
 def merged_by_hand(unet, lora):

@@ -113,20 +113,7 @@ def tiny_sdxl_unet():
 
 def tiny_sd2_unet():
     """SD 2.x's U-Net form: linear proj_in / proj_out, a head width per block."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        norm_num_groups=4,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-    ).eval()
+    return tiny_unet2d_condition(attention_head_dim=(2, 4), use_linear_projection=True)
 
 
 UNETS = {"sd1": tiny_unet2d_condition, "sd2": tiny_sd2_unet, "sdxl": tiny_sdxl_unet}

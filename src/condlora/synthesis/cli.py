@@ -183,6 +183,14 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
+def _add_encoder_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--encoder", help=f"{what}: onnx-face, digits (the digits demo's) ...")
+    p.add_argument(
+        "--encoder-path",
+        help="encoder model file: a face-recognition .onnx, a demo's encoder.safetensors",
+    )
+
+
 def _add_generate(synth_sub: argparse._SubParsersAction) -> None:
     p = synth_sub.add_parser("generate", help="write a LoRA for a subject's embedding")
     p.add_argument("--model", required=True, metavar="DIR", help="model folder (synth train)")
@@ -190,15 +198,7 @@ def _add_generate(synth_sub: argparse._SubParsersAction) -> None:
     source.add_argument("--embedding", metavar="FILE", help="safetensors file: name -> vector")
     source.add_argument("--images", metavar="DIR", help="the subject's images (an encoder)")
     p.add_argument("--key", help="which entry of --embedding (when it holds several)")
-    p.add_argument(
-        "--encoder",
-        help="encoder kind for --images: onnx-face, digits (the digits demo's) ... "
-        "(default: the model's)",
-    )
-    p.add_argument(
-        "--encoder-path",
-        help="encoder model file: a face-recognition .onnx, a demo's encoder.safetensors",
-    )
+    _add_encoder_options(p, "encoder kind for --images (default: the model's)")
     p.add_argument("--out", required=True, metavar="PATH", help="LoRA to write (_i for --num)")
     p.add_argument("--format", default="peft", choices=["peft", "diffusers", "kohya"])
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
@@ -239,8 +239,7 @@ def _add_zoo(synth_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subjects", required=True, metavar="DIR", help="one image folder per subject")
     p.add_argument("--out", required=True, metavar="LORAS", help="folder of peft LoRAs to write")
     p.add_argument("--config", help="zoo YAML config (rank, targets, steps, lr, ...)")
-    p.add_argument("--encoder", help="also write embeddings.safetensors with this encoder kind")
-    p.add_argument("--encoder-path", help="encoder model file (e.g. a face-recognition .onnx)")
+    _add_encoder_options(p, "also write embeddings.safetensors with this encoder kind")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. rank=2 steps=300")
     p.set_defaults(func=_zoo)
@@ -307,8 +306,7 @@ def _add_eval(synth_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, grids")
     p.add_argument("--dataset", metavar="DS", help="the collection (default: the model's)")
     p.add_argument("--finetuned", metavar="DIR", help="the subjects' own LoRAs (synth zoo)")
-    p.add_argument("--encoder", help="encoder kind (default: the model's)")
-    p.add_argument("--encoder-path", help="encoder model file (e.g. a face-recognition .onnx)")
+    _add_encoder_options(p, "encoder kind (default: the model's)")
     p.add_argument("--judge", metavar="FILE", help="a digits classifier: class accuracy too")
     p.add_argument("--num", type=int, default=10, help="samples per subject and method")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
