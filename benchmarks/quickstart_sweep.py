@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from condlora.apps.quickstart import EVAL_SAMPLES, SAMPLE_SEED
-from condlora.apps.reporting import provenance
 from condlora.core.config import find_config
+from condlora.core.reporting import provenance
 from condlora.evaluation.evaluate import digits_classifier
 from condlora.image.build import build_data
 from condlora.image.config import load_config

@@ -32,7 +32,6 @@ from matplotlib.figure import Figure
 from timing import machine, print_json
 from torch import Tensor
 
-from condlora.apps.reporting import markdown_table, mean_std, plus_minus
 from condlora.apps.synthesis_demo.config import DemoConfig, tiny
 from condlora.apps.synthesis_demo.run import QUICKSTART_BASE, demo_configs
 from condlora.apps.synthesis_demo.scoring import class_accuracies, digit_labels, subject_scores
@@ -47,6 +46,7 @@ from condlora.apps.synthesis_demo.styles import apply_style
 from condlora.apps.synthesis_demo.zoo import build_zoo, make_subjects
 from condlora.core.config import find_config
 from condlora.core.files import replace_atomically, write_text_atomic
+from condlora.core.reporting import markdown_table, mean_std, plus_minus
 from condlora.diffusion import Denoiser, sample
 from condlora.image.build import build_data
 from condlora.image.config import load_config

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from condlora.apps.reporting import markdown_table, provenance
+from condlora.core.reporting import markdown_table, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 CLOCKS = ("wall", "cpu")  # cpu: this process's CPU time (steadier on a shared machine)

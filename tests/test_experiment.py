@@ -12,9 +12,9 @@ import condlora.apps.experiment.runner as experiment
 import condlora.apps.experiment.spec as experiment_file
 import condlora.metrics.reference as reference
 from condlora.apps.experiment.runner import RUN_FILE
-from condlora.apps.reporting import mean_std
 from condlora.cli import main
 from condlora.core.files import read_jsonl
+from condlora.core.reporting import mean_std
 from condlora.evaluation.evaluate import CLASSIFIER_FILE
 from condlora.image.build import build_denoiser
 from condlora.train.checkpoint import checkpoint_step

@@ -92,7 +92,7 @@ def test_every_package_states_what_it_holds():
     "where, planted",
     [
         ("core/labels.py", "from ..apps.serve import server as _planted  # noqa"),  # relative, up
-        ("apps/reporting.py", "from . import quickstart as _planted  # noqa"),  # within apps
+        ("apps/quickstart.py", "from .serve import server as _planted  # noqa"),  # within apps
         ("lora/io.py", "from condlora.nets import unet as _planted  # noqa"),  # sideways
         ("train/config.py", "import condlora.apps.quickstart as _planted  # noqa"),
     ],

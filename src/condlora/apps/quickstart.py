@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from condlora.apps.reporting import provenance_line
 from condlora.core.config import find_config
 from condlora.core.files import write_text_atomic
 from condlora.core.images import save_grid
+from condlora.core.reporting import provenance_line
 from condlora.evaluation.evaluate import digits_classifier
 from condlora.image.build import build_data
 from condlora.image.checks import parameter_summary

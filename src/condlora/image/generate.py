@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from condlora.core.errors import CondloraError, DataError
 from condlora.core.images import save_grid
-from condlora.core.progress import progress_bar
+from condlora.core.reporting import progress_bar
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
 from condlora.image.build import image_channels, num_classes
 from condlora.image.config import Config

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from condlora.core.errors import CondloraError
 from condlora.core.files import check_output_folder, write_text_atomic
-from condlora.core.progress import progress_bar
+from condlora.core.reporting import progress_bar
 from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.data import load_image_folder
 from condlora.diffusion import Denoiser

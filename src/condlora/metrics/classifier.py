@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from condlora.core.errors import DataError
-from condlora.core.progress import progress_bar
+from condlora.core.reporting import progress_bar
 from condlora.core.safetensors_io import load_state_checked, read_weights, write_weights
 from condlora.metrics.reference import frechet_of_features
 

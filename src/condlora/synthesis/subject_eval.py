@@ -34,6 +34,7 @@ from torch import Tensor
 from condlora.core.errors import DataError
 from condlora.core.files import check_output_folder, write_text_atomic
 from condlora.core.images import save_grid, to_uint8
+from condlora.core.reporting import markdown_table, mean_std, plus_minus, provenance_line
 from condlora.diffusion import Denoiser, sample
 from condlora.image.config import Config
 from condlora.lora.formats import LoRAWeights, read_lora
@@ -114,11 +115,6 @@ def judge_accuracy(judge: DigitsClassifier, images: Tensor, labels: Tensor) -> f
     return float((logits.argmax(1) == labels).float().mean())
 
 
-def _mean_std(values: list[float]) -> str:
-    t = torch.tensor(values, dtype=torch.float64)
-    return f"{t.mean():.3f} ± {t.std(unbiased=False):.3f}"
-
-
 def summary_rows(results: dict[str, dict[str, dict]]) -> list[list[str]]:
     """[method, subject score, normalised, class accuracy] per method, mean ± std over subjects."""
     names = list(next(iter(results.values())))
@@ -132,21 +128,20 @@ def summary_rows(results: dict[str, dict[str, dict]]) -> list[list[str]]:
             norm = f"{round(ratio, 2) + 0.0:.2f}"  # + 0.0: no "-0.00"
         accs = [r[m]["accuracy"] for r in results.values() if r[m]["accuracy"] is not None]
         acc = f"{100 * sum(accs) / len(accs):.1f}%" if accs else "-"
-        rows.append([m, _mean_std(scores), norm, acc])
+        rows.append([m, plus_minus(*mean_std(scores)), norm, acc])
     return rows
 
 
 def write_report(out: Path, results: dict[str, dict[str, dict]], header: str) -> Path:
     """OUT/results.json and OUT/report.md (the table, then what the columns mean)."""
     write_text_atomic(out / "results.json", json.dumps(results, indent=1, sort_keys=True))
-    table = [
-        "| method | subject score | normalised | class accuracy |",
-        "| --- | --- | --- | --- |",
-    ]
-    table += ["| " + " | ".join(row) + " |" for row in summary_rows(results)]
+    header_row = ["method", "subject score", "normalised", "class accuracy"]
+    table = markdown_table(header_row, summary_rows(results))
     text = "\n".join(
         [
             "# Identity benchmark (`condlora synth eval`)",
+            "",
+            provenance_line(),
             "",
             header,
             "",

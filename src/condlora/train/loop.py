@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from condlora.core.config import to_dict
 from condlora.core.errors import CondloraError, sigterm_as_interrupt
 from condlora.core.files import append_jsonl, check_output_folder, truncate_jsonl, write_text_atomic
-from condlora.core.progress import progress_bar
+from condlora.core.reporting import progress_bar
 from condlora.train.checkpoint import (
     CHECKPOINT_NAME,
     EMA,

@@ -13,9 +13,9 @@ import torch
 from matplotlib.figure import Figure
 
 from condlora.apps.experiment.spec import Experiment
-from condlora.apps.reporting import fmt, mean_std, provenance_line
 from condlora.core.files import read_jsonl, write_text_atomic
 from condlora.core.images import save_grid
+from condlora.core.reporting import fmt, mean_std, provenance_line
 from condlora.evaluation.diagnostics import (
     MIX,
     SCALES,

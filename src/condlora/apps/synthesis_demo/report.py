@@ -8,8 +8,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from condlora.apps.reporting import plus_minus, provenance_line
 from condlora.core.images import save_grid
+from condlora.core.reporting import plus_minus, provenance_line
 
 Curve = dict[str, list[tuple[int, float, float]]]  # method -> [(training subjects, mean, std)]
 

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from condlora.apps.reporting import mean_std
 from condlora.apps.synthesis_demo.config import DemoConfig
 from condlora.apps.synthesis_demo.encoder import SubjectEncoder
 from condlora.apps.synthesis_demo.methods import DemoData, Method
 from condlora.core.files import write_text_atomic
+from condlora.core.reporting import mean_std
 from condlora.diffusion import Denoiser, sample
 from condlora.lora.formats import LoRAWeights
 from condlora.metrics import DigitsClassifier, classifier_outputs

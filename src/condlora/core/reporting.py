@@ -1,8 +1,10 @@
-"""What the applications' reports share: mean +- std, Markdown tables, and provenance.
+"""What long runs show and their reports share: progress bars, mean +- std, Markdown tables
+and provenance.
 
-Every generated report (quickstart, experiment, synthesis demo) and every benchmark states
-where its figures come from with `provenance()`: commit (and whether the tree had changes),
-date, machine, thread count and torch version.
+Every generated report (quickstart, experiment, synthesis demo, `synth eval`) and every
+benchmark states where its figures come from with `provenance()`: commit (and whether the
+tree had changes), date, machine, thread count and torch version. Every long stage shows a
+tqdm bar with its ETA the same way (`progress_bar`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 SOURCE = Path(__file__).resolve().parent
 
@@ -104,3 +107,13 @@ def provenance_line() -> str:
         f"*Made by condlora at commit {p['commit']} on {p['date']}: {p['cpu']}, "
         f"{p['cores']} cores, {p['threads']} torch threads, torch {p['torch']}.*"
     )
+
+
+def progress_bar(progress: bool | dict, **defaults: object) -> tqdm:
+    """A tqdm bar: off for False, `defaults` for True, `defaults` updated by a dict of options
+    (desc, position, leave ...). Shown only on a terminal (tqdm's disable=None), so logs and
+    captured output get no bar lines. Use it as a context manager so that it is closed."""
+    options = dict(defaults)
+    if isinstance(progress, dict):
+        options.update(progress)
+    return tqdm(disable=None if progress else True, **options)
