@@ -204,3 +204,60 @@ def test_uc_lora_weights_are_those_of_a_full_forward_pass_per_class(tmp_path):
         torch.testing.assert_close(every[name], torch.stack([w[name] for w in each]).mean(0))
     baked = bake(denoiser, cfg, 0.5, 0.5)
     assert baked.biases  # digits-uclora trains a per-basis bias: reported as left out
+
+
+def test_schedule_writes_each_bases_strength_per_step(run, tmp_path, capsys):
+    import json
+
+    from condlora.image.strength import sampler_times
+
+    out = tmp_path / "sched"
+    assert main(["lora", "schedule", str(run / "run"), "--out", str(out)]) == 0
+    cfg, denoiser, _ = load_run(run / "run")
+    ts = sampler_times(denoiser, 3)
+    w = basis_weights(denoiser, cfg, torch.tensor(ts), None)
+    rows = list(csv.DictReader((out / "strengths.csv").open()))
+    assert len(rows) == 3 and len(rows[0]) == 2 + 3 * len(w)  # step, t, m bases per module
+    for k, row in enumerate(rows):
+        for name, values in w.items():
+            for i in range(3):
+                got = float(row[f"{name.removeprefix('unet.')}:{i}"])
+                assert got == pytest.approx(float(values[k, i]), abs=1e-5)
+    frames = json.loads((out / "keyframes.json").read_text())["keyframes"]
+    assert len(frames) == 3 * len(w) and all(len(f) == 3 for f in frames.values())
+    blocks = ["lora", "schedule", str(run / "run"), "--out", str(tmp_path / "b"), "--blocks"]
+    assert main(blocks) == 0
+    header = (tmp_path / "b" / "strengths.csv").read_text().splitlines()[0].split(",")
+    parts = ("down_blocks.1", "mid_block", "up_blocks.0")
+    assert sorted(header[2:]) == [f"{b}:{i}" for b in parts for i in range(3)]
+    assert main(["lora", "schedule", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_diffusers_callback_runs_the_runs_lora_at_each_step(run, tmp_path):
+    from condlora.lora.diffusers_callback import ConditionalLoRA
+
+    out = tmp_path / "sched"
+    assert main(["lora", "schedule", str(run / "run"), "--out", str(out)]) == 0
+    pipe = diffusers.DDPMPipeline(
+        unet=diffusers.UNet2DModel.from_pretrained(run / "pipe" / "unet"),
+        scheduler=diffusers.DDPMScheduler.from_pretrained(run / "pipe" / "scheduler"),
+    )
+    lora = ConditionalLoRA(pipe.unet, out / "condlora_lora.safetensors")
+    _, denoiser, _ = load_run(run / "run")
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    lora.start(pipe, num_inference_steps=4)
+    with torch.no_grad():  # a pipeline's loop, as diffusers writes it
+        for step, t in enumerate(pipe.scheduler.timesteps):
+            eps = pipe.unet(x, t).sample
+            want = denoiser.net(x, t.float().expand(2))  # the run's own net at this step
+            torch.testing.assert_close(eps, want, atol=1e-5, rtol=1e-4)
+            x = pipe.scheduler.step(eps, t, x).prev_sample
+            lora.callback_on_step_end(pipe, step, t, {})
+    # a pipeline without callbacks: the condition follows the timestep of every call
+    seen = []
+    lora.follow_timesteps()
+    layer = next(m for m in pipe.unet.modules() if hasattr(m, "state"))
+    layer.register_forward_pre_hook(lambda m, a: seen.append(float(m.state.t[0])))
+    pipe(batch_size=1, num_inference_steps=3, output_type="np")
+    assert seen == pytest.approx([t / 999 for t in pipe.scheduler.timesteps.tolist()])

@@ -1,4 +1,5 @@
-"""Static LoRAs from a conditional-LoRA run (`condlora lora bake`).
+"""A run's conditional LoRA for other tools: static LoRAs (`condlora lora bake`) and the
+learned per-step strengths of its bases (`condlora lora schedule`).
 
 Every wrapped layer of a run computes dW(c) = s B diag(w(c) ⊗ 1_r) A, linear in its basis
 weights w(c). The static LoRA of a range of noise levels [t0, t1] is the average of dW(t)
@@ -21,6 +22,7 @@ reads the host's real embedding), and stops there.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 from condlora.core.errors import CondloraError
 from condlora.core.files import check_output_folder, undone_on_error, write_text_atomic
+from condlora.core.safetensors_io import write_weights
 from condlora.diffusion import Denoiser
 from condlora.diffusion.precond import DiscretePrecond, EDMPrecond, Preconditioner
 from condlora.image.build import image_channels, num_classes
@@ -39,8 +42,10 @@ from condlora.image.strength import sampler_times
 from condlora.image.task import load_run
 from condlora.lora.formats import LoRAWeights, write_lora, write_loras
 from condlora.lora.formats.svd import lowrank
+from condlora.lora.inject import lora_state_dict
+from condlora.lora.io import CONFIG_KEY
 from condlora.lora.runtime import lora_layers
-from condlora.lora.schedule import steps_callback, steps_csv, steps_keyframes
+from condlora.lora.schedule import block_of, steps_callback, steps_csv, steps_keyframes
 
 CONTINUOUS_LEVELS = 1001  # noise levels averaged over a range of a continuous-time objective
 CHUNK = 256  # conditions per early-stopped forward pass
@@ -124,24 +129,39 @@ def _weights_of_pass(
     return seen[0].expand(-1, len(t), -1) if seen[0].shape[1] == 1 else seen[0]
 
 
-def mean_weights(
-    denoiser: Denoiser, cfg: Config, t0: float, t1: float, label: int | None = None
-) -> dict[str, Tensor]:
-    """Every layer's w averaged over the noise levels of [t0, t1] (and the classes: all of
-    them unless `label`), shape (m,)."""
-    t = levels_in(denoiser.precond, t0, t1)
+def conditions(
+    cfg: Config, t: Tensor, label: int | None = None
+) -> tuple[Tensor, Tensor | None, int]:
+    """(levels, labels, classes averaged over): every level at `label`, at every class of a
+    class-conditional run (class-major), or alone for an unconditional run."""
     classes = num_classes(cfg)
     if label is not None and classes == 0:
         raise CondloraError("this run is unconditional: --label does not apply")
     if label is not None and not 0 <= label < classes:
         raise CondloraError(f"--label must be in 0..{classes - 1}, got {label}")
     if classes == 0:
-        labels = None
-    else:
-        ys = torch.arange(classes) if label is None else torch.tensor([label])
-        labels = ys.repeat_interleave(len(t))  # every class at every level
-        t = t.repeat(len(ys))
+        return t, None, 1
+    ys = torch.arange(classes) if label is None else torch.tensor([label])
+    return t.repeat(len(ys)), ys.repeat_interleave(len(t)), len(ys)
+
+
+def mean_weights(
+    denoiser: Denoiser, cfg: Config, t0: float, t1: float, label: int | None = None
+) -> dict[str, Tensor]:
+    """Every layer's w averaged over the noise levels of [t0, t1] (and the classes: all of
+    them unless `label`), shape (m,)."""
+    t, labels, _ = conditions(cfg, levels_in(denoiser.precond, t0, t1), label)
     return {name: w.mean(0) for name, w in basis_weights(denoiser, cfg, t, labels).items()}
+
+
+def step_weights(
+    denoiser: Denoiser, cfg: Config, ts: list[float], label: int | None = None
+) -> dict[str, Tensor]:
+    """Every layer's w at each noise level of `ts` (averaged over the classes unless
+    `label`), shape (steps, m)."""
+    t, labels, groups = conditions(cfg, torch.tensor(ts, dtype=torch.float64), label)
+    w = basis_weights(denoiser, cfg, t, labels)
+    return {name: v.reshape(groups, len(ts), -1).mean(0) for name, v in w.items()}
 
 
 @dataclass
@@ -261,3 +281,55 @@ def bake_run(  # noqa: PLR0913 - the command's options, one argument each
     for k, ((lo, hi), b) in enumerate(zip(ranges, baked, strict=True)):
         print_baked(b, f"segment {k} (t {lo:.4g}:{hi:.4g}): ")
     return paths
+
+
+LORA_FILE = "condlora_lora.safetensors"  # the run's LoRA for condlora.lora.diffusers_callback
+
+
+def portable_lora(denoiser: Denoiser) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of the run's conditional LoRA named as in its backbone's own
+    modules (a diffusers U-Net's, without condlora's wrapper), for `load_lora`."""
+    root, prefix = backbone_modules(denoiser)
+    layers = lora_layers(root)
+    config = next(iter(layers.values())).state.config
+    if config.emb_module is not None:
+        config = dataclasses.replace(config, emb_module=config.emb_module.removeprefix(prefix))
+    tensors = {k: v.detach() for k, v in lora_state_dict(root).items()}
+    return tensors, {CONFIG_KEY: config.to_json(), "format": "pt"}
+
+
+def schedule_run(
+    run: Path, out: Path, steps: int | None = None, label: int | None = None, blocks: bool = False
+) -> list[str]:
+    """`condlora lora schedule`: the learned strength of every basis at each sampling step
+    (strengths.csv, keyframes.json; per module, or per block averaged over its modules) and
+    the LoRA for `condlora.lora.diffusers_callback`. Returns the columns."""
+    cfg, denoiser, _ = load_run(run)
+    if cfg.lora.method not in ("time", "uc", "time+class"):
+        raise CondloraError(
+            f"lora schedule reads a TimeLoRA or UC-LoRA run; {run} has lora.method "
+            f"{cfg.lora.method} (a class composition does not change with the step: lora bake)"
+        )
+    if steps is not None and steps < 1:
+        raise CondloraError(f"--steps must be >= 1, got {steps}")
+    check_output_folder(out, "--out")
+    ts = sampler_times(denoiser, steps or cfg.diffusion.sample_steps)
+    w = step_weights(denoiser, cfg, ts, label)
+    _, prefix = backbone_modules(denoiser)
+    groups: dict[str, list[Tensor]] = {}
+    for name, values in w.items():
+        name = name.removeprefix(prefix)
+        groups.setdefault(block_of(name, True) if blocks else name, []).append(values)
+    columns = {
+        f"{group}:{i}": col
+        for group, values in groups.items()
+        for i, col in enumerate(torch.stack(values).mean(0).T.tolist())
+    }
+    rows = [{c: v[k] for c, v in columns.items()} for k in range(len(ts))]
+    tensors, metadata = portable_lora(denoiser)
+    with undone_on_error(out):
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "strengths.csv", steps_csv(list(columns), ts, rows))
+        write_text_atomic(out / "keyframes.json", steps_keyframes(list(columns), ts, rows))
+        write_weights(out / LORA_FILE, tensors, metadata)
+    return list(columns)

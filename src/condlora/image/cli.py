@@ -159,6 +159,18 @@ def _bake(args: argparse.Namespace) -> None:
     print(f"wrote {args.format} LoRA ({args.segments} segment(s)) to {where}")
 
 
+def _lora_schedule(args: argparse.Namespace) -> None:
+    from condlora.image.bake import LORA_FILE, schedule_run
+
+    out = Path(args.out)
+    columns = schedule_run(Path(args.run), out, args.steps, args.label, args.blocks)
+    print(f"wrote the strengths of {len(columns)} bases per step to {out}")
+    print(
+        f"in a diffusers pipeline: condlora.lora.diffusers_callback.ConditionalLoRA(pipe.unet, "
+        f"'{out / LORA_FILE}')"
+    )
+
+
 def add_lora_commands(lora_sub: argparse._SubParsersAction) -> None:
     """`condlora lora bake` (a run's conditional LoRA as static files) and `lora schedule`."""
     p = lora_sub.add_parser("bake", help="a run's conditional LoRA as a static LoRA file")
@@ -170,3 +182,11 @@ def add_lora_commands(lora_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", type=int, help="class to bake at (default: mean over classes)")
     p.add_argument("--segments", type=int, default=1, help="K equal parts of the range")
     p.set_defaults(func=_bake)
+
+    p = lora_sub.add_parser("schedule", help="a TimeLoRA / UC-LoRA run's strengths per step")
+    p.add_argument("run", metavar="RUN", help="run folder written by `condlora train`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
+    p.add_argument("--label", type=int, help="class (default: mean over classes)")
+    p.add_argument("--blocks", action="store_true", help="one column per block and basis")
+    p.set_defaults(func=_lora_schedule)
