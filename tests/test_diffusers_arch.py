@@ -71,3 +71,22 @@ def test_a_config_that_does_not_fit_the_model_is_one_line(tmp_path):
         config(root, "net.pretrained=null")
     with pytest.raises(ConfigError, match="no diffusers config.json"):
         build_denoiser(config(tmp_path))
+
+
+def test_a_class_conditional_unet_samples_the_label_asked_for(tmp_path, capsys):
+    from condlora.cli import main
+
+    root = tiny_pipeline(tmp_path / "pipe", classes=10)
+    cfg = config(root, "net.class_conditional=true", "lora.method=uc", "lora.mlp_widths=[8]")
+    train(cfg, tmp_path / "run", progress=False)
+    out = tmp_path / "three.png"
+    args = ["sample", "--run", str(tmp_path / "run"), "--num", "4", "--out", str(out)]
+    assert main([*args, "--label", "3"]) == 0
+    assert out.is_file() and "wrote 4 samples" in capsys.readouterr().out
+    _, denoiser, _ = load_run(tmp_path / "run")
+    three, five = (generate(denoiser, cfg, 2, torch.full((2,), k), seed=0) for k in (3, 5))
+    assert (three - five).abs().max() > 1e-3  # the class reaches the U-Net's embedding
+    with pytest.raises(ConfigError, match="no null class"):
+        from condlora.image.build import build_denoiser
+
+        build_denoiser(config(root, "net.class_conditional=true", "train.label_dropout=0.1"))

@@ -113,6 +113,11 @@ def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
         )
     if got[0] not in ("ddpm", "v"):
         raise ConfigError("net.arch diffusers trains with diffusion.objective ddpm or v")
+    if cfg.net.class_conditional and cfg.train.label_dropout > 0:
+        raise ConfigError(
+            "a UNet2DModel's class embedding has no null class: set train.label_dropout 0 "
+            "(classifier-free guidance is not supported on net.arch diffusers)"
+        )
     if cfg.net.class_conditional and net.num_classes != cfg.data.num_classes:
         raise ConfigError(
             f"the U-Net has {net.num_classes} class embeddings, the data {d.num_classes} "
