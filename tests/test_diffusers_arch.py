@@ -90,3 +90,14 @@ def test_a_class_conditional_unet_samples_the_label_asked_for(tmp_path, capsys):
         from condlora.image.build import build_denoiser
 
         build_denoiser(config(root, "net.class_conditional=true", "train.label_dropout=0.1"))
+
+
+def test_train_base_trains_the_unets_own_weights(tmp_path):
+    root = tiny_pipeline(tmp_path / "pipe")
+    base = diffusers.UNet2DModel.from_pretrained(root / "unet").state_dict()
+    train(config(root, "lora.method=none", "net.train_base=true"), tmp_path / "run", progress=False)
+    _, denoiser, _ = load_run(tmp_path / "run")
+    trained = denoiser.net.net.unet.state_dict()
+    assert not all(torch.equal(trained[k], v) for k, v in base.items())
+    with pytest.raises(ConfigError, match="train_base goes with net.arch diffusers"):
+        load_config(CONFIGS / "digits-baseline.yaml", ["net.train_base=true"])

@@ -2,7 +2,8 @@
 
 `net.pretrained` names a model folder (its `config.json` and weights) or a pipeline folder
 (its `unet/` and `scheduler/`); it is read with `local_files_only`, nothing is downloaded.
-The base weights are frozen: a run trains its conditional LoRA only. The network sees
+The base weights are frozen (a run trains its conditional LoRA only) unless
+`net.train_base` (a baseline trained from the folder's weights). The network sees
 what a DDPM-trained diffusers U-Net expects: the VP input sqrt(abar) x0 + sqrt(1 - abar) n
 (condlora's discrete objectives' c_in) and the timestep (their noise label, in [0, T-1]),
 and predicts epsilon (`diffusion.objective: ddpm`) or v (`v`), as the pipeline's
