@@ -101,3 +101,29 @@ def test_train_base_trains_the_unets_own_weights(tmp_path):
     assert not all(torch.equal(trained[k], v) for k, v in base.items())
     with pytest.raises(ConfigError, match="train_base goes with net.arch diffusers"):
         load_config(CONFIGS / "digits-baseline.yaml", ["net.train_base=true"])
+
+
+def test_the_digits_example_configs_build_on_its_unet(tmp_path):
+    """configs/diffusers/*.yaml on the UNet2DModel that scripts/digits_diffusers.py makes:
+    the baseline trains every U-Net weight, UC-LoRA only its LoRA."""
+    import importlib.util
+
+    from condlora.image.build import build_denoiser
+
+    path = CONFIGS.parent / "scripts" / "digits_diffusers.py"
+    spec = importlib.util.spec_from_file_location("digits_diffusers", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    unet = example.make_unet()
+    assert 1_000_000 < sum(p.numel() for p in unet.parameters()) < 1_300_000  # quickstart's size
+    unet.save_pretrained(tmp_path / "unet")
+    diffusers.DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+    trainable = {}
+    for name in ("baseline", "uclora"):
+        cfg = load_config(
+            CONFIGS / "diffusers" / f"digits-{name}.yaml", [f"net.pretrained={tmp_path}"]
+        )
+        denoiser = build_denoiser(cfg)
+        trainable[name] = {n for n, p in denoiser.named_parameters() if p.requires_grad}
+    assert all("lora" not in n for n in trainable["baseline"])
+    assert trainable["uclora"] and all("lora" in n or "composer" in n for n in trainable["uclora"])
