@@ -44,7 +44,7 @@ from condlora.lora.formats import LoRAWeights, write_lora, write_loras
 from condlora.lora.formats.svd import lowrank
 from condlora.lora.inject import lora_state_dict
 from condlora.lora.io import CONFIG_KEY
-from condlora.lora.runtime import lora_layers
+from condlora.lora.runtime import ConditionState, lora_layers
 from condlora.lora.schedule import block_of, steps_callback, steps_csv, steps_keyframes
 
 CONTINUOUS_LEVELS = 1001  # noise levels averaged over a range of a continuous-time objective
@@ -104,7 +104,7 @@ def basis_weights(
 
 
 def _weights_of_pass(
-    denoiser: Denoiser, cfg: Config, state: object, t: Tensor, y: Tensor | None
+    denoiser: Denoiser, cfg: Config, state: ConditionState, t: Tensor, y: Tensor | None
 ) -> Tensor:
     """(L, n, m): one forward pass of the backbone at (t, y), stopped at its first LoRA layer."""
     seen: list[Tensor] = []
