@@ -306,10 +306,11 @@ def schedule_run(
     the LoRA for `condlora.lora.diffusers_callback`. Returns the columns."""
     cfg, denoiser, _ = load_run(run)
     if cfg.lora.method not in ("time", "uc", "time+class"):
-        why = {"none": "no conditional LoRA", "class": "a LoRA that does not change with t"}
+        why = {"none": "no conditional LoRA", "class": "a LoRA that does not change with t "}
+        why["class"] += "(`lora bake --label N` writes it as a file)"
         raise CondloraError(
             f"lora schedule reads a TimeLoRA or UC-LoRA run; {run} has lora.method "
-            f"{cfg.lora.method}: {why[cfg.lora.method]} (`lora bake` writes it as a file)"
+            f"{cfg.lora.method}: {why[cfg.lora.method]}"
         )
     if steps is not None and steps < 1:
         raise CondloraError(f"--steps must be >= 1, got {steps}")
