@@ -1,5 +1,6 @@
 """`condlora lora info | convert | resize | merge`: LoRA files in peft / diffusers / kohya
-(and what they can hold: LyCORIS kinds, DoRA, text encoders)."""
+(and what they can hold: LyCORIS kinds, DoRA, text encoders). `lora bake | schedule` read a
+run, so the image layer adds them (`register(sub, extra=...)`, condlora.image.cli)."""
 
 from __future__ import annotations
 
