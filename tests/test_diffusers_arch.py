@@ -71,3 +71,59 @@ def test_a_config_that_does_not_fit_the_model_is_one_line(tmp_path):
         config(root, "net.pretrained=null")
     with pytest.raises(ConfigError, match="no diffusers config.json"):
         build_denoiser(config(tmp_path))
+
+
+def test_a_class_conditional_unet_samples_the_label_asked_for(tmp_path, capsys):
+    from condlora.cli import main
+
+    root = tiny_pipeline(tmp_path / "pipe", classes=10)
+    cfg = config(root, "net.class_conditional=true", "lora.method=uc", "lora.mlp_widths=[8]")
+    train(cfg, tmp_path / "run", progress=False)
+    out = tmp_path / "three.png"
+    args = ["sample", "--run", str(tmp_path / "run"), "--num", "4", "--out", str(out)]
+    assert main([*args, "--label", "3"]) == 0
+    assert out.is_file() and "wrote 4 samples" in capsys.readouterr().out
+    _, denoiser, _ = load_run(tmp_path / "run")
+    three, five = (generate(denoiser, cfg, 2, torch.full((2,), k), seed=0) for k in (3, 5))
+    assert (three - five).abs().max() > 1e-3  # the class reaches the U-Net's embedding
+    with pytest.raises(ConfigError, match="no null class"):
+        from condlora.image.build import build_denoiser
+
+        build_denoiser(config(root, "net.class_conditional=true", "train.label_dropout=0.1"))
+
+
+def test_train_base_trains_the_unets_own_weights(tmp_path):
+    root = tiny_pipeline(tmp_path / "pipe")
+    base = diffusers.UNet2DModel.from_pretrained(root / "unet").state_dict()
+    train(config(root, "lora.method=none", "net.train_base=true"), tmp_path / "run", progress=False)
+    _, denoiser, _ = load_run(tmp_path / "run")
+    trained = denoiser.net.net.unet.state_dict()
+    assert not all(torch.equal(trained[k], v) for k, v in base.items())
+    with pytest.raises(ConfigError, match="train_base goes with net.arch diffusers"):
+        load_config(CONFIGS / "digits-baseline.yaml", ["net.train_base=true"])
+
+
+def test_the_digits_example_configs_build_on_its_unet(tmp_path):
+    """configs/diffusers/*.yaml on the UNet2DModel that scripts/digits_diffusers.py makes:
+    the baseline trains every U-Net weight, UC-LoRA only its LoRA."""
+    import importlib.util
+
+    from condlora.image.build import build_denoiser
+
+    path = CONFIGS.parent / "scripts" / "digits_diffusers.py"
+    spec = importlib.util.spec_from_file_location("digits_diffusers", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    unet = example.make_unet()
+    assert 1_000_000 < sum(p.numel() for p in unet.parameters()) < 1_300_000  # quickstart's size
+    unet.save_pretrained(tmp_path / "unet")
+    diffusers.DDPMScheduler().save_pretrained(tmp_path / "scheduler")
+    trainable = {}
+    for name in ("baseline", "uclora"):
+        cfg = load_config(
+            CONFIGS / "diffusers" / f"digits-{name}.yaml", [f"net.pretrained={tmp_path}"]
+        )
+        denoiser = build_denoiser(cfg)
+        trainable[name] = {n for n, p in denoiser.named_parameters() if p.requires_grad}
+    assert all("lora" not in n for n in trainable["baseline"])
+    assert trainable["uclora"] and all("lora" in n or "composer" in n for n in trainable["uclora"])

@@ -35,6 +35,10 @@ def _register_info(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_info)
 
 
+def _register_lora(sub: argparse._SubParsersAction) -> None:
+    lora_cli.register(sub, extra=(image_cli.add_lora_commands,))
+
+
 def _register_synth(sub: argparse._SubParsersAction) -> None:
     # `synth generate --encoder digits` reads images as the page does (condlora serve)
     register_encoder("digits", lambda cfg: DigitsEncoder(cfg.path))
@@ -46,7 +50,7 @@ REGISTRARS = (
     _register_info,
     evaluation_cli.register,
     apps_cli.register,
-    lora_cli.register,
+    _register_lora,
     serve_server.register,
     _register_synth,
 )

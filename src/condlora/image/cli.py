@@ -146,3 +146,47 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=float, help="or a constant strength (default 1)")
     p.set_defaults(func=_sample)
     _register_schedule(sub)
+
+
+def _bake(args: argparse.Namespace) -> None:
+    from condlora.image.bake import bake_run, parse_range
+
+    t_range = parse_range(args.t)
+    paths = bake_run(
+        Path(args.run), t_range, Path(args.out), args.format, args.rank, args.label, args.segments
+    )
+    where = Path(args.out) if args.segments > 1 or args.format == "peft" else paths[0]
+    print(f"wrote {args.format} LoRA ({args.segments} segment(s)) to {where}")
+
+
+def _lora_schedule(args: argparse.Namespace) -> None:
+    from condlora.image.bake import LORA_FILE, schedule_run
+
+    out = Path(args.out)
+    columns = schedule_run(Path(args.run), out, args.steps, args.label, args.blocks)
+    print(f"wrote the strengths of {len(columns)} bases per step to {out}")
+    print(
+        f"in a diffusers pipeline: condlora.lora.diffusers_callback.ConditionalLoRA(pipe.unet, "
+        f"'{out / LORA_FILE}')"
+    )
+
+
+def add_lora_commands(lora_sub: argparse._SubParsersAction) -> None:
+    """`condlora lora bake` (a run's conditional LoRA as static files) and `lora schedule`."""
+    p = lora_sub.add_parser("bake", help="a run's conditional LoRA as a static LoRA file")
+    p.add_argument("run", metavar="RUN", help="run folder written by `condlora train`")
+    p.add_argument("--t", required=True, help="noise-level range T0:T1 in [0, 1] (0 clean)")
+    p.add_argument("--out", required=True, help="the file or folder (a folder for --segments)")
+    p.add_argument("--format", required=True, choices=["kohya", "diffusers", "peft"])
+    p.add_argument("--rank", type=int, help="rank of every module (default: exact)")
+    p.add_argument("--label", type=int, help="class to bake at (default: mean over classes)")
+    p.add_argument("--segments", type=int, default=1, help="K equal parts of the range")
+    p.set_defaults(func=_bake)
+
+    p = lora_sub.add_parser("schedule", help="a TimeLoRA / UC-LoRA run's strengths per step")
+    p.add_argument("run", metavar="RUN", help="run folder written by `condlora train`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
+    p.add_argument("--label", type=int, help="class (default: mean over classes)")
+    p.add_argument("--blocks", action="store_true", help="one column per block and basis")
+    p.set_defaults(func=_lora_schedule)

@@ -96,6 +96,7 @@ class NetConfig(Checked):
     cond_mode: str = "scale_shift"  # residual blocks: "scale_shift" | "lora_only" | "both"
     dropout: float = 0.0  # dropout in residual blocks
     pretrained: str | None = None  # arch diffusers: a local UNet2DModel or pipeline folder
+    train_base: bool = False  # arch diffusers: train the U-Net's own weights too (else frozen)
 
     CHECKS: ClassVar[dict] = {
         "arch": OneOf(ARCHS),
@@ -178,6 +179,8 @@ class Config(Checked):
         net, method = self.net, self.lora.method
         if (net.arch == "diffusers") != (net.pretrained is not None):
             raise ConfigError("net.pretrained (a diffusers folder) goes with net.arch diffusers")
+        if net.train_base and net.arch != "diffusers":
+            raise ConfigError("net.train_base goes with net.arch diffusers (others train all)")
         if net.cond_mode != "scale_shift" and method == "none":
             raise ConfigError(
                 f"{key('net')}.cond_mode '{net.cond_mode}' adds LoRA conditioning: set "

@@ -2,7 +2,8 @@
 
 `net.pretrained` names a model folder (its `config.json` and weights) or a pipeline folder
 (its `unet/` and `scheduler/`); it is read with `local_files_only`, nothing is downloaded.
-The base weights are frozen: a run trains its conditional LoRA only. The network sees
+The base weights are frozen (a run trains its conditional LoRA only) unless
+`net.train_base` (a baseline trained from the folder's weights). The network sees
 what a DDPM-trained diffusers U-Net expects: the VP input sqrt(abar) x0 + sqrt(1 - abar) n
 (condlora's discrete objectives' c_in) and the timestep (their noise label, in [0, T-1]),
 and predicts epsilon (`diffusion.objective: ddpm`) or v (`v`), as the pipeline's
@@ -113,6 +114,11 @@ def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
         )
     if got[0] not in ("ddpm", "v"):
         raise ConfigError("net.arch diffusers trains with diffusion.objective ddpm or v")
+    if cfg.net.class_conditional and cfg.train.label_dropout > 0:
+        raise ConfigError(
+            "a UNet2DModel's class embedding has no null class: set train.label_dropout 0 "
+            "(classifier-free guidance is not supported on net.arch diffusers)"
+        )
     if cfg.net.class_conditional and net.num_classes != cfg.data.num_classes:
         raise ConfigError(
             f"the U-Net has {net.num_classes} class embeddings, the data {d.num_classes} "

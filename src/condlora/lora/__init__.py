@@ -7,6 +7,9 @@ Typical use::
     names = inject(unet, LoRAConfig(method="time", num_bases=11, targets=["to_q", "to_v"]))
     with conditioning(unet, t=t):
         out = unet(x, timesteps)
+
+Inside a diffusers pipeline: `condlora.lora.diffusers_callback.ConditionalLoRA` (its
+callback_on_step_end sets each step's condition, `set_condition`).
 """
 
 from condlora.lora.composers import (
@@ -27,7 +30,14 @@ from condlora.lora.inject import (
 )
 from condlora.lora.io import CONFIG_KEY, load_lora, read_lora_config, save_lora
 from condlora.lora.layer import CondLoRALayer
-from condlora.lora.runtime import conditioning, lora_layers, merge, merged, unmerge
+from condlora.lora.runtime import (
+    conditioning,
+    lora_layers,
+    merge,
+    merged,
+    set_condition,
+    unmerge,
+)
 
 __all__ = [
     "CONFIG_KEY",
@@ -52,5 +62,6 @@ __all__ = [
     "read_lora_config",
     "remove",
     "save_lora",
+    "set_condition",
     "unmerge",
 ]

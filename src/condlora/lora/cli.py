@@ -1,5 +1,6 @@
 """`condlora lora info | convert | resize | merge`: LoRA files in peft / diffusers / kohya
-(and what they can hold: LyCORIS kinds, DoRA, text encoders)."""
+(and what they can hold: LyCORIS kinds, DoRA, text encoders). `lora bake | schedule` read a
+run, so the image layer adds them (`register(sub, extra=...)`, condlora.image.cli)."""
 
 from __future__ import annotations
 
@@ -179,8 +180,9 @@ def _add_rank(p: argparse.ArgumentParser) -> None:
     )
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add the `lora` command group: info, convert, resize, merge."""
+def register(sub: argparse._SubParsersAction, extra: tuple = ()) -> None:
+    """Add the `lora` command group: info, convert, resize, merge, and the subcommands that
+    the registrars in `extra` add (layers above this one: bake and schedule of a run)."""
     group = sub.add_parser("lora", help="LoRA files: inspect and convert between layouts")
     lora_sub = group.add_subparsers(dest="lora_command", required=True)
     base_help = (
@@ -212,3 +214,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_rank(p)
     _add_output(p, False, base_help)
     p.set_defaults(func=_merge)
+    for add in extra:
+        add(lora_sub)

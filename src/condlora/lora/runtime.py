@@ -215,6 +215,14 @@ def conditioning(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None
             state.restore(old)
 
 
+def set_condition(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None) -> None:
+    """Store condition (t, y, emb) in the model's wrappers until the next call: for a host
+    loop that calls the model outside a `conditioning` block (a diffusers pipeline, with
+    `condlora.lora.diffusers_callback`). A `conditioning` block inside still takes over."""
+    for state in _states(model):
+        state.set(t=t, y=y, emb=emb)
+
+
 def merge(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None) -> None:
     """Fold the LoRA update at one fixed condition into every wrapped base weight and bias."""
     layers = lora_layers(model)

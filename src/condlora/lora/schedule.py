@@ -73,56 +73,82 @@ class StrengthSchedule(nn.Module):
 
     def to_csv(self, ts: Sequence[float]) -> str:
         """One row per sampling step: step, t, then one strength column per block."""
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["step", "t", *self.blocks])
-        for k, (t, row) in enumerate(zip(ts, self.at_steps(ts), strict=True)):
-            writer.writerow([k, f"{t:.6g}", *(f"{row[b]:.6g}" for b in self.blocks)])
-        return out.getvalue()
+        return steps_csv(self.blocks, ts, self.at_steps(ts))
 
     def keyframes(self, ts: Sequence[float]) -> str:
         """ComfyUI-style hook keyframes: per block, the strength from the start percent of
         each step (step k of n starts at k / n of the sampling)."""
-        n = len(ts)
-        rows = self.at_steps(ts)
-        frames = {
-            block: [
-                {"start_percent": round(k / n, 6), "strength": round(row[block], 6)}
-                for k, row in enumerate(rows)
-            ]
-            for block in self.blocks
-        }
-        return json.dumps({"steps": n, "noise_levels": list(ts), "keyframes": frames}, indent=1)
+        return steps_keyframes(self.blocks, ts, self.at_steps(ts))
 
     def diffusers_callback(self, ts: Sequence[float], adapter: str = "default") -> str:
         """A Python module for diffusers: `set_first(pipe)` before the call, then
         `callback_on_step_end=strength_callback` sets the LoRA adapter's weight of each next
         step. One weight for the whole LoRA: the mean over blocks (per-block strengths are
         in BLOCK_STRENGTHS, and the ComfyUI keyframes)."""
-        rows = self.at_steps(ts)
-        mean = [round(sum(r.values()) / len(r), 6) for r in rows]
-        per_block = {b: [round(r[b], 6) for r in rows] for b in self.blocks}
-        return f'''"""LoRA strength per sampling step, fitted by condlora ({len(ts)} steps).
+        return steps_callback(self.blocks, ts, self.at_steps(ts), [adapter])
 
-    pipe.load_lora_weights(..., adapter_name={adapter!r})
+
+def steps_csv(columns: Sequence[str], ts: Sequence[float], rows: list[dict[str, float]]) -> str:
+    """One row per sampling step: step, t, then one value per column."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["step", "t", *columns])
+    for k, (t, row) in enumerate(zip(ts, rows, strict=True)):
+        writer.writerow([k, f"{t:.6g}", *(f"{row[c]:.6g}" for c in columns)])
+    return out.getvalue()
+
+
+def steps_keyframes(
+    columns: Sequence[str], ts: Sequence[float], rows: list[dict[str, float]]
+) -> str:
+    """ComfyUI-style hook keyframes: per column, the strength from the start percent of
+    each step (step k of n starts at k / n of the sampling)."""
+    n = len(ts)
+    frames = {
+        c: [
+            {"start_percent": round(k / n, 6), "strength": round(row[c], 6)}
+            for k, row in enumerate(rows)
+        ]
+        for c in columns
+    }
+    return json.dumps({"steps": n, "noise_levels": list(ts), "keyframes": frames}, indent=1)
+
+
+def steps_callback(
+    columns: Sequence[str],
+    ts: Sequence[float],
+    rows: list[dict[str, float]],
+    adapters: Sequence[str],
+) -> str:
+    """A Python module for diffusers' `callback_on_step_end`. One adapter: its weight at each
+    step is the mean over the columns (blocks; each column in BLOCK_STRENGTHS). Several
+    adapters (one per column, e.g. the segments of a baked run): each its own column."""
+    per_block = {c: [round(r[c], 6) for r in rows] for c in columns}
+    if len(adapters) == 1:
+        weights = [[round(sum(r.values()) / len(r), 6)] for r in rows]
+    else:
+        weights = [[round(r[c], 6) for c in columns] for r in rows]
+    return f'''"""LoRA strength per sampling step, from condlora ({len(ts)} steps).
+
+    pipe.load_lora_weights(..., adapter_name=...)  # each of ADAPTERS
     set_first(pipe)
     pipe(..., num_inference_steps={len(ts)}, callback_on_step_end=strength_callback)
 """
 
-ADAPTER = {adapter!r}
-STRENGTHS = {mean!r}
+ADAPTERS = {list(adapters)!r}
+WEIGHTS = {weights!r}  # per step: one weight per adapter
 BLOCK_STRENGTHS = {per_block!r}
 
 
-def set_first(pipe, adapter=ADAPTER):
-    """The strength of the first step, before the pipeline runs."""
-    pipe.set_adapters([adapter], adapter_weights=[STRENGTHS[0]])
+def set_first(pipe, adapters=ADAPTERS):
+    """The weights of the first step, before the pipeline runs."""
+    pipe.set_adapters(adapters, adapter_weights=WEIGHTS[0])
 
 
-def strength_callback(pipe, step, timestep, callback_kwargs, adapter=ADAPTER):
-    """diffusers' callback_on_step_end: set the strength of the next step."""
-    if step + 1 < len(STRENGTHS):
-        pipe.set_adapters([adapter], adapter_weights=[STRENGTHS[step + 1]])
+def strength_callback(pipe, step, timestep, callback_kwargs, adapters=ADAPTERS):
+    """diffusers' callback_on_step_end: set the weights of the next step."""
+    if step + 1 < len(WEIGHTS):
+        pipe.set_adapters(adapters, adapter_weights=WEIGHTS[step + 1])
     return callback_kwargs
 '''
 
