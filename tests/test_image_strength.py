@@ -187,3 +187,63 @@ def test_one_fit_step_logs_the_loss_and_the_distance_to_the_base_models_own_pred
     assert record["fit"] == pytest.approx(float(fit), rel=1e-4)
     assert record["preserve"] == pytest.approx(float(keep.square().mean()), rel=1e-4)
     assert record["preserve"] > 0
+
+
+def test_schedule_fit_on_a_diffusers_folder_as_it_is(tmp_path, capsys):
+    """`--base` a diffusers pipeline folder: the LoRA names the U-Net's own modules, and a
+    schedule at strength 1 computes W + dW by hand."""
+    diffusers = pytest.importorskip("diffusers")
+    from condlora.cli import main
+    from condlora.image.strength import lora_with_schedule
+    from condlora.image.task import load_base
+    from condlora.lora.formats import write_lora
+
+    from .test_diffusers_arch import tiny_pipeline
+
+    root = tiny_pipeline(tmp_path / "pipe")
+    unet = diffusers.UNet2DModel.from_pretrained(root / "unet")
+    g = torch.Generator().manual_seed(2)
+    modules = {
+        name: ModuleLoRA(
+            torch.randn(2, m.weight.shape[1], generator=g) * 0.3,
+            torch.randn(m.weight.shape[0], 2, generator=g) * 0.3,
+            1.0,
+        )
+        for name, m in unet.named_modules()
+        if name.endswith(("to_q", "to_v"))
+    }
+    write_lora(LoRAWeights(modules), tmp_path / "lora", "diffusers")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(8):
+        pixels = np.random.default_rng(i).integers(0, 256, (16, 16), dtype=np.uint8)
+        Image.fromarray(pixels, "L").save(data / f"{i}.png")
+    argv = ["schedule", "fit", "--base", str(root), "--lora", str(tmp_path / "lora")]
+    argv += ["--data", str(data), "--steps", "2", "--batch", "4"]
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "schedule.safetensors").is_file()
+    assert (tmp_path / "s" / "diffusers_callback.py").is_file()
+
+    cfg, denoiser = load_base(root, data)
+    assert cfg.net.arch == "diffusers" and cfg.diffusion.objective == "ddpm"
+    by_hand = copy.deepcopy(denoiser)
+    layers = dict(by_hand.net.net.unet.named_modules())
+    with torch.no_grad():
+        for name, module in modules.items():
+            layers[name].weight += module.delta()
+    lora_with_schedule(denoiser, tmp_path / "lora", strength=1.0)
+    x = torch.randn(2, 1, 16, 16, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(denoiser(x, 3.0), by_hand(x, 3.0), atol=1e-5, rtol=1e-5)
+        base = load_base(root, data)[1]
+        assert (denoiser(x, 3.0) - base(x, 3.0)).abs().max() > 1e-3  # the LoRA acts
+
+    # a LoRA on a module the U-Net does not have: one line, exit 2, nothing written
+    bad = {"down_blocks.7.attentions.0.to_q": next(iter(modules.values()))}
+    write_lora(LoRAWeights(bad), tmp_path / "bad", "diffusers")
+    capsys.readouterr()
+    argv[argv.index("--lora") + 1] = str(tmp_path / "bad")
+    assert main([*argv, "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("condlora: error:")
+    assert not (tmp_path / "t").exists()

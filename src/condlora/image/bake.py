@@ -37,7 +37,7 @@ from condlora.diffusion import Denoiser
 from condlora.diffusion.precond import DiscretePrecond, EDMPrecond, Preconditioner
 from condlora.image.build import image_channels, num_classes
 from condlora.image.config import Config
-from condlora.image.diffusers_net import DiffusersUNet
+from condlora.image.diffusers_net import backbone_modules
 from condlora.image.strength import sampler_times
 from condlora.image.task import load_run
 from condlora.lora.formats import LoRAWeights, write_lora, write_loras
@@ -53,15 +53,6 @@ CHUNK = 256  # conditions per early-stopped forward pass
 
 class _Stop(Exception):
     """Raised by the first wrapped layer of a pass once the basis weights are read."""
-
-
-def backbone_modules(denoiser: Denoiser) -> tuple[nn.Module, str]:
-    """(the module whose names a LoRA file uses, the prefix of those names in the backbone):
-    the diffusers U-Net itself for `net.arch: diffusers`, else the backbone."""
-    backbone = denoiser.net.net
-    if isinstance(backbone, DiffusersUNet):
-        return backbone.unet, "unet."
-    return backbone, ""
 
 
 def label_of_time(precond: Preconditioner, t: Tensor) -> Tensor:

@@ -97,7 +97,9 @@ def _register_schedule(sub: argparse._SubParsersAction) -> None:
     p = schedule_sub.add_parser(
         "fit", help="learn how strongly a LoRA acts at each noise level (and block)"
     )
-    p.add_argument("--base", required=True, help="the base model: a `condlora train` run")
+    p.add_argument(
+        "--base", required=True, help="the base model: a `condlora train` run or a diffusers folder"
+    )
     p.add_argument("--lora", required=True, help="the LoRA (peft folder, diffusers or kohya)")
     p.add_argument("--data", required=True, help="the LoRA's images (class subfolders)")
     p.add_argument("--out", required=True, help="output folder")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from condlora.core.config import from_dict
 from condlora.core.errors import ConfigError
 from condlora.image.config import Config
 
@@ -124,3 +125,42 @@ def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
             f"the U-Net has {net.num_classes} class embeddings, the data {d.num_classes} "
             "classes (set net.class_conditional: false for an unconditional U-Net)"
         )
+
+
+def is_model_folder(path: str | Path) -> bool:
+    """Does `path` hold a diffusers UNet2DModel (a model folder or a pipeline's unet/)?"""
+    for config in (Path(path) / "config.json", Path(path) / "unet" / "config.json"):
+        if config.is_file():
+            try:
+                return json.loads(config.read_text()).get("_class_name") == "UNet2DModel"
+            except (OSError, ValueError):
+                return False
+    return False
+
+
+def folder_config(path: str | Path, data: str | Path) -> Config:
+    """The image Config of a diffusers folder used as it is (a frozen base, no run of its
+    own): its U-Net's image size and classes, its scheduler's objective (epsilon on DDPM's
+    linear betas without one), DDIM with 50 steps, and the image folder `data`."""
+    c = json.loads((model_folder(path) / "config.json").read_text())
+    size = c.get("sample_size", 32)
+    size = size if isinstance(size, int) else size[0]
+    classes = int(c.get("num_class_embeds") or 0)
+    objective, schedule, steps = scheduler_objective(path) or ("ddpm", "linear", 1000)
+    data_cfg = {"name": "folder", "path": str(data), "resolution": size}
+    data_cfg |= {"channels": int(c.get("in_channels", 3)), "num_classes": classes or -1}
+    diffusion = {"objective": objective, "schedule": schedule, "num_timesteps": steps}
+    diffusion |= {"sampler": "ddim", "sample_steps": 50}
+    net = {"arch": "diffusers", "pretrained": str(path), "class_conditional": bool(classes)}
+    return from_dict(
+        Config, {"name": Path(path).name, "data": data_cfg, "net": net, "diffusion": diffusion}
+    )
+
+
+def backbone_modules(denoiser: nn.Module) -> tuple[nn.Module, str]:
+    """(the module whose names a LoRA file uses, the prefix of those names in the backbone):
+    the diffusers U-Net itself for `net.arch: diffusers`, else the backbone."""
+    backbone = denoiser.net.net
+    if isinstance(backbone, DiffusersUNet):
+        return backbone.unet, "unet."
+    return backbone, ""

@@ -34,7 +34,8 @@ from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.data import load_image_folder
 from condlora.diffusion import Denoiser
 from condlora.image.build import ConditionedNet
-from condlora.image.task import load_run
+from condlora.image.diffusers_net import backbone_modules
+from condlora.image.task import load_base
 from condlora.lora.formats import LoRAWeights, base_modules_of, read_lora
 from condlora.lora.schedule import (
     ONE_BLOCK,
@@ -68,7 +69,7 @@ def attach_schedule(
     if not isinstance(denoiser.net, ConditionedNet):
         raise CondloraError("a schedule needs an image run's denoiser (`condlora train`)")
     deltas = {name: module.delta() for name, module in lora.modules.items()}
-    schedule = apply_schedule(denoiser.net.net, deltas, bins, per_block)
+    schedule = apply_schedule(backbone_modules(denoiser)[0], deltas, bins, per_block)
     follow_noise_level(denoiser.net, schedule, denoiser.precond.time_of_label)
     return schedule
 
@@ -148,9 +149,8 @@ def fit_from_files(
 ) -> StrengthSchedule:
     """`condlora schedule fit`: read the run, the LoRA and the images, fit, write into out."""
     check_output_folder(out, "--out")
-    cfg, denoiser, _ = load_run(run)
-    backbone = denoiser.net.net
-    lora = read_lora(lora_path, base_modules_of(backbone))
+    cfg, denoiser = load_base(run, data)
+    lora = read_lora(lora_path, base_modules_of(backbone_modules(denoiser)[0]))
     images, labels, names = load_image_folder(data, cfg.data.resolution, cfg.data.channels)
     if cfg.net.class_conditional and labels is None:
         raise CondloraError(
@@ -210,7 +210,7 @@ def lora_with_schedule(
 ) -> StrengthSchedule:
     """`condlora sample --lora FILE [--schedule DIR | --strength S]`: the run's denoiser with
     a static LoRA applied at a fitted schedule (or at a constant strength)."""
-    lora = read_lora(lora_path, base_modules_of(denoiser.net.net))
+    lora = read_lora(lora_path, base_modules_of(backbone_modules(denoiser)[0]))
     if schedule_path is None:
         schedule = attach_schedule(denoiser, lora, bins=1)
         with torch.no_grad():

@@ -24,6 +24,7 @@ from condlora.diffusion import Denoiser
 from condlora.image.build import build_data, build_denoiser, num_classes
 from condlora.image.checks import check_model_size
 from condlora.image.config import Config
+from condlora.image.diffusers_net import folder_config, is_model_folder
 from condlora.image.generate import save_sample_grid
 from condlora.image.pretrained import init_from
 from condlora.train.checkpoint import (
@@ -197,6 +198,16 @@ def load_run(
     denoiser = build_denoiser(cfg)
     load_state_checked(denoiser, ema, f"{path} (EMA)")
     return cfg, denoiser.to(device).eval(), step
+
+
+def load_base(path: str | Path, data: str | Path) -> tuple[Config, Denoiser]:
+    """(config, denoiser) of a base model: a `condlora train` run (its EMA weights), or a
+    local diffusers UNet2DModel folder used as it is, with the images of `data`."""
+    if not (Path(path) / EMA_NAME).exists() and is_model_folder(path):
+        cfg = folder_config(path, data)
+        return cfg, build_denoiser(cfg).eval()
+    cfg, denoiser, _ = load_run(path)
+    return cfg, denoiser
 
 
 def saved_step(run_dir: Path, cfg: Config) -> int:
