@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from condlora.cli import main
 from condlora.core.errors import LoRAError
 from condlora.lora.formats import read_lora
+from condlora.lora.formats.keys import ldm_table
 from condlora.lora.formats.kohya import kohya_stem
-from condlora.lora.formats.names import ldm_table
 
 from .conftest import merged_by_hand, tiny_unet2d_condition
 

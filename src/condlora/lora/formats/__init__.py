@@ -3,7 +3,7 @@
 weights = read_lora("my_lora/")                # peft folder, diffusers, kohya or ComfyUI file
 write_lora(weights, "out.safetensors", "kohya")  # alpha kept: same dW in every layout
 
-Older diffusers keys, LDM module names and text encoders are read too (keys.py, names.py,
+Older diffusers keys, LDM module names and text encoders are read too (keys.py,
 single.py); LyCORIS kinds and DoRA with read_lora(..., other_kinds=True) (kinds.py); exact-dW
 SVD for resizing, merging and writing other kinds as plain LoRA in svd.py.
 """

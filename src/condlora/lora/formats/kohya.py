@@ -21,8 +21,7 @@ import torch
 from torch import Tensor
 
 from condlora.core.errors import LoRAError
-from condlora.lora.formats.keys import TEXT_2, is_text_module
-from condlora.lora.formats.names import ldm_table
+from condlora.lora.formats.keys import TEXT_2, is_text_module, ldm_table
 from condlora.lora.formats.weights import BaseMismatch, LoRAWeights, ModuleLoRA, clean_number
 
 UNET_PREFIX = "lora_unet_"

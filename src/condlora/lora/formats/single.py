@@ -1,7 +1,7 @@
 """Single-file LoRAs (diffusers old and new, kohya SD 1.x / SDXL, ComfyUI) -> LoRAWeights.
 
 Every key is parsed (keys.py), grouped by module, and its module name mapped to the base
-model's path (names.py); keys that are no LoRA factor or alpha are kept by name with the
+model's path (keys.py); keys that are no LoRA factor or alpha are kept by name with the
 reason in `LoRAWeights.unmapped`. Scale per module: its `.alpha` / r if the file has one, else
 the LoraConfig in the file metadata (diffusers), else 1 (kohya: alpha = r; diffusers: the same).
 """
@@ -19,13 +19,15 @@ from condlora.lora.formats.keys import (
     TEXT,
     UNET,
     ParsedKey,
+    clip_path,
     is_text_module,
     key_layout,
+    ldm_table,
+    looks_ldm,
     parse_key,
 )
 from condlora.lora.formats.kinds import ModuleDelta, check_parts, kind_of
 from condlora.lora.formats.kohya import header_hints, kohya_stem, resolve, stem_table
-from condlora.lora.formats.names import clip_path, ldm_table, looks_ldm
 from condlora.lora.formats.peft import check_config, config_scales
 from condlora.lora.formats.weights import (
     BaseModules,
