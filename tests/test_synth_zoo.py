@@ -102,6 +102,12 @@ def test_zoo_with_other_settings_in_the_same_folder_is_refused(base_run, tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "another config" in err[0] and err[0].startswith("condlora: error:")
     assert (tmp_path / "loras" / "zoo.json").read_text() == before
+    # the same settings, another batch size: a rerun, not a refusal (its results are the same)
+    assert zoo(base_run, subjects, tmp_path / "loras", "subjects_per_batch=5") == 0
+    # the default targets (a tuple in the config) read back from zoo.json as the same
+    args = ["synth", "zoo", "--base", str(base_run), "--subjects", str(subjects)]
+    args += ["--out", str(tmp_path / "plain"), "--quiet", "steps=2"]
+    assert main(args) == 0 and main(args) == 0
 
 
 def test_zoo_writes_embeddings_that_collect_takes(base_run, tmp_path, capsys, monkeypatch):
@@ -215,3 +221,42 @@ def test_synth_eval_on_the_tiny_demo_writes_its_table(tiny_demo, tmp_path, one_t
         sample_with(base, [zero, zero], cfg, 4, seed=3),
         sample_with(base, None, cfg, 4, seed=3).expand(2, -1, -1, -1, -1),
     )
+
+
+def test_zoo_on_a_diffusers_unet_folder_names_the_unets_own_modules(tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    from .test_diffusers_arch import tiny_pipeline
+
+    root = tiny_pipeline(tmp_path / "pipe")  # unconditional UNet2DModel, 1 x 16 x 16
+    subjects = tmp_path / "subjects"
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        (subjects / f"s{s}").mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (16, 16), dtype=np.uint8) // (s + 1)
+            Image.fromarray(pixels, "L").save(subjects / f"s{s}" / f"{i}.png")
+    args = ["synth", "zoo", "--base", str(root), "--subjects", str(subjects)]
+    args += ["--out", str(tmp_path / "loras"), "--quiet", "steps=3", "targets=[to_q, to_v]"]
+    assert main(args) == 0
+    unet = dict(diffusers.UNet2DModel.from_pretrained(root / "unet").named_modules())
+    for s in ("s0", "s1"):
+        lora = read_lora(tmp_path / "loras" / s)
+        assert lora.modules and all(name in unet for name in lora.modules)
+        assert {name.rsplit(".", 1)[1] for name in lora.modules} == {"to_q", "to_v"}
+
+
+def test_a_bank_layer_on_tokens_adds_each_samples_own_lora():
+    from condlora.synthesis.bank import SubjectIds, SubjectLoRA
+
+    torch.manual_seed(0)
+    base, current = torch.nn.Linear(6, 5), SubjectIds()
+    layer = SubjectLoRA(base, num_subjects=3, rank=2, scale=0.5, current=current)
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    x, ids = torch.randn(4, 7, 6), torch.tensor([2, 0, 1, 2])
+    current.ids = ids
+    want = torch.stack(
+        [base(x[i]) + 0.5 * x[i] @ layer.lora_A[k].T @ layer.lora_B[k].T for i, k in enumerate(ids)]
+    )
+    torch.testing.assert_close(layer(x), want)

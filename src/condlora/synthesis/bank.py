@@ -61,8 +61,15 @@ class SubjectLoRA(nn.Module):
         if ids is None or len(ids) != len(x):
             raise CondloraError("set the subject of every sample first: `with subjects(...)`")
         a, b = self.lora_A[ids], self.lora_B[ids]  # (batch, r, in), (batch, out, r)
-        h = x.flatten(2) if self.is_conv else x[:, :, None]  # (batch, in, positions)
+        if self.is_conv:  # (batch, in, *spatial)
+            h = x.flatten(2)
+        elif x.dim() == 2:  # (batch, in)
+            h = x[:, :, None]
+        else:  # tokens (batch, ..., in), as attention layers see them
+            h = x.reshape(len(x), -1, x.shape[-1]).transpose(1, 2)
         delta = torch.bmm(b, torch.bmm(a, h)) * self.scale  # (batch, out, positions)
+        if not self.is_conv and x.dim() > 2:
+            return self.base_layer(x) + delta.transpose(1, 2).reshape(*x.shape[:-1], -1)
         return self.base_layer(x) + delta.reshape(len(x), -1, *x.shape[2:])
 
 

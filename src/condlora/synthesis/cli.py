@@ -210,7 +210,7 @@ def _add_generate(synth_sub: argparse._SubParsersAction) -> None:
 def _zoo(args: argparse.Namespace) -> None:
     from condlora.core.config import from_dict, parse_overrides, read_config
     from condlora.image.build import image_channels, num_classes
-    from condlora.image.task import load_run
+    from condlora.image.task import load_base
     from condlora.synthesis.config import EncoderConfig, ZooConfig
     from condlora.synthesis.encoders import build_encoder
     from condlora.synthesis.zoo import make_zoo, read_subjects, write_embeddings
@@ -222,11 +222,11 @@ def _zoo(args: argparse.Namespace) -> None:
     encoder = None  # built first, so that a bad encoder fails before any training
     if args.encoder:
         encoder = build_encoder(EncoderConfig(kind=args.encoder, path=args.encoder_path or ""))
-    run_cfg, base, step = load_run(args.base)
+    run_cfg, base = load_base(args.base, args.subjects)
     found = read_subjects(
         args.subjects, run_cfg.data.resolution, image_channels(run_cfg), num_classes(run_cfg)
     )
-    base_name = f"{Path(args.base).resolve()} (step {step})"
+    base_name = str(Path(args.base).resolve())
     record = make_zoo(base, found, cfg, args.out, base_name, progress=not args.quiet)
     print(f"{len(found)} subjects in {args.out} ({len(record['seconds'])} fine-tuned so far)")
     if encoder is not None:
@@ -235,7 +235,9 @@ def _zoo(args: argparse.Namespace) -> None:
 
 def _add_zoo(synth_sub: argparse._SubParsersAction) -> None:
     p = synth_sub.add_parser("zoo", help="fine-tune one LoRA per subject folder (a collection)")
-    p.add_argument("--base", required=True, metavar="RUN", help="the base model (condlora run)")
+    p.add_argument(
+        "--base", required=True, metavar="RUN", help="the base: a condlora run or diffusers folder"
+    )
     p.add_argument("--subjects", required=True, metavar="DIR", help="one image folder per subject")
     p.add_argument("--out", required=True, metavar="LORAS", help="folder of peft LoRAs to write")
     p.add_argument("--config", help="zoo YAML config (rank, targets, steps, lr, ...)")
@@ -261,7 +263,7 @@ def _model_dataset(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 def _eval(args: argparse.Namespace) -> None:
     from condlora.image.build import image_channels, num_classes
     from condlora.image.checks import check_seed
-    from condlora.image.task import load_run
+    from condlora.image.task import load_base
     from condlora.metrics import load_classifier
     from condlora.synthesis.encoders import build_encoder
     from condlora.synthesis.generate import SynthModel
@@ -275,7 +277,7 @@ def _eval(args: argparse.Namespace) -> None:
     encoder = build_encoder(_encoder_config(args, model))
     dataset = _model_dataset(args, model)
     judge = load_classifier(args.judge) if args.judge else None
-    cfg, base, _ = load_run(args.base)
+    cfg, base = load_base(args.base, args.subjects)
     held_out = read_subjects(
         args.subjects, cfg.data.resolution, image_channels(cfg), num_classes(cfg)
     )
@@ -301,7 +303,9 @@ def _eval(args: argparse.Namespace) -> None:
 def _add_eval(synth_sub: argparse._SubParsersAction) -> None:
     p = synth_sub.add_parser("eval", help="identity benchmark: every method on held-out subjects")
     p.add_argument("--model", required=True, metavar="DIR", help="model folder (synth train)")
-    p.add_argument("--base", required=True, metavar="RUN", help="the base model (condlora run)")
+    p.add_argument(
+        "--base", required=True, metavar="RUN", help="the base: a condlora run or diffusers folder"
+    )
     p.add_argument("--subjects", required=True, metavar="DIR", help="held-out subject folders")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, grids")
     p.add_argument("--dataset", metavar="DS", help="the collection (default: the model's)")

@@ -37,6 +37,7 @@ from condlora.core.images import save_grid, to_uint8
 from condlora.core.reporting import markdown_table, mean_std, plus_minus, provenance_line
 from condlora.diffusion import Denoiser, sample
 from condlora.image.config import Config
+from condlora.image.diffusers_net import backbone_modules
 from condlora.lora.formats import LoRAWeights, read_lora
 from condlora.metrics import DigitsClassifier, classifier_outputs
 from condlora.synthesis.bank import bank_denoiser, load_subject, subjects
@@ -84,10 +85,12 @@ def sample_with(
     y = None if labels is None else labels.repeat(num)
     denoiser = base
     if loras is not None:
-        rank = max(m.rank for m in loras[0].modules.values())
+        rank = max(m.rank for lora in loras for m in lora.modules.values())
         denoiser = bank_denoiser(base, num, rank, sorted(loras[0].modules)).eval()
+        _, prefix = backbone_modules(base)  # a diffusers U-Net's LoRAs name its own modules
         for k, lora in enumerate(loras):
-            load_subject(denoiser, k, lora)
+            named = {prefix + n: m for n, m in lora.modules.items()}
+            load_subject(denoiser, k, LoRAWeights(named))
     ids = torch.arange(num).repeat_interleave(n)
     generator = torch.Generator().manual_seed(seed + 1)  # per-step noise of ddpm / iddpm
     start = noise.repeat(num, 1, 1, 1)

@@ -3,7 +3,9 @@
 The collection that synthesis learns from is one LoRA per subject on one base model
 (weights2weights: 65k rank-1 LoRAs on `to_q`, `to_v`). Here every subfolder of SUBJECTS is a
 subject (its images flat, or in class subfolders `0/`, `1/`, ... for a class-conditional
-base); its LoRA is fine-tuned on the frozen base with the base's own denoising loss.
+base); its LoRA is fine-tuned on the frozen base (a `condlora train` run, or a diffusers
+UNet2DModel folder as it is, whose LoRAs name the U-Net's own modules) with the base's own
+denoising loss.
 
 Subjects train `subjects_per_batch` at a time in one batched model (`bank.py`: per-sample
 LoRA weights). The loss is the sum of each subject's mean loss and Adam acts per
@@ -36,6 +38,7 @@ from condlora.core.files import check_folder_name, check_output_folder, write_te
 from condlora.core.safetensors_io import write_weights
 from condlora.data.images import folder_layout, load_image_folder
 from condlora.diffusion import Denoiser, EDMPrecond, Preconditioner
+from condlora.image.diffusers_net import backbone_modules
 from condlora.lora.formats import LoRAWeights, write_lora
 from condlora.lora.formats.peft import WEIGHTS_NAME
 from condlora.synthesis.bank import bank_denoiser, subject_lora, subjects
@@ -158,7 +161,8 @@ def fine_tune_subjects(
     base: Denoiser, members: list[Subject], cfg: ZooConfig, progress: bool = False
 ) -> list[LoRAWeights]:
     """The LoRA of each subject, fine-tuned together on the frozen base (one batched model)."""
-    bank = bank_denoiser(base, len(members), cfg.rank, list(cfg.targets), cfg.alpha / cfg.rank)
+    scale = cfg.alpha / cfg.rank
+    bank = bank_denoiser(base, len(members), cfg.rank, list(cfg.targets), scale, cfg.seed)
     generators = [torch.Generator().manual_seed(cfg.seed) for _ in members]
 
     def next_batch() -> dict:
@@ -167,7 +171,9 @@ def fine_tune_subjects(
         )
 
     train_bank(bank, cfg.steps, cfg.lr, next_batch, progress)
-    return [subject_lora(bank, k) for k in range(len(members))]
+    _, prefix = backbone_modules(base)  # a diffusers U-Net's LoRA names its own modules
+    loras = [subject_lora(bank, k).modules for k in range(len(members))]
+    return [LoRAWeights({n.removeprefix(prefix): m for n, m in w.items()}) for w in loras]
 
 
 def _check_record(out: Path, record: dict) -> dict:
@@ -208,7 +214,10 @@ def make_zoo(
 ) -> dict:
     """Fine-tune the LoRA of every subject not on disk yet into OUT; returns the record."""
     out = check_output_folder(out, "--out")
-    record = _check_record(out, {"config": to_dict(cfg), "base": base_name})
+    # the settings as JSON has them; how many subjects share a batch changes no result
+    settings = json.loads(json.dumps(to_dict(cfg)))
+    settings.pop("subjects_per_batch")
+    record = _check_record(out, {"config": settings, "base": base_name})
     pending = [s for s in found if not (out / s.name / WEIGHTS_NAME).is_file()]
     size = cfg.subjects_per_batch
     batches = [pending[i : i + size] for i in range(0, len(pending), size)]
