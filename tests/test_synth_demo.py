@@ -360,6 +360,8 @@ def test_tiny_demo_end_to_end_then_reused(tiny_demo, one_thread):
     methods = ["fine-tuned", *generative, "pca-ridge", "nearest", "no LoRA"]
     for method in methods:
         assert f"| {method} |" in text
+    assert "**Not representative:**" in text  # the tiny demo is not the full one
+    assert "One seed (0) and one collection per size" in text
     for name in ("curve.png", "grid-s0006.png", "scores.json", "stages.json"):
         assert (out / name).is_file()
     assert len(list((out / "zoo" / "train").iterdir())) == 6
@@ -437,6 +439,11 @@ def test_report_states_the_papers_two_claims_from_the_rows():
     assert "0.800 on latents against 0.700 on raw vectors" in text
     assert "0.500 against 1.400" in text
     assert "0.800 with ADALoRA against 0.640 with AdaNorm (+25%)" in text
+    assert text.count("**holds here**") == 2  # both ahead by far more than 0.01 ± 0.01
+    rows[1] = row("VAE + prior (AdaNorm)", 0.81, 0.6)  # now AdaNorm is ahead, by 0.01
+    assert "**not separated here**" in "\n".join(claims(rows))
+    rows[1] = row("VAE + prior (AdaNorm)", 0.9, 0.6)
+    assert "**does not hold here**" in "\n".join(claims(rows))
     assert claims(rows[:1]) == []  # nothing to compare: no section
 
 

@@ -78,8 +78,19 @@ def curve_table(curve: Curve) -> list[str]:
 LATENT, RAW, ADANORM = "VAE + prior (ADALoRA)", "raw diffusion (ADALoRA)", "VAE + prior (AdaNorm)"
 
 
+def verdict(better: tuple[float, float], worse: tuple[float, float]) -> str:
+    """Does the (mean, std) claimed better beat the other by more than their seeds' spread?"""
+    gap, spread = better[0] - worse[0], (better[1] ** 2 + worse[1] ** 2) ** 0.5
+    if gap > spread:
+        return "**holds here** (ahead by more than the seeds' spread)"
+    if gap < -spread:
+        return "**does not hold here** (behind by more than the seeds' spread)"
+    return "**not separated here** (the difference is within the seeds' spread)"
+
+
 def claims(rows: list[dict]) -> list[str]:
-    """The paper's two claims, as this run's rows show them (nothing when a row is missing)."""
+    """The paper's two claims, as this run's rows show them, each with its verdict from them
+    (nothing when a row is missing)."""
     by = {r["method"]: r for r in rows}
     lines = []
     if LATENT in by and RAW in by:
@@ -88,17 +99,32 @@ def claims(rows: list[dict]) -> list[str]:
             f"- *Diffusion on VAE latents beats diffusion on the raw standardised vectors.* "
             f"Subject score {lat['subject_score'][0]:.3f} on latents against "
             f"{raw['subject_score'][0]:.3f} on raw vectors; LoRA MSE to the fine-tuned LoRA "
-            f"{lat['mse'][0]:.3f} against {raw['mse'][0]:.3f}."
+            f"{lat['mse'][0]:.3f} against {raw['mse'][0]:.3f}. Verdict on the subject score: "
+            f"{verdict(lat['subject_score'], raw['subject_score'])}."
         )
     if LATENT in by and ADANORM in by:
-        ada, norm = by[LATENT]["subject_score"][0], by[ADANORM]["subject_score"][0]
-        gain = 100 * (ada / norm - 1) if norm > 0 else float("nan")
+        ada, norm = by[LATENT]["subject_score"], by[ADANORM]["subject_score"]
+        gain = 100 * (ada[0] / norm[0] - 1) if norm[0] > 0 else float("nan")
         lines.append(
             f"- *ADALoRA conditioning gives about 30% more identity similarity than AdaNorm.* "
-            f"Subject score {ada:.3f} with ADALoRA against {norm:.3f} with AdaNorm "
-            f"({gain:+.0f}%), the same VAE, prior size and training steps."
+            f"Subject score {ada[0]:.3f} with ADALoRA against {norm[0]:.3f} with AdaNorm "
+            f"({gain:+.0f}%), the same VAE, prior size and training steps. Verdict: "
+            f"{verdict(ada, norm)}."
         )
     return ["## The paper's two claims, in miniature", "", *lines, ""] if lines else []
+
+
+def _not_representative(info: dict) -> list[str]:
+    """A warning paragraph for a demo smaller than the full one (`--quick`, tests)."""
+    if info.get("full", True):
+        return []
+    return [
+        f"**Not representative:** a smaller demo than the full one (`--quick`: "
+        f"{info['num_train']} training subjects instead of 200, shorter training); its "
+        "scores and the order of the methods can differ from the full demo's "
+        "(docs/RESULTS.md). Run `condlora synth demo` without `--quick` to compare methods.",
+        "",
+    ]
 
 
 def stage_table(stages: dict[str, str]) -> list[str]:
@@ -123,6 +149,7 @@ def render_demo_report(
         "",
         provenance_line(),
         "",
+        *_not_representative(info),
         f"A *subject* is a handwriting style (stroke width, slant, rotation, scale: "
         f"{info['ranges']}). Zoo: {info['num_train']} training and {info['num_heldout']} held-out "
         f"subjects, one rank-{info['rank']} LoRA each ({info['lora_numbers']:,} numbers, on "
@@ -150,6 +177,10 @@ def render_demo_report(
         "",
         *claims(rows),
         "## Normalised subject score against the size of the collection",
+        "",
+        f"One seed ({seeds[0]}) and one collection per size: unlike the table above "
+        f"({len(seeds)} seeds), these points carry no spread, so differences between methods "
+        "here may be noise.",
         "",
         "![curve](curve.png)",
         "",

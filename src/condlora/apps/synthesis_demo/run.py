@@ -188,6 +188,7 @@ def _report_info(
     ranges = ", ".join(f"{f} {getattr(cfg.ranges, f)}" for f in FACTORS)
     return {
         "seeds": cfg.score_seeds,
+        "full": cfg == DemoConfig(),
         "ranges": ranges,
         "num_train": cfg.num_train,
         "num_heldout": cfg.num_heldout,
