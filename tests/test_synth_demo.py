@@ -361,6 +361,7 @@ def test_tiny_demo_end_to_end_then_reused(tiny_demo, one_thread):
     for method in methods:
         assert f"| {method} |" in text
     assert "**Not representative:**" in text  # the tiny demo is not the full one
+    assert "## Each method against nearest, subject by subject" in text
     assert "One seed (0) and one collection per size" in text
     for name in ("curve.png", "grid-s0006.png", "scores.json", "stages.json"):
         assert (out / name).is_file()
@@ -455,3 +456,32 @@ def test_cli_refuses_no_workers_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--workers must be >= 1, got 0" in err[0]
     assert not out.exists()  # refused before anything is written
+
+
+def test_paired_differences_to_nearest_match_a_plain_t_interval(tmp_path):
+    from scipy import stats as scipy_stats
+
+    from condlora.apps.synthesis_demo.report import paired_table
+    from condlora.apps.synthesis_demo.scoring import ScoreStore, paired_differences, run_key
+
+    store = ScoreStore(tmp_path / "scores.json")
+    scores = {  # method -> seed -> per-subject scores (4 subjects)
+        "nearest": {0: [0.5, 0.6, 0.7, 0.4], 1: [0.5, 0.7, 0.6, 0.4]},
+        "gen": {0: [0.7, 0.8, 0.6, 0.6], 1: [0.9, 0.8, 0.8, 0.5]},
+    }
+    for method, by_seed in scores.items():
+        for seed, values in by_seed.items():
+            store.put(run_key(method, 10, seed), {"subject_score": values})
+    (row,) = paired_differences(store, ["gen"], "nearest", 10, (0, 1))
+    d = [
+        (g0 + g1) / 2 - (n0 + n1) / 2
+        for g0, g1, n0, n1 in zip(*scores["gen"].values(), *scores["nearest"].values(), strict=True)
+    ]
+    mean = sum(d) / 4
+    sd = (sum((x - mean) ** 2 for x in d) / 3) ** 0.5
+    half = scipy_stats.t.ppf(0.975, 3) * sd / 2
+    assert row["mean"] == pytest.approx(mean) and row["high"] == pytest.approx(mean + half)
+    assert row["ahead"] == sum(x > 0 for x in d) and row["subjects"] == 4
+    text = "\n".join(paired_table([row], 2))
+    verdict = "Clearly ahead of nearest" if mean - half > 0 else "No method is clearly ahead"
+    assert verdict in text

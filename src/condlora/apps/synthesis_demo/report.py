@@ -127,6 +127,41 @@ def _not_representative(info: dict) -> list[str]:
     ]
 
 
+REFERENCE = "nearest"  # the strongest simple baseline: what a generated LoRA must beat
+
+
+def paired_table(paired: list[dict], seeds: int) -> list[str]:
+    """Each method against the nearest LoRA, subject by subject, with a plain verdict."""
+    if not paired:
+        return []
+    k = paired[0]["subjects"]
+    lines = [
+        f"## Each method against {REFERENCE}, subject by subject",
+        "",
+        f"Per held-out subject, the method's subject score minus {REFERENCE}'s (each averaged "
+        f"over the {seeds} seeds); the mean and its 95% interval (t) over the {k} subjects, "
+        "and on how many subjects the method is ahead.",
+        "",
+        f"| method | difference to {REFERENCE} | 95% interval | ahead on |",
+        "| --- | --- | --- | --- |",
+    ]
+    for r in paired:
+        lines.append(
+            f"| {r['method']} | {r['mean']:+.3f} | [{r['low']:+.3f}, {r['high']:+.3f}] "
+            f"| {r['ahead']} of {r['subjects']} |"
+        )
+    clear = [r["method"] for r in paired if r["low"] > 0]
+    lines += [
+        "",
+        f"Clearly ahead of {REFERENCE} (95% interval above 0): {', '.join(clear)}."
+        if clear
+        else f"No method is clearly ahead of {REFERENCE} here: every 95% interval reaches 0 "
+        "or lies below it.",
+        "",
+    ]
+    return lines
+
+
 def stage_table(stages: dict[str, str]) -> list[str]:
     """Stage -> time (or how it was reused)."""
     lines = ["| stage | time |", "| --- | --- |"]
@@ -141,6 +176,7 @@ def render_demo_report(
     stages: dict[str, str],
     grids: list[tuple[str, str]],
     row_names: list[str],
+    paired: list[dict] = (),
 ) -> str:
     """The whole report.md (figures referenced by their file names in the same folder)."""
     seeds = info["seeds"]
@@ -175,6 +211,7 @@ def render_demo_report(
         "time per subject; the others time writing the LoRA from the embedding (fit: one-off "
         "training on the collection).",
         "",
+        *paired_table(list(paired), len(seeds)),
         *claims(rows),
         "## Normalised subject score against the size of the collection",
         "",

@@ -37,6 +37,7 @@ from condlora.apps.synthesis_demo.scoring import (
     ScoreStore,
     Scoring,
     normalised,
+    paired_differences,
     run_key,
     score_method,
     summary_rows,
@@ -241,7 +242,11 @@ def _write_report(
         report.save_subject_grid(rows_g, out / file)
         grids.append((f"{subs.names[i]}: {describe(subs.styles[i])}", file))
     names = ["real styled digits"] + [m.name for m in methods]
-    text = report.render_demo_report(info, rows, curve, clock.times, grids, names)
+    others = [m.name for m in methods if m.name not in (report.REFERENCE, "no LoRA")]
+    paired = []
+    if any(m.name == report.REFERENCE for m in methods):
+        paired = paired_differences(store, others, report.REFERENCE, full, tuple(cfg_seeds))
+    text = report.render_demo_report(info, rows, curve, clock.times, grids, names, paired)
     path = out / "report.md"
     write_text_atomic(path, text)
     return path

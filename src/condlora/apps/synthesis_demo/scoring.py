@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -222,6 +223,37 @@ def summary_rows(store: ScoreStore, methods: list[Method], full: int, seeds: tup
                     store.seed_values(m.name, full, seeds, "seconds_per_lora")
                 ),
                 "fit_seconds": seed_mean_std(store.seed_values(m.name, full, seeds, "fit_seconds")),
+            }
+        )
+    return rows
+
+
+def subject_means(store: ScoreStore, method: str, size: int, seeds: tuple) -> Tensor:
+    """[M] each held-out subject's subject score, averaged over the seeds."""
+    runs = [store.runs[run_key(method, size, s)]["subject_score"] for s in seeds]
+    return torch.tensor(runs, dtype=torch.float64).mean(dim=0)
+
+
+def paired_differences(
+    store: ScoreStore, methods: list[str], reference: str, full: int, seeds: tuple
+) -> list[dict]:
+    """Per method: the per-subject difference of its subject score to `reference`'s (both
+    averaged over the seeds), its mean and 95% t-interval over the held-out subjects, and
+    how many subjects it is ahead on."""
+    base = subject_means(store, reference, full, seeds)
+    rows = []
+    for m in methods:
+        d = subject_means(store, m, full, seeds) - base
+        k = len(d)
+        half = float(stats.t.ppf(0.975, k - 1) * d.std() / math.sqrt(k)) if k > 1 else math.nan
+        rows.append(
+            {
+                "method": m,
+                "mean": float(d.mean()),
+                "low": float(d.mean()) - half,
+                "high": float(d.mean()) + half,
+                "ahead": int((d > 0).sum()),
+                "subjects": k,
             }
         )
     return rows
