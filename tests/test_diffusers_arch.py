@@ -3,6 +3,7 @@ sampled like any run; the pipeline's scheduler decides the objective."""
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from condlora.core.errors import ConfigError
 from condlora.image.config import load_config
@@ -57,6 +58,30 @@ def test_lora_trains_on_a_frozen_diffusers_unet_and_samples(tmp_path, method):
     assert lora and any(v.abs().sum() > 0 for v in lora.values())  # the LoRA trained
     images = generate(denoiser, cfg, 4, steps=3, seed=0)
     assert images.shape == (4, 1, 16, 16) and torch.isfinite(images).all()
+    # the run's files hold what it trained, not the frozen base (read from its folder)
+    for name, part in (("ema.safetensors", ""), ("checkpoint.safetensors", "model.")):
+        keys = list(load_file(tmp_path / "run" / name))
+        weights = [k.removeprefix(part) for k in keys if k.startswith(part)]
+        assert weights and not any(".base_layer." in k or "conv_in" in k for k in weights)
+        assert {k for k in weights if "lora_" in k} == {
+            k for k in denoiser.state_dict() if "lora_" in k
+        }
+
+
+def test_a_frozen_base_run_resumes_from_its_small_checkpoint(tmp_path):
+    root = tiny_pipeline(tmp_path / "pipe")
+    base = diffusers.UNet2DModel.from_pretrained(root / "unet").state_dict()
+    cfg = config(root, "lora.method=uc", "lora.mlp_widths=[16, 8]", "lora.mlp_groups=4")
+    train(cfg, tmp_path / "run", progress=False)
+    before = load_file(tmp_path / "run" / "checkpoint.safetensors")
+    train(cfg, tmp_path / "run", resume=True, max_steps=3, progress=False)
+    _, denoiser, step = load_run(tmp_path / "run")
+    assert step == 3
+    state = {k.replace(".base_layer", ""): v for k, v in denoiser.net.net.unet.state_dict().items()}
+    assert all(torch.equal(state[k], v) for k, v in base.items())  # the base read from its folder
+    after = load_file(tmp_path / "run" / "checkpoint.safetensors")
+    assert sorted(after) == sorted(before)  # the same small set of tensors
+    assert any(not torch.equal(after[k], before[k]) for k in after if "lora_B" in k)
 
 
 def test_a_config_that_does_not_fit_the_model_is_one_line(tmp_path):

@@ -13,6 +13,7 @@ import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import torch
@@ -202,9 +203,12 @@ def load_state_checked(
     state: Mapping[str, torch.Tensor],
     where: str,
     error: type[Exception] = CondloraError,
+    skip: AbstractSet[str] = frozenset(),
 ) -> None:
-    """load_state_dict after checking keys and shapes: `error` in one line if they differ."""
-    problems = describe_mismatch(module.state_dict(), state)
+    """load_state_dict after checking keys and shapes: `error` in one line if they differ.
+    `skip`: keys the module holds already and the state leaves out (a frozen pretrained base)."""
+    expected = {k: v for k, v in module.state_dict().items() if k not in skip}
+    problems = describe_mismatch(expected, state)
     if problems:
         raise error(f"{where} does not fit the model: {problems}")
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=not skip)

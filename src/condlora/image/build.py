@@ -103,6 +103,7 @@ def build_net(cfg: Config) -> nn.Module:
     if n.arch == "diffusers":
         net = load_unet(n.pretrained)
         check_against_model(cfg, net)
+        net.frozen_base = not n.train_base  # checkpoints leave a frozen base out
         return net.requires_grad_(True) if n.train_base else net
     try:
         if n.arch == "adm":

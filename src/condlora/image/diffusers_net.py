@@ -33,6 +33,13 @@ class DiffusersUNet(nn.Module):
         super().__init__()
         self.unet = unet
         self.num_classes = int(unet.config.num_class_embeds or 0)
+        self.frozen_base = True  # net.train_base false: the folder's weights stay as they are
+        self._pretrained = frozenset(self.state_dict())  # before any LoRA is injected
+
+    def from_pretrained_state(self, key: str) -> bool:
+        """Is this state-dict entry the folder's own frozen weight (a LoRA-wrapped layer's
+        `base_layer` included)? Then checkpoints leave it out (`train.checkpoint`)."""
+        return self.frozen_base and key.replace(".base_layer.", ".") in self._pretrained
 
     def forward(
         self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None

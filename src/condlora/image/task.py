@@ -31,6 +31,7 @@ from condlora.train.checkpoint import (
     CHECKPOINT_NAME,
     EMA_NAME,
     checkpoint_config,
+    pretrained_keys,
     read_checkpoint,
     read_ema_model,
 )
@@ -192,11 +193,13 @@ def load_run(
             f"no {EMA_NAME} (nor {CHECKPOINT_NAME}) in {run_dir}: is it a `condlora train` folder?"
         )
     cfg, step, ema = read_ema_model(path, Config, IMAGE_KIND)
-    # the stored config must not build a model larger than the weights the file holds
-    if check_model_size(cfg) > sum(t.numel() for t in ema.values()):
+    # the stored config must not build a model larger than the weights the file holds (a
+    # frozen diffusers base is read from its own folder: only the rest is in the file)
+    frozen_base = cfg.net.arch == "diffusers" and not cfg.net.train_base
+    if not frozen_base and check_model_size(cfg) > sum(t.numel() for t in ema.values()):
         raise CondloraError(f"{path}: its EMA weights are fewer than its config's model needs")
     denoiser = build_denoiser(cfg)
-    load_state_checked(denoiser, ema, f"{path} (EMA)")
+    load_state_checked(denoiser, ema, f"{path} (EMA)", skip=pretrained_keys(denoiser))
     return cfg, denoiser.to(device).eval(), step
 
 

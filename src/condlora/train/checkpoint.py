@@ -114,6 +114,25 @@ def _unflat_optimizer(tensors: dict[str, torch.Tensor], groups: str, path: Path)
     return {"state": state, "param_groups": param_groups}
 
 
+def pretrained_keys(model: nn.Module) -> set[str]:
+    """State-dict keys that building the model reloads from a frozen pretrained base: those
+    for which a submodule's `from_pretrained_state(key)` says so (the LoRA on such a base is
+    not). Checkpoints and EMA files leave them out, so a LoRA run on a large base stays small."""
+    keys = set()
+    for prefix, module in model.named_modules():
+        owns = getattr(module, "from_pretrained_state", None)
+        if owns is not None:
+            head = f"{prefix}." if prefix else ""
+            keys |= {head + k for k in module.state_dict() if owns(k)}
+    return keys
+
+
+def saved_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without its frozen pretrained base (`pretrained_keys`)."""
+    skip = pretrained_keys(model)
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
+
+
 def save_checkpoint(
     path: Path,
     cfg: Any,
@@ -124,8 +143,8 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
 ) -> None:
     """Write the checkpoint atomically (temporary file, then rename: no half-written file)."""
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    tensors = {f"model.{k}": v for k, v in saved_state(model).items()}
+    tensors.update({f"ema.{k}": v for k, v in saved_state(ema).items()})
     optim_tensors, groups = _flat_optimizer(optimizer.state_dict())
     tensors.update(optim_tensors)
     metadata = {
@@ -228,15 +247,15 @@ def load_training_state(
     path: Path, parts: dict[str, dict], model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer
 ) -> None:
     """Model, EMA and optimizer from a checkpoint's parts, each checked before it is loaded."""
-    load_state_checked(model, parts["model"], f"{path} (model)")
-    load_state_checked(ema, parts["ema"], f"{path} (EMA)")
+    load_state_checked(model, parts["model"], f"{path} (model)", skip=pretrained_keys(model))
+    load_state_checked(ema, parts["ema"], f"{path} (EMA)", skip=pretrained_keys(ema))
     load_optimizer_state(opt, parts["optim"], str(path))
 
 
 def save_ema_model(path: Path, cfg: Any, kind: str, step: int, ema: torch.nn.Module) -> None:
     """Write the inference file: the EMA weights with config, kind and step (atomically)."""
     metadata = {"format": EMA_FORMAT, "kind": kind, "config": json.dumps(to_dict(cfg))}
-    write_weights(path, dict(ema.state_dict()), {**metadata, "step": str(step)}, sync=True)
+    write_weights(path, saved_state(ema), {**metadata, "step": str(step)}, sync=True)
 
 
 def ema_model_config(path: Path, cls: type, kind: str) -> tuple[Any, int]:
@@ -269,5 +288,5 @@ def load_ema(
     path = Path(folder) / EMA_NAME
     cfg, step, state = read_ema_model(path, cls, kind)
     module = build(cfg)
-    load_state_checked(module, state, f"{path} (EMA)")
+    load_state_checked(module, state, f"{path} (EMA)", skip=pretrained_keys(module))
     return cfg, step, module.eval()
