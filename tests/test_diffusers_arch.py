@@ -152,3 +152,45 @@ def test_the_digits_example_configs_build_on_its_unet(tmp_path):
         trainable[name] = {n for n, p in denoiser.named_parameters() if p.requires_grad}
     assert all("lora" not in n for n in trainable["baseline"])
     assert trainable["uclora"] and all("lora" in n or "composer" in n for n in trainable["uclora"])
+
+
+def counted(module):
+    """A list that grows by one at every call of the module's forward."""
+    calls, forward = [], module.forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    module.forward = counting
+    return calls
+
+
+@pytest.mark.parametrize("method", ["time", "uc"])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, method):
+    from condlora.image.build import build_denoiser
+
+    root = tiny_pipeline(tmp_path / "pipe")
+    extra = [f"lora.method={method}", "lora.mlp_widths=[16, 8]", "lora.mlp_groups=4"]
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = config(root, *extra, f"net.gradient_checkpointing={str(checkpointing).lower()}")
+        denoiser = build_denoiser(cfg).train()
+        assert denoiser.net.net.unet.is_gradient_checkpointing == checkpointing
+        with torch.no_grad():  # a fresh LoRA's B = 0 would give A no gradient
+            for name, p in denoiser.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        # a checkpointed block runs again in the backward pass (hooks do not see it)
+        calls = counted(denoiser.net.net.unet.up_blocks[-1].resnets[0])  # after a LoRA
+        g = torch.Generator().manual_seed(2)
+        x0 = torch.randn(4, 1, 16, 16, generator=g)
+        denoiser.loss(x0, generator=g).backward()
+        assert len(calls) == (2 if checkpointing else 1)
+        grads.append(
+            {n: p.grad.clone() for n, p in denoiser.named_parameters() if p.grad is not None}
+        )
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)

@@ -104,6 +104,8 @@ def build_net(cfg: Config) -> nn.Module:
         net = load_unet(n.pretrained)
         check_against_model(cfg, net)
         net.frozen_base = not n.train_base  # checkpoints leave a frozen base out
+        if n.gradient_checkpointing:
+            net.unet.enable_gradient_checkpointing()
         return net.requires_grad_(True) if n.train_base else net
     try:
         if n.arch == "adm":

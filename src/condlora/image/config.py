@@ -97,6 +97,8 @@ class NetConfig(Checked):
     dropout: float = 0.0  # dropout in residual blocks
     pretrained: str | None = None  # arch diffusers: a local UNet2DModel or pipeline folder
     train_base: bool = False  # arch diffusers: train the U-Net's own weights too (else frozen)
+    gradient_checkpointing: bool = False  # arch diffusers: recompute block activations in the
+    # backward pass (less memory, about a third more time)
 
     CHECKS: ClassVar[dict] = {
         "arch": OneOf(ARCHS),
@@ -181,6 +183,8 @@ class Config(Checked):
             raise ConfigError("net.pretrained (a diffusers folder) goes with net.arch diffusers")
         if net.train_base and net.arch != "diffusers":
             raise ConfigError("net.train_base goes with net.arch diffusers (others train all)")
+        if net.gradient_checkpointing and net.arch != "diffusers":
+            raise ConfigError("net.gradient_checkpointing goes with net.arch diffusers")
         if net.cond_mode != "scale_shift" and method == "none":
             raise ConfigError(
                 f"{key('net')}.cond_mode '{net.cond_mode}' adds LoRA conditioning: set "
