@@ -191,7 +191,7 @@ def test_synth_eval_on_the_tiny_demo_writes_its_table(tiny_demo, tmp_path, one_t
     args += ["--base", str(folder / "base"), "--subjects", str(subjects), "--out", str(out)]
     args += ["--finetuned", str(folder / "zoo" / "heldout"), "--encoder", "digits"]
     args += ["--encoder-path", str(folder)]
-    args += ["--judge", str(folder / "judge.safetensors"), "--num", "10"]
+    args += ["--judge", str(folder / "judge.safetensors"), "--num", "10", "--quiet"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
     rows = {

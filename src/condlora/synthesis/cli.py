@@ -294,6 +294,7 @@ def _eval(args: argparse.Namespace) -> None:
         judge,
         args.num,
         args.seed,
+        progress=not args.quiet,
     )
     for row in summary_rows(results):
         print(" | ".join(row))
@@ -314,6 +315,7 @@ def _add_eval(synth_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--judge", metavar="FILE", help="a digits classifier: class accuracy too")
     p.add_argument("--num", type=int, default=10, help="samples per subject and method")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
 
 

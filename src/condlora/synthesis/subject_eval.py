@@ -34,7 +34,13 @@ from torch import Tensor
 from condlora.core.errors import DataError
 from condlora.core.files import check_output_folder, write_text_atomic
 from condlora.core.images import save_grid, to_uint8
-from condlora.core.reporting import markdown_table, mean_std, plus_minus, provenance_line
+from condlora.core.reporting import (
+    markdown_table,
+    mean_std,
+    plus_minus,
+    progress_bar,
+    provenance_line,
+)
 from condlora.diffusion import Denoiser, sample
 from condlora.image.config import Config
 from condlora.image.diffusers_net import backbone_modules
@@ -171,6 +177,7 @@ def evaluate_subjects(  # noqa: PLR0913 - what the benchmark compares, one argum
     judge: DigitsClassifier | None = None,
     num: int = 10,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, dict[str, dict]]:
     """Score every method on every held-out subject; write the report into OUT; return
     {subject: {method: {"score", "accuracy"}}}."""
@@ -184,7 +191,11 @@ def evaluate_subjects(  # noqa: PLR0913 - what the benchmark compares, one argum
         loras[FINE_TUNED] = [read_lora(finetuned / s.name) for s in held_out]
     loras[NO_LORA] = None
     labels = sample_labels(cfg, num)
-    samples = {m: sample_with(base, ls, cfg, num, seed) for m, ls in loras.items()}
+    samples = {}
+    with progress_bar(progress, total=len(loras), desc="sampling (methods)") as bar:
+        for method, method_loras_ in loras.items():
+            samples[method] = sample_with(base, method_loras_, cfg, num, seed)
+            bar.update()
     results: dict[str, dict[str, dict]] = {}
     for k, subject in enumerate(held_out):
         rows = []
