@@ -194,3 +194,63 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, method):
     assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
+
+
+def tiny_dit_pipeline(root, learn_sigma=False):
+    """A DiT pipeline folder made by diffusers itself: transformer/ (a class-conditional
+    DiTTransformer2DModel on 1 x 16 x 16, 10 classes) and scheduler/."""
+    torch.manual_seed(0)
+    dit = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=1,
+        out_channels=2 if learn_sigma else None,
+        num_layers=2,
+        sample_size=16,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=1,
+    )
+    dit.save_pretrained(root / "transformer")
+    diffusers.DDPMScheduler().save_pretrained(root / "scheduler")
+    return root
+
+
+@pytest.mark.parametrize("method", ["time", "uc"])
+def test_lora_trains_on_a_frozen_dit_and_samples_by_class(tmp_path, method):
+    from condlora.image.build import build_denoiser
+    from condlora.image.generate import labels_for
+
+    root = tiny_dit_pipeline(tmp_path / "pipe", learn_sigma=True)
+    dit = diffusers.DiTTransformer2DModel.from_pretrained(root / "transformer").eval()
+    extra = [f"lora.method={method}", "lora.mlp_widths=[16, 8]", "lora.mlp_groups=4"]
+    cfg = config(root, *extra, "net.class_conditional=true", "lora.targets=[to_q, to_v]")
+    # a fresh LoRA computes what the DiT computes (its epsilon half)
+    fresh = build_denoiser(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    x, t, y = (
+        torch.randn(3, 1, 16, 16, generator=g),
+        torch.tensor([5.0, 300.0, 900.0]),
+        torch.tensor([0, 4, 9]),
+    )
+    with torch.no_grad():
+        want = dit(x, timestep=t, class_labels=y).sample[:, :1]
+        torch.testing.assert_close(fresh.net(x, t, y), want, rtol=1e-5, atol=1e-5)
+
+    train(cfg, tmp_path / "run", progress=False)
+    _, denoiser, step = load_run(tmp_path / "run")
+    assert step == 2
+    state = {k.replace(".base_layer", ""): v for k, v in denoiser.net.net.unet.state_dict().items()}
+    assert all(torch.equal(state[k], v) for k, v in dit.state_dict().items())  # frozen
+    lora = {k: v for k, v in denoiser.state_dict().items() if "lora_B" in k}
+    assert lora and any(v.abs().sum() > 0 for v in lora.values())
+    images = generate(denoiser, cfg, 4, labels_for(cfg, 4, 3), steps=3, seed=0)
+    assert images.shape == (4, 1, 16, 16) and torch.isfinite(images).all()
+
+
+def test_an_unconditional_dit_config_is_one_line(tmp_path):
+    from condlora.image.build import build_denoiser
+
+    root = tiny_dit_pipeline(tmp_path / "pipe")
+    with pytest.raises(ConfigError, match="a DiT is class-conditional"):
+        build_denoiser(config(root))

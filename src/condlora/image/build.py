@@ -28,7 +28,7 @@ from condlora.diffusion import (
     make_precond,
 )
 from condlora.image.config import Config
-from condlora.image.diffusers_net import check_against_model, load_unet
+from condlora.image.diffusers_net import check_against_model, emb_module, load_unet
 from condlora.lora import conditioning, inject, lora_layers
 from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
 
@@ -37,8 +37,7 @@ EMB_MODULES = {
     "small_unet": "embed",
     "adm": "time_embed",
     "ddpmpp": "map_act",
-    "diffusers": "unet.time_embedding",
-}
+}  # net.arch diffusers: by the folder's model class (`diffusers_net.MODELS`)
 
 
 class ConditionedNet(nn.Module):
@@ -86,7 +85,10 @@ def lora_config(cfg: Config):  # noqa: ANN201 - returns condlora.lora.LoRAConfig
     lcfg = cfg.lora
     fills = {}
     if "uc" in lcfg.method.split("+") and lcfg.emb_module is None:
-        fills["emb_module"] = EMB_MODULES[cfg.net.arch]
+        arch = cfg.net.arch
+        fills["emb_module"] = (
+            emb_module(cfg.net.pretrained) if arch == "diffusers" else EMB_MODULES[arch]
+        )
         if cfg.net.arch == "ddpmpp":  # the hook sits on a SiLU: no Linear to read the width from
             fills["emb_dim"] = cfg.net.model_channels * 4
     if "class" in lcfg.method.split("+"):

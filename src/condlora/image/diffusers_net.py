@@ -24,15 +24,25 @@ from condlora.image.config import Config
 
 PREDICTIONS = {"epsilon": "ddpm", "v_prediction": "v"}  # scheduler prediction_type -> objective
 SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}  # beta_schedule -> schedule
+# the model classes read, and the module whose output is their condition embedding (UC-LoRA's
+# input; a DiT's first block embeds the time and the class together)
+MODELS = {
+    "UNet2DModel": "unet.time_embedding",
+    "DiTTransformer2DModel": "unet.transformer_blocks.0.norm1.emb",
+}
 
 
 class DiffusersUNet(nn.Module):
-    """condlora's backbone call net(x, noise_labels, class_labels) on a UNet2DModel."""
+    """condlora's backbone call net(x, noise_labels, class_labels) on a UNet2DModel or a
+    DiT (`DiTTransformer2DModel`, class-conditional; a learned-variance DiT's variance
+    channels are dropped: condlora trains its epsilon or v half)."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
-        self.unet = unet
-        self.num_classes = int(unet.config.num_class_embeds or 0)
+        self.unet = unet  # the model (a DiT too: the name keeps the state-dict names)
+        self.is_dit = type(unet).__name__ == "DiTTransformer2DModel"
+        classes = unet.config.num_embeds_ada_norm if self.is_dit else unet.config.num_class_embeds
+        self.num_classes = int(classes or 0)
         self.frozen_base = True  # net.train_base false: the folder's weights stay as they are
         self._pretrained = frozenset(self.state_dict())  # before any LoRA is injected
 
@@ -44,19 +54,23 @@ class DiffusersUNet(nn.Module):
     def forward(
         self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None
     ) -> Tensor:
-        """The U-Net's output; class weights (batch, K) are read as their argmax class."""
+        """The model's output; class weights (batch, K) are read as their argmax class."""
         labels = None
         if self.num_classes and class_labels is not None:
             labels = class_labels.argmax(-1) if class_labels.dim() == 2 else class_labels.long()
-        return self.unet(x, noise_labels.to(x.dtype), class_labels=labels).sample
+        t = noise_labels.to(x.dtype)
+        if self.is_dit:
+            return self.unet(x, timestep=t, class_labels=labels).sample[:, : x.shape[1]]
+        return self.unet(x, t, class_labels=labels).sample
 
 
 def model_folder(path: str | Path) -> Path:
-    """The folder of the U-Net: `path` itself (a model folder) or its `unet/` (a pipeline)."""
+    """The folder of the model: `path` itself (a model folder) or a pipeline's `unet/` (or a
+    DiT pipeline's `transformer/`)."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"net.pretrained {path} is not a folder (a diffusers model or pipeline)")
-    for folder in (path, path / "unet"):
+    for folder in (path, path / "unet", path / "transformer"):
         if (folder / "config.json").is_file():
             return folder
     raise ConfigError(
@@ -68,21 +82,37 @@ def load_unet(path: str | Path) -> DiffusersUNet:
     """The frozen UNet2DModel of a local folder, wrapped as a condlora backbone (under the
     meta device, as parameter counts are made: its structure alone, no weights read)."""
     try:
-        from diffusers import UNet2DModel
+        import diffusers
     except ImportError:
         raise ConfigError("net.arch diffusers needs diffusers: pip install diffusers") from None
     folder = model_folder(path)
-    kind = json.loads((folder / "config.json").read_text()).get("_class_name")
-    if kind != "UNet2DModel":
-        raise ConfigError(f"{folder} holds a {kind}; net.arch diffusers reads a UNet2DModel")
+    kind = model_class(folder)
+    if kind not in MODELS:
+        raise ConfigError(
+            f"{folder} holds a {kind}; net.arch diffusers reads a {' or a '.join(MODELS)}"
+        )
+    cls = getattr(diffusers, kind)
     try:
         if torch.get_default_device().type == "meta":
-            unet = UNet2DModel.from_config(UNet2DModel.load_config(folder))
+            unet = cls.from_config(cls.load_config(folder))
         else:
-            unet = UNet2DModel.from_pretrained(folder, local_files_only=True)
+            unet = cls.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"{folder}: the U-Net does not load ({err})") from None
     return DiffusersUNet(unet.requires_grad_(False).eval())
+
+
+def model_class(folder: Path) -> str | None:
+    """The `_class_name` of a model folder's config.json (None if it cannot be read)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def emb_module(path: str | Path) -> str:
+    """The condition-embedding module (UC-LoRA's input) of the model in a diffusers folder."""
+    return MODELS.get(model_class(model_folder(path)), MODELS["UNet2DModel"])
 
 
 def scheduler_objective(path: str | Path) -> tuple[str, str, int] | None:
@@ -107,7 +137,9 @@ def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
     """ConfigError unless the data, the objective and the classes fit the loaded U-Net."""
     c, d = net.unet.config, cfg.data
     size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-    if (d.resolution, d.channels) != (size, c.in_channels) or c.out_channels != c.in_channels:
+    out = c.out_channels or c.in_channels  # a DiT: None, or 2x with a learned variance
+    fits = out == c.in_channels or (net.is_dit and out == 2 * c.in_channels)
+    if (d.resolution, d.channels) != (size, c.in_channels) or not fits:
         raise ConfigError(
             f"the U-Net takes {c.in_channels} x {size} x {size} images: set data.resolution "
             f"{size} and data.channels {c.in_channels} (got {d.channels} x {d.resolution})"
@@ -127,6 +159,8 @@ def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
             "a UNet2DModel's class embedding has no null class: set train.label_dropout 0 "
             "(classifier-free guidance is not supported on net.arch diffusers)"
         )
+    if net.is_dit and not cfg.net.class_conditional:
+        raise ConfigError("a DiT is class-conditional: set net.class_conditional true")
     if cfg.net.class_conditional and net.num_classes != cfg.data.num_classes:
         raise ConfigError(
             f"the U-Net has {net.num_classes} class embeddings, the data {d.num_classes} "
@@ -136,12 +170,9 @@ def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
 
 def is_model_folder(path: str | Path) -> bool:
     """Does `path` hold a diffusers UNet2DModel (a model folder or a pipeline's unet/)?"""
-    for config in (Path(path) / "config.json", Path(path) / "unet" / "config.json"):
-        if config.is_file():
-            try:
-                return json.loads(config.read_text()).get("_class_name") == "UNet2DModel"
-            except (OSError, ValueError):
-                return False
+    for folder in (Path(path), Path(path) / "unet", Path(path) / "transformer"):
+        if (folder / "config.json").is_file():
+            return model_class(folder) in MODELS
     return False
 
 
@@ -152,7 +183,7 @@ def folder_config(path: str | Path, data: str | Path) -> Config:
     c = json.loads((model_folder(path) / "config.json").read_text())
     size = c.get("sample_size", 32)
     size = size if isinstance(size, int) else size[0]
-    classes = int(c.get("num_class_embeds") or 0)
+    classes = int(c.get("num_class_embeds") or c.get("num_embeds_ada_norm") or 0)
     objective, schedule, steps = scheduler_objective(path) or ("ddpm", "linear", 1000)
     data_cfg = {"name": "folder", "path": str(data), "resolution": size}
     data_cfg |= {"channels": int(c.get("in_channels", 3)), "num_classes": classes or -1}
