@@ -246,6 +246,19 @@ def test_lora_trains_on_a_frozen_dit_and_samples_by_class(tmp_path, method):
     assert lora and any(v.abs().sum() > 0 for v in lora.values())
     images = generate(denoiser, cfg, 4, labels_for(cfg, 4, 3), steps=3, seed=0)
     assert images.shape == (4, 1, 16, 16) and torch.isfinite(images).all()
+    # the run's LoRA inside the DiT itself (as in a DiT pipeline's transformer): its output
+    from condlora.cli import main
+    from condlora.lora.diffusers_callback import ConditionalLoRA
+
+    assert main(["lora", "schedule", str(tmp_path / "run"), "--out", str(tmp_path / "s")]) == 0
+    x, y, t = x[:2], torch.tensor([4, 4]), torch.tensor([300.0, 300.0])
+    with torch.no_grad():
+        plain, want = dit(x, timestep=t, class_labels=y).sample[:, :1], denoiser.net(x, t, y)
+        lora = ConditionalLoRA(dit, tmp_path / "s" / "condlora_lora.safetensors", 4, 1000)
+        lora.set_timestep(300)
+        got = dit(x, timestep=t, class_labels=y).sample[:, :1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (want - plain).abs().max() > 1e-4  # the LoRA changes the DiT's output
 
 
 def test_an_unconditional_dit_config_is_one_line(tmp_path):

@@ -168,8 +168,8 @@ def _lora_schedule(args: argparse.Namespace) -> None:
     columns = schedule_run(Path(args.run), out, args.steps, args.label, args.blocks)
     print(f"wrote the strengths of {len(columns)} bases per step to {out}")
     print(
-        f"in a diffusers pipeline: condlora.lora.diffusers_callback.ConditionalLoRA(pipe.unet, "
-        f"'{out / LORA_FILE}')"
+        "in a diffusers pipeline: condlora.lora.diffusers_callback.ConditionalLoRA(pipe.unet "
+        f"(a DiT's: pipe.transformer), '{out / LORA_FILE}')"
     )
 
 
