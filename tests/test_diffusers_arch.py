@@ -259,6 +259,13 @@ def test_lora_trains_on_a_frozen_dit_and_samples_by_class(tmp_path, method):
         got = dit(x, timestep=t, class_labels=y).sample[:, :1]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert (want - plain).abs().max() > 1e-4  # the LoRA changes the DiT's output
+    # and the commands on the run: a baked file named as the DiT's modules, a class grid
+    bake = ["lora", "bake", str(tmp_path / "run"), "--t", "0.0:0.4", "--format", "diffusers"]
+    assert main([*bake, "--out", str(tmp_path / "b.safetensors")]) == 0
+    baked = load_file(tmp_path / "b.safetensors")
+    assert baked and all(k.startswith("unet.transformer_blocks.") for k in baked)  # the layout
+    sample = ["sample", "--run", str(tmp_path / "run"), "--label", "3", "--num", "4"]
+    assert main([*sample, "--steps", "3", "--out", str(tmp_path / "s.png")]) == 0
 
 
 def test_an_unconditional_dit_config_is_one_line(tmp_path):
