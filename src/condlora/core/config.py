@@ -341,9 +341,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return _read_yaml(Path(path))
 
 
-def read_config(cls: type, path: str | Path, overrides: list[str] | None = None) -> Any:
-    """Dataclass `cls` from a YAML file (on its `base:` file and the defaults) and overrides."""
-    data = _merge(_read_yaml(Path(path)), parse_overrides(overrides or []))
+def read_config(cls: type, path: str | Path | None, overrides: list[str] | None = None) -> Any:
+    """Dataclass `cls` from a YAML file (on its `base:` file and the defaults; None: the
+    defaults alone) and key=value overrides."""
+    base = {} if path is None else _read_yaml(Path(path))
+    data = _merge(base, parse_overrides(overrides or []))
     return from_dict(cls, data)
 
 

@@ -169,11 +169,11 @@ def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
 
 
 def is_model_folder(path: str | Path) -> bool:
-    """Does `path` hold a diffusers UNet2DModel (a model folder or a pipeline's unet/)?"""
-    for folder in (Path(path), Path(path) / "unet", Path(path) / "transformer"):
-        if (folder / "config.json").is_file():
-            return model_class(folder) in MODELS
-    return False
+    """Does `path` hold a model that net.arch diffusers reads (`model_folder`, `MODELS`)?"""
+    try:
+        return model_class(model_folder(path)) in MODELS
+    except ConfigError:
+        return False
 
 
 def folder_config(path: str | Path, data: str | Path) -> Config:

@@ -208,17 +208,14 @@ def _add_generate(synth_sub: argparse._SubParsersAction) -> None:
 
 
 def _zoo(args: argparse.Namespace) -> None:
-    from condlora.core.config import from_dict, parse_overrides, read_config
+    from condlora.core.config import read_config
     from condlora.image.build import image_channels, num_classes
     from condlora.image.task import load_base
     from condlora.synthesis.config import EncoderConfig, ZooConfig
     from condlora.synthesis.encoders import build_encoder
     from condlora.synthesis.zoo import make_zoo, read_subjects, write_embeddings
 
-    if args.config:
-        cfg = read_config(ZooConfig, args.config, args.overrides)
-    else:
-        cfg = from_dict(ZooConfig, parse_overrides(args.overrides))
+    cfg = read_config(ZooConfig, args.config, args.overrides)
     encoder = None  # built first, so that a bad encoder fails before any training
     if args.encoder:
         encoder = build_encoder(EncoderConfig(kind=args.encoder, path=args.encoder_path or ""))

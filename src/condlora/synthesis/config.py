@@ -25,8 +25,6 @@ from condlora.core.config import (
     Each,
     OneOf,
     Range,
-    from_dict,
-    parse_overrides,
     read_config,
     read_yaml,
 )
@@ -205,8 +203,6 @@ def is_synthesis_config(path: str | Path) -> bool:
 
 def load_synth_config(path: str | Path | None, overrides: list[str] | None = None) -> SynthConfig:
     """A SynthConfig from a YAML file (or the defaults, path None) and key=value overrides."""
-    if path is None:
-        return from_dict(SynthConfig, parse_overrides(overrides or []))
     return read_config(SynthConfig, path, overrides)
 
 
