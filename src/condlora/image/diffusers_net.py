@@ -102,6 +102,11 @@ def load_unet(path: str | Path) -> DiffusersUNet:
     return DiffusersUNet(unet.requires_grad_(False).eval())
 
 
+def image_side(sample_size: int | list[int] | tuple[int, ...]) -> int:
+    """A diffusers config's sample_size (an int, or [height, width]) as the square's side."""
+    return sample_size if isinstance(sample_size, int) else sample_size[0]
+
+
 def model_class(folder: Path) -> str | None:
     """The `_class_name` of a model folder's config.json (None if it cannot be read)."""
     try:
@@ -136,7 +141,7 @@ def scheduler_objective(path: str | Path) -> tuple[str, str, int] | None:
 def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
     """ConfigError unless the data, the objective and the classes fit the loaded U-Net."""
     c, d = net.unet.config, cfg.data
-    size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+    size = image_side(c.sample_size)
     out = c.out_channels or c.in_channels  # a DiT: None, or 2x with a learned variance
     fits = out == c.in_channels or (net.is_dit and out == 2 * c.in_channels)
     if (d.resolution, d.channels) != (size, c.in_channels) or not fits:
@@ -181,8 +186,7 @@ def folder_config(path: str | Path, data: str | Path) -> Config:
     own): its U-Net's image size and classes, its scheduler's objective (epsilon on DDPM's
     linear betas without one), DDIM with 50 steps, and the image folder `data`."""
     c = json.loads((model_folder(path) / "config.json").read_text())
-    size = c.get("sample_size", 32)
-    size = size if isinstance(size, int) else size[0]
+    size = image_side(c.get("sample_size", 32))
     classes = int(c.get("num_class_embeds") or c.get("num_embeds_ada_norm") or 0)
     objective, schedule, steps = scheduler_objective(path) or ("ddpm", "linear", 1000)
     data_cfg = {"name": "folder", "path": str(data), "resolution": size}
