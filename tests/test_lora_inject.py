@@ -145,6 +145,29 @@ def test_merge_unmerge_remove(method):
     assert torch.equal(model(**data), base_out)
 
 
+def test_conditioning_follows_inject_remove_and_copies():
+    """`conditioning` keeps each model's states between calls; inject / remove and copies
+    must still reach exactly the wrappers the model holds now."""
+    torch.manual_seed(0)
+    model = TinyAttention()
+    with conditioning(model, t=0.3):  # no LoRA yet: nothing to set (and cached so)
+        pass
+    inject(model, tiny_config("time"))
+    state = model.qkv.state
+    with conditioning(model, t=0.3):
+        torch.testing.assert_close(state.t, torch.tensor([0.3]))
+    twin = copy.deepcopy(model)
+    with conditioning(twin, t=0.7):
+        torch.testing.assert_close(twin.qkv.state.t, torch.tensor([0.7]))
+        assert state.t is None  # the original's condition is untouched
+    remove(model)
+    with conditioning(model, t=0.9):
+        assert state.t is None  # the removed wrappers are no longer the model's
+    inject(model, tiny_config("time"))
+    with conditioning(model, t=0.2):
+        torch.testing.assert_close(model.qkv.state.t, torch.tensor([0.2]))
+
+
 def test_merge_needs_one_condition():
     model = TinyAttention()
     inject(model, tiny_config("time"))

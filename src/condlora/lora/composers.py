@@ -253,7 +253,7 @@ class UCComposer(Composer):
             raise LoRAError(
                 f"UC-LoRA emb must have shape (batch, {emb_dim}), got {tuple(emb.shape)}"
             )
-        mlps = [c.mlp for c in composers]
+        mlps = [list(c.mlp) for c in composers]  # lists: a Sequential's [i] is slow per call
         first = mlps[0][0].weight
         # first Linear: the L weights stacked along the output, one matmul -> (batch, L*width)
         h = F.linear(

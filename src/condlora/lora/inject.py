@@ -12,7 +12,13 @@ from condlora.core.errors import LoRAError
 from condlora.lora.composers import build_composer
 from condlora.lora.config import LoRAConfig
 from condlora.lora.layer import CondLoRALayer, check_target
-from condlora.lora.runtime import ConditionState, EmbCapture, PassScope, lora_layers
+from condlora.lora.runtime import (
+    ConditionState,
+    EmbCapture,
+    PassScope,
+    condition_states,
+    lora_layers,
+)
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -54,6 +60,7 @@ def _emb_dim(config: LoRAConfig, modules: dict[str, nn.Module]) -> int:
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+    condition_states.changed()  # cached lists of states may now be wrong
 
 
 def inject(model: nn.Module, config: LoRAConfig) -> list[str]:
