@@ -190,6 +190,8 @@ def _encoder_config(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
         cfg = dataclasses.replace(cfg, kind=args.encoder)
     if args.encoder_path:
         cfg = dataclasses.replace(cfg, path=args.encoder_path)
+    if args.detector:
+        cfg = dataclasses.replace(cfg, detector=args.detector)
     return cfg
 
 
@@ -216,6 +218,12 @@ def _add_encoder_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--encoder-path",
         help="encoder model file: a face-recognition .onnx, a demo's encoder.safetensors",
+    )
+    p.add_argument(
+        "--detector",
+        metavar="DIR",
+        help="onnx-face: find and align the faces first with MTCNN (facenet-pytorch's "
+        "pnet.pt, rnet.pt, onet.pt in DIR); without it the images must be aligned crops",
     )
 
 
@@ -246,7 +254,8 @@ def _zoo(args: argparse.Namespace) -> None:
     cfg = read_config(ZooConfig, args.config, args.overrides)
     encoder = None  # built first, so that a bad encoder fails before any training
     if args.encoder:
-        encoder = build_encoder(EncoderConfig(kind=args.encoder, path=args.encoder_path or ""))
+        paths = {"path": args.encoder_path or "", "detector": args.detector or ""}
+        encoder = build_encoder(EncoderConfig(kind=args.encoder, **paths))
     run_cfg, base = load_base(args.base, args.subjects)
     found = read_subjects(
         args.subjects, run_cfg.data.resolution, image_channels(run_cfg), num_classes(run_cfg)
