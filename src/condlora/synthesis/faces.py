@@ -9,8 +9,10 @@ Cascaded Convolutional Networks"), a cascade of three small CNNs:
   R-Net on 24 x 24 crops of those boxes: rescored, refined, NMS 0.7;
   O-Net on 48 x 48 crops: rescored, refined, five landmarks (left eye, right eye, nose,
       left and right mouth corner), NMS 0.7 of the overlap over the smaller box.
-Windows and boxes count pixels inclusively (a box x1..x2 is x2 - x1 + 1 wide), as the
-original MTCNN does. The weights are the ones facenet-pytorch's wheel ships
+Inside the cascade boxes count pixels from 1 and inclusively (a box x1..x2 is x2 - x1 + 1
+wide, its first pixel has index x1 - 1), and P-Net's offsets are fractions of x2 - x1, as
+in the original MTCNN (written in Matlab), whose conventions the weights were trained with;
+`detect` returns 0-based pixel coordinates. The weights are the ones facenet-pytorch's wheel ships
 (`facenet_pytorch/data/pnet.pt`, `rnet.pt`, `onet.pt`: plain state dicts converted from the
 original MTCNN), read weights-only from a local folder, never downloaded; the layers carry
 those files' key names, and the dense layers read their input in (W, H, C) order, as the
@@ -152,9 +154,10 @@ def nms(boxes: Tensor, scores: Tensor, threshold: float, over_min: bool = False)
     return torch.stack(keep) if keep else torch.zeros(0, dtype=torch.long)
 
 
-def _regress(boxes: Tensor, offsets: Tensor) -> Tensor:
-    """Boxes moved by offsets given as fractions of their width and height."""
-    size = (boxes[:, 2:] - boxes[:, :2] + 1).repeat(1, 2)
+def _regress(boxes: Tensor, offsets: Tensor, inclusive: bool = True) -> Tensor:
+    """Boxes moved by offsets given as fractions of their width and height (x2 - x1 + 1;
+    P-Net's: x2 - x1, as the original MTCNN's first stage has it)."""
+    size = (boxes[:, 2:] - boxes[:, :2] + (1 if inclusive else 0)).repeat(1, 2)
     return boxes + offsets * size
 
 
@@ -167,10 +170,11 @@ def _square(boxes: Tensor) -> Tensor:
 
 
 def _crops(image: Tensor, boxes: Tensor, size: int) -> Tensor:
-    """(n, 3, size, size): each box cut from the image (zeros outside it), area-resized."""
+    """(n, 3, size, size): each box (1-based) cut from the image (zeros outside it),
+    area-resized."""
     _, height, width = image.shape
     out = []
-    for x1, y1, x2, y2 in boxes.long().tolist():
+    for x1, y1, x2, y2 in (boxes.long() - 1).tolist():
         patch = image.new_zeros(3, y2 - y1 + 1, x2 - x1 + 1)
         sx1, sy1, sx2, sy2 = max(x1, 0), max(y1, 0), min(x2, width - 1), min(y2, height - 1)
         if sx1 <= sx2 and sy1 <= sy2:
@@ -199,7 +203,7 @@ def pyramid(height: int, width: int, min_face: float = MIN_FACE) -> list[float]:
 class Faces:
     """What a detection found, best first."""
 
-    boxes: Tensor  # (n, 4) x1, y1, x2, y2 in pixels (inclusive)
+    boxes: Tensor  # (n, 4) x1, y1, x2, y2: pixel coordinates from 0, inclusive
     scores: Tensor  # (n,) O-Net's face probability
     landmarks: Tensor  # (n, 5, 2) (x, y): left eye, right eye, nose, mouth corners
 
@@ -271,7 +275,7 @@ class MTCNN:
             return torch.zeros(0, 5)
         every = torch.cat(found)
         every = every[nms(every[:, :4], every[:, 4], 0.7)]
-        boxes = _square(_regress(every[:, :4], every[:, 5:]))
+        boxes = _square(_regress(every[:, :4], every[:, 5:], inclusive=False))
         return torch.cat([boxes, every[:, 4:5]], 1)
 
     def _refine(self, img: Tensor, boxes: Tensor) -> Tensor:
@@ -299,7 +303,7 @@ class MTCNN:
         )
         boxes = _regress(boxes, offsets)
         keep = nms(boxes, prob, 0.7, over_min=True)
-        return Faces(boxes[keep], prob[keep], points[keep])
+        return Faces(boxes[keep] - 1, prob[keep], points[keep])  # 0-based pixels
 
     def align(self, image: np.ndarray, where: str) -> np.ndarray:
         """The largest face of an (H, W, 3) uint8 RGB image as an aligned 112 x 112 crop;
