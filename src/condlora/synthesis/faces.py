@@ -254,7 +254,7 @@ class MTCNN:
         return self._output(img, boxes)
 
     def _propose(self, img: Tensor) -> Tensor:
-        """Stage 1: square candidate boxes (n, 5: box, score) over the pyramid."""
+        """Stage 1: square candidate boxes (n, 4) over the pyramid."""
         _, height, width = img.shape
         found = []
         for scale in pyramid(height, width, self.min_face):
@@ -265,38 +265,31 @@ class MTCNN:
             if not len(yx):
                 continue
             score = prob[0, yx[:, 0], yx[:, 1]]
-            xy = yx.flip(1).float()  # window (i, j) covers pixels 2j .. 2j + 11 when scaled
+            xy = yx.flip(1).float()  # window (i, j): scaled pixels 2j + 1 .. 2j + 12, 1-based
             boxes = torch.cat([((2 * xy + 1) / scale).floor(), ((2 * xy + 12) / scale).floor()], 1)
             keep = nms(boxes, score, 0.5)
             found.append(
                 torch.cat([boxes, score[:, None], offsets[0, :, yx[:, 0], yx[:, 1]].T], 1)[keep]
             )
         if not found:
-            return torch.zeros(0, 5)
+            return torch.zeros(0, 4)
         every = torch.cat(found)
         every = every[nms(every[:, :4], every[:, 4], 0.7)]
-        boxes = _square(_regress(every[:, :4], every[:, 5:], inclusive=False))
-        return torch.cat([boxes, every[:, 4:5]], 1)
+        return _square(_regress(every[:, :4], every[:, 5:], inclusive=False))
 
     def _refine(self, img: Tensor, boxes: Tensor) -> Tensor:
-        """Stage 2: R-Net's rescored, refined, square boxes (n, 5)."""
-        prob, offsets = self.rnet(_normalised(_crops(img, boxes[:, :4], 24)))
+        """Stage 2: the boxes R-Net keeps, refined and square (n, 4)."""
+        prob, offsets = self.rnet(_normalised(_crops(img, boxes, 24)))
         passed = prob >= self.thresholds[1]
-        boxes, prob, offsets = boxes[passed, :4], prob[passed], offsets[passed]
+        boxes, prob, offsets = boxes[passed], prob[passed], offsets[passed]
         keep = nms(boxes, prob, 0.7)
-        boxes, prob, offsets = boxes[keep], prob[keep], offsets[keep]
-        return torch.cat([_square(_regress(boxes, offsets)), prob[:, None]], 1)
+        return _square(_regress(boxes[keep], offsets[keep]))
 
     def _output(self, img: Tensor, boxes: Tensor) -> Faces:
         """Stage 3: O-Net's scores, boxes and landmarks."""
-        prob, offsets, marks = self.onet(_normalised(_crops(img, boxes[:, :4], 48)))
+        prob, offsets, marks = self.onet(_normalised(_crops(img, boxes, 48)))
         passed = prob >= self.thresholds[2]
-        boxes, prob, offsets, marks = (
-            boxes[passed, :4],
-            prob[passed],
-            offsets[passed],
-            marks[passed],
-        )
+        boxes, prob, offsets, marks = (t[passed] for t in (boxes, prob, offsets, marks))
         size = boxes[:, 2:] - boxes[:, :2] + 1  # landmarks: fractions of the box before refining
         points = (
             torch.stack([marks[:, :5], marks[:, 5:]], 2) * size[:, None] + boxes[:, None, :2] - 1
