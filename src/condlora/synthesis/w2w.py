@@ -111,7 +111,9 @@ def _dims_entry(key: object, value: object, where: str) -> tuple[str, tuple[int,
         numel = int(numel)
     except (TypeError, ValueError):
         raise DataError(f"{where}: entry {key!r} is not ((numel,), shape)") from None
-    if not isinstance(key, str) or numel != math.prod(shape):
+    if not isinstance(key, str):
+        raise DataError(f"{where}: key {key!r} is not a string")
+    if numel != math.prod(shape):
         raise DataError(f"{where}: entry {key!r} has {numel} numbers but shape {shape}")
     return key, shape
 
