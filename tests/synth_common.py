@@ -53,3 +53,20 @@ def linear_collection(path: Path, n: int = 32, e_dim: int = 4, seed: int = 0, no
 def tiny_config(dataset: Path, *overrides: str):
     """A tiny SynthConfig on a dataset."""
     return load_synth_config(None, [*TINY, f"dataset={dataset}", *overrides])
+
+
+def write_detector(folder: Path, seed: int = 0) -> Path:
+    """MTCNN weight files (pnet.pt, rnet.pt, onet.pt) of the right shapes: random, but for the
+    face-score heads, which say "face" everywhere (so that the cascade finds some)."""
+    from condlora.synthesis.faces import ONet, PNet, RNet
+
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    heads = {"pnet.pt": (PNet(), "conv4_1"), "rnet.pt": (RNet(), "dense5_1")}
+    heads["onet.pt"] = (ONet(), "dense6_1")
+    for name, (net, head) in heads.items():
+        state = net.state_dict()
+        state[f"{head}.weight"].zero_()
+        state[f"{head}.bias"].copy_(torch.tensor([-8.0, 8.0]))
+        torch.save(state, folder / name)
+    return folder

@@ -25,9 +25,10 @@ from condlora.synthesis.encoders import (
     register_encoder,
     subject_embedding,
 )
+from condlora.synthesis.faces import MTCNN
 from condlora.synthesis.training import train_synthesis
 
-from .synth_common import SPEC, linear_collection, tiny_config
+from .synth_common import SPEC, linear_collection, tiny_config, write_detector
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -157,6 +158,38 @@ def test_generate_from_images_through_the_face_model(face_model, face_collection
     emb = torch.from_numpy(np.array(dataset.embeddings))
     best = int((F.normalize(emb, dim=1) @ subject).argmax())
     assert torch.equal(SPEC.flatten(read_lora(tmp_path / "lora")), dataset.row(best))
+
+
+def test_generate_from_photos_through_the_detector(face_model, face_collection, tmp_path, capsys):
+    """--detector: each photo's largest face, aligned by MTCNN, is what the face model reads
+    (random detector weights that find faces everywhere; photos of any size)."""
+    _, path = face_model
+    model_dir, dataset = face_collection
+    detector = write_detector(tmp_path / "mtcnn")
+    for i, size in enumerate(((60, 45), (50, 70))):
+        write_faces(tmp_path / "photos", 1, size=size, seed=i)
+        (tmp_path / "photos" / "face0.png").rename(tmp_path / "photos" / f"p{i}.png")
+    args = ["synth", "generate", "--model", str(model_dir), "--images", str(tmp_path / "photos")]
+    args += ["--encoder", "onnx-face", "--encoder-path", str(path), "--detector", str(detector)]
+    assert main([*args, "--out", str(tmp_path / "lora")]) == 0
+    # by hand: the detector's crops saved as images, through the encoder without a detector
+    mtcnn = MTCNN.load(detector)
+    (tmp_path / "crops").mkdir()
+    for photo in sorted((tmp_path / "photos").iterdir()):
+        crop = mtcnn.align(np.asarray(Image.open(photo).convert("RGB")), str(photo))
+        Image.fromarray(crop).save(tmp_path / "crops" / photo.name)
+    subject = subject_embedding(OnnxFaceEncoder(path), tmp_path / "crops")
+    emb = torch.from_numpy(np.array(dataset.embeddings))
+    best = int((F.normalize(emb, dim=1) @ subject).argmax())
+    assert torch.equal(SPEC.flatten(read_lora(tmp_path / "lora")), dataset.row(best))
+    missing = [*args[:-1], str(tmp_path / "nope"), "--out", str(tmp_path / "other")]
+    capsys.readouterr()
+    assert main(missing) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("condlora: error: face detector folder not found") and "\n" not in err
+    assert not (tmp_path / "other").exists()
+    with pytest.raises(ConfigError, match="is for onnx-face, not 'other'"):
+        build_encoder(EncoderConfig(kind="other", detector=str(detector)))
 
 
 def test_unreadable_image_exits_2_and_keeps_the_old_file(face_model, face_collection, tmp_path):

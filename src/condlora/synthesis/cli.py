@@ -65,6 +65,34 @@ def _add_collect(synth_sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_collect)
 
 
+def _import_w2w(args: argparse.Namespace) -> None:
+    from condlora.lora.formats import load_base_modules
+    from condlora.synthesis.w2w import import_w2w
+
+    base = load_base_modules(args.base_modules) if args.base_modules else None
+    path, n, dim = import_w2w(args.weights, args.out, args.dims, base, args.alpha, args.embeddings)
+    print(f"wrote {path} ({n} x {dim})")
+
+
+def _add_import_w2w(synth_sub: argparse._SubParsersAction) -> None:
+    p = synth_sub.add_parser(
+        "import-w2w", help="weights2weights' all_weights.pt -> one dataset of vectors"
+    )
+    p.add_argument("weights", metavar="ALL_WEIGHTS", help="w2w's all_weights.pt [N, D]")
+    p.add_argument("--out", required=True, metavar="DATASET", help="dataset file to write")
+    p.add_argument("--dims", metavar="FILE", help="w2w's weight_dimensions.pt (the row layout)")
+    p.add_argument(
+        "--base-modules",
+        metavar="FILE",
+        help="the U-Net's config.json (without --dims: rank 1 on to_q / to_v in w2w's order)",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=27.0, help="alpha the LoRAs act with (w2w: 27; 1: as is)"
+    )
+    p.add_argument("--embeddings", metavar="FILE", help="safetensors: row name -> vector")
+    p.set_defaults(func=_import_w2w)
+
+
 def _config(args: argparse.Namespace):  # noqa: ANN202  a SynthConfig (imported lazily)
     """The command's SynthConfig: --config (or the defaults), overrides, then --dataset."""
     import dataclasses
@@ -162,6 +190,8 @@ def _encoder_config(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
         cfg = dataclasses.replace(cfg, kind=args.encoder)
     if args.encoder_path:
         cfg = dataclasses.replace(cfg, path=args.encoder_path)
+    if args.detector:
+        cfg = dataclasses.replace(cfg, detector=args.detector)
     return cfg
 
 
@@ -188,6 +218,12 @@ def _add_encoder_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--encoder-path",
         help="encoder model file: a face-recognition .onnx, a demo's encoder.safetensors",
+    )
+    p.add_argument(
+        "--detector",
+        metavar="DIR",
+        help="onnx-face: find and align the faces first with MTCNN (facenet-pytorch's "
+        "pnet.pt, rnet.pt, onet.pt in DIR); without it the images must be aligned crops",
     )
 
 
@@ -218,7 +254,8 @@ def _zoo(args: argparse.Namespace) -> None:
     cfg = read_config(ZooConfig, args.config, args.overrides)
     encoder = None  # built first, so that a bad encoder fails before any training
     if args.encoder:
-        encoder = build_encoder(EncoderConfig(kind=args.encoder, path=args.encoder_path or ""))
+        paths = {"path": args.encoder_path or "", "detector": args.detector or ""}
+        encoder = build_encoder(EncoderConfig(kind=args.encoder, **paths))
     run_cfg, base = load_base(args.base, args.subjects)
     found = read_subjects(
         args.subjects, run_cfg.data.resolution, image_channels(run_cfg), num_classes(run_cfg)
@@ -333,6 +370,7 @@ def _add_info(synth_sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS = (
     _add_collect,
+    _add_import_w2w,
     _add_train_vae,
     _add_train_prior,
     _add_train,

@@ -353,6 +353,15 @@ def _refuse_overwriting_other_files(out: Path) -> None:
         )
 
 
+def check_dataset_path(out: Path) -> None:
+    """DataError unless `out` is a file path a dataset can be written to (a new file, or a
+    dataset to replace)."""
+    if out.is_dir():
+        raise DataError(f"dataset path {out} is a folder; give a file name")
+    check_output_file(out, "dataset path")
+    _refuse_overwriting_other_files(out)
+
+
 def collect(
     loras_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -372,10 +381,7 @@ def collect(
     base, out = as_base_modules(base_modules), Path(out)
     if align_to is not None and not aligned:
         raise DataError("--align-to and --no-align contradict each other: give one of them")
-    if out.is_dir():
-        raise DataError(f"dataset path {out} is a folder; give a file name")
-    check_output_file(out, "dataset path")  # before the scan: a place that cannot be written
-    _refuse_overwriting_other_files(out)
+    check_dataset_path(out)  # before the scan: a place that cannot be written
     # the dataset and the embeddings may lie in the LoRA folder (`synth zoo` writes them there)
     not_loras = {Path(f).resolve() for f in (out, embeddings) if f is not None}
     found = [(n, p) for n, p in find_loras(loras_dir) if p.resolve() not in not_loras]

@@ -117,6 +117,7 @@ class EncoderConfig(Checked):
 
     kind: str = "embeddings"  # "embeddings" (none: precomputed) | "onnx-face" | a registered kind
     path: str = ""  # "onnx-face": the insightface-style .onnx model file
+    detector: str = ""  # "onnx-face": MTCNN's folder (pnet.pt ...): detect, align; "": crops
 
 
 @dataclass

@@ -4,7 +4,9 @@
   `synth collect --embeddings` takes too;
 - "onnx-face": a face-recognition ONNX model at a local path, insightface-style (ArcFace):
   aligned 112 x 112 RGB crops, (x - 127.5) / 127.5, NCHW float32 in, 512-d out, L2-normalised.
-  Runs with onnxruntime, an optional extra: `pip install condlora[faces]`;
+  Runs with onnxruntime, an optional extra: `pip install condlora[faces]`. With a detector
+  folder (MTCNN's weights, `faces.py`) it takes photos: the largest face of each is found
+  and aligned to the model's crop first; without one, the images must be such crops;
 - any other kind registered with `register_encoder` (the digits demo adds its own).
 
 An image encoder maps image files to (n, E) embeddings; `subject_embedding` averages the
@@ -28,9 +30,10 @@ from torch import Tensor
 
 from condlora.core.errors import ConfigError, DataError
 from condlora.synthesis.config import EncoderConfig
+from condlora.synthesis.faces import CROP as FACE_SIZE
+from condlora.synthesis.faces import MTCNN
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-FACE_SIZE = 112  # insightface recognition models take aligned 112 x 112 crops
 
 
 class ImageEncoder(Protocol):
@@ -58,6 +61,8 @@ def build_encoder(cfg: EncoderConfig) -> ImageEncoder:
             "--encoder onnx-face --encoder-path MODEL.onnx to embed images (encoder kinds: "
             f"{', '.join(ENCODERS)})"
         )
+    if cfg.detector and cfg.kind != "onnx-face":
+        raise ConfigError(f"a face detector (--detector) is for onnx-face, not {cfg.kind!r}")
     if cfg.kind not in ENCODERS:
         valid = ", ".join(["embeddings", *ENCODERS])
         raise ConfigError(f"unknown encoder kind {cfg.kind!r}; valid: {valid}")
@@ -139,7 +144,7 @@ def _onnxruntime():  # noqa: ANN202  the optional module itself
 class OnnxFaceEncoder:
     """An insightface-style face-recognition ONNX model: aligned 112x112 RGB crops -> unit rows."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, detector: str | Path = "") -> None:
         need = "an insightface-style recognition model (.onnx, 112x112 RGB crops in)"
         if not str(path):
             raise ConfigError(f"the onnx-face encoder has no model: give --encoder-path, {need}")
@@ -161,6 +166,7 @@ class OnnxFaceEncoder:
                 "(an insightface-style recognition model)"
             )
         self.path, self.input = path, inp.name
+        self.detector = MTCNN.load(detector) if str(detector) else None
         out = self.session.get_outputs()[0].shape[-1]
         self.dim = out if isinstance(out, int) else self._run(np.zeros((1, 3, 112, 112))).shape[1]
 
@@ -168,14 +174,18 @@ class OnnxFaceEncoder:
         return self.session.run(None, {self.input: batch.astype(np.float32)})[0]
 
     def preprocess(self, paths: Sequence[Path]) -> np.ndarray:
-        """(n, 3, 112, 112) float32 in [-1, 1]; DataError for an image of another size."""
+        """(n, 3, 112, 112) float32 in [-1, 1]: the detector's aligned crops of the images,
+        else the images themselves (DataError for one of another size)."""
         crops = []
         for path in paths:
             rgb = read_rgb(path)
-            if rgb.shape[:2] != (FACE_SIZE, FACE_SIZE):
+            if self.detector is not None:
+                rgb = self.detector.align(rgb, str(path))
+            elif rgb.shape[:2] != (FACE_SIZE, FACE_SIZE):
                 raise DataError(
                     f"{path} is {rgb.shape[1]}x{rgb.shape[0]}: the face model needs aligned "
-                    f"{FACE_SIZE}x{FACE_SIZE} face crops (align and crop the faces first)"
+                    f"{FACE_SIZE}x{FACE_SIZE} face crops (give --detector DIR with MTCNN's "
+                    "weights to find and align the faces)"
                 )
             crops.append(rgb.transpose(2, 0, 1))
         return (np.stack(crops).astype(np.float32) - 127.5) / 127.5
@@ -186,4 +196,4 @@ class OnnxFaceEncoder:
         return F.normalize(out.float(), dim=1)
 
 
-register_encoder("onnx-face", lambda cfg: OnnxFaceEncoder(cfg.path))
+register_encoder("onnx-face", lambda cfg: OnnxFaceEncoder(cfg.path, cfg.detector))
