@@ -70,7 +70,9 @@ def _import_w2w(args: argparse.Namespace) -> None:
     from condlora.synthesis.w2w import import_w2w
 
     base = load_base_modules(args.base_modules) if args.base_modules else None
-    path, n, dim = import_w2w(args.weights, args.out, args.dims, base, args.alpha, args.embeddings)
+    path, n, dim = import_w2w(
+        args.weights, args.out, args.dims, base, args.alpha, args.embeddings, progress=True
+    )
     print(f"wrote {path} ({n} x {dim})")
 
 

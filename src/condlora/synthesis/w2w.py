@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from condlora.core.errors import DataError
+from condlora.core.reporting import progress_bar
 from condlora.lora.formats import BaseModules, LoRAWeights, make_module
 from condlora.lora.formats.keys import ParsedKey, parse_key
 from condlora.lora.formats.kohya import resolve, stem_table
@@ -242,6 +244,7 @@ def import_w2w(
     alpha: float = W2W_ALPHA,
     embeddings: str | os.PathLike | None = None,
     chunk_bytes: int = CHUNK_BYTES,
+    progress: bool = False,
 ) -> tuple[Path, int, int]:
     """all_weights.pt (+ weight_dimensions.pt, or the U-Net's modules) -> a dataset file;
     returns (path, rows, width). Rows are named w2w_00000, w2w_00001, ..."""
@@ -270,5 +273,13 @@ def import_w2w(
     emb = load_embeddings(embeddings, names) if embeddings is not None else None
     rows = max(1, chunk_bytes // (4 * spec.size))
     blocks = _row_blocks(Path(weights_path), weights, rows)
-    write_dataset(out, names, spec, _chunks(blocks, spec, source, alpha), emb)
+    with progress_bar(progress, total=n, unit="row", desc="import-w2w") as bar:
+        write_dataset(out, names, spec, _chunks(_counted(blocks, bar), spec, source, alpha), emb)
     return out, n, spec.size
+
+
+def _counted(blocks: Iterator[Tensor], bar: tqdm) -> Iterator[Tensor]:
+    """The blocks as they are, each counted on the progress bar once it has been read."""
+    for block in blocks:
+        yield block
+        bar.update(len(block))
