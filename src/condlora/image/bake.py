@@ -35,9 +35,9 @@ from condlora.core.files import check_output_folder, undone_on_error, write_text
 from condlora.core.safetensors_io import write_weights
 from condlora.diffusion import Denoiser
 from condlora.diffusion.precond import DiscretePrecond, EDMPrecond, Preconditioner
-from condlora.image.build import image_channels, num_classes
+from condlora.image.build import num_classes
 from condlora.image.config import Config
-from condlora.image.diffusers_net import backbone_modules
+from condlora.image.diffusers_net import backbone_modules, model_shape
 from condlora.image.strength import sampler_times
 from condlora.image.task import load_run
 from condlora.lora.formats import LoRAWeights, write_lora, write_loras
@@ -106,8 +106,7 @@ def _weights_of_pass(
         raise _Stop
 
     hooks = [m.register_forward_pre_hook(read) for m in lora_layers(denoiser.net.net).values()]
-    size = cfg.data.resolution
-    x = torch.zeros(len(t), image_channels(cfg), size, size)
+    x = torch.zeros(len(t), *model_shape(denoiser, cfg))
     try:
         denoiser.net(x, label_of_time(denoiser.precond, t), y)
     except _Stop:
@@ -277,12 +276,15 @@ def bake_run(  # noqa: PLR0913 - the command's options, one argument each
 LORA_FILE = "condlora_lora.safetensors"  # the run's LoRA for condlora.lora.diffusers_callback
 
 
-def portable_lora(denoiser: Denoiser) -> tuple[dict[str, Tensor], dict[str, str]]:
+def portable_lora(denoiser: Denoiser) -> tuple[dict[str, Tensor], dict[str, str]] | None:
     """(tensors, metadata) of the run's conditional LoRA named as in its backbone's own
-    modules (a diffusers U-Net's, without condlora's wrapper), for `load_lora`."""
+    modules (a diffusers U-Net's, without condlora's wrapper), for `load_lora`; None where
+    UC-LoRA reads a condition outside them (a text model's pooled prompt embedding)."""
     root, prefix = backbone_modules(denoiser)
     layers = lora_layers(root)
     config = next(iter(layers.values())).state.config
+    if config.emb_module is not None and not config.emb_module.startswith(prefix):
+        return None
     if config.emb_module is not None:
         config = dataclasses.replace(config, emb_module=config.emb_module.removeprefix(prefix))
     tensors = {k: v.detach() for k, v in lora_state_dict(root).items()}
@@ -294,7 +296,9 @@ def schedule_run(
 ) -> list[str]:
     """`condlora lora schedule`: the learned strength of every basis at each sampling step
     (strengths.csv, keyframes.json; per module, or per block averaged over its modules) and
-    the LoRA for `condlora.lora.diffusers_callback`. Returns the columns."""
+    the LoRA for `condlora.lora.diffusers_callback` (not for a text model's UC-LoRA, whose
+    condition holds the pooled prompt embedding that a pipeline's U-Net never sees; its
+    strengths are those of the empty prompt). Returns the columns."""
     cfg, denoiser, _ = load_run(run)
     if cfg.lora.method not in ("time", "uc", "time+class"):
         why = {"none": "no conditional LoRA", "class": "a LoRA that does not change with t "}
@@ -319,10 +323,11 @@ def schedule_run(
         for i, col in enumerate(torch.stack(values).mean(0).T.tolist())
     }
     rows = [{c: v[k] for c, v in columns.items()} for k in range(len(ts))]
-    tensors, metadata = portable_lora(denoiser)
+    portable = portable_lora(denoiser)
     with undone_on_error(out):
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "strengths.csv", steps_csv(list(columns), ts, rows))
         write_text_atomic(out / "keyframes.json", steps_keyframes(list(columns), ts, rows))
-        write_weights(out / LORA_FILE, tensors, metadata)
+        if portable is not None:
+            write_weights(out / LORA_FILE, *portable)
     return list(columns)

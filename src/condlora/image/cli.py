@@ -60,7 +60,9 @@ def _sample(args: argparse.Namespace) -> None:
         lora_with_schedule(denoiser, Path(args.lora), args.schedule, strength)
     cfg = sampling_config(cfg, args.steps, args.sampler, args.guidance)
     check_sample_count(cfg, args.num)
-    labels = labels_for(cfg, args.num, args.label)
+    labels = prompt_labels(denoiser, args.num, args.prompt, args.label)
+    if labels is None:
+        labels = labels_for(cfg, args.num, args.label)
     images = generate(
         denoiser,
         cfg,
@@ -73,6 +75,30 @@ def _sample(args: argparse.Namespace) -> None:
     )
     path = save_grid(images, args.out, nrow=args.nrow)
     print(f"wrote {args.num} samples (step {step}) to {path}")
+
+
+def prompt_labels(denoiser: object, num: int, prompt: str | None, label: int | None) -> object:
+    """A text model's labels for `num` samples of `prompt` (all the caption set now; None:
+    the empty prompt), or None for a class model; CondloraError where the option does not
+    fit the model (--prompt on a class model, --label on a text model)."""
+    import torch
+
+    from condlora.image.diffusers_net import text_encoder
+
+    text = text_encoder(denoiser)
+    if text is None:
+        if prompt is not None:
+            raise CondloraError(
+                "--prompt applies to a text model (a diffusers UNet2DConditionModel); this run "
+                "is not one: give --label for a class model"
+            )
+        return None
+    if label is not None:
+        raise CondloraError('this run is a text model: give --prompt "...", not --label')
+    if prompt is None:
+        return None
+    text.set_prompts([prompt])
+    return torch.zeros(num, dtype=torch.long)
 
 
 def _schedule_fit(args: argparse.Namespace) -> None:
@@ -134,6 +160,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="output PNG file")
     p.add_argument("--label", type=int, help="class of every sample (default: cycle 0..K-1)")
+    p.add_argument("--prompt", help='a text model\'s prompt for every sample (default: "")')
     p.add_argument("--steps", type=int, help="sampling steps (default: the config's)")
     p.add_argument(
         "--sampler", choices=["heun", "ddim", "ddpm", "iddpm"], help="default: the config's"
@@ -167,6 +194,12 @@ def _lora_schedule(args: argparse.Namespace) -> None:
     out = Path(args.out)
     columns = schedule_run(Path(args.run), out, args.steps, args.label, args.blocks)
     print(f"wrote the strengths of {len(columns)} bases per step to {out}")
+    if not (out / LORA_FILE).is_file():
+        print(
+            "no diffusers callback file: this text model's UC-LoRA reads the pooled prompt "
+            "embedding, which a pipeline's U-Net does not see (strengths at the empty prompt)"
+        )
+        return
     print(
         "in a diffusers pipeline: condlora.lora.diffusers_callback.ConditionalLoRA(pipe.unet "
         f"(a DiT's: pipe.transformer), '{out / LORA_FILE}')"

@@ -49,6 +49,8 @@ class DataConfig(Checked):
     num_classes: int = -1  # classes (-1: the data set's own: 10, or a folder's class subfolders)
     holdout: int = 297  # digits / folder: images kept out of training (cifar10: its test split)
     split_seed: int = 0  # seed of the train / held-out split
+    cache_latents: bool = True  # net.arch diffusers with a vae/: encode the images once
+    # (the posterior's mean), else per batch (a draw from the posterior)
 
     CHECKS: ClassVar[dict] = {
         "name": OneOf(tuple(DATA_SETS)),

@@ -11,8 +11,9 @@ from condlora.core.errors import CondloraError, DataError
 from condlora.core.images import save_grid
 from condlora.core.reporting import progress_bar
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
-from condlora.image.build import image_channels, num_classes
+from condlora.image.build import num_classes
 from condlora.image.config import Config
+from condlora.image.diffusers_net import model_shape, to_images
 from condlora.lora.runtime import lora_layers
 
 GRID_SAMPLES = 100  # a 10 x 10 grid
@@ -59,6 +60,7 @@ def generate(
     progress: one bar over the samples (True, or a dict of tqdm options such as desc).
     """
     device = next(denoiser.parameters()).device
+    shape, decoder = model_shape(denoiser, cfg), denoiser  # a latent model's latents, decoded
     if labels is not None and cfg.diffusion.guidance != 1.0:
         denoiser = GuidedDenoiser(denoiser, cfg.diffusion.guidance, num_classes(cfg))
     run = {
@@ -67,7 +69,6 @@ def generate(
         "generator": torch.Generator(device=device).manual_seed(seed),
         "device": device,
     }
-    shape = (image_channels(cfg), cfg.data.resolution, cfg.data.resolution)
     chunks = [slice(i, min(i + batch_size, num)) for i in range(0, num, batch_size)]
     with progress_bar(progress, total=num, desc="sampling", unit="img") as bar:
         # grouping pays only where LoRA layers can merge; a plain net samples in request order
@@ -79,6 +80,7 @@ def generate(
             images = _in_request_order(denoiser, labels, chunks, shape, run, bar)
         else:
             images = _by_class(denoiser, labels, chunks, shape, run, batch_size, bar)
+    images = to_images(decoder, images)
     if not torch.isfinite(images).all():  # before the clamp, which would hide an inf
         raise DataError(
             "the samples hold NaN or inf values (the weights or the sampler diverged); "
