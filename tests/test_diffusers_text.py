@@ -11,8 +11,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from condlora.cli import main
+from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.image.config import load_config
 from condlora.image.task import load_run
+from condlora.lora.runtime import lora_layers
 
 from .conftest import CONFIGS, TINY
 
@@ -302,3 +304,72 @@ def test_prompt_and_label_go_to_the_model_that_takes_them(tmp_path, capsys):
         denoiser.net.net.text.set_prompts([prompt])
         images.append(generate(denoiser, cfg, 2, torch.zeros(2, dtype=torch.long), steps=2))
     assert images[0].shape == (2, 3, 8, 8) and (images[0] - images[1]).abs().max() > 1e-4
+
+
+def test_sampling_a_prompt_is_what_the_diffusers_pipeline_computes(tmp_path):
+    """`sample --prompt` (ddim on the run's discrete grid) equals StableDiffusionPipeline
+    with an Euler scheduler on the same timesteps and the run's TimeLoRA in its U-Net
+    (`lora schedule`'s file through ConditionalLoRA), from the same noise."""
+    from condlora.image.generate import generate
+    from condlora.image.task import train
+    from condlora.lora.diffusers_callback import ConditionalLoRA
+
+    root = text_pipeline(tmp_path / "pipe", latent=True)
+    data = captioned_images(tmp_path / "data")
+    cfg = config(root, data, "lora.num_bases=2")
+    train(cfg, tmp_path / "run", progress=False)
+    strong_lora(tmp_path / "run")
+    assert main(["lora", "schedule", str(tmp_path / "run"), "--out", str(tmp_path / "s")]) == 0
+    _, denoiser, _ = load_run(tmp_path / "run")
+    denoiser.net.net.text.set_prompts(["a red cat"])
+    ours = generate(denoiser, cfg, 1, torch.zeros(1, dtype=torch.long), steps=4, seed=0)
+
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=diffusers.AutoencoderKL.from_pretrained(root / "vae"),
+        text_encoder=transformers.CLIPTextModel.from_pretrained(root / "text_encoder"),
+        tokenizer=transformers.CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        unet=diffusers.UNet2DConditionModel.from_pretrained(root / "unet"),
+        scheduler=diffusers.EulerDiscreteScheduler.from_pretrained(
+            root / "scheduler", timestep_spacing="linspace"
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    lora = ConditionalLoRA(pipe.unet, tmp_path / "s" / "condlora_lora.safetensors")
+    lora.start(pipe, num_inference_steps=4)
+    noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    sigma_max = denoiser.precond.sigma_max  # condlora starts at sigma_max * noise
+    theirs = pipe(
+        "a red cat",
+        height=8,
+        width=8,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        latents=noise * sigma_max / pipe.scheduler.init_noise_sigma,
+        output_type="pt",
+        callback_on_step_end=lora.callback_on_step_end,
+    ).images
+    torch.testing.assert_close(ours, theirs * 2 - 1, rtol=1e-4, atol=1e-4)
+    for layer in lora_layers(pipe.unet).values():  # the LoRA off: another image
+        layer.scale = 0.0
+    plain = pipe(
+        "a red cat",
+        height=8,
+        width=8,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        latents=noise * sigma_max / pipe.scheduler.init_noise_sigma,
+        output_type="pt",
+    )
+    assert (plain.images - theirs).abs().max() > 1e-2
+
+
+def strong_lora(run):
+    """Random B in the run's EMA file, so its LoRA changes the U-Net's output clearly."""
+    meta, tensors = read_weights(run / "ema.safetensors", None, "ema", RuntimeError)
+    g = torch.Generator().manual_seed(1)
+    for key, value in tensors.items():
+        if key.endswith("lora_B"):
+            value.copy_(torch.randn(value.shape, generator=g))
+    write_weights(run / "ema.safetensors", tensors, meta)
