@@ -34,7 +34,12 @@ from torch import Tensor
 from condlora.core.errors import ConfigError
 
 TEXT_MODEL = "UNet2DConditionModel"
-ENCODE_BATCH = 64  # images or captions per call of the VAE or the text encoder
+ENCODE_BATCH = 8  # images or captions per call of the VAE or the text encoder
+
+
+def fastest_device() -> torch.device:
+    """The GPU where there is one (encoding the captions or the latents once), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class Frozen:
@@ -101,6 +106,8 @@ class TextEncoder(Frozen):
         distinct prompt is encoded once and kept."""
         new = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         tokenizer, encoder = self._load() if new else (None, None)
+        if new:  # on the GPU while encoding, then back: the table alone is kept
+            encoder.to(fastest_device())
         for start in range(0, len(new), ENCODE_BATCH):
             part = new[start : start + ENCODE_BATCH]
             ids = tokenizer(
@@ -114,6 +121,8 @@ class TextEncoder(Frozen):
             pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
             for k, prompt in enumerate(part):
                 self._cache[prompt] = (out[0][k].float().cpu(), pooled[k].float().cpu())
+        if new:
+            encoder.to("cpu")
         rows = [self._cache[p] for p in prompts]
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
 
@@ -162,14 +171,17 @@ class LatentCodec(Frozen):
         return self._vae.to(device)
 
     @torch.no_grad()
-    def encode(self, images: Tensor, draw: bool = False) -> Tensor:
-        """Latents z = (posterior mean, or a draw - shift) * scale of images in [-1, 1]."""
-        vae = self._load(images.device)
+    def encode(
+        self, images: Tensor, draw: bool = False, device: torch.device | None = None
+    ) -> Tensor:
+        """Latents z = (posterior mean, or a draw - shift) * scale of images in [-1, 1],
+        computed on `device` (default: the images'), returned on the images' device."""
+        vae = self._load(device or images.device)
         out = []
         for part in images.split(ENCODE_BATCH):
-            posterior = vae.encode(part.to(vae.dtype)).latent_dist
+            posterior = vae.encode(part.to(vae.device, vae.dtype)).latent_dist
             z = posterior.sample() if draw else posterior.mode()
-            out.append((z.float() - self.shift) * self.scale)
+            out.append(((z.float() - self.shift) * self.scale).to(images.device))
         return torch.cat(out)
 
     @torch.no_grad()

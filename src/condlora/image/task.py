@@ -26,7 +26,7 @@ from condlora.image.build import build_data, build_denoiser, caption_index, num_
 from condlora.image.checks import check_model_size
 from condlora.image.config import Config
 from condlora.image.diffusers_net import diffusers_backbone, folder_config, is_model_folder
-from condlora.image.diffusers_text import LatentCodec
+from condlora.image.diffusers_text import LatentCodec, fastest_device
 from condlora.image.generate import save_sample_grid
 from condlora.image.pretrained import init_from
 from condlora.train.checkpoint import (
@@ -151,7 +151,7 @@ def image_task(cfg: Config, init_path: str | Path | None = None) -> TrainTask:
     if text is not None:
         text.set_prompts(caption_index(load_captions(cfg.data.path))[0])
     if vae is not None and cfg.data.cache_latents:  # encoded once, before training
-        train_x, vae = vae.encode(train_x), None
+        train_x, vae = vae.encode(train_x, device=fastest_device()), None
     return TrainTask(
         model=denoiser,
         loss=DenoisingLoss(denoiser),
