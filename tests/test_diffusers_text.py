@@ -373,3 +373,35 @@ def strong_lora(run):
         if key.endswith("lora_B"):
             value.copy_(torch.randn(value.shape, generator=g))
     write_weights(run / "ema.safetensors", tensors, meta)
+
+
+@pytest.mark.parametrize("method", ["time", "uc"])
+def test_gradient_checkpointing_recomputes_the_lora_inside_a_block_as_it_ran(tmp_path, method):
+    """A UNet2DConditionModel checkpoints its transformer blocks, which hold the LoRA
+    layers: the recomputation sees the pass's condition again, the gradients are the same."""
+    from condlora.image.build import build_denoiser
+
+    from .test_diffusers_arch import counted
+
+    root = text_pipeline(tmp_path / "pipe")
+    data = captioned_images(tmp_path / "data")
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        flag = f"net.gradient_checkpointing={str(checkpointing).lower()}"
+        denoiser = build_denoiser(config(root, data, f"lora.method={method}", *UC[1:], flag))
+        denoiser.net.net.text.set_prompts(["a red cat", "a blue dog"])
+        with torch.no_grad():  # a fresh LoRA's B = 0 would give A no gradient
+            for name, p in denoiser.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        block = denoiser.net.net.unet.up_blocks[1].attentions[1].transformer_blocks[0]
+        calls = counted(block)  # the last block with LoRA layers
+        g = torch.Generator().manual_seed(2)
+        x0, labels = torch.randn(4, 3, 8, 8, generator=g), torch.tensor([0, 1, 1, 0])
+        denoiser.train().loss(x0, class_labels=labels, generator=g).backward()
+        assert len(calls) == (2 if checkpointing else 1)
+        grads.append({n: p.grad for n, p in denoiser.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)

@@ -36,6 +36,7 @@ from condlora.image.diffusers_net import (
     load_unet,
 )
 from condlora.lora import conditioning, inject, lora_layers
+from condlora.lora.runtime import checkpointed
 from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
 
 # The module whose output is the backbone's condition embedding (UC-LoRA's input).
@@ -114,8 +115,8 @@ def build_net(cfg: Config) -> nn.Module:
         net = load_unet(n.pretrained)
         check_against_model(cfg, net)
         net.frozen_base = not n.train_base  # checkpoints leave a frozen base out
-        if n.gradient_checkpointing:
-            net.unet.enable_gradient_checkpointing()
+        if n.gradient_checkpointing:  # LoRA layers inside a block recompute as they ran
+            net.unet.enable_gradient_checkpointing(checkpointed)
         return net.requires_grad_(True) if n.train_base else net
     try:
         if n.arch == "adm":
