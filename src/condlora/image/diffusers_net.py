@@ -242,14 +242,19 @@ def is_model_folder(path: str | Path) -> bool:
 
 def folder_config(path: str | Path, data: str | Path) -> Config:
     """The image Config of a diffusers folder used as it is (a frozen base, no run of its
-    own): its U-Net's image size and classes, its scheduler's objective (epsilon on DDPM's
-    linear betas without one), DDIM with 50 steps, and the image folder `data`."""
-    c = json.loads((model_folder(path) / "config.json").read_text())
-    size = image_side(c.get("sample_size", 32))
+    own): its U-Net's image size (a latent model's: its VAE's images) and classes, its
+    scheduler's objective (epsilon on DDPM's linear betas without one), DDIM with 50 steps,
+    and the image folder `data`."""
+    folder = model_folder(path)
+    c = json.loads((folder / "config.json").read_text())
+    size, channels = image_side(c.get("sample_size", 32)), int(c.get("in_channels", 3))
+    _, vae = pipeline_parts(Path(path), folder, model_class(folder))
+    if vae is not None:
+        size, channels = size * vae.factor, int(vae.config.get("in_channels", 3))
     classes = int(c.get("num_class_embeds") or c.get("num_embeds_ada_norm") or 0)
     objective, schedule, steps = scheduler_objective(path) or ("ddpm", "linear", 1000)
     data_cfg = {"name": "folder", "path": str(data), "resolution": size}
-    data_cfg |= {"channels": int(c.get("in_channels", 3)), "num_classes": classes or -1}
+    data_cfg |= {"channels": channels, "num_classes": classes or -1}
     diffusion = {"objective": objective, "schedule": schedule, "num_timesteps": steps}
     diffusion |= {"sampler": "ddim", "sample_steps": 50}
     net = {"arch": "diffusers", "pretrained": str(path), "class_conditional": bool(classes)}
