@@ -405,3 +405,13 @@ def test_gradient_checkpointing_recomputes_the_lora_inside_a_block_as_it_ran(tmp
     assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_commands_that_feed_pixels_refuse_a_text_pipeline_in_one_line(tmp_path, capsys):
+    root = text_pipeline(tmp_path / "pipe", latent=True)
+    data = captioned_images(tmp_path / "data")
+    fit = ["schedule", "fit", "--base", str(root), "--lora", str(tmp_path / "none")]
+    one_line_error(
+        capsys, [*fit, "--data", str(data), "--out", str(tmp_path / "o")], "not supported"
+    )
+    assert not (tmp_path / "o").exists()

@@ -299,3 +299,14 @@ def text_encoder(denoiser: nn.Module) -> TextEncoder | None:
     """The text encoder of a text model's denoiser (None: a class or unconditional model)."""
     net = diffusers_backbone(denoiser)
     return None if net is None else net.text
+
+
+def check_pixel_model(denoiser: nn.Module, what: str) -> None:
+    """ConfigError where the base is a text or latent pipeline, for a command that feeds
+    images straight to the network (`what`)."""
+    net = diffusers_backbone(denoiser)
+    if net is not None and (net.text is not None or net.vae is not None):
+        raise ConfigError(
+            f"{what} reads pixel-space models without captions; a text-to-image or latent "
+            "pipeline is not supported there yet"
+        )

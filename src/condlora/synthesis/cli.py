@@ -262,6 +262,7 @@ def _model_dataset(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 def _eval(args: argparse.Namespace) -> None:
     from condlora.image.build import image_channels, num_classes
     from condlora.image.checks import check_seed
+    from condlora.image.diffusers_net import check_pixel_model
     from condlora.image.task import load_base
     from condlora.metrics import load_classifier
     from condlora.synthesis.encoders import build_encoder
@@ -277,6 +278,7 @@ def _eval(args: argparse.Namespace) -> None:
     dataset = _model_dataset(args, model)
     judge = load_classifier(args.judge) if args.judge else None
     cfg, base = load_base(args.base, args.subjects)
+    check_pixel_model(base, "synth eval")
     held_out = read_subjects(
         args.subjects, cfg.data.resolution, image_channels(cfg), num_classes(cfg)
     )
