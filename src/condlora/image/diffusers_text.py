@@ -75,7 +75,7 @@ class TextEncoder(Frozen):
         self.root = root
         self.config = _config(root / "text_encoder")
         self._parts: tuple | None = None
-        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._empty: tuple[Tensor, Tensor] | None = None  # the empty prompt's encoding
         self.hidden = self.pooled = None  # the table: (n, L, D) and (n, P)
 
     def width(self) -> int:
@@ -102,29 +102,24 @@ class TextEncoder(Frozen):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """(hidden states (n, L, D), pooled (n, P)) of the prompts, float32 on the CPU; each
-        distinct prompt is encoded once and kept."""
-        new = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        tokenizer, encoder = self._load() if new else (None, None)
-        if new:  # on the GPU while encoding, then back: the table alone is kept
-            encoder.to(fastest_device())
-        for start in range(0, len(new), ENCODE_BATCH):
-            part = new[start : start + ENCODE_BATCH]
+        """(hidden states (n, L, D), pooled (n, P)) of the prompts (callers give distinct
+        ones), float32 on the CPU; encoded on the GPU where there is one."""
+        tokenizer, encoder = self._load()
+        encoder.to(fastest_device())  # while encoding, then back: the table alone is kept
+        hidden, pooled = [], []
+        for start in range(0, len(prompts), ENCODE_BATCH):
             ids = tokenizer(
-                part,
+                prompts[start : start + ENCODE_BATCH],
                 padding="max_length",
                 max_length=tokenizer.model_max_length,
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
             out = encoder(ids.to(encoder.device))
-            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-            for k, prompt in enumerate(part):
-                self._cache[prompt] = (out[0][k].float().cpu(), pooled[k].float().cpu())
-        if new:
-            encoder.to("cpu")
-        rows = [self._cache[p] for p in prompts]
-        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+            hidden.append(out[0].float().cpu())
+            pooled.append(out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)
+        encoder.to("cpu")
+        return torch.cat(hidden), torch.cat(pooled).float().cpu()
 
     def set_prompts(self, prompts: list[str]) -> None:
         """The captions that the backbone's labels 0..n-1 name from now on."""
@@ -134,7 +129,9 @@ class TextEncoder(Frozen):
         """(encoder_hidden_states, pooled) of a batch: the table's rows `labels`, or the
         empty prompt's for all n rows; on `like`'s device and dtype."""
         if labels is None:
-            hidden, pooled = (v.expand(n, *v.shape[1:]) for v in self.encode([""]))
+            if self._empty is None:
+                self._empty = self.encode([""])
+            hidden, pooled = (v.expand(n, *v.shape[1:]) for v in self._empty)
         else:
             if self.hidden is None:
                 raise ConfigError("no captions set for the text model (set_prompts)")

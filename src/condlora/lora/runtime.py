@@ -18,6 +18,8 @@ A forward pass of an injected model, step by step:
    (`condlora.lora.layer`).
 6. Pass ends. A post-forward hook (always called, also on errors) drops the pass's tensors,
    so no graph is held and the model stays deep-copyable.
+7. Recomputation. Under gradient checkpointing a block runs again in the backward pass,
+   after the pass ended: `checkpointed` gives it the state it saw the first time.
 
 `merge` / `merged` fold the update at one fixed condition into the weights outright.
 """
