@@ -164,6 +164,10 @@ def test_a_fresh_lora_computes_what_the_text_model_computed(tmp_path, method):
         # no labels: the empty prompt, as the pipelines' unconditional prompt
         empty = unet(x, t, encoder_hidden_states=hidden[1:2].expand(3, -1, -1)).sample
         torch.testing.assert_close(denoiser.net(x, t), empty, rtol=1e-5, atol=1e-5)
+        # index -1 (a dropped caption, guidance's unconditional half): the empty prompt too
+        mixed = denoiser.net(x, t, torch.tensor([0, -1, 2]))
+        torch.testing.assert_close(mixed[1], empty[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mixed[::2], want[::2], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seen[0], torch.cat([temb[0], pooled], -1))
 
 
@@ -306,22 +310,26 @@ def test_prompt_and_label_go_to_the_model_that_takes_them(tmp_path, capsys):
     assert images[0].shape == (2, 3, 8, 8) and (images[0] - images[1]).abs().max() > 1e-4
 
 
-def test_sampling_a_prompt_is_what_the_diffusers_pipeline_computes(tmp_path):
-    """`sample --prompt` (ddim on the run's discrete grid) equals StableDiffusionPipeline
-    with an Euler scheduler on the same timesteps and the run's TimeLoRA in its U-Net
-    (`lora schedule`'s file through ConditionalLoRA), from the same noise."""
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_sampling_a_prompt_is_what_the_diffusers_pipeline_computes(tmp_path, guidance):
+    """`sample --prompt [--guidance]` (ddim on the run's discrete grid) equals
+    StableDiffusionPipeline with an Euler scheduler on the same timesteps, the same
+    guidance_scale (the empty prompt as the unconditional half) and the run's TimeLoRA in its
+    U-Net (`lora schedule`'s file through ConditionalLoRA), from the same noise."""
+    from condlora.image.checks import sampling_config
     from condlora.image.generate import generate
     from condlora.image.task import train
     from condlora.lora.diffusers_callback import ConditionalLoRA
 
     root = text_pipeline(tmp_path / "pipe", latent=True)
     data = captioned_images(tmp_path / "data")
-    cfg = config(root, data, "lora.num_bases=2")
+    cfg = config(root, data, "lora.num_bases=2", "train.label_dropout=0.2")
     train(cfg, tmp_path / "run", progress=False)
     strong_lora(tmp_path / "run")
     assert main(["lora", "schedule", str(tmp_path / "run"), "--out", str(tmp_path / "s")]) == 0
     _, denoiser, _ = load_run(tmp_path / "run")
     denoiser.net.net.text.set_prompts(["a red cat"])
+    cfg = sampling_config(cfg, guidance=guidance)
     ours = generate(denoiser, cfg, 1, torch.zeros(1, dtype=torch.long), steps=4, seed=0)
 
     pipe = diffusers.StableDiffusionPipeline(
@@ -340,29 +348,13 @@ def test_sampling_a_prompt_is_what_the_diffusers_pipeline_computes(tmp_path):
     lora.start(pipe, num_inference_steps=4)
     noise = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     sigma_max = denoiser.precond.sigma_max  # condlora starts at sigma_max * noise
-    theirs = pipe(
-        "a red cat",
-        height=8,
-        width=8,
-        num_inference_steps=4,
-        guidance_scale=1.0,
-        latents=noise * sigma_max / pipe.scheduler.init_noise_sigma,
-        output_type="pt",
-        callback_on_step_end=lora.callback_on_step_end,
-    ).images
+    call = {"height": 8, "width": 8, "num_inference_steps": 4, "guidance_scale": guidance}
+    call |= {"latents": noise * sigma_max / pipe.scheduler.init_noise_sigma, "output_type": "pt"}
+    theirs = pipe("a red cat", **call, callback_on_step_end=lora.callback_on_step_end).images
     torch.testing.assert_close(ours, theirs * 2 - 1, rtol=1e-4, atol=1e-4)
     for layer in lora_layers(pipe.unet).values():  # the LoRA off: another image
         layer.scale = 0.0
-    plain = pipe(
-        "a red cat",
-        height=8,
-        width=8,
-        num_inference_steps=4,
-        guidance_scale=1.0,
-        latents=noise * sigma_max / pipe.scheduler.init_noise_sigma,
-        output_type="pt",
-    )
-    assert (plain.images - theirs).abs().max() > 1e-2
+    assert (pipe("a red cat", **call).images - theirs).abs().max() > 1e-2
 
 
 def strong_lora(run):

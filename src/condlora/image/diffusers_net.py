@@ -223,8 +223,6 @@ def check_text_config(cfg: Config) -> None:
             "net.class_conditional false and lora.method time or uc (class methods need "
             "class labels)"
         )
-    if cfg.train.label_dropout > 0:
-        raise ConfigError("train.label_dropout does not apply to a text model: set it 0")
 
 
 def is_text_model(path: str | Path) -> bool:

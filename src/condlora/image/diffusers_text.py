@@ -8,8 +8,9 @@ checkpoint, and the EMA copy shares them rather than copying them.
 Captions: each caption is tokenised as the Stable Diffusion pipelines do (padded to the
 tokenizer's model_max_length, truncated) and encoded once; its last hidden states are the
 U-Net's `encoder_hidden_states`. The backbone takes a caption's index in the current table
-(`set_prompts`) where a class model takes its class label; no index means the empty prompt
-"" (the pipelines' unconditional prompt).
+(`set_prompts`) where a class model takes its class label; no index, or the index -1 (a
+caption dropped in training, `train.label_dropout`; guidance's unconditional half) means the
+empty prompt "" (the pipelines' unconditional prompt).
 
 UC-LoRA's condition on a text model is [time embedding, pooled text embedding]: the
 U-Net's own time embedding (what UC-LoRA reads on a UNet2DModel) joined with the text
@@ -126,17 +127,21 @@ class TextEncoder(Frozen):
         self.hidden, self.pooled = self.encode(prompts)
 
     def lookup(self, labels: Tensor | None, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """(encoder_hidden_states, pooled) of a batch: the table's rows `labels`, or the
-        empty prompt's for all n rows; on `like`'s device and dtype."""
+        """(encoder_hidden_states, pooled) of a batch: the table's rows `labels` (-1: the
+        empty prompt), or the empty prompt's for all n rows; on `like`'s device and dtype."""
+        if self._empty is None:
+            self._empty = self.encode([""])
+        empty = [v.expand(n, *v.shape[1:]) for v in self._empty]
         if labels is None:
-            if self._empty is None:
-                self._empty = self.encode([""])
-            hidden, pooled = (v.expand(n, *v.shape[1:]) for v in self._empty)
-        else:
-            if self.hidden is None:
-                raise ConfigError("no captions set for the text model (set_prompts)")
-            idx = labels.long().cpu()
-            hidden, pooled = self.hidden[idx], self.pooled[idx]
+            return empty[0].to(like), empty[1].to(like)
+        idx = labels.long().cpu()
+        if (idx >= 0).any() and self.hidden is None:
+            raise ConfigError("no captions set for the text model (set_prompts)")
+        null = (idx < 0).view(-1, 1, 1)  # the empty prompt
+        if self.hidden is None:
+            return empty[0].to(like), empty[1].to(like)
+        hidden = torch.where(null, empty[0], self.hidden[idx.clamp(min=0)])
+        pooled = torch.where(null[:, :, 0], empty[1], self.pooled[idx.clamp(min=0)])
         return hidden.to(like), pooled.to(like)
 
 

@@ -13,7 +13,7 @@ from condlora.core.reporting import progress_bar
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
 from condlora.image.build import num_classes
 from condlora.image.config import Config
-from condlora.image.diffusers_net import model_shape, to_images
+from condlora.image.diffusers_net import model_shape, text_encoder, to_images
 from condlora.lora.runtime import lora_layers
 
 GRID_SAMPLES = 100  # a 10 x 10 grid
@@ -62,7 +62,8 @@ def generate(
     device = next(denoiser.parameters()).device
     shape, decoder = model_shape(denoiser, cfg), denoiser  # a latent model's latents, decoded
     if labels is not None and cfg.diffusion.guidance != 1.0:
-        denoiser = GuidedDenoiser(denoiser, cfg.diffusion.guidance, num_classes(cfg))
+        null = -1 if text_encoder(denoiser) is not None else None  # a text model's "" prompt
+        denoiser = GuidedDenoiser(denoiser, cfg.diffusion.guidance, num_classes(cfg), null)
     run = {
         "sampler": sampler or cfg.diffusion.sampler,
         "steps": steps or cfg.diffusion.sample_steps,

@@ -105,15 +105,16 @@ class ImageBatches:
         return {"x0": x0, "class_labels": labels, "augment_labels": augment_labels}
 
     def class_labels(self, y: torch.Tensor) -> torch.Tensor | None:
-        """Training labels: None if unconditional; some rows nulled for classifier-free guidance."""
-        if self.text:
-            return y
-        if not self.cfg.net.class_conditional:
+        """Training labels: None if unconditional (a text model: caption indices); some rows
+        nulled for classifier-free guidance (a caption: the empty prompt)."""
+        if not self.cfg.net.class_conditional and not self.text:
             return None
         p = self.cfg.train.label_dropout
         if p <= 0:
             return y
         keep = torch.rand(len(y), device=y.device) >= p  # the step-seeded generator
+        if self.text:  # caption indices: -1 is the empty prompt
+            return torch.where(keep, y, -1)
         return class_weights(y, num_classes(self.cfg)) * keep[:, None]
 
 
