@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from condlora.core.errors import CondloraError
 from condlora.core.files import default_run_folder
+
+if TYPE_CHECKING:
+    import torch
 
 # Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
 
@@ -77,7 +81,9 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"wrote {args.num} samples (step {step}) to {path}")
 
 
-def prompt_labels(denoiser: object, num: int, prompt: str | None, label: int | None) -> object:
+def prompt_labels(
+    denoiser: torch.nn.Module, num: int, prompt: str | None, label: int | None
+) -> torch.Tensor | None:
     """A text model's labels for `num` samples of `prompt` (all the caption set now; None:
     the empty prompt), or None for a class model; CondloraError where the option does not
     fit the model (--prompt on a class model, --label on a text model)."""
