@@ -226,11 +226,18 @@ def test_a_latent_text_model_trains_samples_a_prompt_and_bakes(tmp_path, capsys)
     )
     layers = {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer)}
     assert len(layers) == len(state.modules) == len(lora) and len(sd) == 2 * len(layers)
+    denoiser.net.net.text.set_prompts([""])  # what `lora bake` reads without --prompt
     want = bake(denoiser, cfg, 0.0, 0.4).weights.modules
     for name, layer in layers.items():
         torch.testing.assert_close(
             layer.get_delta_weight("b"), want[name].delta(), rtol=1e-4, atol=1e-6
         )
+    # at a prompt: UC-LoRA's condition holds the pooled prompt, so another static LoRA
+    cat = tmp_path / "cat.safetensors"
+    assert main([*bake_args, "--out", str(cat), "--prompt", "a red cat"]) == 0
+    cat_delta = read_lora(cat).modules[name].delta()
+    assert not torch.allclose(cat_delta, read_lora(out).modules[name].delta())
+    one_line_error(capsys, [*bake_args, "--out", str(cat), "--label", "1"], "give --prompt")
     # latents not cached: a draw from the VAE's posterior per batch, so another LoRA
     from condlora.image.task import train
 
@@ -289,11 +296,11 @@ def test_prompt_and_label_go_to_the_model_that_takes_them(tmp_path, capsys):
     root = tiny_pipeline(tmp_path / "classes", classes=10)
     train(class_config(root, "net.class_conditional=true"), tmp_path / "class-run", progress=False)
     sample = ["sample", "--num", "2", "--steps", "2", "--out", str(tmp_path / "s.png"), "--run"]
-    one_line_error(
-        capsys,
-        [*sample, str(tmp_path / "class-run"), "--prompt", "a cat"],
-        "--prompt applies to a text model",
-    )
+    prompt = [*sample, str(tmp_path / "class-run"), "--prompt", "a cat"]
+    one_line_error(capsys, prompt, "--prompt applies to a text model")
+    bake = ["lora", "bake", str(tmp_path / "class-run"), "--t", "0:1", "--format", "kohya"]
+    bake += ["--out", str(tmp_path / "b.safetensors"), "--prompt", "a cat"]
+    one_line_error(capsys, bake, "--prompt applies to a text model")
     text = text_pipeline(tmp_path / "pipe")
     data = captioned_images(tmp_path / "data")
     train_args = ["train", "--config", str(BASE), "--out", str(tmp_path / "text-run"), "--quiet"]

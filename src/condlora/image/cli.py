@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from condlora.core.errors import CondloraError
 from condlora.core.files import default_run_folder
-
-if TYPE_CHECKING:
-    import torch
 
 # Imports of torch-heavy modules happen inside the commands, so `condlora --help` is quick.
 
@@ -40,7 +36,7 @@ def _train(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     from condlora.core.images import check_image_path, save_grid
     from condlora.image.checks import check_sample_count, check_seed, sampling_config
-    from condlora.image.generate import generate, labels_for
+    from condlora.image.generate import generate, labels_for, prompt_labels
     from condlora.image.task import load_run
 
     # everything that can be refused is refused before the sampling work
@@ -79,32 +75,6 @@ def _sample(args: argparse.Namespace) -> None:
     )
     path = save_grid(images, args.out, nrow=args.nrow)
     print(f"wrote {args.num} samples (step {step}) to {path}")
-
-
-def prompt_labels(
-    denoiser: torch.nn.Module, num: int, prompt: str | None, label: int | None
-) -> torch.Tensor | None:
-    """A text model's labels for `num` samples of `prompt` (all the caption set now; None:
-    the empty prompt), or None for a class model; CondloraError where the option does not
-    fit the model (--prompt on a class model, --label on a text model)."""
-    import torch
-
-    from condlora.image.diffusers_net import text_encoder
-
-    text = text_encoder(denoiser)
-    if text is None:
-        if prompt is not None:
-            raise CondloraError(
-                "--prompt applies to a text model (a diffusers UNet2DConditionModel); this run "
-                "is not one: give --label for a class model"
-            )
-        return None
-    if label is not None:
-        raise CondloraError('this run is a text model: give --prompt "...", not --label')
-    if prompt is None:
-        return None
-    text.set_prompts([prompt])
-    return torch.zeros(num, dtype=torch.long)
 
 
 def _schedule_fit(args: argparse.Namespace) -> None:
@@ -188,7 +158,14 @@ def _bake(args: argparse.Namespace) -> None:
 
     t_range = parse_range(args.t)
     paths = bake_run(
-        Path(args.run), t_range, Path(args.out), args.format, args.rank, args.label, args.segments
+        Path(args.run),
+        t_range,
+        Path(args.out),
+        args.format,
+        args.rank,
+        args.label,
+        args.segments,
+        args.prompt,
     )
     where = Path(args.out) if args.segments > 1 or args.format == "peft" else paths[0]
     print(f"wrote {args.format} LoRA ({args.segments} segment(s)) to {where}")
@@ -198,12 +175,12 @@ def _lora_schedule(args: argparse.Namespace) -> None:
     from condlora.image.bake import LORA_FILE, schedule_run
 
     out = Path(args.out)
-    columns = schedule_run(Path(args.run), out, args.steps, args.label, args.blocks)
+    columns = schedule_run(Path(args.run), out, args.steps, args.label, args.blocks, args.prompt)
     print(f"wrote the strengths of {len(columns)} bases per step to {out}")
     if not (out / LORA_FILE).is_file():
         print(
             "no diffusers callback file: this text model's UC-LoRA reads the pooled prompt "
-            "embedding, which a pipeline's U-Net does not see (strengths at the empty prompt)"
+            "embedding, which a pipeline's U-Net does not see (strengths at --prompt)"
         )
         return
     print(
@@ -221,6 +198,7 @@ def add_lora_commands(lora_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=["kohya", "diffusers", "peft"])
     p.add_argument("--rank", type=int, help="rank of every module (default: exact)")
     p.add_argument("--label", type=int, help="class to bake at (default: mean over classes)")
+    p.add_argument("--prompt", help='a text run\'s prompt to bake at (default: "")')
     p.add_argument("--segments", type=int, default=1, help="K equal parts of the range")
     p.set_defaults(func=_bake)
 
@@ -229,5 +207,6 @@ def add_lora_commands(lora_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
     p.add_argument("--label", type=int, help="class (default: mean over classes)")
+    p.add_argument("--prompt", help='a text run\'s prompt (default: "")')
     p.add_argument("--blocks", action="store_true", help="one column per block and basis")
     p.set_defaults(func=_lora_schedule)

@@ -33,6 +33,28 @@ def labels_for(cfg: Config, num: int, label: int | None = None) -> torch.Tensor 
     return torch.arange(num) % classes
 
 
+def prompt_labels(
+    denoiser: torch.nn.Module, num: int, prompt: str | None, label: int | None
+) -> torch.Tensor | None:
+    """A text model's labels for `num` samples of `prompt` (all the caption set now; None:
+    the empty prompt), or None for a class model; CondloraError where the option does not
+    fit the model (--prompt on a class model, --label on a text model)."""
+    text = text_encoder(denoiser)
+    if text is None:
+        if prompt is not None:
+            raise CondloraError(
+                "--prompt applies to a text model (a diffusers UNet2DConditionModel); this run "
+                "is not one: give --label for a class model"
+            )
+        return None
+    if label is not None:
+        raise CondloraError('this run is a text model: give --prompt "...", not --label')
+    if prompt is None:
+        return None
+    text.set_prompts([prompt])
+    return torch.zeros(num, dtype=torch.long)
+
+
 @torch.no_grad()
 def generate(
     denoiser: Denoiser,
