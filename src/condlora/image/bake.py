@@ -317,7 +317,7 @@ def schedule_run(  # noqa: PLR0913 - the command's options, one argument each
     (strengths.csv, keyframes.json; per module, or per block averaged over its modules) and
     the LoRA for `condlora.lora.diffusers_callback` (not for a text model's UC-LoRA, whose
     condition holds the pooled prompt embedding that a pipeline's U-Net never sees; its
-    strengths are those of the empty prompt). Returns the columns."""
+    strengths are those at `prompt`, default ""). Returns the columns."""
     cfg, denoiser = run_at_prompt(run, prompt, label)
     if cfg.lora.method not in ("time", "uc", "time+class"):
         why = {"none": "no conditional LoRA", "class": "a LoRA that does not change with t "}

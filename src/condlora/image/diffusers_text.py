@@ -16,7 +16,7 @@ UC-LoRA's condition on a text model is [time embedding, pooled text embedding]: 
 U-Net's own time embedding (what UC-LoRA reads on a UNet2DModel) joined with the text
 encoder's pooled output (CLIP's end-of-text token), so the LoRA's strengths can follow the
 prompt as they follow the class on a class model. It is the output of the backbone's
-`text_condition` module; `lora bake` and `lora schedule` read it at the empty prompt.
+`text_condition` module; `lora bake` and `lora schedule` read it at `--prompt` ("").
 
 Latents: images are encoded to z = (mean of the VAE's posterior - shift_factor) *
 scaling_factor, once before training (`data.cache_latents`), or per batch with a draw from
