@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from condlora.cli import main
+from condlora.core.errors import ConfigError
 from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.image.config import load_config
 from condlora.image.task import load_run
@@ -47,7 +48,8 @@ def tiny_tokenizer(folder):
 def text_pipeline(root, latent=False, text=True):
     """A text-to-image pipeline folder made by diffusers and transformers themselves: unet/
     (a UNet2DConditionModel on 3 x 8 x 8, or on a VAE's 4 x 4 x 4 latents of 3 x 8 x 8
-    images), text_encoder/ (a CLIPTextModel), tokenizer/, scheduler/ and, if latent, vae/."""
+    images), text_encoder/ (a CLIPTextModel), tokenizer/, scheduler/ (Stable Diffusion's
+    scaled_linear betas) and, if latent, vae/."""
     torch.manual_seed(0)
     channels = 4 if latent else 3
     diffusers.UNet2DConditionModel(
@@ -85,7 +87,8 @@ def text_pipeline(root, latent=False, text=True):
             norm_num_groups=4,
             sample_size=8,
         ).save_pretrained(root / "vae")
-    diffusers.DDPMScheduler().save_pretrained(root / "scheduler")
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    diffusers.DDPMScheduler(**sd).save_pretrained(root / "scheduler")  # Stable Diffusion's
     return root
 
 
@@ -113,6 +116,7 @@ def overrides(root, data, *extra):
     args = [*TINY, "net.arch=diffusers", f"net.pretrained={root}", "data.name=folder"]
     args += [f"data.path={data}", "data.resolution=8", "data.channels=3", "data.holdout=1"]
     args += ["net.class_conditional=false", "diffusion.objective=ddpm"]
+    args += ["diffusion.schedule=scaled_linear"]  # SD's betas (the default 0.00085..0.012)
     args += ["diffusion.sampler=ddim", "train.max_steps=2", "train.batch_size=4"]
     args += ["lora.method=time", "lora.targets=[to_q, to_v]", "net.cond_mode=scale_shift"]
     return [*args, *extra]
@@ -414,3 +418,22 @@ def test_commands_that_feed_pixels_refuse_a_text_pipeline_in_one_line(tmp_path, 
         capsys, [*fit, "--data", str(data), "--out", str(tmp_path / "o")], "not supported"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_stable_diffusions_betas_come_from_the_scheduler(tmp_path):
+    """scaled_linear is diffusers' own schedule; a config with other betas is one line."""
+    from condlora.diffusion.precond import SCHEDULES
+    from condlora.image.build import build_denoiser
+
+    sd = {"beta_schedule": "scaled_linear", "beta_start": 0.001, "beta_end": 0.015}
+    want = diffusers.DDPMScheduler(**sd).alphas_cumprod.double()
+    got = torch.cumprod(1 - SCHEDULES["scaled_linear"](1000, 0.001, 0.015), 0)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    root = text_pipeline(tmp_path / "pipe")
+    data = captioned_images(tmp_path / "data")
+    with pytest.raises(ConfigError, match="beta_start 0.00085"):
+        build_denoiser(config(root, data, "diffusion.schedule=linear"))
+    with pytest.raises(ConfigError, match="beta_end 0.012"):
+        build_denoiser(config(root, data, "diffusion.beta_end=0.02"))
+    with pytest.raises(ConfigError, match="go with diffusion.schedule linear or scaled_linear"):
+        config(root, data, "diffusion.schedule=cosine", "diffusion.beta_end=0.02")

@@ -186,7 +186,7 @@ def build_denoiser(cfg: Config) -> Denoiser:
     # the backbone takes class labels (a text model: caption indices)
     pass_labels = getattr(net, "num_classes", 0) > 0 or getattr(net, "text", None) is not None
     if d.objective == "iddpm":  # epsilon + learned variance: the net has 2x the channels
-        precond = iddpm_precond(d.num_timesteps, d.schedule)
+        precond = iddpm_precond(d.num_timesteps, d.schedule, **beta_range(cfg))
         exact = d.decoder_nll == "exact"
         net = ConditionedNet(net, precond, pass_labels)
         return IDDPMDenoiser(net, precond, exact_decoder_nll=exact)
@@ -195,9 +195,15 @@ def build_denoiser(cfg: Config) -> Denoiser:
         d.objective,
         schedule=d.schedule,
         num_timesteps=d.num_timesteps,
-        **(edm if d.objective == "edm" else {}),
+        **(edm if d.objective == "edm" else beta_range(cfg)),
     )
     return Denoiser(ConditionedNet(net, precond, pass_labels), precond, d.loss_reduction)
+
+
+def beta_range(cfg: Config) -> dict[str, float]:
+    """The beta_start / beta_end that the config sets (the schedule's own where it sets none)."""
+    d = cfg.diffusion
+    return {k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v}
 
 
 def build_data(

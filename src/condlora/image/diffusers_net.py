@@ -14,6 +14,7 @@ scheduler says; a config that disagrees with the scheduler is refused in one lin
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 
 from condlora.core.config import from_dict
 from condlora.core.errors import ConfigError
+from condlora.diffusion.precond import BETA_RANGES
 from condlora.image.config import Config
 from condlora.image.diffusers_text import (
     TEXT_MODEL,
@@ -31,7 +33,8 @@ from condlora.image.diffusers_text import (
 )
 
 PREDICTIONS = {"epsilon": "ddpm", "v_prediction": "v"}  # scheduler prediction_type -> objective
-SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}  # beta_schedule -> schedule
+# beta_schedule -> schedule (linear and scaled_linear with the scheduler's beta_start, beta_end)
+SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 # the model classes read, and the module whose output is their condition embedding (UC-LoRA's
 # input; a DiT's first block embeds the time and the class together)
 MODELS = {
@@ -155,9 +158,10 @@ def emb_module(path: str | Path) -> tuple[str, int | None]:
     return MODELS.get(kind, MODELS["UNet2DModel"]), None
 
 
-def scheduler_objective(path: str | Path) -> tuple[str, str, int] | None:
-    """(objective, schedule, timesteps) that a pipeline folder's scheduler trained with, or
-    None for a model folder without one."""
+def scheduler_objective(path: str | Path) -> dict | None:
+    """The diffusion settings (DiffusionConfig's objective, schedule, num_timesteps and, for
+    linear and scaled_linear betas, beta_start and beta_end) that a pipeline folder's
+    scheduler trained with, or None for a model folder without one."""
     config = Path(path) / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         return None
@@ -168,9 +172,40 @@ def scheduler_objective(path: str | Path) -> tuple[str, str, int] | None:
             f"{config}: prediction_type {prediction!r} with beta_schedule {betas!r} is not "
             f"supported (supported: {', '.join(PREDICTIONS)}; {', '.join(SCHEDULES)})"
         )
-    if (s.get("beta_start", 1e-4), s.get("beta_end", 0.02)) != (1e-4, 0.02) and betas == "linear":
-        raise ConfigError(f"{config}: only DDPM's linear betas 1e-4..0.02 are supported")
-    return PREDICTIONS[prediction], SCHEDULES[betas], int(s.get("num_train_timesteps", 1000))
+    if s.get("trained_betas") or s.get("rescale_betas_zero_snr"):
+        raise ConfigError(f"{config}: trained_betas and zero-SNR rescaling are not supported")
+    schedule = SCHEDULES[betas]
+    wanted = {"objective": PREDICTIONS[prediction], "schedule": schedule}
+    wanted["num_timesteps"] = int(s.get("num_train_timesteps", 1000))
+    if schedule in BETA_RANGES:  # diffusers' defaults where the file names none
+        start, end = s.get("beta_start", 1e-4), s.get("beta_end", 0.02)
+        wanted |= {"beta_start": float(start), "beta_end": float(end)}
+    return wanted
+
+
+def diffusion_settings(cfg: Config) -> dict:
+    """The config's diffusion settings as `scheduler_objective` gives them (its schedule's
+    own betas where it sets none)."""
+    d = cfg.diffusion
+    got = {"objective": d.objective, "schedule": d.schedule, "num_timesteps": d.num_timesteps}
+    if d.schedule in BETA_RANGES:
+        start, end = BETA_RANGES[d.schedule]
+        got |= {"beta_start": d.beta_start or start, "beta_end": d.beta_end or end}
+    return got
+
+
+def same_settings(wanted: dict, got: dict) -> bool:
+    """Do two `scheduler_objective` settings agree (the betas up to float rounding)?"""
+    if wanted.keys() != got.keys():
+        return False
+    return all(
+        math.isclose(got[k], v) if isinstance(v, float) else got[k] == v for k, v in wanted.items()
+    )
+
+
+def settings_text(settings: dict) -> str:
+    """'objective ddpm, schedule linear, ...' of diffusion settings."""
+    return ", ".join(f"{k} {v}" for k, v in settings.items())
 
 
 def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
@@ -191,15 +226,13 @@ def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
         )
     if net.text is not None:
         check_text_config(cfg)
-    wanted = scheduler_objective(cfg.net.pretrained)
-    got = (cfg.diffusion.objective, cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
-    if wanted is not None and wanted != got:
+    wanted, got = scheduler_objective(cfg.net.pretrained), diffusion_settings(cfg)
+    if wanted is not None and not same_settings(wanted, got):
         raise ConfigError(
-            f"the pipeline's scheduler trained objective {wanted[0]}, schedule {wanted[1]}, "
-            f"{wanted[2]} timesteps: set diffusion.objective, .schedule and .num_timesteps so "
-            f"(got {got[0]}, {got[1]}, {got[2]})"
+            f"the pipeline's scheduler trained {settings_text(wanted)}: set "
+            f"diffusion.{', .'.join(wanted)} so (got {settings_text(got)})"
         )
-    if got[0] not in ("ddpm", "v"):
+    if got["objective"] not in ("ddpm", "v"):
         raise ConfigError("net.arch diffusers trains with diffusion.objective ddpm or v")
     if cfg.net.class_conditional and cfg.train.label_dropout > 0:
         raise ConfigError(
@@ -250,10 +283,9 @@ def folder_config(path: str | Path, data: str | Path) -> Config:
     if vae is not None:
         size, channels = size * vae.factor, int(vae.config.get("in_channels", 3))
     classes = int(c.get("num_class_embeds") or c.get("num_embeds_ada_norm") or 0)
-    objective, schedule, steps = scheduler_objective(path) or ("ddpm", "linear", 1000)
+    diffusion = scheduler_objective(path) or {"objective": "ddpm", "schedule": "linear"}
     data_cfg = {"name": "folder", "path": str(data), "resolution": size}
     data_cfg |= {"channels": channels, "num_classes": classes or -1}
-    diffusion = {"objective": objective, "schedule": schedule, "num_timesteps": steps}
     diffusion |= {"sampler": "ddim", "sample_steps": 50}
     net = {"arch": "diffusers", "pretrained": str(path), "class_conditional": bool(classes)}
     return from_dict(
