@@ -274,3 +274,32 @@ def test_an_unconditional_dit_config_is_one_line(tmp_path):
     root = tiny_dit_pipeline(tmp_path / "pipe")
     with pytest.raises(ConfigError, match="a DiT is class-conditional"):
         build_denoiser(config(root))
+
+
+@pytest.mark.parametrize("method", ["time", "uc"])
+def test_gradient_checkpointing_of_a_dits_blocks_with_lora_inside(tmp_path, method):
+    """A DiT checkpoints its transformer blocks, which hold the LoRA layers: the recomputed
+    blocks see the pass's condition again (runtime.checkpointed), the same gradients."""
+    from condlora.image.build import build_denoiser
+
+    root = tiny_dit_pipeline(tmp_path / "pipe")
+    extra = [f"lora.method={method}", "lora.mlp_widths=[16, 8]", "lora.mlp_groups=4"]
+    extra += ["net.class_conditional=true", "lora.targets=[to_q, to_v]"]
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = config(root, *extra, f"net.gradient_checkpointing={str(checkpointing).lower()}")
+        denoiser = build_denoiser(cfg).train()
+        with torch.no_grad():  # a fresh LoRA's B = 0 would give A no gradient
+            for name, p in denoiser.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        calls = counted(denoiser.net.net.unet.transformer_blocks[1])
+        g = torch.Generator().manual_seed(2)
+        x0, y = torch.randn(4, 1, 16, 16, generator=g), torch.tensor([0, 3, 3, 9])
+        denoiser.loss(x0, class_labels=y, generator=g).backward()
+        assert len(calls) == (2 if checkpointing else 1)
+        grads.append({n: p.grad for n, p in denoiser.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 equal to fine-tuning each subject alone, resumable, read by `synth collect`. `condlora synth
 eval`: every method's LoRA for held-out subject folders, scored (the identity benchmark)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -260,3 +261,48 @@ def test_a_bank_layer_on_tokens_adds_each_samples_own_lora():
         [base(x[i]) + 0.5 * x[i] @ layer.lora_A[k].T @ layer.lora_B[k].T for i, k in enumerate(ids)]
     )
     torch.testing.assert_close(layer(x), want)
+
+
+def test_zoo_on_a_text_pipeline_trains_each_subject_on_its_prompt(tmp_path, capsys):
+    """A tiny latent UNet2DConditionModel pipeline (CLIP text encoder, VAE), 3 subjects with
+    a prompt each: the zoo's LoRAs are each subject fine-tuned alone, and collect reads them."""
+    pytest.importorskip("diffusers")
+    from condlora.image.task import load_base
+    from condlora.synthesis.zoo import model_subjects
+
+    from .test_diffusers_text import text_pipeline
+
+    root = text_pipeline(tmp_path / "pipe", latent=True)  # images 3 x 8 x 8, latents 4 x 4 x 4
+    subjects = tmp_path / "subjects"
+    rng = np.random.default_rng(0)
+    for s, prompt in enumerate(["a red cat", "a blue dog", "a green bird"]):
+        (subjects / f"s{s}").mkdir(parents=True)
+        (subjects / f"s{s}" / "prompt.txt").write_text(prompt)
+        for i in range(2):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) // (s + 1)
+            Image.fromarray(pixels, "RGB").save(subjects / f"s{s}" / f"{i}.png")
+    settings = ["steps=3", "images_per_subject=2", "rank=1", "targets=[to_q, to_v]"]
+    args = ["synth", "zoo", "--base", str(root), "--subjects", str(subjects)]
+    assert main([*args, "--out", str(tmp_path / "loras"), "--quiet", *settings]) == 0
+    assert "3 subjects" in capsys.readouterr().out
+    cfg, base = load_base(root, subjects)
+    found = model_subjects(base, read_subjects(subjects, 8, 3, 0, text=True))
+    assert found[1].captions == ["a blue dog"] * 2 and found[1].images.shape == (2, 4, 4, 4)
+    zoo_cfg = ZooConfig(steps=3, images_per_subject=2, rank=1, targets=("to_q", "to_v"))
+    for subject in found:  # one at a time, as a user would fine-tune each alone
+        (alone,) = fine_tune_subjects(base, [subject], zoo_cfg)
+        written = read_lora(tmp_path / "loras" / subject.name)
+        assert set(written.modules) == set(alone.modules) and len(alone.modules) >= 2
+        assert all(name.startswith(("down_", "mid_", "up_")) for name in alone.modules)
+        for name, module in alone.modules.items():
+            torch.testing.assert_close(
+                written.modules[name].delta(), module.delta(), atol=1e-5, rtol=1e-5
+            )
+        assert module.delta().abs().max() > 1e-6  # it trained: B moved from 0
+    # the prompt reaches the U-Net: another prompt, another LoRA from the same images
+    swapped = dataclasses.replace(found[0], labels=found[1].labels)
+    (other,) = fine_tune_subjects(base, [swapped], zoo_cfg)
+    (alone,) = fine_tune_subjects(base, [found[0]], zoo_cfg)
+    assert not torch.allclose(other.modules[name].delta(), alone.modules[name].delta())
+    args = ["synth", "collect", "--loras", str(tmp_path / "loras"), "--out", str(tmp_path / "ds")]
+    assert main(args) == 0 and "took 3 LoRAs, skipped 0" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -115,6 +116,49 @@ def load_image_folder(
         pixels = pixels[..., None]
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
     return images.contiguous(), labels, classes
+
+
+CAPTIONS_FILE = "metadata.jsonl"  # diffusers' image-folder convention: {"file_name", "text"}
+
+
+def _metadata_captions(path: Path) -> dict[str, str]:
+    """file_name (relative to the folder) -> text of a metadata.jsonl, one JSON object a line."""
+    captions = {}
+    for n, line in enumerate((path / CAPTIONS_FILE).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[str(Path(row["file_name"]))] = str(row["text"])
+        except (ValueError, KeyError, TypeError):
+            raise DataError(
+                f'{path / CAPTIONS_FILE} line {n}: expected {{"file_name": ..., "text": ...}}'
+            ) from None
+    return captions
+
+
+def load_captions(path: str | Path) -> list[str]:
+    """The caption of every image of a folder, in `folder_layout`'s order: the folder's
+    metadata.jsonl (diffusers' convention) where it names the image, else a .txt with the
+    image's stem beside it. DataError naming the images that have neither."""
+    path = Path(path).expanduser()
+    files = folder_layout(path)[0]
+    listed = _metadata_captions(path) if (path / CAPTIONS_FILE).is_file() else {}
+    captions, missing = [], []
+    for file in files:
+        text = listed.get(str(file.relative_to(path)))
+        if text is None and file.with_suffix(".txt").is_file():
+            text = file.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        if text is None:
+            missing.append(str(file.relative_to(path)))
+        captions.append(text or "")
+    if missing:
+        raise DataError(
+            f"{len(missing)} of {len(files)} images in {path} have no caption (a text model "
+            f"needs one): {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; put a "
+            f".txt with the image's name beside it or list it in {CAPTIONS_FILE}"
+        )
+    return captions
 
 
 NUM_CLASSES = 10

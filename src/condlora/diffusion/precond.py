@@ -19,10 +19,26 @@ from torch import Tensor, nn
 
 from condlora.core.errors import ConfigError
 
+# (beta_start, beta_end) of the schedules that take them: DDPM's, and Stable Diffusion's
+BETA_RANGES = {"linear": (1e-4, 0.02), "scaled_linear": (0.00085, 0.012)}
 
-def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
+
+def linear_betas(
+    num_timesteps: int,
+    beta_start: float = BETA_RANGES["linear"][0],
+    beta_end: float = BETA_RANGES["linear"][1],
+) -> Tensor:
     """Linear beta schedule of DDPM (Ho et al. 2020, sec. 4), float64."""
     return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+def scaled_linear_betas(
+    num_timesteps: int,
+    beta_start: float = BETA_RANGES["scaled_linear"][0],
+    beta_end: float = BETA_RANGES["scaled_linear"][1],
+) -> Tensor:
+    """Stable Diffusion's betas, linear in sqrt(beta) (diffusers' "scaled_linear"), float64."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=torch.float64) ** 2
 
 
 def cosine_betas(num_timesteps: int, max_beta: float = 0.999, s: float = 0.008) -> Tensor:
@@ -228,7 +244,7 @@ class X0Precond(DiscretePrecond):
 
 
 OBJECTIVES = {"ddpm": EpsPrecond, "edm": EDMPrecond, "v": VPrecond, "x0": X0Precond}
-SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "scaled_linear": scaled_linear_betas}
 
 
 def make_precond(

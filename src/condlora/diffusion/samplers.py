@@ -128,21 +128,31 @@ def sample(
 
 
 class GuidedDenoiser(nn.Module):
-    """D_g = D(x, null) + g * (D(x, y) - D(x, null)); the null class is an all-zero weight row."""
+    """D_g = D(x, null) + g * (D(x, y) - D(x, null)); the null class is an all-zero weight row,
+    or, for labels that are indices into a table (`null_index` given, a text model's captions),
+    that index (its empty prompt)."""
 
-    def __init__(self, denoiser: Denoiser, scale: float, num_classes: int) -> None:
+    def __init__(
+        self, denoiser: Denoiser, scale: float, num_classes: int, null_index: int | None = None
+    ) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.precond = denoiser.precond  # samplers read the sigma grid from here
         self.scale = scale
         self.num_classes = num_classes
+        self.null_index = null_index
 
     def forward(self, x: Tensor, sigma: Tensor | float, class_labels: Tensor) -> Tensor:
         """Guided x0 estimate: the conditional and unconditional halves run as one batch."""
-        y = class_weights(class_labels, self.num_classes).to(x.device)
+        if self.null_index is None:
+            y = class_weights(class_labels, self.num_classes).to(x.device)
+            null = 0 * y
+        else:
+            y = class_labels.to(x.device)
+            null = torch.full_like(y, self.null_index)
         sigma = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])
         both = self.denoiser(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=torch.cat([y, 0 * y])
+            torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=torch.cat([y, null])
         )
         cond, uncond = both.chunk(2)
         return uncond + self.scale * (cond - uncond)

@@ -35,9 +35,10 @@ from condlora.core.files import check_output_folder, undone_on_error, write_text
 from condlora.core.safetensors_io import write_weights
 from condlora.diffusion import Denoiser
 from condlora.diffusion.precond import DiscretePrecond, EDMPrecond, Preconditioner
-from condlora.image.build import image_channels, num_classes
+from condlora.image.build import is_text_config, num_classes
 from condlora.image.config import Config
-from condlora.image.diffusers_net import backbone_modules
+from condlora.image.diffusers_net import backbone_modules, model_shape, text_encoder
+from condlora.image.generate import prompt_labels
 from condlora.image.strength import sampler_times
 from condlora.image.task import load_run
 from condlora.lora.formats import LoRAWeights, write_lora, write_loras
@@ -106,8 +107,7 @@ def _weights_of_pass(
         raise _Stop
 
     hooks = [m.register_forward_pre_hook(read) for m in lora_layers(denoiser.net.net).values()]
-    size = cfg.data.resolution
-    x = torch.zeros(len(t), image_channels(cfg), size, size)
+    x = torch.zeros(len(t), *model_shape(denoiser, cfg))
     try:
         denoiser.net(x, label_of_time(denoiser.precond, t), y)
     except _Stop:
@@ -124,7 +124,10 @@ def conditions(
     cfg: Config, t: Tensor, label: int | None = None
 ) -> tuple[Tensor, Tensor | None, int]:
     """(levels, labels, classes averaged over): every level at `label`, at every class of a
-    class-conditional run (class-major), or alone for an unconditional run."""
+    class-conditional run (class-major), at a text run's prompt (row 0 of its table, set by
+    `run_at_prompt`), or alone for an unconditional run."""
+    if is_text_config(cfg):
+        return t, torch.zeros(len(t), dtype=torch.long), 1
     classes = num_classes(cfg)
     if label is not None and classes == 0:
         raise CondloraError("this run is unconditional: --label does not apply")
@@ -245,6 +248,7 @@ def bake_run(  # noqa: PLR0913 - the command's options, one argument each
     rank: int | None = None,
     label: int | None = None,
     num_segments: int = 1,
+    prompt: str | None = None,
 ) -> list[Path]:
     """`condlora lora bake`: one static LoRA of the range, or `num_segments` of its equal
     parts in the folder `out` with a schedule that switches between them at each step of
@@ -252,7 +256,7 @@ def bake_run(  # noqa: PLR0913 - the command's options, one argument each
     if rank is not None and rank < 1:
         raise CondloraError(f"--rank must be >= 1, got {rank}")
     ranges = segments(*t_range, num_segments)
-    cfg, denoiser, _ = load_run(run)
+    cfg, denoiser = run_at_prompt(run, prompt, label)
     baked = [bake(denoiser, cfg, lo, hi, rank, label) for lo, hi in ranges]
     if num_segments == 1:
         paths = write_lora(baked[0].weights, out, layout)
@@ -274,28 +278,47 @@ def bake_run(  # noqa: PLR0913 - the command's options, one argument each
     return paths
 
 
+def run_at_prompt(run: Path, prompt: str | None, label: int | None) -> tuple[Config, Denoiser]:
+    """(config, denoiser) of a run, a text run's prompt (default "") set as row 0 of its
+    table for `conditions`; CondloraError for --prompt on a class run, --label on a text run."""
+    cfg, denoiser, _ = load_run(run)
+    text = text_encoder(denoiser) is not None
+    prompt_labels(denoiser, 1, (prompt or "") if text else prompt, label)
+    return cfg, denoiser
+
+
 LORA_FILE = "condlora_lora.safetensors"  # the run's LoRA for condlora.lora.diffusers_callback
 
 
-def portable_lora(denoiser: Denoiser) -> tuple[dict[str, Tensor], dict[str, str]]:
+def portable_lora(denoiser: Denoiser) -> tuple[dict[str, Tensor], dict[str, str]] | None:
     """(tensors, metadata) of the run's conditional LoRA named as in its backbone's own
-    modules (a diffusers U-Net's, without condlora's wrapper), for `load_lora`."""
+    modules (a diffusers U-Net's, without condlora's wrapper), for `load_lora`; None where
+    UC-LoRA reads a condition outside them (a text model's pooled prompt embedding)."""
     root, prefix = backbone_modules(denoiser)
     layers = lora_layers(root)
     config = next(iter(layers.values())).state.config
+    if config.emb_module is not None and not config.emb_module.startswith(prefix):
+        return None
     if config.emb_module is not None:
         config = dataclasses.replace(config, emb_module=config.emb_module.removeprefix(prefix))
     tensors = {k: v.detach() for k, v in lora_state_dict(root).items()}
     return tensors, {CONFIG_KEY: config.to_json(), "format": "pt"}
 
 
-def schedule_run(
-    run: Path, out: Path, steps: int | None = None, label: int | None = None, blocks: bool = False
+def schedule_run(  # noqa: PLR0913 - the command's options, one argument each
+    run: Path,
+    out: Path,
+    steps: int | None = None,
+    label: int | None = None,
+    blocks: bool = False,
+    prompt: str | None = None,
 ) -> list[str]:
     """`condlora lora schedule`: the learned strength of every basis at each sampling step
     (strengths.csv, keyframes.json; per module, or per block averaged over its modules) and
-    the LoRA for `condlora.lora.diffusers_callback`. Returns the columns."""
-    cfg, denoiser, _ = load_run(run)
+    the LoRA for `condlora.lora.diffusers_callback` (not for a text model's UC-LoRA, whose
+    condition holds the pooled prompt embedding that a pipeline's U-Net never sees; its
+    strengths are those at `prompt`, default ""). Returns the columns."""
+    cfg, denoiser = run_at_prompt(run, prompt, label)
     if cfg.lora.method not in ("time", "uc", "time+class"):
         why = {"none": "no conditional LoRA", "class": "a LoRA that does not change with t "}
         why["class"] += "(`lora bake --label N` writes it as a file)"
@@ -319,10 +342,11 @@ def schedule_run(
         for i, col in enumerate(torch.stack(values).mean(0).T.tolist())
     }
     rows = [{c: v[k] for c, v in columns.items()} for k in range(len(ts))]
-    tensors, metadata = portable_lora(denoiser)
+    portable = portable_lora(denoiser)
     with undone_on_error(out):
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "strengths.csv", steps_csv(list(columns), ts, rows))
         write_text_atomic(out / "keyframes.json", steps_keyframes(list(columns), ts, rows))
-        write_weights(out / LORA_FILE, tensors, metadata)
+        if portable is not None:
+            write_weights(out / LORA_FILE, *portable)
     return list(columns)

@@ -15,6 +15,7 @@ from torch import nn
 
 from condlora.core.errors import ConfigError, DataError
 from condlora.data import (
+    load_captions,
     load_cifar10,
     load_digits_images,
     load_image_folder,
@@ -28,8 +29,14 @@ from condlora.diffusion import (
     make_precond,
 )
 from condlora.image.config import Config
-from condlora.image.diffusers_net import check_against_model, emb_module, load_unet
+from condlora.image.diffusers_net import (
+    check_against_model,
+    emb_module,
+    is_text_model,
+    load_unet,
+)
 from condlora.lora import conditioning, inject, lora_layers
+from condlora.lora.runtime import checkpointed
 from condlora.nets import ADMUNet, DDPMppUNet, SmallUNet
 
 # The module whose output is the backbone's condition embedding (UC-LoRA's input).
@@ -86,9 +93,11 @@ def lora_config(cfg: Config):  # noqa: ANN201 - returns condlora.lora.LoRAConfig
     fills = {}
     if "uc" in lcfg.method.split("+") and lcfg.emb_module is None:
         arch = cfg.net.arch
-        fills["emb_module"] = (
-            emb_module(cfg.net.pretrained) if arch == "diffusers" else EMB_MODULES[arch]
-        )
+        if arch == "diffusers":  # a text model's condition module holds no Linear: its width
+            fills["emb_module"], width = emb_module(cfg.net.pretrained)
+            fills |= {"emb_dim": width} if width and lcfg.emb_dim is None else {}
+        else:
+            fills["emb_module"] = EMB_MODULES[arch]
         if cfg.net.arch == "ddpmpp":  # the hook sits on a SiLU: no Linear to read the width from
             fills["emb_dim"] = cfg.net.model_channels * 4
     if "class" in lcfg.method.split("+"):
@@ -106,8 +115,8 @@ def build_net(cfg: Config) -> nn.Module:
         net = load_unet(n.pretrained)
         check_against_model(cfg, net)
         net.frozen_base = not n.train_base  # checkpoints leave a frozen base out
-        if n.gradient_checkpointing:
-            net.unet.enable_gradient_checkpointing()
+        if n.gradient_checkpointing:  # LoRA layers inside a block recompute as they ran
+            net.unet.enable_gradient_checkpointing(checkpointed)
         return net.requires_grad_(True) if n.train_base else net
     try:
         if n.arch == "adm":
@@ -174,9 +183,10 @@ def build_denoiser(cfg: Config) -> Denoiser:
     d = cfg.diffusion
     if cfg.lora.method != "none":
         inject(net, lora_config(cfg))
-    pass_labels = getattr(net, "num_classes", 0) > 0
+    # the backbone takes class labels (a text model: caption indices)
+    pass_labels = getattr(net, "num_classes", 0) > 0 or getattr(net, "text", None) is not None
     if d.objective == "iddpm":  # epsilon + learned variance: the net has 2x the channels
-        precond = iddpm_precond(d.num_timesteps, d.schedule)
+        precond = iddpm_precond(d.num_timesteps, d.schedule, **beta_range(cfg))
         exact = d.decoder_nll == "exact"
         net = ConditionedNet(net, precond, pass_labels)
         return IDDPMDenoiser(net, precond, exact_decoder_nll=exact)
@@ -185,9 +195,15 @@ def build_denoiser(cfg: Config) -> Denoiser:
         d.objective,
         schedule=d.schedule,
         num_timesteps=d.num_timesteps,
-        **(edm if d.objective == "edm" else {}),
+        **(edm if d.objective == "edm" else beta_range(cfg)),
     )
     return Denoiser(ConditionedNet(net, precond, pass_labels), precond, d.loss_reduction)
+
+
+def beta_range(cfg: Config) -> dict[str, float]:
+    """The beta_start / beta_end that the config sets (the schedule's own where it sets none)."""
+    d = cfg.diffusion
+    return {k: v for k, v in (("beta_start", d.beta_start), ("beta_end", d.beta_end)) if v}
 
 
 def build_data(
@@ -204,4 +220,22 @@ def build_data(
         labels = torch.zeros(len(images), dtype=torch.long) if labels is None else labels
     if not 0 <= d.holdout < len(images):
         raise DataError(f"data.holdout {d.holdout} must be below the {len(images)} images")
+    if is_text_config(cfg):  # a random split; the labels become caption indices
+        captions = torch.tensor(caption_index(load_captions(d.path))[1])
+        (train_x, _), (held_x, _) = stratified_split(
+            torch.arange(len(images)), labels * 0, holdout=d.holdout, seed=d.split_seed
+        )
+        return (images[train_x], captions[train_x]), (images[held_x], captions[held_x])
     return stratified_split(images, labels, holdout=d.holdout, seed=d.split_seed)
+
+
+def caption_index(captions: list[str]) -> tuple[list[str], list[int]]:
+    """(the distinct captions in order of first use, each image's index among them)."""
+    distinct = list(dict.fromkeys(captions))
+    where = {c: i for i, c in enumerate(distinct)}
+    return distinct, [where[c] for c in captions]
+
+
+def is_text_config(cfg: Config) -> bool:
+    """Does the config train a text model (a diffusers UNet2DConditionModel)?"""
+    return cfg.net.arch == "diffusers" and is_text_model(cfg.net.pretrained)

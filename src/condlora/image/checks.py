@@ -17,7 +17,13 @@ from torch import nn
 
 from condlora.core.errors import CondloraError, ConfigError
 from condlora.diffusion.samplers import LEARNED_VARIANCE_SAMPLERS
-from condlora.image.build import build_denoiser, build_net, lora_config, num_classes
+from condlora.image.build import (
+    build_denoiser,
+    build_net,
+    is_text_config,
+    lora_config,
+    num_classes,
+)
 from condlora.image.config import Config, load_config
 from condlora.lora import count_lora_parameters, inject, lora_layers
 
@@ -78,9 +84,9 @@ def _check_guidance(cfg: Config, scale: float, sampler: str) -> None:
         raise CondloraError(f"--guidance must be a finite number >= 0, got {scale}")
     if scale == 1.0:
         return  # no guidance
-    if num_classes(cfg) == 0:
+    if num_classes(cfg) == 0 and not is_text_config(cfg):
         raise CondloraError(
-            f"guidance {scale:g} needs a class-conditional model; this one is unconditional"
+            f"guidance {scale:g} needs a class-conditional or text model; this one is unconditional"
         )
     if cfg.train.label_dropout <= 0:
         raise CondloraError(

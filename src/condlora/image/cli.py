@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> None:
 def _sample(args: argparse.Namespace) -> None:
     from condlora.core.images import check_image_path, save_grid
     from condlora.image.checks import check_sample_count, check_seed, sampling_config
-    from condlora.image.generate import generate, labels_for
+    from condlora.image.generate import generate, labels_for, prompt_labels
     from condlora.image.task import load_run
 
     # everything that can be refused is refused before the sampling work
@@ -60,7 +60,9 @@ def _sample(args: argparse.Namespace) -> None:
         lora_with_schedule(denoiser, Path(args.lora), args.schedule, strength)
     cfg = sampling_config(cfg, args.steps, args.sampler, args.guidance)
     check_sample_count(cfg, args.num)
-    labels = labels_for(cfg, args.num, args.label)
+    labels = prompt_labels(denoiser, args.num, args.prompt, args.label)
+    if labels is None:
+        labels = labels_for(cfg, args.num, args.label)
     images = generate(
         denoiser,
         cfg,
@@ -134,6 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="output PNG file")
     p.add_argument("--label", type=int, help="class of every sample (default: cycle 0..K-1)")
+    p.add_argument("--prompt", help='a text model\'s prompt for every sample (default: "")')
     p.add_argument("--steps", type=int, help="sampling steps (default: the config's)")
     p.add_argument(
         "--sampler", choices=["heun", "ddim", "ddpm", "iddpm"], help="default: the config's"
@@ -155,7 +158,14 @@ def _bake(args: argparse.Namespace) -> None:
 
     t_range = parse_range(args.t)
     paths = bake_run(
-        Path(args.run), t_range, Path(args.out), args.format, args.rank, args.label, args.segments
+        Path(args.run),
+        t_range,
+        Path(args.out),
+        args.format,
+        args.rank,
+        args.label,
+        args.segments,
+        args.prompt,
     )
     where = Path(args.out) if args.segments > 1 or args.format == "peft" else paths[0]
     print(f"wrote {args.format} LoRA ({args.segments} segment(s)) to {where}")
@@ -165,8 +175,14 @@ def _lora_schedule(args: argparse.Namespace) -> None:
     from condlora.image.bake import LORA_FILE, schedule_run
 
     out = Path(args.out)
-    columns = schedule_run(Path(args.run), out, args.steps, args.label, args.blocks)
+    columns = schedule_run(Path(args.run), out, args.steps, args.label, args.blocks, args.prompt)
     print(f"wrote the strengths of {len(columns)} bases per step to {out}")
+    if not (out / LORA_FILE).is_file():
+        print(
+            "no diffusers callback file: this text model's UC-LoRA reads the pooled prompt "
+            "embedding, which a pipeline's U-Net does not see (strengths at --prompt)"
+        )
+        return
     print(
         "in a diffusers pipeline: condlora.lora.diffusers_callback.ConditionalLoRA(pipe.unet "
         f"(a DiT's: pipe.transformer), '{out / LORA_FILE}')"
@@ -182,6 +198,7 @@ def add_lora_commands(lora_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=["kohya", "diffusers", "peft"])
     p.add_argument("--rank", type=int, help="rank of every module (default: exact)")
     p.add_argument("--label", type=int, help="class to bake at (default: mean over classes)")
+    p.add_argument("--prompt", help='a text run\'s prompt to bake at (default: "")')
     p.add_argument("--segments", type=int, default=1, help="K equal parts of the range")
     p.set_defaults(func=_bake)
 
@@ -190,5 +207,6 @@ def add_lora_commands(lora_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
     p.add_argument("--label", type=int, help="class (default: mean over classes)")
+    p.add_argument("--prompt", help='a text run\'s prompt (default: "")')
     p.add_argument("--blocks", action="store_true", help="one column per block and basis")
     p.set_defaults(func=_lora_schedule)

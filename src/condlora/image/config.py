@@ -26,7 +26,7 @@ from condlora.core.config import (
 from condlora.core.errors import ConfigError
 from condlora.data import folder_layout
 from condlora.data.augment import AUGMENT_DIM
-from condlora.diffusion.precond import LOSS_REDUCTIONS, OBJECTIVES, SCHEDULES
+from condlora.diffusion.precond import BETA_RANGES, LOSS_REDUCTIONS, OBJECTIVES, SCHEDULES
 from condlora.diffusion.samplers import LEARNED_VARIANCE_SAMPLERS, SAMPLERS
 from condlora.lora import LoRAConfig
 from condlora.nets.unet import COND_MODES
@@ -49,6 +49,8 @@ class DataConfig(Checked):
     num_classes: int = -1  # classes (-1: the data set's own: 10, or a folder's class subfolders)
     holdout: int = 297  # digits / folder: images kept out of training (cifar10: its test split)
     split_seed: int = 0  # seed of the train / held-out split
+    cache_latents: bool = True  # net.arch diffusers with a vae/: encode the images once
+    # (the posterior's mean), else per batch (a draw from the posterior)
 
     CHECKS: ClassVar[dict] = {
         "name": OneOf(tuple(DATA_SETS)),
@@ -120,6 +122,8 @@ class DiffusionConfig(Checked):
     objective: str = "edm"  # "edm" | "ddpm" (eps) | "v" | "x0" | "iddpm" (learned variance)
     schedule: str = "linear"  # discrete schedule for ddpm / v: "linear" | "cosine"
     num_timesteps: int = 1000  # discrete steps T for ddpm / v
+    beta_start: float | None = None  # linear / scaled_linear: the first beta (None: the
+    beta_end: float | None = None  # schedule's own, 1e-4..0.02 or SD's 0.00085..0.012)
     sigma_data: float = 0.5  # edm: data standard deviation in the preconditioning
     p_mean: float = -1.2  # edm: mean of log sigma during training
     p_std: float = 1.2  # edm: std of log sigma during training
@@ -133,6 +137,8 @@ class DiffusionConfig(Checked):
         "objective": OneOf((*OBJECTIVES, "iddpm")),
         "schedule": OneOf(tuple(SCHEDULES)),
         "num_timesteps": Range(2, 1_000_000),
+        "beta_start": Range(0, 1, low_open=True, high_open=True),
+        "beta_end": Range(0, 1, low_open=True, high_open=True),
         "sigma_data": POSITIVE,
         "p_mean": Range(-20, 20),
         "p_std": POSITIVE,
@@ -144,7 +150,14 @@ class DiffusionConfig(Checked):
     }
 
     def check(self, key: Callable[[str], str]) -> None:
-        """The iddpm objective takes improved-diffusion's mean loss."""
+        """The iddpm objective takes improved-diffusion's mean loss; beta_start and beta_end
+        go with a linear or scaled_linear schedule of discrete steps."""
+        betas = self.beta_start is not None or self.beta_end is not None
+        if betas and (self.schedule not in BETA_RANGES or self.objective == "edm"):
+            raise ConfigError(
+                f"{key('beta_start')} and {key('beta_end')} go with {key('schedule')} "
+                f"{' or '.join(BETA_RANGES)} and a discrete objective (ddpm, v, x0, iddpm)"
+            )
         if self.objective == "iddpm" and self.loss_reduction != "mean":
             raise ConfigError(
                 f"{key('loss_reduction')} applies to edm, ddpm and v: the iddpm objective takes "

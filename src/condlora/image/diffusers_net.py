@@ -1,7 +1,8 @@
 """A local diffusers `UNet2DModel` as the backbone of an image run (`net.arch: diffusers`).
 
 `net.pretrained` names a model folder (its `config.json` and weights) or a pipeline folder
-(its `unet/` and `scheduler/`); it is read with `local_files_only`, nothing is downloaded.
+(its `unet/` and `scheduler/`; a text model's `text_encoder/` and `tokenizer/`, a latent
+model's `vae/`: `diffusers_text`); it is read with `local_files_only`, nothing is downloaded.
 The base weights are frozen (a run trains its conditional LoRA only) unless
 `net.train_base` (a baseline trained from the folder's weights). The network sees
 what a DDPM-trained diffusers U-Net expects: the VP input sqrt(abar) x0 + sqrt(1 - abar) n
@@ -13,6 +14,7 @@ scheduler says; a config that disagrees with the scheduler is refused in one lin
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -20,31 +22,54 @@ from torch import Tensor, nn
 
 from condlora.core.config import from_dict
 from condlora.core.errors import ConfigError
+from condlora.diffusion.precond import BETA_RANGES
 from condlora.image.config import Config
+from condlora.image.diffusers_text import (
+    TEXT_MODEL,
+    LatentCodec,
+    TextEncoder,
+    condition_width,
+    pipeline_parts,
+)
 
 PREDICTIONS = {"epsilon": "ddpm", "v_prediction": "v"}  # scheduler prediction_type -> objective
-SCHEDULES = {"linear": "linear", "squaredcos_cap_v2": "cosine"}  # beta_schedule -> schedule
+# beta_schedule -> schedule (linear and scaled_linear with the scheduler's beta_start, beta_end)
+SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 # the model classes read, and the module whose output is their condition embedding (UC-LoRA's
 # input; a DiT's first block embeds the time and the class together)
 MODELS = {
     "UNet2DModel": "unet.time_embedding",
     "DiTTransformer2DModel": "unet.transformer_blocks.0.norm1.emb",
+    TEXT_MODEL: "text_condition",  # [time embedding, pooled text]: diffusers_text
 }
 
 
 class DiffusersUNet(nn.Module):
-    """condlora's backbone call net(x, noise_labels, class_labels) on a UNet2DModel or a
+    """condlora's backbone call net(x, noise_labels, class_labels) on a UNet2DModel, a
     DiT (`DiTTransformer2DModel`, class-conditional; a learned-variance DiT's variance
-    channels are dropped: condlora trains its epsilon or v half)."""
+    channels are dropped: condlora trains its epsilon or v half) or a UNet2DConditionModel
+    (`text`: its labels are caption indices). `vae`: it runs on the VAE's latents."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(
+        self, unet: nn.Module, text: TextEncoder | None = None, vae: LatentCodec | None = None
+    ) -> None:
         super().__init__()
         self.unet = unet  # the model (a DiT too: the name keeps the state-dict names)
         self.is_dit = type(unet).__name__ == "DiTTransformer2DModel"
         classes = unet.config.num_embeds_ada_norm if self.is_dit else unet.config.num_class_embeds
         self.num_classes = int(classes or 0)
+        self.text, self.vae = text, vae  # frozen, outside the module tree
+        if text is not None:  # UC-LoRA's input: this module's output, set in _condition
+            self.text_condition = nn.Identity()
+            self._pooled: Tensor | None = None
+            unet.time_embedding.register_forward_hook(self._condition)
         self.frozen_base = True  # net.train_base false: the folder's weights stay as they are
         self._pretrained = frozenset(self.state_dict())  # before any LoRA is injected
+
+    def _condition(self, module: nn.Module, args: tuple, temb: Tensor) -> None:
+        """After the time embedding: [time embedding, pooled text] through text_condition."""
+        if self._pooled is not None:
+            self.text_condition(torch.cat([temb, self._pooled.to(temb.dtype)], dim=-1))
 
     def from_pretrained_state(self, key: str) -> bool:
         """Is this state-dict entry the folder's own frozen weight (a LoRA-wrapped layer's
@@ -59,6 +84,12 @@ class DiffusersUNet(nn.Module):
         if self.num_classes and class_labels is not None:
             labels = class_labels.argmax(-1) if class_labels.dim() == 2 else class_labels.long()
         t = noise_labels.to(x.dtype)
+        if self.text is not None:
+            hidden, self._pooled = self.text.lookup(class_labels, len(x), x)
+            try:
+                return self.unet(x, t, encoder_hidden_states=hidden).sample
+            finally:
+                self._pooled = None
         if self.is_dit:
             return self.unet(x, timestep=t, class_labels=labels).sample[:, : x.shape[1]]
         return self.unet(x, t, class_labels=labels).sample
@@ -99,7 +130,8 @@ def load_unet(path: str | Path) -> DiffusersUNet:
             unet = cls.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise ConfigError(f"{folder}: the U-Net does not load ({err})") from None
-    return DiffusersUNet(unet.requires_grad_(False).eval())
+    text, vae = pipeline_parts(Path(path), folder, kind)
+    return DiffusersUNet(unet.requires_grad_(False).eval(), text, vae)
 
 
 def image_side(sample_size: int | list[int] | tuple[int, ...]) -> int:
@@ -115,14 +147,21 @@ def model_class(folder: Path) -> str | None:
         return None
 
 
-def emb_module(path: str | Path) -> str:
-    """The condition-embedding module (UC-LoRA's input) of the model in a diffusers folder."""
-    return MODELS.get(model_class(model_folder(path)), MODELS["UNet2DModel"])
+def emb_module(path: str | Path) -> tuple[str, int | None]:
+    """(the condition-embedding module (UC-LoRA's input) of the model in a diffusers folder,
+    its width where the module holds no Linear to read it from: a text model's)."""
+    folder = model_folder(path)
+    kind = model_class(folder)
+    if kind == TEXT_MODEL:
+        config = json.loads((folder / "config.json").read_text())
+        return MODELS[kind], condition_width(Path(path), config)
+    return MODELS.get(kind, MODELS["UNet2DModel"]), None
 
 
-def scheduler_objective(path: str | Path) -> tuple[str, str, int] | None:
-    """(objective, schedule, timesteps) that a pipeline folder's scheduler trained with, or
-    None for a model folder without one."""
+def scheduler_objective(path: str | Path) -> dict | None:
+    """The diffusion settings (DiffusionConfig's objective, schedule, num_timesteps and, for
+    linear and scaled_linear betas, beta_start and beta_end) that a pipeline folder's
+    scheduler trained with, or None for a model folder without one."""
     config = Path(path) / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         return None
@@ -133,31 +172,67 @@ def scheduler_objective(path: str | Path) -> tuple[str, str, int] | None:
             f"{config}: prediction_type {prediction!r} with beta_schedule {betas!r} is not "
             f"supported (supported: {', '.join(PREDICTIONS)}; {', '.join(SCHEDULES)})"
         )
-    if (s.get("beta_start", 1e-4), s.get("beta_end", 0.02)) != (1e-4, 0.02) and betas == "linear":
-        raise ConfigError(f"{config}: only DDPM's linear betas 1e-4..0.02 are supported")
-    return PREDICTIONS[prediction], SCHEDULES[betas], int(s.get("num_train_timesteps", 1000))
+    if s.get("trained_betas") or s.get("rescale_betas_zero_snr"):
+        raise ConfigError(f"{config}: trained_betas and zero-SNR rescaling are not supported")
+    schedule = SCHEDULES[betas]
+    wanted = {"objective": PREDICTIONS[prediction], "schedule": schedule}
+    wanted["num_timesteps"] = int(s.get("num_train_timesteps", 1000))
+    if schedule in BETA_RANGES:  # diffusers' defaults where the file names none
+        start, end = s.get("beta_start", 1e-4), s.get("beta_end", 0.02)
+        wanted |= {"beta_start": float(start), "beta_end": float(end)}
+    return wanted
+
+
+def diffusion_settings(cfg: Config) -> dict:
+    """The config's diffusion settings as `scheduler_objective` gives them (its schedule's
+    own betas where it sets none)."""
+    d = cfg.diffusion
+    got = {"objective": d.objective, "schedule": d.schedule, "num_timesteps": d.num_timesteps}
+    if d.schedule in BETA_RANGES:
+        start, end = BETA_RANGES[d.schedule]
+        got |= {"beta_start": d.beta_start or start, "beta_end": d.beta_end or end}
+    return got
+
+
+def same_settings(wanted: dict, got: dict) -> bool:
+    """Do two `scheduler_objective` settings agree (the betas up to float rounding)?"""
+    if wanted.keys() != got.keys():
+        return False
+    return all(
+        math.isclose(got[k], v) if isinstance(v, float) else got[k] == v for k, v in wanted.items()
+    )
+
+
+def settings_text(settings: dict) -> str:
+    """'objective ddpm, schedule linear, ...' of diffusion settings."""
+    return ", ".join(f"{k} {v}" for k, v in settings.items())
 
 
 def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
     """ConfigError unless the data, the objective and the classes fit the loaded U-Net."""
     c, d = net.unet.config, cfg.data
-    size = image_side(c.sample_size)
+    size, channels = image_side(c.sample_size), c.in_channels
     out = c.out_channels or c.in_channels  # a DiT: None, or 2x with a learned variance
     fits = out == c.in_channels or (net.is_dit and out == 2 * c.in_channels)
-    if (d.resolution, d.channels) != (size, c.in_channels) or not fits:
+    what = "the U-Net takes"
+    if net.vae is not None:  # the data are images; the U-Net sees their latents
+        fits = fits and net.vae.config.get("latent_channels", 4) == c.in_channels
+        size, channels = size * net.vae.factor, net.vae.config.get("in_channels", 3)
+        what = "the pipeline's VAE takes"
+    if (d.resolution, d.channels) != (size, channels) or not fits:
         raise ConfigError(
-            f"the U-Net takes {c.in_channels} x {size} x {size} images: set data.resolution "
-            f"{size} and data.channels {c.in_channels} (got {d.channels} x {d.resolution})"
+            f"{what} {channels} x {size} x {size} images: set data.resolution "
+            f"{size} and data.channels {channels} (got {d.channels} x {d.resolution})"
         )
-    wanted = scheduler_objective(cfg.net.pretrained)
-    got = (cfg.diffusion.objective, cfg.diffusion.schedule, cfg.diffusion.num_timesteps)
-    if wanted is not None and wanted != got:
+    if net.text is not None:
+        check_text_config(cfg)
+    wanted, got = scheduler_objective(cfg.net.pretrained), diffusion_settings(cfg)
+    if wanted is not None and not same_settings(wanted, got):
         raise ConfigError(
-            f"the pipeline's scheduler trained objective {wanted[0]}, schedule {wanted[1]}, "
-            f"{wanted[2]} timesteps: set diffusion.objective, .schedule and .num_timesteps so "
-            f"(got {got[0]}, {got[1]}, {got[2]})"
+            f"the pipeline's scheduler trained {settings_text(wanted)}: set "
+            f"diffusion.{', .'.join(wanted)} so (got {settings_text(got)})"
         )
-    if got[0] not in ("ddpm", "v"):
+    if got["objective"] not in ("ddpm", "v"):
         raise ConfigError("net.arch diffusers trains with diffusion.objective ddpm or v")
     if cfg.net.class_conditional and cfg.train.label_dropout > 0:
         raise ConfigError(
@@ -173,6 +248,21 @@ def check_against_model(cfg: Config, net: DiffusersUNet) -> None:
         )
 
 
+def check_text_config(cfg: Config) -> None:
+    """ConfigError unless a text model's config conditions on captions alone."""
+    if cfg.net.class_conditional or "class" in cfg.lora.method:
+        raise ConfigError(
+            f"a {TEXT_MODEL} is conditioned on captions, without class labels: set "
+            "net.class_conditional false and lora.method time or uc (class methods need "
+            "class labels)"
+        )
+
+
+def is_text_model(path: str | Path) -> bool:
+    """Is the model in a diffusers folder a text model (a UNet2DConditionModel)?"""
+    return model_class(model_folder(path)) == TEXT_MODEL
+
+
 def is_model_folder(path: str | Path) -> bool:
     """Does `path` hold a model that net.arch diffusers reads (`model_folder`, `MODELS`)?"""
     try:
@@ -183,15 +273,19 @@ def is_model_folder(path: str | Path) -> bool:
 
 def folder_config(path: str | Path, data: str | Path) -> Config:
     """The image Config of a diffusers folder used as it is (a frozen base, no run of its
-    own): its U-Net's image size and classes, its scheduler's objective (epsilon on DDPM's
-    linear betas without one), DDIM with 50 steps, and the image folder `data`."""
-    c = json.loads((model_folder(path) / "config.json").read_text())
-    size = image_side(c.get("sample_size", 32))
+    own): its U-Net's image size (a latent model's: its VAE's images) and classes, its
+    scheduler's objective (epsilon on DDPM's linear betas without one), DDIM with 50 steps,
+    and the image folder `data`."""
+    folder = model_folder(path)
+    c = json.loads((folder / "config.json").read_text())
+    size, channels = image_side(c.get("sample_size", 32)), int(c.get("in_channels", 3))
+    _, vae = pipeline_parts(Path(path), folder, model_class(folder))
+    if vae is not None:
+        size, channels = size * vae.factor, int(vae.config.get("in_channels", 3))
     classes = int(c.get("num_class_embeds") or c.get("num_embeds_ada_norm") or 0)
-    objective, schedule, steps = scheduler_objective(path) or ("ddpm", "linear", 1000)
+    diffusion = scheduler_objective(path) or {"objective": "ddpm", "schedule": "linear"}
     data_cfg = {"name": "folder", "path": str(data), "resolution": size}
-    data_cfg |= {"channels": int(c.get("in_channels", 3)), "num_classes": classes or -1}
-    diffusion = {"objective": objective, "schedule": schedule, "num_timesteps": steps}
+    data_cfg |= {"channels": channels, "num_classes": classes or -1}
     diffusion |= {"sampler": "ddim", "sample_steps": 50}
     net = {"arch": "diffusers", "pretrained": str(path), "class_conditional": bool(classes)}
     return from_dict(
@@ -206,3 +300,43 @@ def backbone_modules(denoiser: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(backbone, DiffusersUNet):
         return backbone.unet, "unet."
     return backbone, ""
+
+
+def diffusers_backbone(denoiser: nn.Module) -> DiffusersUNet | None:
+    """The DiffusersUNet inside an image denoiser (None for condlora's own networks)."""
+    backbone = getattr(getattr(denoiser, "net", None), "net", None)  # any denoiser-like module
+    return backbone if isinstance(backbone, DiffusersUNet) else None
+
+
+def model_shape(denoiser: nn.Module, cfg: Config) -> tuple[int, int, int]:
+    """(C, H, W) of what the network denoises: the images, or a latent model's latents."""
+    net = diffusers_backbone(denoiser)
+    if net is not None and net.vae is not None:
+        side = image_side(net.unet.config.sample_size)
+        return net.unet.config.in_channels, side, side
+    return cfg.data.channels, cfg.data.resolution, cfg.data.resolution
+
+
+def to_images(denoiser: nn.Module, x: Tensor) -> Tensor:
+    """Samples as images: a latent model's latents decoded by its VAE, others as they are."""
+    net = diffusers_backbone(denoiser)
+    if net is None or net.vae is None:
+        return x
+    return net.vae.decode(x.to(next(net.unet.parameters()).device)).to(x.device)
+
+
+def text_encoder(denoiser: nn.Module) -> TextEncoder | None:
+    """The text encoder of a text model's denoiser (None: a class or unconditional model)."""
+    net = diffusers_backbone(denoiser)
+    return None if net is None else net.text
+
+
+def check_pixel_model(denoiser: nn.Module, what: str) -> None:
+    """ConfigError where the base is a text or latent pipeline, for a command that feeds
+    images straight to the network (`what`)."""
+    net = diffusers_backbone(denoiser)
+    if net is not None and (net.text is not None or net.vae is not None):
+        raise ConfigError(
+            f"{what} reads pixel-space models without captions; a text-to-image or latent "
+            "pipeline is not supported there yet"
+        )

@@ -11,8 +11,9 @@ from condlora.core.errors import CondloraError, DataError
 from condlora.core.images import save_grid
 from condlora.core.reporting import progress_bar
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
-from condlora.image.build import image_channels, num_classes
+from condlora.image.build import num_classes
 from condlora.image.config import Config
+from condlora.image.diffusers_net import model_shape, text_encoder, to_images
 from condlora.lora.runtime import lora_layers
 
 GRID_SAMPLES = 100  # a 10 x 10 grid
@@ -30,6 +31,28 @@ def labels_for(cfg: Config, num: int, label: int | None = None) -> torch.Tensor 
             raise CondloraError(f"--label must be in 0..{classes - 1}, got {label}")
         return torch.full((num,), label, dtype=torch.long)
     return torch.arange(num) % classes
+
+
+def prompt_labels(
+    denoiser: torch.nn.Module, num: int, prompt: str | None, label: int | None
+) -> torch.Tensor | None:
+    """A text model's labels for `num` samples of `prompt` (all the caption set now; None:
+    the empty prompt), or None for a class model; CondloraError where the option does not
+    fit the model (--prompt on a class model, --label on a text model)."""
+    text = text_encoder(denoiser)
+    if text is None:
+        if prompt is not None:
+            raise CondloraError(
+                "--prompt applies to a text model (a diffusers UNet2DConditionModel); this run "
+                "is not one: give --label for a class model"
+            )
+        return None
+    if label is not None:
+        raise CondloraError('this run is a text model: give --prompt "...", not --label')
+    if prompt is None:
+        return None
+    text.set_prompts([prompt])
+    return torch.zeros(num, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -59,15 +82,16 @@ def generate(
     progress: one bar over the samples (True, or a dict of tqdm options such as desc).
     """
     device = next(denoiser.parameters()).device
+    shape, decoder = model_shape(denoiser, cfg), denoiser  # a latent model's latents, decoded
     if labels is not None and cfg.diffusion.guidance != 1.0:
-        denoiser = GuidedDenoiser(denoiser, cfg.diffusion.guidance, num_classes(cfg))
+        null = -1 if text_encoder(denoiser) is not None else None  # a text model's "" prompt
+        denoiser = GuidedDenoiser(denoiser, cfg.diffusion.guidance, num_classes(cfg), null)
     run = {
         "sampler": sampler or cfg.diffusion.sampler,
         "steps": steps or cfg.diffusion.sample_steps,
         "generator": torch.Generator(device=device).manual_seed(seed),
         "device": device,
     }
-    shape = (image_channels(cfg), cfg.data.resolution, cfg.data.resolution)
     chunks = [slice(i, min(i + batch_size, num)) for i in range(0, num, batch_size)]
     with progress_bar(progress, total=num, desc="sampling", unit="img") as bar:
         # grouping pays only where LoRA layers can merge; a plain net samples in request order
@@ -79,6 +103,7 @@ def generate(
             images = _in_request_order(denoiser, labels, chunks, shape, run, bar)
         else:
             images = _by_class(denoiser, labels, chunks, shape, run, batch_size, bar)
+    images = to_images(decoder, images)
     if not torch.isfinite(images).all():  # before the clamp, which would hide an inf
         raise DataError(
             "the samples hold NaN or inf values (the weights or the sampler diverged); "

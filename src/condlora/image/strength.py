@@ -34,7 +34,7 @@ from condlora.core.safetensors_io import read_weights, write_weights
 from condlora.data import load_image_folder
 from condlora.diffusion import Denoiser
 from condlora.image.build import ConditionedNet
-from condlora.image.diffusers_net import backbone_modules
+from condlora.image.diffusers_net import backbone_modules, check_pixel_model
 from condlora.image.task import load_base
 from condlora.lora.formats import LoRAWeights, base_modules_of, read_lora
 from condlora.lora.schedule import (
@@ -150,6 +150,7 @@ def fit_from_files(
     """`condlora schedule fit`: read the run, the LoRA and the images, fit, write into out."""
     check_output_folder(out, "--out")
     cfg, denoiser = load_base(run, data)
+    check_pixel_model(denoiser, "schedule fit")
     lora = read_lora(lora_path, base_modules_of(backbone_modules(denoiser)[0]))
     images, labels, names = load_image_folder(data, cfg.data.resolution, cfg.data.channels)
     if cfg.net.class_conditional and labels is None:

@@ -19,12 +19,14 @@ from torch import nn
 from condlora.core.errors import CondloraError
 from condlora.core.labels import class_weights
 from condlora.core.safetensors_io import load_state_checked
+from condlora.data import load_captions
 from condlora.data.augment import AugmentPipe
 from condlora.diffusion import Denoiser
-from condlora.image.build import build_data, build_denoiser, num_classes
+from condlora.image.build import build_data, build_denoiser, caption_index, num_classes
 from condlora.image.checks import check_model_size
 from condlora.image.config import Config
-from condlora.image.diffusers_net import folder_config, is_model_folder
+from condlora.image.diffusers_net import diffusers_backbone, folder_config, is_model_folder
+from condlora.image.diffusers_text import LatentCodec, fastest_device
 from condlora.image.generate import save_sample_grid
 from condlora.image.pretrained import init_from
 from condlora.train.checkpoint import (
@@ -72,8 +74,17 @@ class ImageBatches:
     Label dropout and augmentation draw from the loop's step-seeded generator.
     """
 
-    def __init__(self, cfg: Config, images: torch.Tensor, labels: torch.Tensor) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        text: bool = False,
+        vae: LatentCodec | None = None,
+    ) -> None:
         self.cfg, self.images, self.labels = cfg, images, labels
+        self.text = text  # labels are caption indices, passed as they are
+        self.vae = vae  # images to encode per batch (latents not cached)
         p = cfg.train.augment_p
         self.augment = AugmentPipe(p=p) if p > 0 else None
 
@@ -83,6 +94,8 @@ class ImageBatches:
         idx = batch_indices(k, len(self.images), t.batch_size, t.seed)
         idx = idx[acc.process_index :: acc.num_processes]
         x0, y = self.images[idx].to(acc.device), self.labels[idx].to(acc.device)
+        if self.vae is not None:  # a draw from the posterior (the step-seeded generator)
+            x0 = self.vae.encode(x0, draw=True)
         if t.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         labels = self.class_labels(y)
@@ -92,13 +105,16 @@ class ImageBatches:
         return {"x0": x0, "class_labels": labels, "augment_labels": augment_labels}
 
     def class_labels(self, y: torch.Tensor) -> torch.Tensor | None:
-        """Training labels: None if unconditional; some rows nulled for classifier-free guidance."""
-        if not self.cfg.net.class_conditional:
+        """Training labels: None if unconditional (a text model: caption indices); some rows
+        nulled for classifier-free guidance (a caption: the empty prompt)."""
+        if not self.cfg.net.class_conditional and not self.text:
             return None
         p = self.cfg.train.label_dropout
         if p <= 0:
             return y
         keep = torch.rand(len(y), device=y.device) >= p  # the step-seeded generator
+        if self.text:  # caption indices: -1 is the empty prompt
+            return torch.where(keep, y, -1)
         return class_weights(y, num_classes(self.cfg)) * keep[:, None]
 
 
@@ -131,10 +147,16 @@ def image_task(cfg: Config, init_path: str | Path | None = None) -> TrainTask:
         init_from(denoiser, init_path, cfg)
     if cfg.train.channels_last:
         denoiser.to(memory_format=torch.channels_last)
+    net = diffusers_backbone(denoiser)
+    text, vae = (None, None) if net is None else (net.text, net.vae)
+    if text is not None:
+        text.set_prompts(caption_index(load_captions(cfg.data.path))[0])
+    if vae is not None and cfg.data.cache_latents:  # encoded once, before training
+        train_x, vae = vae.encode(train_x, device=fastest_device()), None
     return TrainTask(
         model=denoiser,
         loss=DenoisingLoss(denoiser),
-        batch=ImageBatches(cfg, train_x, train_y),
+        batch=ImageBatches(cfg, train_x, train_y, text is not None, vae),
         config=cfg,
         kind=IMAGE_KIND,
         resumable_changes=("data.path",),  # the data may move; the split is seeded

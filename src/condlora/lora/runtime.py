@@ -18,6 +18,8 @@ A forward pass of an injected model, step by step:
    (`condlora.lora.layer`).
 6. Pass ends. A post-forward hook (always called, also on errors) drops the pass's tensors,
    so no graph is held and the model stays deep-copyable.
+7. Recomputation. Under gradient checkpointing a block runs again in the backward pass,
+   after the pass ended: `checkpointed` gives it the state it saw the first time.
 
 `merge` / `merged` fold the update at one fixed condition into the weights outright.
 """
@@ -30,6 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
@@ -118,6 +121,16 @@ class ConditionState:
         """Store the embedding the host computed in this pass."""
         self.captured_emb = emb
         self._changed()
+
+    def pass_state(self) -> tuple:
+        """All that a forward pass has set so far (condition, captured emb, the weights
+        computed, in_pass): what a recomputation under gradient checkpointing must see."""
+        return (*self.snapshot(), self.captured_emb, self._weights, self._shared, self.in_pass)
+
+    def set_pass_state(self, saved: tuple) -> None:
+        """Put back what `pass_state` took, as it was (nothing recomputed or checked)."""
+        self.t, self.y, self.emb, self.captured_emb, self._weights, self._shared = saved[:6]
+        self.in_pass = saved[6]
 
     def snapshot(self) -> tuple[Any, Any, Any]:
         """The explicit condition as stored (already checked), for `restore`."""
@@ -236,6 +249,31 @@ def conditioning(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None
     finally:
         for state, old in zip(states, saved, strict=True):
             state.restore(old)
+
+
+def checkpointed(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """torch's non-reentrant checkpoint of a block call, for conditional LoRA layers inside
+    the block: its recomputation in the backward pass sees the pass state that its forward
+    call saw (the condition, the captured emb, the weights composed before it), so it
+    repeats the same operations. A diffusers model's `gradient_checkpointing_func`."""
+    states = _states(block)
+    saved = [state.pass_state() for state in states]
+    calls = []
+
+    def run(*inputs: Any, **options: Any) -> Any:
+        if not calls:  # the forward call: the state as it is, and what the block adds to it
+            calls.append(1)
+            return block(*inputs, **options)
+        after = [state.pass_state() for state in states]  # a recomputation: as before, then back
+        for state, old in zip(states, saved, strict=True):
+            state.set_pass_state(old)
+        try:
+            return block(*inputs, **options)
+        finally:
+            for state, old in zip(states, after, strict=True):
+                state.set_pass_state(old)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def set_condition(model: nn.Module, t: Any = None, y: Any = None, emb: Any = None) -> None:

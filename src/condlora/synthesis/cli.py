@@ -248,10 +248,11 @@ def _add_generate(synth_sub: argparse._SubParsersAction) -> None:
 def _zoo(args: argparse.Namespace) -> None:
     from condlora.core.config import read_config
     from condlora.image.build import image_channels, num_classes
+    from condlora.image.diffusers_net import text_encoder
     from condlora.image.task import load_base
     from condlora.synthesis.config import EncoderConfig, ZooConfig
     from condlora.synthesis.encoders import build_encoder
-    from condlora.synthesis.zoo import make_zoo, read_subjects, write_embeddings
+    from condlora.synthesis.zoo import make_zoo, model_subjects, read_subjects, write_embeddings
 
     cfg = read_config(ZooConfig, args.config, args.overrides)
     encoder = None  # built first, so that a bad encoder fails before any training
@@ -259,9 +260,10 @@ def _zoo(args: argparse.Namespace) -> None:
         paths = {"path": args.encoder_path or "", "detector": args.detector or ""}
         encoder = build_encoder(EncoderConfig(kind=args.encoder, **paths))
     run_cfg, base = load_base(args.base, args.subjects)
-    found = read_subjects(
-        args.subjects, run_cfg.data.resolution, image_channels(run_cfg), num_classes(run_cfg)
-    )
+    size, channels = run_cfg.data.resolution, image_channels(run_cfg)
+    text = text_encoder(base) is not None
+    found = read_subjects(args.subjects, size, channels, num_classes(run_cfg), text)
+    found = model_subjects(base, found)  # prompts as caption indices, latents
     base_name = str(Path(args.base).resolve())
     record = make_zoo(base, found, cfg, args.out, base_name, progress=not args.quiet)
     print(f"{len(found)} subjects in {args.out} ({len(record['seconds'])} fine-tuned so far)")
@@ -299,6 +301,7 @@ def _model_dataset(args: argparse.Namespace, model):  # noqa: ANN001, ANN202
 def _eval(args: argparse.Namespace) -> None:
     from condlora.image.build import image_channels, num_classes
     from condlora.image.checks import check_seed
+    from condlora.image.diffusers_net import check_pixel_model
     from condlora.image.task import load_base
     from condlora.metrics import load_classifier
     from condlora.synthesis.encoders import build_encoder
@@ -314,6 +317,7 @@ def _eval(args: argparse.Namespace) -> None:
     dataset = _model_dataset(args, model)
     judge = load_classifier(args.judge) if args.judge else None
     cfg, base = load_base(args.base, args.subjects)
+    check_pixel_model(base, "synth eval")
     held_out = read_subjects(
         args.subjects, cfg.data.resolution, image_channels(cfg), num_classes(cfg)
     )

@@ -5,7 +5,10 @@ The collection that synthesis learns from is one LoRA per subject on one base mo
 subject (its images flat, or in class subfolders `0/`, `1/`, ... for a class-conditional
 base); its LoRA is fine-tuned on the frozen base (a `condlora train` run, or a diffusers
 UNet2DModel folder as it is, whose LoRAs name the U-Net's own modules) with the base's own
-denoising loss.
+denoising loss. A text model's base (a diffusers UNet2DConditionModel pipeline) trains each
+subject on its prompt: a `prompt.txt` in the subject's folder for all its images, else the
+images' own captions (a .txt beside each, or a metadata.jsonl); a latent model's subjects are
+encoded by its VAE once (the posterior mean), as a latent run's images are.
 
 Subjects train `subjects_per_batch` at a time in one batched model (`bank.py`: per-sample
 LoRA weights). The loss is the sum of each subject's mean loss and Adam acts per
@@ -22,6 +25,7 @@ subjects done and refuses a folder made with other settings.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -36,9 +40,10 @@ from condlora.core.config import to_dict
 from condlora.core.errors import CondloraError, DataError
 from condlora.core.files import check_folder_name, check_output_folder, write_text_atomic
 from condlora.core.safetensors_io import write_weights
-from condlora.data.images import folder_layout, load_image_folder
+from condlora.data.images import folder_layout, load_captions, load_image_folder
 from condlora.diffusion import Denoiser, EDMPrecond, Preconditioner
-from condlora.image.diffusers_net import backbone_modules
+from condlora.image.build import caption_index
+from condlora.image.diffusers_net import backbone_modules, diffusers_backbone
 from condlora.lora.formats import LoRAWeights, write_lora
 from condlora.lora.formats.peft import WEIGHTS_NAME
 from condlora.synthesis.bank import bank_denoiser, subject_lora, subjects
@@ -99,6 +104,21 @@ class Subject:
     images: Tensor
     labels: Tensor | None
     files: list[Path]
+    captions: list[str] | None = None  # a text model's prompt of each image
+
+
+PROMPT_FILE = "prompt.txt"  # a subject's one prompt for a text model
+
+
+def subject_prompts(folder: Path) -> list[str]:
+    """The prompt of each image of a subject folder: its prompt.txt, else the captions."""
+    if (folder / PROMPT_FILE).is_file():
+        prompt = (folder / PROMPT_FILE).read_text(encoding="utf-8").strip()
+        return [prompt] * len(folder_layout(folder)[0])
+    try:
+        return load_captions(folder)
+    except DataError as err:
+        raise DataError(f"{err} (or a {PROMPT_FILE} for all of them)") from None
 
 
 def _class_labels(folder: Path, labels: Tensor | None, classes: list[str], num: int) -> Tensor:
@@ -117,8 +137,11 @@ def _class_labels(folder: Path, labels: Tensor | None, classes: list[str], num: 
     return torch.tensor([int(c) for c in classes])[labels]
 
 
-def read_subjects(folder: str | Path, resolution: int, channels: int, num_classes: int) -> list:
-    """Every subfolder of `folder` as a Subject, sorted by name; DataError if there are none."""
+def read_subjects(
+    folder: str | Path, resolution: int, channels: int, num_classes: int, text: bool = False
+) -> list:
+    """Every subfolder of `folder` as a Subject (with its prompts for a `text` model),
+    sorted by name; DataError if there are none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"--subjects {folder} is not a folder (one subfolder per subject)")
@@ -128,12 +151,36 @@ def read_subjects(folder: str | Path, resolution: int, channels: int, num_classe
         images, labels, classes = load_image_folder(sub, resolution, channels)
         if num_classes:
             labels = _class_labels(sub, labels, classes, num_classes)
+        prompts = subject_prompts(sub) if text else None
         found.append(
-            Subject(sub.name, images, labels if num_classes else None, folder_layout(sub)[0])
+            Subject(
+                sub.name, images, labels if num_classes else None, folder_layout(sub)[0], prompts
+            )
         )
     if not found:
         raise DataError(f"--subjects {folder} holds no subject folders (one per subject)")
     return found
+
+
+def model_subjects(base: Denoiser, found: list[Subject]) -> list[Subject]:
+    """The subjects as the base's network takes them: a text model's prompts as caption
+    indices (the base's prompt table set to every subject's prompts), a latent model's
+    images as its VAE's latents."""
+    net = diffusers_backbone(base)
+    if net is None or (net.text is None and net.vae is None):
+        return found
+    if net.text is not None:
+        prompts, _ = caption_index([c for s in found for c in s.captions])
+        net.text.set_prompts(prompts)
+        where = {p: i for i, p in enumerate(prompts)}
+    out = []
+    for s in found:
+        labels = s.labels
+        if net.text is not None:
+            labels = torch.tensor([where[c] for c in s.captions])
+        images = s.images if net.vae is None else net.vae.encode(s.images)
+        out.append(dataclasses.replace(s, images=images, labels=labels))
+    return out
 
 
 def subject_batch(
