@@ -256,7 +256,7 @@ def checkpointed(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     the block: its recomputation in the backward pass sees the pass state that its forward
     call saw (the condition, the captured emb, the weights composed before it), so it
     repeats the same operations. A diffusers model's `gradient_checkpointing_func`."""
-    states = _states(block)
+    states = condition_states(block)
     saved = [state.pass_state() for state in states]
     calls = []
 
