@@ -268,6 +268,26 @@ def test_lora_trains_on_a_frozen_dit_and_samples_by_class(tmp_path, method):
     assert main([*sample, "--steps", "3", "--out", str(tmp_path / "s.png")]) == 0
 
 
+def test_a_dit_saved_as_transformer2dmodel_reads_as_a_dit(tmp_path):
+    """The DiT checkpoints name their class Transformer2DModel (ada_norm_zero): read as the
+    DiT it is, computing what the DiT computes."""
+    import json
+
+    from condlora.image.build import build_denoiser
+
+    root = tiny_dit_pipeline(tmp_path / "pipe")
+    dit = diffusers.DiTTransformer2DModel.from_pretrained(root / "transformer").eval()
+    path = root / "transformer" / "config.json"
+    path.write_text(
+        json.dumps(json.loads(path.read_text()) | {"_class_name": "Transformer2DModel"})
+    )
+    cfg = config(root, "net.class_conditional=true")
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([10.0, 700.0]), torch.tensor([1, 8])
+    with torch.no_grad():
+        want = dit(x, timestep=t, class_labels=y).sample
+        torch.testing.assert_close(build_denoiser(cfg).eval().net(x, t, y), want)
+
+
 def test_an_unconditional_dit_config_is_one_line(tmp_path):
     from condlora.image.build import build_denoiser
 

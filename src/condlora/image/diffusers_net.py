@@ -140,11 +140,18 @@ def image_side(sample_size: int | list[int] | tuple[int, ...]) -> int:
 
 
 def model_class(folder: Path) -> str | None:
-    """The `_class_name` of a model folder's config.json (None if it cannot be read)."""
+    """The model class of a model folder's config.json (None if it cannot be read): its
+    `_class_name`, except that a DiT saved under the older generic name (Transformer2DModel
+    with ada_norm_zero, as the DiT checkpoints are) reads as DiTTransformer2DModel, the class
+    diffusers itself loads it as."""
     try:
-        return json.loads((folder / "config.json").read_text()).get("_class_name")
+        config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    kind = config.get("_class_name") if isinstance(config, dict) else None
+    if kind == "Transformer2DModel" and config.get("norm_type") == "ada_norm_zero":
+        return "DiTTransformer2DModel"
+    return kind
 
 
 def emb_module(path: str | Path) -> tuple[str, int | None]:
