@@ -7,7 +7,9 @@ interleave the configurations, times are medians over the repeats after warm-up,
 every ratio is to the baseline of the same network in the same run.
 
 - train step: forward, backward, gradient clipping, fused AdamW, EMA update (as
-  `condlora train` runs it), with per-sample noise levels and classes.
+  `condlora train` runs it), with per-sample noise levels and classes. The model is put in
+  training or sampling mode only when it is not in it (a walk over every module, which
+  the loop and `generate` do once, not per step or call).
 - peak memory of a train step: parameters, optimizer state and EMA copy, plus the peak of
   what the step allocates (CPU: the profiler's allocation record; GPU: the allocator's peak).
 - sampling call: one denoiser call in sampling mode (eval, no gradients) at one noise
@@ -95,7 +97,8 @@ def build_case(config: str, overrides: list[str], batch: int, device: str) -> Ca
     step = [0]
 
     def train() -> None:
-        model.train()
+        if not model.training:  # once per series, as the loop and `generate` switch modes
+            model.train()
         model.loss(x, class_labels=labels["per_sample"], **extra).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -106,7 +109,8 @@ def build_case(config: str, overrides: list[str], batch: int, device: str) -> Ca
     def sampler(kind: str):  # noqa: ANN202
         @torch.no_grad()
         def call() -> None:
-            model.eval()
+            if model.training:
+                model.eval()
             model(x, 1.0, class_labels=labels[kind])
 
         return call

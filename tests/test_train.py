@@ -44,6 +44,28 @@ def test_ema_matches_plain_formula():
     assert ema.decay_at(0) == pytest.approx(0.1)
 
 
+def test_ema_follows_reassigned_tensors_and_another_model():
+    """The walked parameter lists are reused between updates, but a parameter replaced,
+    data moved by `.to()` or another model object is seen at the next update."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    ema = EMA(model, decay=0.5, schedule="fixed")
+    ema.update(model, step=1)
+    model[1].weight = torch.nn.Parameter(torch.full((2, 2), 4.0))  # a new Parameter object
+    model[0].bias.data = torch.full((2,), 2.0)  # new data behind the same object
+    before = [p.clone() for p in ema.model.parameters()]
+    ema.update(model, step=2)
+    for e, old, p in zip(ema.model.parameters(), before, model.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.5 * old + 0.5 * p)
+    other = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    before = [p.clone() for p in ema.model.parameters()]
+    ema.update(other, step=3)
+    for e, old, p in zip(ema.model.parameters(), before, other.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.5 * old + 0.5 * p)
+    with pytest.raises(CondloraError, match="not those of the copy"):
+        ema.update(torch.nn.Linear(3, 2), step=4)
+
+
 def test_ema_schedules_follow_the_originals():
     model = torch.nn.Linear(2, 2)
     fixed = EMA(model, decay=0.9999, schedule="fixed")  # improved-diffusion: one rate

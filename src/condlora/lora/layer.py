@@ -7,8 +7,8 @@ columns of B) are basis i, so all m bases are one rank m*r update: one A and one
 Linear and 1x1 convs differ only in the axis that holds channels (last vs 1).
 
 Two paths compute the same function:
-- low-rank (training, or rows of w(c) that differ): W x + b and A x come from one matmul
-  with [W; A] stacked, then the B product; every basis and sample in the same ops.
+- low-rank (training, or rows of w(c) that differ): W x and A x, then the B product added
+  in place, then b + s w E; every basis and sample in the same ops.
 - merged (no gradients, every row of w(c) equal, e.g. a sampling batch that shares its
   noise level and class): W + s B diag(w ⊗ 1_r) A is formed once per call and applied as
   the base layer's weight, so the LoRA costs one small matmul per call, not per position.
@@ -28,84 +28,93 @@ from torch.autograd.function import once_differentiable
 from condlora.core.errors import LoRAError
 from condlora.lora.runtime import ConditionState
 
-_CONV = {3: F.conv1d, 4: F.conv2d}  # 1x1 conv by input dimensions
-
 
 class StackedLoRA(torch.autograd.Function):
-    """Y = x W^T + b + (x A^T ⊙ ws) B^T + e, as rows (S, N, d_out); see the module doc."""
+    """Y = x W^T + b + (x A^T ⊙ ws) B^T + e on the rows of x (its channels: last, or dim 1 of a
+    conv input); see the module doc. Y has x's shape with d_out channels (a conv's output in
+    x's memory layout). At the digits' widths every op costs about as much as its arithmetic,
+    so the function runs few: two matmuls from x, one in-place addmm for the update, and one
+    broadcast add for b + e."""
 
     @staticmethod
     def forward(  # noqa: PLR0913 - the layer's tensors, one argument each
         ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,  # rows (S, N, d_in), or channels first (S, d_in, *spatial)
-        channels_first: bool,  # which of the two
-        weight: Tensor,  # W (d_out, d_in)
+        x: Tensor,  # (S, ..., d_in), or a conv input (S, d_in, *spatial) in either layout
+        channels_first: bool,  # x is a conv input: channels at dim 1
+        weight: Tensor,  # W (d_out, d_in) or a 1x1 conv kernel (d_out, d_in, 1, ...)
         bias: Tensor | None,  # b (d_out,)
         lora_a: Tensor,  # A (m*r, d_in)
         lora_b: Tensor,  # B (d_out, m*r)
-        ws: Tensor,  # s (w ⊗ 1_r) as (S or 1, 1, m*r)
-        extra: Tensor | None,  # e = s w E as (S or 1, 1, d_out), or None
+        ws: Tensor,  # s (w ⊗ 1_r) as (S or 1, m*r) or (S or 1, 1, m*r)
+        extra: Tensor | None,  # e = s w E as (S or 1, d_out) or (S or 1, 1, d_out), or None
     ) -> Tensor:
-        """Y (S, N, d_out)."""
-        d_out, rank = weight.shape[0], lora_a.shape[0]
-        stacked = torch.cat([weight, lora_a])
-        bias = None if bias is None else F.pad(bias, (0, rank))
-        if channels_first:
-            kernel = stacked.view(*stacked.shape, *[1] * (x.dim() - 2))
-            out = _CONV[x.dim()](x, kernel, bias).movedim(1, -1)
-            out = out.reshape(x.shape[0], -1, d_out + rank)
-        else:
-            out = F.linear(x, stacked, bias)
-        h = out[..., d_out:].contiguous()  # saved alone: the wide output can be freed
+        """Y: x's shape with d_out channels."""
+        d_out, d_in, rank, samples = weight.shape[0], lora_a.shape[1], lora_a.shape[0], x.shape[0]
+        w2 = weight.view(d_out, d_in)
+        channels = x.movedim(1, -1) if channels_first else x  # channels last: rows
+        rows = channels.reshape(-1, d_in)  # a view unless x is channels-first in memory
+        y = F.linear(rows, w2)
+        h = F.linear(rows, lora_a)  # (S*N, m*r)
         dtype = h.dtype  # the compute dtype (bf16 under autocast)
-        hw = (h * ws.to(dtype)).view(-1, rank)
-        y = torch.addmm(out.reshape(-1, d_out + rank)[:, :d_out], hw, lora_b.to(dtype).t())
-        y = y.view(*out.shape[:-1], d_out)
+        hw = (h.view(samples, -1, rank) * ws.view(-1, 1, rank).to(dtype)).view(-1, rank)
+        y.addmm_(hw, lora_b.to(dtype).t())
+        shift = None if bias is None else bias.to(dtype)
         if extra is not None:
-            y += extra.to(dtype)
-        ctx.save_for_backward(x, stacked, lora_b, h, ws)
-        ctx.d_out, ctx.has_bias, ctx.channels_first = d_out, bias is not None, channels_first
-        ctx.extra = None if extra is None else (extra.shape[0], extra.dtype)
-        return y
+            e = extra.view(-1, 1, d_out).to(dtype)
+            shift = e if shift is None else e + shift
+        if shift is not None:
+            y.view(samples, -1, d_out).add_(shift)
+        ctx.save_for_backward(rows, w2, lora_a, lora_b, h, ws)
+        ctx.shapes = (x.shape, weight.shape, None if extra is None else extra.shape)
+        ctx.dtypes = (x.dtype, None if extra is None else extra.dtype)
+        ctx.has_bias, ctx.channels_first = bias is not None, channels_first
+        y = y.view(*channels.shape[:-1], d_out)
+        if not channels_first:
+            return y
+        y = y.movedim(-1, 1)  # a channels-last view
+        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
     @staticmethod
     @once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple:
-        """Gradients for (x, -, W, b, A, B, ws, e), each in its input's dtype."""
-        x, stacked, lora_b, h, ws = ctx.saved_tensors
-        need, d_out, dtype = ctx.needs_input_grad, ctx.d_out, h.dtype
-        grad, wsd = grad.to(dtype), ws.to(dtype)
-        grad_hw = grad @ lora_b.to(dtype)  # dL/d(H ⊙ ws), (S, N, m*r)
-        grad_out = torch.cat([grad, grad_hw * wsd], dim=-1)  # [G | G_H]
-        rows = grad_out.reshape(-1, grad_out.shape[-1])
-        x_rows = x.movedim(1, -1) if ctx.channels_first else x
-        x_rows = x_rows.reshape(-1, x_rows.shape[-1]).to(dtype)
+        """Gradients for (x, -, W, b, A, B, ws, e), each in its input's shape and dtype."""
+        rows, w2, lora_a, lora_b, h, ws = ctx.saved_tensors
+        need, dtype, rank = ctx.needs_input_grad, h.dtype, h.shape[1]
+        x_shape, weight_shape, extra_shape = ctx.shapes
+        samples, d_out = x_shape[0], w2.shape[0]
+        if ctx.channels_first:
+            grad = grad.movedim(1, -1)
+        g = grad.reshape(-1, d_out).to(dtype)  # (S*N, d_out)
+        wsd = ws.view(-1, 1, rank).to(dtype)
+        grad_hw = g @ lora_b.to(dtype)  # dL/d(H ⊙ ws), (S*N, m*r)
+        grad_h = (grad_hw.view(samples, -1, rank) * wsd).view(-1, rank)
+        rows_c = rows.to(dtype)
         grads: list[Tensor | None] = [None] * 8
         if need[0]:
-            grad_x = (rows @ stacked.to(dtype)).to(x.dtype)
-            if ctx.channels_first:  # back to (S, d_in, *spatial)
-                grad_x = grad_x.view(x.shape[0], *x.shape[2:], -1).movedim(-1, 1)
-            grads[0] = grad_x.view(x.shape)
-        if need[2]:  # base weight trainable too: both weights in one matmul
-            grad_stacked = (rows.t() @ x_rows).to(stacked.dtype)
-            grads[2], grads[4] = grad_stacked[:d_out], grad_stacked[d_out:]
-        elif need[4]:
-            grads[4] = (rows[:, d_out:].t() @ x_rows).to(stacked.dtype)
+            grad_x = torch.addmm(g @ w2.to(dtype), grad_h, lora_a.to(dtype)).to(ctx.dtypes[0])
+            if ctx.channels_first:  # (S, *spatial, d_in) -> x's shape, channels-last strides
+                grad_x = grad_x.view(samples, *x_shape[2:], -1).movedim(-1, 1)
+            grads[0] = grad_x.view(x_shape) if not ctx.channels_first else grad_x
+        if need[2]:
+            grads[2] = (g.t() @ rows_c).to(w2.dtype).view(weight_shape)
+        if need[4]:
+            grads[4] = (grad_h.t() @ rows_c).to(lora_a.dtype)
         if need[5]:
-            hw = (h * wsd).reshape(-1, h.shape[-1])
-            grads[5] = (rows[:, :d_out].t() @ hw).to(lora_b.dtype)
+            hw = (h.view(samples, -1, rank) * wsd).view(-1, rank)
+            grads[5] = (g.t() @ hw).to(lora_b.dtype)
         if need[6]:
-            grads[6] = _sum_to((grad_hw * h).sum(dim=1, keepdim=True), ws.shape[0], ws.dtype)
-        sums = grad.sum(dim=1, keepdim=True) if need[3] or need[7] else None
+            per_sample = (grad_hw * h).view(samples, -1, rank).sum(dim=1)
+            grads[6] = _sum_to(per_sample, ws.shape[0], ws.dtype).view(ws.shape)
+        sums = g.view(samples, -1, d_out).sum(dim=1) if need[3] or need[7] else None
         if need[3] and ctx.has_bias:
-            grads[3] = sums.sum(dim=(0, 1)).to(stacked.dtype)
-        if need[7] and ctx.extra is not None:
-            grads[7] = _sum_to(sums, *ctx.extra)
+            grads[3] = sums.sum(dim=0).to(w2.dtype)
+        if need[7] and extra_shape is not None:
+            grads[7] = _sum_to(sums, extra_shape[0], ctx.dtypes[1]).view(extra_shape)
         return tuple(grads)
 
 
 def _sum_to(grad: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
-    """grad (S, 1, k) summed over samples for an input of batch 1, in that input's dtype."""
+    """grad (S, k) summed over samples for an input of batch 1, in that input's dtype."""
     if batch == 1 and grad.shape[0] != 1:
         grad = grad.sum(dim=0, keepdim=True)
     return grad.to(dtype)
@@ -227,31 +236,17 @@ class CondLoRALayer(nn.Module):
             raise LoRAError(f"condition batch {w.shape[0]} does not match input batch {x.shape[0]}")
 
     def _forward_lowrank(self, x: Tensor, ws: Tensor, w: Tensor) -> Tensor:
-        """W x + b and A x from one matmul ([W; A] stacked), then + s B ((w ⊗ 1_r) ⊙ A x)
-        + s w E: `StackedLoRA`, on x as rows (samples, positions, channels), or for a conv
-        on channels-first memory as it is."""
+        """W x + b + s B ((w ⊗ 1_r) ⊙ A x) + s w E: `StackedLoRA`, on x as it is (a conv
+        input in either memory layout)."""
         base = self.base_layer
-        rows = x.movedim(1, -1) if self.is_conv else x  # channels last
-        channels_first = self.is_conv and not rows.is_contiguous()
-        ws, w = ws * self.scale, w * self.scale
+        if self.scale != 1.0:  # (x * 1.0 is exact: skipped, as the op and its graph node)
+            ws, w = ws * self.scale, w * self.scale
         extra = None
         if self.lora_E is not None:
-            extra = (self._bias_weights(ws, w) @ self.lora_E)[:, None]
-        y = StackedLoRA.apply(
-            x if channels_first else rows.reshape(rows.shape[0], -1, rows.shape[-1]),
-            channels_first,
-            base.weight.reshape(base.weight.shape[0], -1),
-            base.bias,
-            self.lora_A,
-            self.lora_B,
-            ws[:, None],
-            extra,
+            extra = self._bias_weights(ws, w) @ self.lora_E
+        return StackedLoRA.apply(
+            x, self.is_conv, base.weight, base.bias, self.lora_A, self.lora_B, ws, extra
         )
-        y = y.view(*rows.shape[:-1], y.shape[-1])
-        if not self.is_conv:
-            return y
-        y = y.movedim(-1, 1)  # a channels-last view
-        return y.contiguous() if channels_first else y  # the input's memory layout
 
     def _forward_merged(self, x: Tensor, ws: Tensor, w: Tensor) -> Tensor:
         """The base layer's op with weight W + s B diag(w ⊗ 1_r) A and bias b + s w E at

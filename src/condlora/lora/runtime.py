@@ -46,7 +46,8 @@ def _rows_agree(x: Tensor | None) -> bool:
     blocking of the kernel that computed it)."""
     if x is None or x.shape[0] == 1:
         return True
-    return torch.allclose(x, x[:1].expand_as(x), rtol=1e-6, atol=1e-7)
+    first = x[:1].expand_as(x)
+    return torch.equal(x, first) or torch.allclose(x, first, rtol=1e-6, atol=1e-7)  # one op first
 
 
 class ConditionState:
@@ -61,7 +62,7 @@ class ConditionState:
         self.composers: list[nn.Module] = []  # every wrapper's composer, in wrapping order
         self.stacks = ParameterStacks()  # stacked parameters, reused while unchanged
         self.in_pass = False  # inside a forward pass of the injected model
-        self._weights: tuple[Tensor, Tensor] | None = None  # `lora_weights` of all L wrappers
+        self._weights: tuple[tuple, tuple] | None = None  # `lora_weights` of the L wrappers
         self._shared: bool | None = None  # do all rows of the condition agree?
 
     def register(self, composer: nn.Module) -> int:
@@ -86,7 +87,8 @@ class ConditionState:
                 # one condition for the whole batch (sampling): compute it once, for one row
                 inputs = {k: None if v is None else v[:1] for k, v in inputs.items()}
             w = type(self.composers[0]).batched(self.composers, stacks=self.stacks, **inputs)
-            self._weights = (w.repeat_interleave(self.config.rank, dim=-1), w)
+            ws = w.repeat_interleave(self.config.rank, dim=-1)
+            self._weights = (ws.unbind(0), w.unbind(0))  # one op each, not one per wrapper
         ws, w = self._weights
         return ws[index], w[index]
 

@@ -306,7 +306,7 @@ class Trainer:
             for p in self.params:
                 if p.grad is not None:
                     torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-        norm = float(acc.clip_grad_norm_(self.loss_fn.parameters(), t.grad_clip or math.inf))
+        norm = float(acc.clip_grad_norm_(self.params, t.grad_clip or math.inf))  # no module walk
         # fp16: accelerate's gradient scaler skips overflowing steps by itself
         finite = math.isfinite(total) and (math.isfinite(norm) or t.mixed_precision == "fp16")
         if finite:
