@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from condlora.apps.synthesis_demo.styles import StyleRanges
-from condlora.core.config import FRACTION, NON_NEGATIVE, POSITIVE, Checked, Each, Range
+from condlora.core.config import FRACTION, NON_NEGATIVE, POSITIVE, Checked, Each, OneOf, Range
 
 # What the LoRAs adapt (DESIGN.md section 4): attention qkv / proj, the residual blocks'
 # 1x1 skip convolutions and their embedding projections: 20,864 numbers per rank-4 LoRA
@@ -68,7 +68,17 @@ class DemoConfig(Checked):
 
     seed: int = 0  # subjects' styles, LoRA init, fine-tuning, encoder, reference images
     num_train: int = 200  # training subjects (the collection)
-    num_heldout: int = 40  # held-out subjects (scored)
+    num_val: int = 20  # validation subjects: scored while choosing settings (`split="val"`)
+    num_heldout: int = 40  # held-out test subjects: scored once, for the report
+    split: str = "test"  # the subjects a run scores: "test" (the report) or "val" (tuning)
+    # "box": training, validation and test subjects drawn from the same box; "unseen-corner":
+    # the subjects in the corner (thickness > corner[0] and slant > corner[1], bold and
+    # right-leaning: a quarter of the box) are split into num_val validation and test
+    # subjects, every other subject trains (num_train is not used): combinations of two
+    # factors that no training subject shows. The styles, so the zoo, are the same in both.
+    setting: str = "box"
+    corner: tuple[float, float] = (0.0, 0.0)  # the unseen corner's lower thickness and slant
+    raw_diffusion: bool = True  # also score the prior on raw vectors (costs most training)
     ranges: StyleRanges = field(default_factory=StyleRanges)  # where style factors are drawn
     # zoo: one plain LoRA per subject on the frozen base model
     rank: int = 4  # LoRA rank
@@ -96,6 +106,9 @@ class DemoConfig(Checked):
     CHECKS: ClassVar[dict] = {
         "seed": Range(0, 2**63 - 1),
         "num_train": Range(2, 10**6),
+        "num_val": Range(0, 10**6),
+        "split": OneOf(("test", "val")),
+        "setting": OneOf(("box", "unseen-corner")),
         **{name: Range(1, 10**6) for name in ("num_heldout", "rank", "subjects_per_batch")},
         **{name: Range(1, 10**7) for name in ("steps", "images_per_subject", "reference_images")},
         "alpha": POSITIVE,
@@ -109,8 +122,8 @@ class DemoConfig(Checked):
 
     @property
     def num_subjects(self) -> int:
-        """Training plus held-out subjects."""
-        return self.num_train + self.num_heldout
+        """Training, validation and test subjects."""
+        return self.num_train + self.num_val + self.num_heldout
 
     @property
     def scale(self) -> float:
@@ -127,10 +140,11 @@ class DemoConfig(Checked):
 
 
 def quick() -> DemoConfig:
-    """A smaller demo for a first look: 60 training and 12 held-out subjects, half the
+    """A smaller demo for a first look: 60 training, 8 validation and 12 test subjects, half the
     generative training steps."""
     return DemoConfig(
         num_train=60,
+        num_val=8,
         num_heldout=12,
         steps=100,
         encoder_steps=500,
@@ -138,10 +152,17 @@ def quick() -> DemoConfig:
     )
 
 
+def unseen_corner(cfg: DemoConfig) -> DemoConfig:
+    """The unseen-corner setting of a demo config: the latent priors and the simple methods,
+    no curve and no raw diffusion (the time goes to the three seeds of every method)."""
+    return dataclasses.replace(cfg, setting="unseen-corner", curve_sizes=(), raw_diffusion=False)
+
+
 def tiny() -> DemoConfig:
-    """A demo of 6 training and 2 held-out subjects that runs in seconds (for tests)."""
+    """A demo of 6 training, 2 validation and 2 test subjects that runs in seconds (for tests)."""
     return DemoConfig(
         num_train=6,
+        num_val=2,
         num_heldout=2,
         subjects_per_batch=4,
         steps=12,

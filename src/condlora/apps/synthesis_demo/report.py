@@ -127,6 +127,30 @@ def _not_representative(info: dict) -> list[str]:
     ]
 
 
+def _setting(info: dict) -> list[str]:
+    """What the unseen-corner setting holds out (nothing for the box)."""
+    if info.get("setting", "box") == "box":
+        return []
+    thick, slant = info["corner"]
+    return [
+        f"**Setting unseen-corner:** no training subject has thickness > {thick} together "
+        f"with slant > {slant}; every scored subject has both (a combination of two factors "
+        "that no training subject shows, though each factor alone is seen across its range).",
+        "",
+    ]
+
+
+def _split(info: dict) -> list[str]:
+    """Which subjects these scores are of."""
+    if info.get("split", "test") == "val":
+        return [
+            "**Validation split:** these scores are of the validation subjects, for choosing "
+            "settings; the test subjects are scored by `--split test`.",
+            "",
+        ]
+    return ["Scored: the test subjects (settings are chosen with `--split val`).", ""]
+
+
 REFERENCE = "nearest"  # the strongest simple baseline: what a generated LoRA must beat
 
 
@@ -138,9 +162,10 @@ def paired_table(paired: list[dict], seeds: int) -> list[str]:
     lines = [
         f"## Each method against {REFERENCE}, subject by subject",
         "",
-        f"Per held-out subject, the method's subject score minus {REFERENCE}'s (each averaged "
-        f"over the {seeds} seeds); the mean and its 95% interval (t) over the {k} subjects, "
-        "and on how many subjects the method is ahead.",
+        f"For every seed and every subject it scores (each seed its own split of the "
+        f"subjects), the method's subject score minus {REFERENCE}'s on the same subject and "
+        f"seed: the mean of these {k} paired differences ({seeds} seeds), its 95% interval "
+        "(t), and on how many pairs the method is ahead.",
         "",
         f"| method | difference to {REFERENCE} | 95% interval | ahead on |",
         "| --- | --- | --- | --- |",
@@ -187,19 +212,25 @@ def render_demo_report(
         "",
         *_not_representative(info),
         f"A *subject* is a handwriting style (stroke width, slant, rotation, scale: "
-        f"{info['ranges']}). Zoo: {info['num_train']} training and {info['num_heldout']} held-out "
-        f"subjects, one rank-{info['rank']} LoRA each ({info['lora_numbers']:,} numbers, on "
-        f"{info['targets']}) fine-tuned on the frozen digits base model, "
-        f"{info['seconds_per_subject']:.2f} s per subject ({info['subjects_per_batch']} subjects "
-        "per batch). Embeddings: a subject encoder (CNN regressing the style factors; cosine "
-        f"of same-style sets {info['encoder_same']:.3f}, of different styles "
+        f"{info['ranges']}). Zoo: {info['num_train']} training, {info['num_val']} validation "
+        f"and {info['num_heldout']} test subjects, one rank-{info['rank']} LoRA each "
+        f"({info['lora_numbers']:,} numbers, on {info['targets']}) fine-tuned on the frozen "
+        f"digits base model, {info['seconds_per_subject']:.2f} s per subject "
+        f"({info['subjects_per_batch']} subjects per batch), each subject with its own "
+        "draws of digits and noise. Embeddings: a subject encoder (CNN regressing the style "
+        f"factors; cosine of same-style sets {info['encoder_same']:.3f}, of different styles "
         f"{info['encoder_different']:.3f} on average). Each method writes a LoRA from the "
-        f"embedding of {info['reference_images']} reference digits of a held-out subject; "
+        f"embedding of {info['reference_images']} reference digits of a scored subject; "
         f"{info['samples']} samples per subject are scored against its real held-out digits.",
         "",
+        *_setting(info),
+        *_split(info),
         f"Mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))}) of the subject-mean "
-        f"scores. Real digits in the subject's style score {info['real_score']:.3f} (the encoder's "
-        f"ceiling); the digits judge (trained on styled digits) reads real styled digits at "
+        "scores. Each seed draws its own split of the subjects into training, validation and "
+        "test (so its own collection, with its subjects' noise draws), its own subject "
+        "encoder, generative models and samples; the zoo is fine-tuned once. Real digits in "
+        f"the subject's style score {info['real_score']:.3f} (the encoder's ceiling); the "
+        "digits judge (trained on styled digits) reads real styled digits at "
         f"{100 * info['judge_real']:.1f}%.",
         "",
         *table(rows),
