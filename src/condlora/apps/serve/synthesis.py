@@ -12,6 +12,7 @@ and every synthesis model folder the demo trained (`methods/<name>/model.safeten
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -196,11 +197,15 @@ class SynthDemo:
     def methods(self) -> list[str]:
         """The names of the methods that can write a LoRA here."""
         folder = self.folder / "methods"
-        # models of the first seed only: the others read their own seeds' encoders
-        mine = f"-seed{self.first_seed}"
+        # the demo's models of other seeds read their own seeds' encoders: left out
         found = folder.iterdir() if folder.is_dir() else []
-        models = sorted(d.name for d in found if d.name.endswith(mine) and is_model(d))
+        models = sorted(d.name for d in found if self._this_seed(d.name) and is_model(d))
         return [m.name for m in simple_methods()] + models
+
+    def _this_seed(self, name: str) -> bool:
+        """False for a model folder of another seed than the first ("...-seed1")."""
+        seed = re.search(r"-seed(\d+)$", name)
+        return seed is None or int(seed.group(1)) == self.first_seed
 
     def label(self, method: str) -> str:
         """A method's name as the demo's report writes it: "vae-prior-adalora-seed0" ->

@@ -70,26 +70,34 @@ def in_corner(styles: Tensor, corner: tuple[float, float]) -> Tensor:
 
 def make_subjects(cfg: DemoConfig, split_seed: int = 0) -> Subjects:
     """Subjects s0000, s0001, ... with seeded styles (the same in every setting, so settings
-    share one zoo) and the split of `split_seed`.
+    share one zoo), fixed validation subjects, and the train / test split of `split_seed`.
 
-    "box": all subjects shuffled, then num_train train, num_val validate, num_heldout test;
-    "unseen-corner": every subject outside the corner trains, the corner's are shuffled into
-    num_val validation and the rest test."""
+    The validation subjects depend on cfg.seed alone, so no seed ever scores as a test
+    subject one that settings were chosen on. "box": num_val random subjects validate, the
+    others are shuffled into num_train training and num_heldout test subjects; "unseen-
+    corner": num_val random subjects of the corner validate, the rest of the corner is the
+    test, every subject outside it trains (then seeds redraw no split)."""
     names = [f"s{i:04d}" for i in range(cfg.num_subjects)]
     styles = sample_styles(cfg.num_subjects, cfg.ranges, cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + split_seed)
-    order = torch.randperm(cfg.num_subjects, generator=generator)
+    fixed = torch.randperm(cfg.num_subjects, generator=torch.Generator().manual_seed(cfg.seed))
+    corner = in_corner(styles[fixed], cfg.corner)
     if cfg.setting == "box":
-        train, rest = order[: cfg.num_train], order[cfg.num_train :]
+        n = cfg.num_train
+        val, others = fixed[n : n + cfg.num_val], torch.cat([fixed[:n], fixed[n + cfg.num_val :]])
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + split_seed)
+        others = others[torch.randperm(len(others), generator=generator)]
+        train, test = others[: cfg.num_train], others[cfg.num_train :]
     else:
-        inside = in_corner(styles[order], cfg.corner)
-        train, rest = order[~inside], order[inside]
-        if len(rest) <= cfg.num_val or len(train) < 2:
+        train, val, test = (
+            fixed[~corner],
+            fixed[corner][: cfg.num_val],
+            fixed[corner][cfg.num_val :],
+        )
+        if len(test) == 0 or len(train) < 2:
             raise CondloraError(
-                f"{len(rest)} of {cfg.num_subjects} subjects are in the corner {cfg.corner}: "
-                f"it needs more than num_val = {cfg.num_val}, and 2 outside it"
+                f"{int(corner.sum())} of {cfg.num_subjects} subjects are in the corner "
+                f"{cfg.corner}: it needs more than num_val = {cfg.num_val}, and 2 outside it"
             )
-    val, test = rest[: cfg.num_val], rest[cfg.num_val :]
     return Subjects(names, styles, *(sorted(part.tolist()) for part in (train, val, test)))
 
 
