@@ -361,6 +361,8 @@ def test_tiny_demo_end_to_end_then_reused(tiny_demo, one_thread):
     for method in methods:
         assert f"| {method} |" in text
     assert "**Not representative:**" in text  # the tiny demo is not the full one
+    assert "Scored: the test subjects (settings are chosen with `--split val`)." in text
+    assert "Zoo: 6 training, 2 validation and 2 test subjects" in text
     assert "## Each method against nearest, subject by subject" in text
     assert "One seed (0) and one collection per size" in text
     first = make_subjects(cfg, 0)  # the first seed's split: its first test subject's grid

@@ -108,7 +108,9 @@ def add_synth_demo(synth_sub: argparse._SubParsersAction) -> None:
         help="the subjects scored: test (the report, default) or val (to choose settings on)",
     )
     p.add_argument(
-        "--quick", action="store_true", help="a smaller zoo (60 + 12 subjects) for a first look"
+        "--quick",
+        action="store_true",
+        help="a smaller zoo (60 training, 8 validation, 12 test subjects) for a first look",
     )
     p.add_argument(
         "--workers",

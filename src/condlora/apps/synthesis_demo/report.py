@@ -140,6 +140,18 @@ def _setting(info: dict) -> list[str]:
     ]
 
 
+def _seeds_draw(info: dict) -> str:
+    """What each seed of the table draws anew."""
+    own = "its own subject encoder, generative models and samples; the zoo is fine-tuned once."
+    if info.get("setting", "box") == "box":
+        return (
+            "Each seed draws its own split of the subjects into training and test (so its "
+            "own collection, with its subjects' noise draws; the validation subjects are "
+            f"fixed), {own}"
+        )
+    return f"The setting fixes the split (the same for every seed); each seed draws {own}"
+
+
 def _split(info: dict) -> list[str]:
     """Which subjects these scores are of."""
     if info.get("split", "test") == "val":
@@ -187,6 +199,24 @@ def paired_table(paired: list[dict], seeds: int) -> list[str]:
     return lines
 
 
+def _curve_section(curve: Curve, seeds: tuple, file: str) -> list[str]:
+    """The curve against the collection's size (nothing when it has one size only)."""
+    if len({n for points in curve.values() for n, _, _ in points}) < 2:
+        return []
+    return [
+        "## Normalised subject score against the size of the collection",
+        "",
+        f"One seed ({seeds[0]}) and one collection per size: unlike the table above "
+        f"({len(seeds)} seeds), these points carry no spread, so differences between methods "
+        "here may be noise.",
+        "",
+        f"![curve]({file})",
+        "",
+        *curve_table(curve),
+        "",
+    ]
+
+
 def stage_table(stages: dict[str, str]) -> list[str]:
     """Stage -> time (or how it was reused)."""
     lines = ["| stage | time |", "| --- | --- |"]
@@ -226,9 +256,7 @@ def render_demo_report(
         *_setting(info),
         *_split(info),
         f"Mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))}) of the subject-mean "
-        "scores. Each seed draws its own split of the subjects into training, validation and "
-        "test (so its own collection, with its subjects' noise draws), its own subject "
-        "encoder, generative models and samples; the zoo is fine-tuned once. Real digits in "
+        f"scores. {_seeds_draw(info)} Real digits in "
         f"the subject's style score {info['real_score']:.3f} (the encoder's ceiling); the "
         "digits judge (trained on styled digits) reads real styled digits at "
         f"{100 * info['judge_real']:.1f}%.",
@@ -244,16 +272,7 @@ def render_demo_report(
         "",
         *paired_table(list(paired), len(seeds)),
         *claims(rows),
-        "## Normalised subject score against the size of the collection",
-        "",
-        f"One seed ({seeds[0]}) and one collection per size: unlike the table above "
-        f"({len(seeds)} seeds), these points carry no spread, so differences between methods "
-        "here may be noise.",
-        "",
-        "![curve](curve.png)",
-        "",
-        *curve_table(curve),
-        "",
+        *_curve_section(curve, seeds, "curve.png"),
         "## Stage times",
         "",
         *stage_table(stages),

@@ -185,7 +185,9 @@ def _score_all(
     first = cfg.score_seeds[0]
     full = seeds[first].data.size
     runs = [(m, full, s) for m in methods for s in cfg.score_seeds]
-    runs += [(m, n, first) for m in methods if m.on_curve for n in cfg.sizes() if n != full]
+    # the curve's smaller collections (unseen-corner: its training subjects are fewer than
+    # num_train, and the whole collection is the table's)
+    runs += [(m, n, first) for m in methods if m.on_curve for n in cfg.sizes() if n < full]
     samples_dir.mkdir(parents=True, exist_ok=True)
     todo = [
         (m, n, s)
@@ -237,9 +239,9 @@ def _report_info(
         "seeds": cfg.score_seeds,
         "full": cfg.num_subjects == DemoConfig().num_subjects and cfg.steps >= DemoConfig().steps,
         "ranges": ranges,
-        "num_train": cfg.num_train,
-        "num_val": cfg.num_val,
-        "num_heldout": cfg.num_heldout,
+        "num_train": len(subs.train),  # the setting's counts (unseen-corner: its own)
+        "num_val": len(subs.val),
+        "num_heldout": len(subs.heldout),
         "split": cfg.split,
         "setting": cfg.setting,
         "corner": cfg.corner,
@@ -271,7 +273,7 @@ def _write_report(
     cfg_seeds, full, subs = info["seeds"], first_run.data.size, first_run.subs
     rows = summary_rows(store, methods, full, cfg_seeds)
     first = cfg_seeds[0]
-    sizes = sorted({int(k.split("/")[1]) for k in store.runs})
+    sizes = sorted({n for n in (int(k.split("/")[1]) for k in store.runs) if n <= full})
     curve = {
         m.name: [
             (n, float(normalised(store, m.name, n, full, (first,))[0]), 0.0)
