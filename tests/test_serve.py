@@ -194,21 +194,26 @@ def test_pca_plane_matches_the_covariance_eigenvectors():
 
 
 def test_the_demo_writes_the_nearest_lora_and_samples_with_common_noise(tiny_demo, one_thread):
-    folder = tiny_demo[0]
+    from condlora.apps.synthesis_demo.zoo import make_subjects
+
+    folder, cfg = tiny_demo[:2]
     demo = SynthDemo(folder)
     assert demo.methods()[:2] == ["pca-ridge", "nearest"]
-    assert [name for _, name in demo.heldout_subjects()] == ["s0006", "s0007"]
-    written = demo.write_lora("nearest", demo.subject_embedding("s0007"))
-    assert_same_update(written.weights, nearest_training_lora(folder, "s0007"))
+    assert all(m.endswith("-seed0") for m in demo.methods()[2:])  # the first seed's models
+    split = make_subjects(cfg, 0)  # the first seed's split: its test subjects are shown
+    test, train = [split.names[i] for i in split.heldout], split.names[split.train[0]]
+    assert [name for _, name in demo.heldout_subjects()] == test
+    written = demo.write_lora("nearest", demo.subject_embedding(test[1]))
+    assert_same_update(written.weights, nearest_training_lora(folder, test[1]))
     base = demo.samples(None, seed=3)
     assert base.shape == (10 * GRID_ROWS, 1, 16, 16)
     assert torch.equal(base, demo.samples(None, seed=3))
     zero = demo.data.spec.unflatten(torch.zeros(demo.data.spec.size))
     assert torch.allclose(demo.samples(zero, seed=3), base, atol=1e-5)  # same noise, no LoRA
-    assert not torch.allclose(demo.samples(demo.finetuned("s0007"), seed=3), base, atol=1e-3)
-    assert demo.finetuned("s0000") is None  # a training subject has no held-out ceiling
+    assert not torch.allclose(demo.samples(demo.finetuned(test[1]), seed=3), base, atol=1e-3)
+    assert demo.finetuned(train) is None  # a training subject has no held-out ceiling
     with pytest.raises(DataError, match="unknown method"):
-        demo.write_lora("magic", demo.subject_embedding("s0007"))
+        demo.write_lora("magic", demo.subject_embedding(test[1]))
 
 
 def test_trained_synthesis_models_of_the_demo_are_methods_too(tmp_path, tiny_demo, one_thread):
@@ -223,7 +228,8 @@ def test_trained_synthesis_models_of_the_demo_are_methods_too(tmp_path, tiny_dem
     # the demo's VAEs alone (vae-seedS, shared by its latent priors) are no method
     assert (folder / "methods" / "vae-seed0" / "model.safetensors").is_file()
     demo = SynthDemo(folder)
-    trained = [f"{slug}-seed{s}" for slug in GENERATIVE_SLUGS for s in (0, 1, 2)]
+    # the first seed's models: the other seeds' read their own encoders
+    trained = [f"{slug}-seed0" for slug in GENERATIVE_SLUGS]
     assert demo.methods() == ["pca-ridge", "nearest", *sorted([*trained, "nearest-model"])]
     written = demo.write_lora("nearest-model", demo.subject_embedding("s0006"), seed=1)
     assert_same_update(written.weights, nearest_training_lora(folder, "s0006"))
@@ -473,7 +479,7 @@ def test_the_page_writes_a_lora_for_a_held_out_subject_and_refuses_a_bad_upload(
         page.goto(url)
         # a held-out subject, the nearest method, generate
         page.locator("#subject input").click()
-        page.get_by_role("option", name="s0007", exact=False).click()
+        page.get_by_role("option", name="s0006", exact=False).click()
         page.locator("#method input").click()
         page.get_by_role("option", name="nearest", exact=True).click()
         page.click("#generate")
@@ -486,12 +492,12 @@ def test_the_page_writes_a_lora_for_a_held_out_subject_and_refuses_a_bad_upload(
         # the download is a peft LoRA that condlora reads: the nearest training subject's
         with page.expect_download() as download:
             page.click("#download")
-        assert download.value.suggested_filename == "s0007-nearest-peft.zip"
+        assert download.value.suggested_filename == "s0006-nearest-peft.zip"
         download.value.save_as(tmp_path / "lora.zip")
         with zipfile.ZipFile(tmp_path / "lora.zip") as archive:
             archive.extractall(tmp_path / "lora")
-        got = read_lora(tmp_path / "lora" / "s0007-nearest-peft")
-        assert_same_update(got, nearest_training_lora(folder, "s0007"))
+        got = read_lora(tmp_path / "lora" / "s0006-nearest-peft")
+        assert_same_update(got, nearest_training_lora(folder, "s0006"))
         # a file that is not an image: a clear line on the page, kept in the server's folder
         (tmp_path / "notes.png").write_text("this is not an image")
         page.click("#mine")

@@ -203,8 +203,8 @@ def test_fine_tuning_a_subject_in_company_or_alone_gives_the_same_lora(base):
     images, labels = load_digits_images(16)
     cfg = DemoConfig(steps=3, images_per_subject=2, rank=2, alpha=2.0)
     styles = sample_styles(3, cfg.ranges, seed=5)
-    together = fine_tune(base, styles, images[:50], labels[:50], cfg, seed=0)
-    alone = fine_tune(base, styles[2:], images[:50], labels[:50], cfg, seed=0)
+    together = fine_tune(base, styles, images[:50], labels[:50], cfg, seeds=[4, 5, 6])
+    alone = fine_tune(base, styles[2:], images[:50], labels[:50], cfg, seeds=[6])
 
     def relative(a, b):  # batch shapes change the kernels' rounding, which Adam amplifies
         return ((a - b).norm() / b.norm()).item()
@@ -220,7 +220,7 @@ def test_a_zoo_of_some_subjects_fine_tunes_only_their_batches_and_the_rest_later
     from condlora.data import load_digits_images
 
     images, labels = load_digits_images(16)
-    cfg = DemoConfig(num_train=3, num_heldout=2, subjects_per_batch=2, steps=2, rank=2)
+    cfg = DemoConfig(num_train=3, num_val=0, num_heldout=2, subjects_per_batch=2, steps=2, rank=2)
     subs = make_subjects(cfg)
     build_zoo(base, images[:40], labels[:40], cfg, tmp_path, False, needed={3})
     done = [(subs.folder(tmp_path, i) / WEIGHTS_NAME).is_file() for i in range(5)]
@@ -361,11 +361,22 @@ def test_tiny_demo_end_to_end_then_reused(tiny_demo, one_thread):
     for method in methods:
         assert f"| {method} |" in text
     assert "**Not representative:**" in text  # the tiny demo is not the full one
+    assert "Scored: the test subjects (settings are chosen with `--split val`)." in text
+    assert "Zoo: 6 training, 2 validation and 2 test subjects" in text
     assert "## Each method against nearest, subject by subject" in text
     assert "One seed (0) and one collection per size" in text
-    for name in ("curve.png", "grid-s0006.png", "scores.json", "stages.json"):
+    first = make_subjects(cfg, 0)  # the first seed's split: its first test subject's grid
+    grid = f"grid-{first.names[first.heldout[0]]}.png"
+    for name in ("curve.png", grid, "scores.json", "stages.json"):
         assert (out / name).is_file()
-    assert len(list((out / "zoo" / "train").iterdir())) == 6
+    assert len(list((out / "zoo").glob("s*"))) == 10  # 6 training, 2 validation, 2 test
+    trained = sorted(p.name for p in (out / "loras" / "train").iterdir())
+    assert trained == [first.names[i] for i in first.train]
+    for seed in (1, 2):  # every other seed: its own encoder and collection
+        assert (out / f"seed{seed}" / "encoder.safetensors").is_file()
+        names = LoRADataset(out / f"seed{seed}" / "dataset" / "train.safetensors").names
+        split = make_subjects(cfg, seed)
+        assert names == [split.names[i] for i in split.train]
     assert len(LoRADataset(out / "dataset" / "train.safetensors")) == 6
     runs = json.loads((out / "scores.json").read_text())["runs"]
     assert set(runs) == {
@@ -391,11 +402,13 @@ def test_tiny_demo_end_to_end_then_reused(tiny_demo, one_thread):
         for key in ("subject_score", "class_accuracy"):
             assert all(-1.0 <= v <= 1.0 for v in runs[f"nearest/6/{seed}"][key])
     # a quality floor: every generated LoRA is far nearer the fine-tuned one than no LoRA
-    # (the zero update) is; measured 1.3-1.6 against 22.9, standardised MSE, mean of seeds
+    # (the zero update) is. Standardised MSE, mean of seeds; measured 2.8 against 8.2 since
+    # every subject has its own noise draws (with common draws: 1.3-1.6 against 22.9, when
+    # the collection's spread was the styles' alone and the bound was 0.25)
     floor = sum(mean(f"no LoRA/6/{seed}", "mse") for seed in (0, 1, 2)) / 3
     for method in generative:
         written = sum(mean(f"{method}/6/{seed}", "mse") for seed in (0, 1, 2)) / 3
-        assert written < 0.25 * floor, (method, written, floor)
+        assert written < 0.5 * floor, (method, written, floor)
     # nearest writes a training LoRA exactly: its MSE to the fine-tuned one is that row's
     train = LoRADataset(out / "dataset" / "train.safetensors")
     held = LoRADataset(out / "dataset" / "heldout.safetensors")
@@ -473,15 +486,44 @@ def test_paired_differences_to_nearest_match_a_plain_t_interval(tmp_path):
         for seed, values in by_seed.items():
             store.put(run_key(method, 10, seed), {"subject_score": values})
     (row,) = paired_differences(store, ["gen"], "nearest", 10, (0, 1))
-    d = [
-        (g0 + g1) / 2 - (n0 + n1) / 2
-        for g0, g1, n0, n1 in zip(*scores["gen"].values(), *scores["nearest"].values(), strict=True)
-    ]
-    mean = sum(d) / 4
-    sd = (sum((x - mean) ** 2 for x in d) / 3) ** 0.5
-    half = scipy_stats.t.ppf(0.975, 3) * sd / 2
+    # each seed scores its own subjects: the pairs are (seed, subject), 8 of them
+    gen, near = scores["gen"], scores["nearest"]
+    d = [g - n for seed in (0, 1) for g, n in zip(gen[seed], near[seed], strict=True)]
+    mean = sum(d) / 8
+    sd = (sum((x - mean) ** 2 for x in d) / 7) ** 0.5
+    half = scipy_stats.t.ppf(0.975, 7) * sd / 8**0.5
     assert row["mean"] == pytest.approx(mean) and row["high"] == pytest.approx(mean + half)
-    assert row["ahead"] == sum(x > 0 for x in d) and row["subjects"] == 4
+    assert row["low"] == pytest.approx(mean - half)
+    assert row["ahead"] == sum(x > 0 for x in d) and row["subjects"] == 8
     text = "\n".join(paired_table([row], 2))
     verdict = "Clearly ahead of nearest" if mean - half > 0 else "No method is clearly ahead"
     assert verdict in text
+
+
+@pytest.mark.parametrize("setting", ["box", "unseen-corner"])
+def test_seeds_split_the_subjects_into_disjoint_train_val_and_test(setting):
+    cfg = DemoConfig(num_train=30, num_val=5, num_heldout=10, setting=setting)
+    splits = [make_subjects(cfg, seed) for seed in (0, 1)]
+    styles = sample_styles(45, cfg.ranges, cfg.seed)  # the same styles in every setting
+    corner = (styles[:, 0] > cfg.corner[0]) & (styles[:, 1] > cfg.corner[1])
+    for subs in splits:
+        assert torch.equal(subs.styles, styles)  # a seed redraws the split, not the styles
+        parts = [set(subs.train), set(subs.val), set(subs.heldout)]
+        assert sum(len(p) for p in parts) == 45
+        assert set().union(*parts) == set(range(45))  # disjoint and covering every subject
+        assert len(subs.val) == 5
+        assert subs.scored("val") == subs.val and subs.scored("test") == subs.heldout
+        if setting == "box":
+            assert len(subs.train) == 30
+        else:  # no training style in the corner, every scored one in it
+            assert subs.train == [i for i in range(45) if not corner[i]]
+            assert all(corner[i] for i in subs.val + subs.heldout)
+    again = make_subjects(cfg, 1)
+    assert (again.train, again.val, again.heldout) == (
+        splits[1].train,
+        splits[1].val,
+        splits[1].heldout,
+    )
+    assert splits[0].val == splits[1].val  # settings are chosen on subjects no seed tests
+    if setting == "box":  # a seed redraws the training and test subjects
+        assert splits[0].train != splits[1].train and splits[0].heldout != splits[1].heldout

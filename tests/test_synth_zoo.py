@@ -185,12 +185,12 @@ def test_synth_eval_on_the_tiny_demo_writes_its_table(tiny_demo, tmp_path, one_t
 
     folder, demo_cfg, _ = tiny_demo
     encoder = DigitsEncoder(folder)
-    heldout = sorted(p.name for p in (folder / "zoo" / "heldout").iterdir())
+    heldout = sorted(p.name for p in (folder / "loras" / "scored").iterdir())
     subjects = write_styled_subjects(tmp_path / "subjects", demo_cfg, heldout)
     out = tmp_path / "eval"
     args = ["synth", "eval", "--model", str(folder / "methods" / "vae-prior-adalora-seed0")]
     args += ["--base", str(folder / "base"), "--subjects", str(subjects), "--out", str(out)]
-    args += ["--finetuned", str(folder / "zoo" / "heldout"), "--encoder", "digits"]
+    args += ["--finetuned", str(folder / "loras" / "scored"), "--encoder", "digits"]
     args += ["--encoder-path", str(folder)]
     args += ["--judge", str(folder / "judge.safetensors"), "--num", "10", "--quiet"]
     assert main(args) == 0
@@ -215,7 +215,7 @@ def test_synth_eval_on_the_tiny_demo_writes_its_table(tiny_demo, tmp_path, one_t
             assert scored["score"] == pytest.approx(want, abs=1e-5)
     # every method starts from the same noise: a bank of zero LoRAs draws the base's samples
     cfg, base, _ = load_run(folder / "base")
-    zero = read_lora(folder / "zoo" / "heldout" / heldout[0])
+    zero = read_lora(folder / "loras" / "scored" / heldout[0])
     for module in zero.modules.values():
         module.B.zero_()
     torch.testing.assert_close(

@@ -74,10 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from condlora.apps.synthesis_demo.run import demo_configs, run_demo
+    from condlora.apps.synthesis_demo.run import default_out, demo_configs, run_demo
 
-    cfg, base_cfg = demo_configs(args.quick)
-    out = args.out or ("runs/synth-demo-quick" if args.quick else "runs/synth-demo")
+    cfg, base_cfg = demo_configs(args.quick, args.setting, args.split)
+    out = args.out or default_out(args.quick, args.setting, args.split)
     if args.workers < 1:
         raise CondloraError(f"--workers must be >= 1, got {args.workers}")
     report = run_demo(out, cfg, base_cfg, workers=args.workers)
@@ -90,10 +90,27 @@ def add_synth_demo(synth_sub: argparse._SubParsersAction) -> None:
         "demo", help="embedded end-to-end demo: a zoo of handwriting-style LoRAs on the digits"
     )
     p.add_argument(
-        "--out", metavar="DIR", help="output folder (runs/synth-demo, or runs/synth-demo-quick)"
+        "--out",
+        metavar="DIR",
+        help="output folder (runs/synth-demo, -quick, -unseen-corner and -val as chosen)",
     )
     p.add_argument(
-        "--quick", action="store_true", help="a smaller zoo (60 + 12 subjects) for a first look"
+        "--setting",
+        choices=("box", "unseen-corner"),
+        default="box",
+        help="box: scored styles from the training box (default); unseen-corner: scored "
+        "styles all bold and right-leaning, a combination no training subject has",
+    )
+    p.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="the subjects scored: test (the report, default) or val (to choose settings on)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smaller zoo (60 training, 8 validation, 12 test subjects) for a first look",
     )
     p.add_argument(
         "--workers",

@@ -12,6 +12,7 @@ and every synthesis model folder the demo trained (`methods/<name>/model.safeten
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -139,7 +140,9 @@ class SynthDemo:
         self.data = DemoData.load(dataset / "train.safetensors", torch.zeros(0), "unused")
         self.heldout = LoRADataset(dataset / "heldout.safetensors")
         self.embeddings = load_file(self.folder / "embeddings.safetensors")
-        self.subjects: Subjects = make_subjects(self.cfg)
+        # the first seed's split: its encoder, collection and scored subjects are the top level
+        self.first_seed = self.cfg.score_seeds[0]
+        self.subjects: Subjects = make_subjects(self.cfg, self.first_seed)
         _, (hold_x, hold_y) = build_data(base_cfg)
         self.digits = held_out_digits(hold_x, hold_y)  # one plain digit of each class
         self._writers: dict[str, Writer] = {}
@@ -154,7 +157,8 @@ class SynthDemo:
         """(label, name) of every held-out subject, the label describing its style."""
         subs = self.subjects
         return [
-            (f"{subs.names[i]}: {describe(subs.styles[i])}", subs.names[i]) for i in subs.heldout
+            (f"{subs.names[i]}: {describe(subs.styles[i])}", subs.names[i])
+            for i in subs.scored(self.cfg.split)
         ]
 
     def _style(self, name: str) -> Tensor:
@@ -193,8 +197,15 @@ class SynthDemo:
     def methods(self) -> list[str]:
         """The names of the methods that can write a LoRA here."""
         folder = self.folder / "methods"
-        models = sorted(d.name for d in folder.iterdir() if is_model(d)) if folder.is_dir() else []
+        # the demo's models of other seeds read their own seeds' encoders: left out
+        found = folder.iterdir() if folder.is_dir() else []
+        models = sorted(d.name for d in found if self._this_seed(d.name) and is_model(d))
         return [m.name for m in simple_methods()] + models
+
+    def _this_seed(self, name: str) -> bool:
+        """False for a model folder of another seed than the first ("...-seed1")."""
+        seed = re.search(r"-seed(\d+)$", name)
+        return seed is None or int(seed.group(1)) == self.first_seed
 
     def label(self, method: str) -> str:
         """A method's name as the demo's report writes it: "vae-prior-adalora-seed0" ->
@@ -256,7 +267,7 @@ class SynthDemo:
         """The query among the training subjects (coloured by stroke thickness) and the
         held-out ones, in the plane of the training embeddings' top principal components."""
         thickness = torch.stack([self._style(n)[0] for n in self.data.names])
-        names = [self.subjects.names[i] for i in self.subjects.heldout]
+        names = [self.subjects.names[i] for i in self.subjects.scored(self.cfg.split)]
         heldout = torch.stack([self.embeddings[n] for n in names]) if names else torch.zeros(0)
         return embedding_figure(self.data.embeddings, thickness, heldout, query, label)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from condlora.apps.synthesis_demo.styles import StyleRanges
-from condlora.core.config import FRACTION, NON_NEGATIVE, POSITIVE, Checked, Each, Range
+from condlora.core.config import FRACTION, NON_NEGATIVE, POSITIVE, Checked, Each, OneOf, Range
 
 # What the LoRAs adapt (DESIGN.md section 4): attention qkv / proj, the residual blocks'
 # 1x1 skip convolutions and their embedding projections: 20,864 numbers per rank-4 LoRA
@@ -68,7 +68,17 @@ class DemoConfig(Checked):
 
     seed: int = 0  # subjects' styles, LoRA init, fine-tuning, encoder, reference images
     num_train: int = 200  # training subjects (the collection)
-    num_heldout: int = 40  # held-out subjects (scored)
+    num_val: int = 20  # validation subjects: scored while choosing settings (`split="val"`)
+    num_heldout: int = 40  # held-out test subjects: scored once, for the report
+    split: str = "test"  # the subjects a run scores: "test" (the report) or "val" (tuning)
+    # "box": training, validation and test subjects drawn from the same box; "unseen-corner":
+    # the subjects in the corner (thickness > corner[0] and slant > corner[1], bold and
+    # right-leaning: a quarter of the box) are split into num_val validation and test
+    # subjects, every other subject trains (num_train is not used): combinations of two
+    # factors that no training subject shows. The styles, so the zoo, are the same in both.
+    setting: str = "box"
+    corner: tuple[float, float] = (0.0, 0.0)  # the unseen corner's lower thickness and slant
+    raw_diffusion: bool = True  # also score the prior on raw vectors (costs most training)
     ranges: StyleRanges = field(default_factory=StyleRanges)  # where style factors are drawn
     # zoo: one plain LoRA per subject on the frozen base model
     rank: int = 4  # LoRA rank
@@ -76,7 +86,10 @@ class DemoConfig(Checked):
     targets: tuple[str, ...] = TARGETS  # target module names (suffixes)
     subjects_per_batch: int = 40  # subjects fine-tuned together (per-sample LoRA in one batch)
     images_per_subject: int = 4  # styled digits of each subject in every step
-    steps: int = 150  # fine-tuning steps per subject
+    # fine-tuning steps per subject: 300, chosen on 8 validation subjects by
+    # benchmarks/synth_demo_zoo.py (docs/RESULTS.md): 150 steps left a LoRA's digits
+    # illegible one time in four, 300 kept them legible more often and the style stronger
+    steps: int = 300
     lr: float = 5e-3  # Adam learning rate (linear decay to 0 over the last half)
     log_sigma_mean: float | None = 0.0  # EDM base: mean of ln(sigma) while fine-tuning (None:
     # the base's own P_mean); noisier levels than the base's -0.8 keep the digits legible
@@ -89,13 +102,16 @@ class DemoConfig(Checked):
     samples_per_class: int = 1  # samples per digit per held-out subject (x 10 digits)
     sample_steps: int = 12  # Heun steps (23 evaluations; 18 steps: the same scores, 1.5x time)
     score_seeds: tuple[int, ...] = (0, 1, 2)  # seeds of the methods and the sampling
-    curve_sizes: tuple[int, ...] = (25, 50, 100)  # training subsets for the curve (and all)
+    curve_sizes: tuple[int, ...] = (25, 100)  # training subsets for the curve (and all)
     grid_subjects: int = 4  # held-out subjects shown in grids
     generative: GenerativeConfig = field(default_factory=GenerativeConfig)  # VAE and priors
 
     CHECKS: ClassVar[dict] = {
         "seed": Range(0, 2**63 - 1),
         "num_train": Range(2, 10**6),
+        "num_val": Range(0, 10**6),
+        "split": OneOf(("test", "val")),
+        "setting": OneOf(("box", "unseen-corner")),
         **{name: Range(1, 10**6) for name in ("num_heldout", "rank", "subjects_per_batch")},
         **{name: Range(1, 10**7) for name in ("steps", "images_per_subject", "reference_images")},
         "alpha": POSITIVE,
@@ -109,8 +125,8 @@ class DemoConfig(Checked):
 
     @property
     def num_subjects(self) -> int:
-        """Training plus held-out subjects."""
-        return self.num_train + self.num_heldout
+        """Training, validation and test subjects."""
+        return self.num_train + self.num_val + self.num_heldout
 
     @property
     def scale(self) -> float:
@@ -127,24 +143,32 @@ class DemoConfig(Checked):
 
 
 def quick() -> DemoConfig:
-    """A smaller demo for a first look: 60 training and 12 held-out subjects, half the
+    """A smaller demo for a first look: 60 training, 8 validation and 12 test subjects, half the
     generative training steps."""
     return DemoConfig(
         num_train=60,
+        num_val=8,
         num_heldout=12,
-        steps=100,
+        steps=200,
         encoder_steps=500,
         generative=GenerativeConfig(vae_steps=500, prior_steps=600),
     )
 
 
+def unseen_corner(cfg: DemoConfig) -> DemoConfig:
+    """The unseen-corner setting of a demo config: the latent priors and the simple methods,
+    no curve and no raw diffusion (the time goes to the three seeds of every method)."""
+    return dataclasses.replace(cfg, setting="unseen-corner", curve_sizes=(), raw_diffusion=False)
+
+
 def tiny() -> DemoConfig:
-    """A demo of 6 training and 2 held-out subjects that runs in seconds (for tests)."""
+    """A demo of 6 training, 2 validation and 2 test subjects that runs in seconds (for tests)."""
     return DemoConfig(
         num_train=6,
+        num_val=2,
         num_heldout=2,
         subjects_per_batch=4,
-        steps=12,
+        steps=30,
         lr=2e-2,
         encoder_steps=40,
         judge_steps=20,

@@ -209,10 +209,11 @@ def method_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def generative_methods(g: GenerativeConfig) -> list[Method]:
-    """The VAE + latent prior with each conditioning, and diffusion on raw vectors."""
+def generative_methods(g: GenerativeConfig, raw: bool = True) -> list[Method]:
+    """The VAE + latent prior with each conditioning, and (raw) diffusion on raw vectors."""
     kinds = [(f"VAE + prior ({COND_NAMES[m]})", m, True) for m in ("adalora", "adanorm", "uc_lora")]
-    kinds.append(("raw diffusion (ADALoRA)", "adalora", False))
+    if raw:
+        kinds.append(("raw diffusion (ADALoRA)", "adalora", False))
     # the curve against the collection's size: the paper's method only (each point refits it)
     return [
         generative_method(name, mode, vae, g, on_curve=i == 0)

@@ -195,10 +195,11 @@ def no_lora() -> Method:
     return Method("no LoRA", fit, on_curve=False)
 
 
-def finetuned(vectors: Tensor, seconds_per_lora: float) -> Method:
-    """The ceiling: each held-out subject's own fine-tuned zoo LoRA (rows aligned with queries)."""
+def finetuned(vectors: dict[int, Tensor], seconds_per_lora: float) -> Method:
+    """The ceiling: each scored subject's own fine-tuned zoo LoRA, by the seed whose split
+    scores it (rows aligned with that seed's queries)."""
     return Method(
-        "fine-tuned", lambda data, seed: lambda q: vectors.clone(), False, seconds_per_lora
+        "fine-tuned", lambda data, seed: lambda q: vectors[seed].clone(), False, seconds_per_lora
     )
 
 

@@ -127,6 +127,42 @@ def _not_representative(info: dict) -> list[str]:
     ]
 
 
+def _setting(info: dict) -> list[str]:
+    """What the unseen-corner setting holds out (nothing for the box)."""
+    if info.get("setting", "box") == "box":
+        return []
+    thick, slant = info["corner"]
+    return [
+        f"**Setting unseen-corner:** no training subject has thickness > {thick} together "
+        f"with slant > {slant}; every scored subject has both (a combination of two factors "
+        "that no training subject shows, though each factor alone is seen across its range).",
+        "",
+    ]
+
+
+def _seeds_draw(info: dict) -> str:
+    """What each seed of the table draws anew."""
+    own = "its own subject encoder, generative models and samples; the zoo is fine-tuned once."
+    if info.get("setting", "box") == "box":
+        return (
+            "Each seed draws its own split of the subjects into training and test (so its "
+            "own collection, with its subjects' noise draws; the validation subjects are "
+            f"fixed), {own}"
+        )
+    return f"The setting fixes the split (the same for every seed); each seed draws {own}"
+
+
+def _split(info: dict) -> list[str]:
+    """Which subjects these scores are of."""
+    if info.get("split", "test") == "val":
+        return [
+            "**Validation split:** these scores are of the validation subjects, for choosing "
+            "settings; the test subjects are scored by `--split test`.",
+            "",
+        ]
+    return ["Scored: the test subjects (settings are chosen with `--split val`).", ""]
+
+
 REFERENCE = "nearest"  # the strongest simple baseline: what a generated LoRA must beat
 
 
@@ -138,9 +174,10 @@ def paired_table(paired: list[dict], seeds: int) -> list[str]:
     lines = [
         f"## Each method against {REFERENCE}, subject by subject",
         "",
-        f"Per held-out subject, the method's subject score minus {REFERENCE}'s (each averaged "
-        f"over the {seeds} seeds); the mean and its 95% interval (t) over the {k} subjects, "
-        "and on how many subjects the method is ahead.",
+        f"For every seed and every subject it scores (each seed its own split of the "
+        f"subjects), the method's subject score minus {REFERENCE}'s on the same subject and "
+        f"seed: the mean of these {k} paired differences ({seeds} seeds), its 95% interval "
+        "(t), and on how many pairs the method is ahead.",
         "",
         f"| method | difference to {REFERENCE} | 95% interval | ahead on |",
         "| --- | --- | --- | --- |",
@@ -160,6 +197,24 @@ def paired_table(paired: list[dict], seeds: int) -> list[str]:
         "",
     ]
     return lines
+
+
+def _curve_section(curve: Curve, seeds: tuple, file: str) -> list[str]:
+    """The curve against the collection's size (nothing when it has one size only)."""
+    if len({n for points in curve.values() for n, _, _ in points}) < 2:
+        return []
+    return [
+        "## Normalised subject score against the size of the collection",
+        "",
+        f"One seed ({seeds[0]}) and one collection per size: unlike the table above "
+        f"({len(seeds)} seeds), these points carry no spread, so differences between methods "
+        "here may be noise.",
+        "",
+        f"![curve]({file})",
+        "",
+        *curve_table(curve),
+        "",
+    ]
 
 
 def stage_table(stages: dict[str, str]) -> list[str]:
@@ -187,19 +242,23 @@ def render_demo_report(
         "",
         *_not_representative(info),
         f"A *subject* is a handwriting style (stroke width, slant, rotation, scale: "
-        f"{info['ranges']}). Zoo: {info['num_train']} training and {info['num_heldout']} held-out "
-        f"subjects, one rank-{info['rank']} LoRA each ({info['lora_numbers']:,} numbers, on "
-        f"{info['targets']}) fine-tuned on the frozen digits base model, "
-        f"{info['seconds_per_subject']:.2f} s per subject ({info['subjects_per_batch']} subjects "
-        "per batch). Embeddings: a subject encoder (CNN regressing the style factors; cosine "
-        f"of same-style sets {info['encoder_same']:.3f}, of different styles "
+        f"{info['ranges']}). Zoo: {info['num_train']} training, {info['num_val']} validation "
+        f"and {info['num_heldout']} test subjects, one rank-{info['rank']} LoRA each "
+        f"({info['lora_numbers']:,} numbers, on {info['targets']}) fine-tuned on the frozen "
+        f"digits base model, {info['seconds_per_subject']:.2f} s per subject "
+        f"({info['subjects_per_batch']} subjects per batch), each subject with its own "
+        "draws of digits and noise. Embeddings: a subject encoder (CNN regressing the style "
+        f"factors; cosine of same-style sets {info['encoder_same']:.3f}, of different styles "
         f"{info['encoder_different']:.3f} on average). Each method writes a LoRA from the "
-        f"embedding of {info['reference_images']} reference digits of a held-out subject; "
+        f"embedding of {info['reference_images']} reference digits of a scored subject; "
         f"{info['samples']} samples per subject are scored against its real held-out digits.",
         "",
+        *_setting(info),
+        *_split(info),
         f"Mean ± std over {len(seeds)} seeds ({', '.join(map(str, seeds))}) of the subject-mean "
-        f"scores. Real digits in the subject's style score {info['real_score']:.3f} (the encoder's "
-        f"ceiling); the digits judge (trained on styled digits) reads real styled digits at "
+        f"scores. {_seeds_draw(info)} Real digits in "
+        f"the subject's style score {info['real_score']:.3f} (the encoder's ceiling); the "
+        "digits judge (trained on styled digits) reads real styled digits at "
         f"{100 * info['judge_real']:.1f}%.",
         "",
         *table(rows),
@@ -213,16 +272,7 @@ def render_demo_report(
         "",
         *paired_table(list(paired), len(seeds)),
         *claims(rows),
-        "## Normalised subject score against the size of the collection",
-        "",
-        f"One seed ({seeds[0]}) and one collection per size: unlike the table above "
-        f"({len(seeds)} seeds), these points carry no spread, so differences between methods "
-        "here may be noise.",
-        "",
-        "![curve](curve.png)",
-        "",
-        *curve_table(curve),
-        "",
+        *_curve_section(curve, seeds, "curve.png"),
         "## Stage times",
         "",
         *stage_table(stages),

@@ -3,18 +3,26 @@
 out/demo.json              the demo and base configs (a folder holds one demo)
 out/base/                  the base model, unless the quickstart's baseline is reused
 out/judge.safetensors      digits judge (DigitsClassifier on plain and styled digits)
-out/encoder.safetensors    subject encoder
-out/zoo/                   peft LoRAs of every subject (zoo.py)
-out/embeddings.safetensors reference embeddings of every subject (name -> vector)
-out/dataset/               train.safetensors and heldout.safetensors (`collect`)
-out/methods/               what the methods train, per training-set size
+out/zoo/                   peft LoRAs of every subject (zoo.py), fine-tuned once
+out/encoder.safetensors    the first seed's subject encoder,
+out/embeddings.safetensors its reference embeddings of every subject (name -> vector),
+out/dataset/               its train.safetensors and heldout.safetensors (`collect`: the
+                           training subjects and the scored ones, validation or test),
+out/loras/                 links to its training and scored zoo LoRAs
+out/seed<S>/               the same four for every other seed (each its own split)
+out/methods/               what the methods train, per seed and training-set size
 out/scores.json, out/samples/, out/stages.json, out/report.md, out/*.png
+
+Choosing settings: `--split val` scores the validation subjects; the report's table is the
+test subjects', scored once with the chosen settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from condlora.apps.synthesis_demo import report
-from condlora.apps.synthesis_demo.config import DemoConfig
+from condlora.apps.synthesis_demo.config import DemoConfig, unseen_corner
 from condlora.apps.synthesis_demo.config import quick as quick_config
 from condlora.apps.synthesis_demo.generative import generative_methods, run_stages
 from condlora.apps.synthesis_demo.methods import (
@@ -55,6 +63,7 @@ from condlora.apps.synthesis_demo.styles import FACTORS, apply_style, describe
 from condlora.apps.synthesis_demo.zoo import Subjects, build_zoo, make_subjects
 from condlora.core.config import find_config
 from condlora.core.files import write_text_atomic
+from condlora.diffusion import Denoiser
 from condlora.image.build import build_data
 from condlora.image.config import Config, load_config
 from condlora.metrics import DigitsClassifier, class_accuracy, classifier_outputs
@@ -67,6 +76,45 @@ SCORES_FILE = "scores.json"
 def held_out_digits(images: Tensor, labels: Tensor) -> Tensor:
     """One held-out digit of every class, 0..9 (for the grids)."""
     return torch.stack([images[torch.nonzero(labels == c)[0, 0]] for c in range(10)])
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """One seed of the table: its split of the subjects, its encoder, its collection."""
+
+    seed: int
+    subs: Subjects
+    scored: list[int]  # the subjects it scores (validation or test)
+    data: DemoData  # its training collection and the scored subjects' queries
+    scoring: Scoring
+
+
+def prepare_seed(
+    out: Path,
+    seed: int,
+    cfg: DemoConfig,
+    base: Denoiser,
+    judge: DigitsClassifier,
+    digits: tuple[Tensor, Tensor],
+    zoo_dir: Path,
+    clock: StageClock,
+) -> SeedRun:
+    """A seed's split, encoder, embeddings and collections, each reused: in `out` itself for
+    the first seed (what `condlora serve` reads), in out/seed<S>/ for the others."""
+    train_x, hold_x = digits
+    subs = make_subjects(cfg, seed)
+    scored = subs.scored(cfg.split)
+    seed_dir = out if seed == cfg.score_seeds[0] else out / f"seed{seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    encoder = subject_encoder(seed_dir / "encoder.safetensors", train_x, cfg, clock, seed)
+    embeddings = embeddings_file(seed_dir / "embeddings.safetensors", subs, encoder, train_x, cfg)
+    collect_datasets(seed_dir, zoo_dir, subs, scored, clock, seed)
+    queries = torch.stack([embeddings[subs.names[i]] for i in scored])
+    targets = encoder.embed_sets(torch.stack([apply_style(hold_x, subs.styles[i]) for i in scored]))
+    data = DemoData.load(seed_dir / "dataset" / "train.safetensors", queries, out / "methods")
+    ft = DemoData.load(seed_dir / "dataset" / "heldout.safetensors", queries, seed_dir).vectors
+    scoring = Scoring(base, encoder, judge, targets, ft, data.std, cfg)
+    return SeedRun(seed, subs, scored, data, scoring)
 
 
 def run_demo(
@@ -82,7 +130,8 @@ def run_demo(
 
     base_candidates: finished runs of `base_cfg` to reuse (default: the quickstart's);
     extra_methods: the methods scored between fine-tuned and the simple ones (default:
-    `generative_methods()`); workers: generative models trained side by side.
+    `generative_methods()`); workers: generative models trained side by side. Every seed
+    of `cfg.score_seeds` draws its own split of the subjects, encoder and collection.
     """
     out = Path(out)
     check_out_dir(out, cfg, base_cfg)
@@ -91,34 +140,29 @@ def run_demo(
     base = base_model(base_cfg, out, candidates, clock, progress)
     (train_x, train_y), (hold_x, hold_y) = build_data(base_cfg)
     judge = digits_judge(out / "judge.safetensors", train_x, train_y, cfg, clock)
-    encoder = subject_encoder(out / "encoder.safetensors", train_x, cfg, clock)
-    subs = make_subjects(cfg)
     zoo_dir = out / "zoo"
     print("[demo] zoo")
     per_subject = build_zoo(base, train_x, train_y, cfg, zoo_dir, progress)
     clock.record("zoo", f"{per_subject * cfg.num_subjects:.0f} s ({per_subject:.2f} s per subject)")
-    emb_path = out / "embeddings.safetensors"
-    embeddings = embeddings_file(emb_path, subs, encoder, train_x, cfg)
-    collect_datasets(out, zoo_dir, emb_path, clock)
-
-    heldout = [subs.names[i] for i in subs.heldout]
-    queries = torch.stack([embeddings[n] for n in heldout])
-    targets = encoder.embed_sets(
-        torch.stack([apply_style(hold_x, subs.styles[i]) for i in subs.heldout])
-    )
-    data = DemoData.load(out / "dataset" / "train.safetensors", queries, out / "methods")
-    ft_vectors = DemoData.load(out / "dataset" / "heldout.safetensors", queries, out).vectors
-    scoring = Scoring(base, encoder, judge, targets, ft_vectors, data.std, cfg)
+    seeds = {
+        s: prepare_seed(out, s, cfg, base, judge, (train_x, hold_x), zoo_dir, clock)
+        for s in cfg.score_seeds
+    }
+    first = seeds[cfg.score_seeds[0]]
     methods = [
-        finetuned(ft_vectors, per_subject),
-        *(extra_methods if extra_methods is not None else generative_methods(cfg.generative)),
+        finetuned({s: run.scoring.finetuned for s, run in seeds.items()}, per_subject),
+        *(
+            extra_methods
+            if extra_methods is not None
+            else generative_methods(cfg.generative, cfg.raw_diffusion)
+        ),
         *simple_methods(),
         no_lora(),
     ]
     store = ScoreStore(out / SCORES_FILE)
-    _score_all(store, scoring, methods, data, out / "samples", cfg, clock, progress, workers)
-    info = _report_info(cfg, subs, judge, per_subject, data, targets, hold_x, hold_y)
-    return _write_report(out, store, methods, data, subs, hold_x, hold_y, info, clock)
+    _score_all(store, seeds, methods, out / "samples", cfg, clock, progress, workers)
+    info = _report_info(cfg, first, judge, per_subject, hold_x, hold_y)
+    return _write_report(out, store, methods, first, hold_x, hold_y, info, clock)
 
 
 def _sample_file(folder: Path, method: str) -> Path:
@@ -127,20 +171,23 @@ def _sample_file(folder: Path, method: str) -> Path:
 
 def _score_all(
     store: ScoreStore,
-    scoring: Scoring,
+    seeds: dict[int, SeedRun],
     methods: list[Method],
-    data: DemoData,
     samples_dir: Path,
     cfg: DemoConfig,
     clock: StageClock,
     progress: bool,
     workers: int,
 ) -> None:
-    """Every (method, size, seed) run not in the store yet; grid samples of the first seed.
-    The training stages of those runs go first, `workers` of them side by side."""
-    full, first = data.size, cfg.score_seeds[0]
+    """Every (method, size, seed) run not in the store yet, each seed on its own split and
+    collection; the curve and the grid samples on the first seed. The training stages of
+    those runs go first, `workers` of them side by side."""
+    first = cfg.score_seeds[0]
+    full = seeds[first].data.size
     runs = [(m, full, s) for m in methods for s in cfg.score_seeds]
-    runs += [(m, n, first) for m in methods if m.on_curve for n in cfg.sizes() if n != full]
+    # the curve's smaller collections (unseen-corner: its training subjects are fewer than
+    # num_train, and the whole collection is the table's)
+    runs += [(m, n, first) for m in methods if m.on_curve for n in cfg.sizes() if n < full]
     samples_dir.mkdir(parents=True, exist_ok=True)
     todo = [
         (m, n, s)
@@ -150,8 +197,9 @@ def _score_all(
     ]
     if not todo:
         return
-    subsets = {n: data.subset(n) for n in {n for _, n, _ in todo}}  # each file written once
-    stages = [st for m, n, s in todo if m.stages for st in m.stages(subsets[n], s)]
+    # each subset's file written once
+    datas = {(n, s): seeds[s].data.subset(n) for n, s in {(n, s) for _, n, s in todo}}
+    stages = [st for m, n, s in todo if m.stages for st in m.stages(datas[n, s], s)]
     if stages:
         print(f"[demo] training generative models ({workers} at a time)")
         start = time.perf_counter()
@@ -160,7 +208,8 @@ def _score_all(
     print(f"[demo] scoring: {len(todo)} runs")
     start = time.perf_counter()
     for method, size, seed in tqdm(todo, desc="scoring", disable=not progress):
-        record, samples = score_method(scoring, method, subsets[size], seed, progress)
+        scoring = seeds[seed].scoring
+        record, samples = score_method(scoring, method, datas[size, seed], seed, progress)
         if size == full and seed == first:
             keep = samples[: cfg.grid_subjects, :10].contiguous()
             save_file({"samples": keep}, _sample_file(samples_dir, method.name))
@@ -170,16 +219,15 @@ def _score_all(
 
 def _report_info(
     cfg: DemoConfig,
-    subs: Subjects,
+    first: SeedRun,
     judge: DigitsClassifier,
     per_subject: float,
-    data: DemoData,
-    targets: Tensor,
     hold_x: Tensor,
     hold_y: Tensor,
 ) -> dict:
-    """The numbers the report's text quotes."""
-    heldout = list(subs.heldout)
+    """The numbers the report's text quotes (the encoder's on the first seed's split)."""
+    subs, data, targets = first.subs, first.data, first.scoring.targets
+    heldout = first.scored
     # the reference digits (training split) against the held-out digits, both real and styled
     sims = data.queries @ targets.T
     real = sims.diagonal()
@@ -189,10 +237,14 @@ def _report_info(
     ranges = ", ".join(f"{f} {getattr(cfg.ranges, f)}" for f in FACTORS)
     return {
         "seeds": cfg.score_seeds,
-        "full": cfg == DemoConfig(),
+        "full": cfg.num_subjects == DemoConfig().num_subjects and cfg.steps >= DemoConfig().steps,
         "ranges": ranges,
-        "num_train": cfg.num_train,
-        "num_heldout": cfg.num_heldout,
+        "num_train": len(subs.train),  # the setting's counts (unseen-corner: its own)
+        "num_val": len(subs.val),
+        "num_heldout": len(subs.heldout),
+        "split": cfg.split,
+        "setting": cfg.setting,
+        "corner": cfg.corner,
         "rank": cfg.rank,
         "targets": ", ".join(cfg.targets),
         "lora_numbers": data.spec.size,
@@ -211,18 +263,17 @@ def _write_report(
     out: Path,
     store: ScoreStore,
     methods: list[Method],
-    data: DemoData,
-    subs: Subjects,
+    first_run: SeedRun,
     hold_x: Tensor,
     hold_y: Tensor,
     info: dict,
     clock: StageClock,
 ) -> Path:
-    """Table, curve, grids and report.md."""
-    cfg_seeds, full = info["seeds"], data.size
+    """Table, curve, grids (of the first seed's scored subjects) and report.md."""
+    cfg_seeds, full, subs = info["seeds"], first_run.data.size, first_run.subs
     rows = summary_rows(store, methods, full, cfg_seeds)
     first = cfg_seeds[0]
-    sizes = sorted({int(k.split("/")[1]) for k in store.runs})
+    sizes = sorted({n for n in (int(k.split("/")[1]) for k in store.runs) if n <= full})
     curve = {
         m.name: [
             (n, float(normalised(store, m.name, n, full, (first,))[0]), 0.0)
@@ -236,7 +287,7 @@ def _write_report(
     digits = held_out_digits(hold_x, hold_y)
     samples = {m.name: load_file(_sample_file(out / "samples", m.name))["samples"] for m in methods}
     grids = []
-    for g, i in enumerate(list(subs.heldout)[: len(next(iter(samples.values())))]):
+    for g, i in enumerate(first_run.scored[: len(next(iter(samples.values())))]):
         rows_g = [apply_style(digits, subs.styles[i])] + [samples[m.name][g] for m in methods]
         file = f"grid-{subs.names[i]}.png"
         report.save_subject_grid(rows_g, out / file)
@@ -252,7 +303,20 @@ def _write_report(
     return path
 
 
-def demo_configs(quick: bool) -> tuple[DemoConfig, Config]:
-    """The demo config (full or quick) and the quickstart's baseline config."""
+def demo_configs(
+    quick: bool, setting: str = "box", split: str = "test"
+) -> tuple[DemoConfig, Config]:
+    """The demo config (full or quick, in a setting, scoring a split) and the quickstart's
+    baseline config."""
     cfg = quick_config() if quick else DemoConfig()
+    if setting == "unseen-corner":
+        cfg = unseen_corner(cfg)
+    cfg = dataclasses.replace(cfg, split=split)
     return cfg, load_config(find_config(BASE_CONFIG))
+
+
+def default_out(quick: bool, setting: str = "box", split: str = "test") -> str:
+    """runs/synth-demo[-quick][-unseen-corner][-val]."""
+    parts = ["runs/synth-demo", "-quick" if quick else ""]
+    parts += ["" if setting == "box" else f"-{setting}", "" if split == "test" else f"-{split}"]
+    return "".join(parts)

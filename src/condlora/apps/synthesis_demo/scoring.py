@@ -228,32 +228,38 @@ def summary_rows(store: ScoreStore, methods: list[Method], full: int, seeds: tup
     return rows
 
 
-def subject_means(store: ScoreStore, method: str, size: int, seeds: tuple) -> Tensor:
-    """[M] each held-out subject's subject score, averaged over the seeds."""
+def seed_subject_scores(store: ScoreStore, method: str, size: int, seeds: tuple) -> Tensor:
+    """[seeds * M] the subject score of every (seed, scored subject), seed by seed."""
     runs = [store.runs[run_key(method, size, s)]["subject_score"] for s in seeds]
-    return torch.tensor(runs, dtype=torch.float64).mean(dim=0)
+    return torch.tensor([v for run in runs for v in run], dtype=torch.float64)
+
+
+def t_interval(d: Tensor) -> tuple[float, float, float]:
+    """Mean of d and its 95% t-interval: mean -+ t(0.975, k - 1) sd / sqrt(k)."""
+    k, mean = len(d), float(d.mean())
+    half = float(stats.t.ppf(0.975, k - 1) * d.std() / math.sqrt(k)) if k > 1 else math.nan
+    return mean, mean - half, mean + half
 
 
 def paired_differences(
     store: ScoreStore, methods: list[str], reference: str, full: int, seeds: tuple
 ) -> list[dict]:
-    """Per method: the per-subject difference of its subject score to `reference`'s (both
-    averaged over the seeds), its mean and 95% t-interval over the held-out subjects, and
-    how many subjects it is ahead on."""
-    base = subject_means(store, reference, full, seeds)
+    """Per method: its subject score minus `reference`'s on the same (seed, subject) pairs
+    (every seed scores its own split of the subjects), the mean and 95% t-interval over the
+    pairs, and on how many pairs it is ahead."""
+    base = seed_subject_scores(store, reference, full, seeds)
     rows = []
     for m in methods:
-        d = subject_means(store, m, full, seeds) - base
-        k = len(d)
-        half = float(stats.t.ppf(0.975, k - 1) * d.std() / math.sqrt(k)) if k > 1 else math.nan
+        d = seed_subject_scores(store, m, full, seeds) - base
+        mean, low, high = t_interval(d)
         rows.append(
             {
                 "method": m,
-                "mean": float(d.mean()),
-                "low": float(d.mean()) - half,
-                "high": float(d.mean()) + half,
+                "mean": mean,
+                "low": low,
+                "high": high,
                 "ahead": int((d > 0).sum()),
-                "subjects": k,
+                "subjects": len(d),
             }
         )
     return rows

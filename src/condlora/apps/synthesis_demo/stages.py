@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,20 +120,21 @@ def digits_judge(
 
 
 def subject_encoder(
-    path: Path, images: Tensor, cfg: DemoConfig, clock: StageClock
+    path: Path, images: Tensor, cfg: DemoConfig, clock: StageClock, seed: int = 0
 ) -> SubjectEncoder:
-    """The cached subject encoder, or one trained now."""
+    """The cached subject encoder of a seed of the table, or one trained now (seeded by
+    cfg.seed + seed: every seed of the table has its own encoder)."""
     if path.is_file():
         return load_encoder(path)
 
     def train() -> SubjectEncoder:
         model = train_encoder(
-            images, cfg.ranges, cfg.encoder_steps, seed=cfg.seed, dim=cfg.encoder_dim
+            images, cfg.ranges, cfg.encoder_steps, seed=cfg.seed + seed, dim=cfg.encoder_dim
         )
         save_encoder(model, path)
         return model
 
-    return clock.timed("subject encoder", train)
+    return clock.timed(f"subject encoder (seed {seed})", train)
 
 
 def reference_sets(subs: Subjects, images: Tensor, cfg: DemoConfig) -> Tensor:
@@ -156,16 +158,34 @@ def embeddings_file(
     return load_file(path)
 
 
-def collect_datasets(out: Path, zoo_dir: Path, embeddings: Path, clock: StageClock) -> None:
-    """The zoo's training and held-out LoRAs as two `collect` dataset files, the held-out
-    LoRAs aligned to the training collection's reference (the same coordinates)."""
-    folder = out / "dataset"
+def _link_folder(folder: Path, zoo_dir: Path, subs: Subjects, members: list[int]) -> Path:
+    """A folder of (relative) links to the members' zoo LoRAs, what `collect` reads; made
+    afresh."""
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for i in members:
+        target = subs.folder(zoo_dir, i).resolve()
+        (folder / subs.names[i]).symlink_to(os.path.relpath(target, folder.resolve()))
+    return folder
+
+
+def collect_datasets(
+    seed_dir: Path, zoo_dir: Path, subs: Subjects, scored: list[int], clock: StageClock, seed: int
+) -> None:
+    """A seed's training LoRAs and its scored (validation or test) LoRAs as two `collect`
+    dataset files in seed_dir/dataset, the scored LoRAs aligned to the training collection's
+    reference (the same coordinates); seed_dir/loras/train and loras/scored link to them."""
+    folder = seed_dir / "dataset"
     train, heldout = folder / "train.safetensors", folder / "heldout.safetensors"
     if train.is_file() and heldout.is_file():
         return
+    embeddings = seed_dir / "embeddings.safetensors"
 
     def work() -> None:
-        collect(zoo_dir / "train", train, embeddings)
-        collect(zoo_dir / "heldout", heldout, embeddings, align_to=train)
+        links = seed_dir / "loras"
+        collect(_link_folder(links / "train", zoo_dir, subs, subs.train), train, embeddings)
+        scored_links = _link_folder(links / "scored", zoo_dir, subs, scored)
+        collect(scored_links, heldout, embeddings, align_to=train)
 
-    clock.timed("collect", work)
+    clock.timed(f"collect (seed {seed})", work)

@@ -2,16 +2,17 @@
 
 Subjects are fine-tuned `subjects_per_batch` at a time on the frozen base model (a LoRA bank,
 `condlora.synthesis.bank`, trained by `condlora.synthesis.zoo.train_bank`): every step takes
-`images_per_subject` styled training digits of each subject,
-with their digit labels, and the base model's own denoising loss. The loss is the sum of each
-subject's mean loss and Adam is per coordinate, so a subject's training is the one it would
-have alone: batching only saves time. Every subject sees the same digits, noise levels and
-noise at every step (common random numbers, the same seed for every batch), so two LoRAs
-differ by their subjects' styles, not by the luck of their draws. Every finished batch of
-subjects is on disk before the next starts, so an interrupted zoo resumes where it stopped.
+`images_per_subject` styled training digits of each subject, with their digit labels, and
+the base model's own denoising loss. The loss is the sum of each subject's mean loss and
+Adam is per coordinate, so a subject's training is the one it would have alone: batching
+only saves time. Every subject draws its digits, noise levels and noise with a generator of
+its own (`draw_seed`): independent draws, as fine-tuning each subject alone would make, so
+a LoRA is not a smooth function of its style's four numbers (common random numbers made it
+one, and nearest-neighbour look better than it is). Every finished batch of subjects is on
+disk before the next starts, so an interrupted zoo resumes where it stopped.
 
-    zoo/train/s0000/       peft folders of the training subjects (what `collect` reads)
-    zoo/heldout/s0200/     peft folders of the held-out subjects (the fine-tuned ceiling)
+    zoo/s0000/             peft folders of every subject (each seed's split picks the
+                           training ones for its collection)
     zoo/timing.json        seconds per finished batch of subjects
 """
 
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from condlora.apps.synthesis_demo.config import DemoConfig
 from condlora.apps.synthesis_demo.styles import apply_style, sample_styles
+from condlora.core.errors import CondloraError
 from condlora.core.files import write_text_atomic
 from condlora.diffusion import Denoiser
 from condlora.lora.formats import LoRAWeights, write_lora
@@ -40,56 +42,90 @@ TIMING_FILE = "timing.json"
 
 @dataclass(frozen=True)
 class Subjects:
-    """The demo's subjects: names, styles, and which are held out."""
+    """The demo's subjects: names, styles, and one split into training, validation and test.
+
+    `split_seed` redraws which subjects train and which are scored (the seeds of the table
+    each draw their own split); the styles stay the subjects' own.
+    """
 
     names: list[str]
-    styles: Tensor  # (N + M, 4)
-    num_train: int
-
-    @property
-    def train(self) -> range:
-        """Indices of the training subjects."""
-        return range(self.num_train)
-
-    @property
-    def heldout(self) -> range:
-        """Indices of the held-out subjects."""
-        return range(self.num_train, len(self.names))
+    styles: Tensor  # (S, 4)
+    train: list[int]  # the collection
+    val: list[int]  # scored while choosing settings (`--split val`)
+    heldout: list[int]  # the test subjects: scored once, for the report
 
     def folder(self, zoo_dir: Path, i: int) -> Path:
         """The peft folder of subject i."""
-        split = "train" if i < self.num_train else "heldout"
-        return zoo_dir / split / self.names[i]
+        return zoo_dir / self.names[i]
+
+    def scored(self, split: str) -> list[int]:
+        """The subjects a run scores: "val" or "test"."""
+        return self.val if split == "val" else self.heldout
 
 
-def make_subjects(cfg: DemoConfig) -> Subjects:
-    """Subjects s0000, s0001, ... with seeded styles; the last num_heldout are held out."""
+def in_corner(styles: Tensor, corner: tuple[float, float]) -> Tensor:
+    """[S] whether each style is in the unseen corner (thickness and slant both above it)."""
+    return (styles[:, 0] > corner[0]) & (styles[:, 1] > corner[1])
+
+
+def make_subjects(cfg: DemoConfig, split_seed: int = 0) -> Subjects:
+    """Subjects s0000, s0001, ... with seeded styles (the same in every setting, so settings
+    share one zoo), fixed validation subjects, and the train / test split of `split_seed`.
+
+    The validation subjects depend on cfg.seed alone, so no seed ever scores as a test
+    subject one that settings were chosen on. "box": num_val random subjects validate, the
+    others are shuffled into num_train training and num_heldout test subjects; "unseen-
+    corner": num_val random subjects of the corner validate, the rest of the corner is the
+    test, every subject outside it trains (then seeds redraw no split)."""
     names = [f"s{i:04d}" for i in range(cfg.num_subjects)]
-    return Subjects(names, sample_styles(cfg.num_subjects, cfg.ranges, cfg.seed), cfg.num_train)
+    styles = sample_styles(cfg.num_subjects, cfg.ranges, cfg.seed)
+    fixed = torch.randperm(cfg.num_subjects, generator=torch.Generator().manual_seed(cfg.seed))
+    corner = in_corner(styles[fixed], cfg.corner)
+    if cfg.setting == "box":
+        n = cfg.num_train
+        val, others = fixed[n : n + cfg.num_val], torch.cat([fixed[:n], fixed[n + cfg.num_val :]])
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + split_seed)
+        others = others[torch.randperm(len(others), generator=generator)]
+        train, test = others[: cfg.num_train], others[cfg.num_train :]
+    else:
+        train, val, test = (
+            fixed[~corner],
+            fixed[corner][: cfg.num_val],
+            fixed[corner][cfg.num_val :],
+        )
+        if len(test) == 0 or len(train) < 2:
+            raise CondloraError(
+                f"{int(corner.sum())} of {cfg.num_subjects} subjects are in the corner "
+                f"{cfg.corner}: it needs more than num_val = {cfg.num_val}, and 2 outside it"
+            )
+    return Subjects(names, styles, *(sorted(part.tolist()) for part in (train, val, test)))
 
 
-def common_batch(
+def subject_draws(
     base: Denoiser,
     images: Tensor,
     labels: Tensor,
     styles: Tensor,
     per_subject: int,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     log_mean: float | None,
 ) -> dict[str, Tensor]:
-    """One step's batch: the same digits, noise levels and noise for every subject, each in
-    its own style (common random numbers: LoRAs then differ by their style alone)."""
+    """One step's batch: `per_subject` digits, noise levels and noise of each subject, drawn
+    with its own generator (independent draws), each in its own style."""
     k = len(styles)
-    index = torch.randint(0, len(images), (per_subject,), generator=generator)
-    sigma = zoo_sigma(base.precond, per_subject, generator, log_mean)
-    noise = torch.randn((per_subject, *images.shape[1:]), generator=generator)
+    index, sigma, noise = [], [], []
+    for g in generators:
+        index.append(torch.randint(0, len(images), (per_subject,), generator=g))
+        sigma.append(zoo_sigma(base.precond, per_subject, g, log_mean))
+        noise.append(torch.randn((per_subject, *images.shape[1:]), generator=g))
+    index = torch.cat(index)
     ids = torch.arange(k).repeat_interleave(per_subject)
     return {
-        "x0": apply_style(images[index].repeat(k, 1, 1, 1), styles[ids]),
-        "labels": labels[index].repeat(k),
+        "x0": apply_style(images[index], styles[ids]),
+        "labels": labels[index],
         "ids": ids,
-        "sigma": sigma.repeat(k),
-        "noise": noise.repeat(k, 1, 1, 1),
+        "sigma": torch.cat(sigma),
+        "noise": torch.cat(noise),
     }
 
 
@@ -99,20 +135,26 @@ def fine_tune(
     images: Tensor,
     labels: Tensor,
     cfg: DemoConfig,
-    seed: int,
+    seeds: list[int],
     progress: bool = False,
 ) -> list[LoRAWeights]:
-    """One plain LoRA per style, fine-tuned together on the frozen base model."""
+    """One plain LoRA per style, fine-tuned together on the frozen base model; subject k
+    draws its digits and noise with seeds[k]."""
     bank = bank_denoiser(base, len(styles), cfg.rank, list(cfg.targets), cfg.scale, cfg.seed)
-    generator = torch.Generator().manual_seed(seed)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def next_batch() -> dict:
-        return common_batch(
-            base, images, labels, styles, cfg.images_per_subject, generator, cfg.log_sigma_mean
+        return subject_draws(
+            base, images, labels, styles, cfg.images_per_subject, generators, cfg.log_sigma_mean
         )
 
     train_bank(bank, cfg.steps, cfg.lr, next_batch, progress)
     return [subject_lora(bank, k) for k in range(len(styles))]
+
+
+def draw_seed(cfg: DemoConfig, i: int) -> int:
+    """The seed of subject i's fine-tuning draws (its own: no two subjects share noise)."""
+    return cfg.seed * 1_000_003 + 7919 * (i + 1)
 
 
 def _done(folder: Path) -> bool:
@@ -157,7 +199,8 @@ def build_zoo(
         if all(_done(subs.folder(zoo_dir, i)) for i in members):
             continue
         start = time.perf_counter()
-        loras = fine_tune(base, subs.styles[members], images, labels, cfg, cfg.seed, progress)
+        seeds = [draw_seed(cfg, i) for i in members]
+        loras = fine_tune(base, subs.styles[members], images, labels, cfg, seeds, progress)
         for i, weights in zip(members, loras, strict=True):
             write_lora(weights, subs.folder(zoo_dir, i), "peft")
         timing[str(b)] = [time.perf_counter() - start, len(members)]
