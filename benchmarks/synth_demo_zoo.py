@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from condlora.apps.synthesis_demo.config import DemoConfig
+from condlora.apps.synthesis_demo.config import DemoConfig, tiny
 from condlora.apps.synthesis_demo.run import demo_configs
 from condlora.apps.synthesis_demo.scoring import (
     class_accuracies,
@@ -48,25 +48,27 @@ def override(cfg: DemoConfig, text: str) -> DemoConfig:
     return dataclasses.replace(cfg, **{name: kind(value)})
 
 
-def main() -> None:
-    """Fine-tune, sample, score, print one line."""
+def main(argv: list[str] | None = None) -> None:
+    """Fine-tune, sample, score, print one line per row."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--subjects", type=int, default=8)
     p.add_argument("--per-class", type=int, default=4)
     p.add_argument("--set", action="append", default=[], help="DemoConfig override name=value")
     p.add_argument("--base", default="runs/quickstart/baseline")
     p.add_argument("--cache", default="runs/synth-demo-zoo-cache")
-    args = p.parse_args()
-    cfg, base_cfg = demo_configs(False)
+    p.add_argument("--smoke", action="store_true", help="the tests' tiny demo config")
+    args = p.parse_args(argv)
+    cfg = tiny() if args.smoke else demo_configs(False)[0]
     for text in args.set:
         cfg = override(cfg, text)
-    base = load_run(Path(args.base))[1]
+    base_cfg, base, _ = load_run(Path(args.base))
     (train_x, train_y), (hold_x, _) = build_data(base_cfg)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     clock = StageClock(cache / "stages.json")
-    judge = digits_judge(cache / "judge.safetensors", train_x, train_y, DemoConfig(), clock)
-    encoder = subject_encoder(cache / "encoder.safetensors", train_x, DemoConfig(), clock)
+    fixed = tiny() if args.smoke else DemoConfig()  # the judge and encoder: no overrides
+    judge = digits_judge(cache / "judge.safetensors", train_x, train_y, fixed, clock)
+    encoder = subject_encoder(cache / "encoder.safetensors", train_x, fixed, clock)
     subs = make_subjects(cfg)
     picked = subs.val[: args.subjects]
     styles = subs.styles[picked]

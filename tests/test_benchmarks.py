@@ -123,6 +123,22 @@ def test_synthesis_scale_collection_smoke(tmp_path, capsys, one_thread):
     assert not path.exists()
 
 
+def test_synth_demo_zoo_smoke(tiny_demo, tmp_path, capsys, one_thread):
+    folder = tiny_demo[0]
+    argv = ["--smoke", "--subjects", "2", "--per-class", "1", "--base", str(folder / "base")]
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        importlib.import_module("synth_demo_zoo").main(
+            [*argv, "--cache", str(tmp_path / "cache"), "--set", "steps=4"]
+        )
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out = capsys.readouterr().out
+    for row in ("fine-tuned: class accuracy", "no LoRA: class accuracy", "real styled digits"):
+        assert row in out
+    assert "fine-tuning: " in out and "['steps=4']" in out
+
+
 def test_every_benchmark_has_a_smoke_test():
     here = (REPO / "tests" / "test_benchmarks.py").read_text()
     scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")} - {"timing"}

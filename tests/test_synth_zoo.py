@@ -17,7 +17,7 @@ from condlora.image.task import load_run, train
 from condlora.lora.formats import read_lora
 from condlora.synthesis.config import ZooConfig
 from condlora.synthesis.encoders import ENCODERS
-from condlora.synthesis.zoo import fine_tune_subjects, read_subjects
+from condlora.synthesis.zoo import Subject, fine_tune_subjects, read_subjects
 
 from .conftest import CONFIGS, TINY
 
@@ -71,6 +71,22 @@ def test_zoo_equals_fine_tuning_each_subject_alone(base_run, tmp_path, capsys):
         assert alone.modules[name].delta().abs().max() > 1e-4  # it trained: B moved from 0
     deltas = [read_lora(tmp_path / "loras" / s).modules[name].delta() for s in ("s0", "s1")]
     assert not torch.allclose(*deltas)  # subjects differ by their images
+
+
+def test_subjects_draw_their_own_noise(base_run):
+    """Two subjects with the same images still get different LoRAs: each draws its own
+    images, noise levels and noise (no common random numbers), alone or batched alike."""
+    cfg, base, _ = load_run(base_run)
+    x = torch.rand(4, image_channels(cfg), 16, 16) * 2 - 1
+    labels = torch.tensor([0, 3, 0, 3])
+    twins = [Subject(name, x, labels, []) for name in ("a", "b")]
+    zoo_cfg = ZooConfig(steps=4, images_per_subject=2, rank=2, alpha=4, targets=("qkv", "proj"))
+    a, b = fine_tune_subjects(base, twins, zoo_cfg)
+    (again,) = fine_tune_subjects(base, twins[:1], zoo_cfg)
+    name = next(iter(a.modules))
+    torch.testing.assert_close(again.modules[name].delta(), a.modules[name].delta())
+    gap = (a.modules[name].delta() - b.modules[name].delta()).abs().max()
+    assert gap > 1e-3 * a.modules[name].delta().abs().max()
 
 
 def test_stopped_zoo_resumes_without_retraining_and_collect_reads_it(base_run, tmp_path, capsys):

@@ -13,10 +13,12 @@ encoded by its VAE once (the posterior mean), as a latent run's images are.
 Subjects train `subjects_per_batch` at a time in one batched model (`bank.py`: per-sample
 LoRA weights). The loss is the sum of each subject's mean loss and Adam acts per
 coordinate, and every subject draws its images, noise levels and noise from a generator of
-its own seeded with `seed` (the same draws for every subject: common random numbers). So a
-subject's LoRA is the one it would get alone with the same seed and steps: batching only
-saves time. Each finished batch is on disk before the next starts; a rerun skips the
-subjects done and refuses a folder made with other settings.
+its own, seeded by `seed` and the subject's name (`subject_generator`). So a subject's LoRA is
+the one it would get alone with the same seed and steps: batching only saves time. Subjects
+do not share their draws: a collection fine-tuned on common random numbers varies more
+smoothly from subject to subject than LoRAs trained apart do. Each finished batch is on disk
+before the next starts; a rerun skips the subjects done and refuses a folder made with other
+settings.
 
     OUT/<subject>/               peft folders (what `synth collect` reads)
     OUT/embeddings.safetensors   subject -> embedding (`--encoder`), `synth collect --embeddings`
@@ -28,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,13 +207,19 @@ def subject_batch(
     return batch
 
 
+def subject_generator(seed: int, name: str) -> torch.Generator:
+    """The generator of one subject's draws (images, noise levels, noise): seeded by the
+    zoo's seed and the subject's name, so it is the same alone or in any batch."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+
+
 def fine_tune_subjects(
     base: Denoiser, members: list[Subject], cfg: ZooConfig, progress: bool = False
 ) -> list[LoRAWeights]:
     """The LoRA of each subject, fine-tuned together on the frozen base (one batched model)."""
     scale = cfg.alpha / cfg.rank
     bank = bank_denoiser(base, len(members), cfg.rank, list(cfg.targets), scale, cfg.seed)
-    generators = [torch.Generator().manual_seed(cfg.seed) for _ in members]
+    generators = [subject_generator(cfg.seed, s.name) for s in members]
 
     def next_batch() -> dict:
         return subject_batch(
@@ -264,6 +273,7 @@ def make_zoo(
     # the settings as JSON has them; how many subjects share a batch changes no result
     settings = json.loads(json.dumps(to_dict(cfg)))
     settings.pop("subjects_per_batch")
+    settings["draws"] = "per subject"  # zoos of earlier versions shared them (another result)
     record = _check_record(out, {"config": settings, "base": base_name})
     pending = [s for s in found if not (out / s.name / WEIGHTS_NAME).is_file()]
     size = cfg.subjects_per_batch
