@@ -16,7 +16,6 @@ from condlora.lora.runtime import (
     ConditionState,
     EmbCapture,
     PassScope,
-    condition_states,
     lora_layers,
 )
 
@@ -60,7 +59,6 @@ def _emb_dim(config: LoRAConfig, modules: dict[str, nn.Module]) -> int:
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
-    condition_states.changed()  # cached lists of states may now be wrong
 
 
 def inject(model: nn.Module, config: LoRAConfig) -> list[str]:

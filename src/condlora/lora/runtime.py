@@ -36,6 +36,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from condlora.core.errors import LoRAError
+from condlora.core.structure import structure_version
 from condlora.lora.composers import ParameterStacks, check_class_range, class_weights, time_input
 from condlora.lora.config import LoRAConfig
 
@@ -208,25 +209,21 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 class _StatesCache:
     """Each model's condition states, kept between calls: a denoiser call must not walk every
-    module of its net (about 1% of a digits sampling call). `inject` and `remove` bump the
-    generation, which invalidates every entry; a copy of a model is a new key."""
+    module of its net. An entry holds while no module anywhere has registered a parameter,
+    buffer or submodule since (`structure_version`: inject and remove replace modules); a
+    copy of a model is a new key."""
 
     def __init__(self) -> None:
-        self.generation = 0
         self._entries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def changed(self) -> None:
-        """Wrappers were added or removed somewhere: forget every cached list."""
-        self.generation += 1
 
     def __call__(self, model: nn.Module) -> list[ConditionState]:
         """The distinct states of the wrappers inside `model`."""
         hit = self._entries.get(model)
-        if hit is not None and hit[0] == self.generation:
+        if hit is not None and hit[0] == structure_version():
             return hit[1]
         unique = {id(layer.state): layer.state for layer in lora_layers(model).values()}
         states = list(unique.values())
-        self._entries[model] = (self.generation, states)
+        self._entries[model] = (structure_version(), states)
         return states
 
 

@@ -32,28 +32,8 @@ from torch import nn
 from condlora.core.config import config_from_json, to_dict
 from condlora.core.errors import CondloraError, ConfigError
 from condlora.core.safetensors_io import load_state_checked, read_weights, write_weights
+from condlora.core.structure import structure_version
 from condlora.train.config import EMA_SCHEDULES
-
-
-class _Structure:
-    """Counts parameter, buffer and submodule assignments in every module of the process
-    (torch's global registration hooks): while the count is unchanged, no module's set of
-    parameters or buffers has changed, so lists of them taken earlier are still complete."""
-
-    count = 0
-
-    @classmethod
-    def changed(cls, *args: Any) -> None:
-        """A registration hook: something was (re)assigned somewhere."""
-        cls.count += 1
-
-
-for _register in (
-    nn.modules.module.register_module_parameter_registration_hook,
-    nn.modules.module.register_module_buffer_registration_hook,
-    nn.modules.module.register_module_module_registration_hook,
-):
-    _register(_Structure.changed)
 
 
 class EMA:
@@ -94,12 +74,12 @@ class EMA:
         (a walk of a few hundred modules per step costs about 1% of a digits step). The
         Parameter objects are kept, not their data, so `.to()` and `.data =` stay seen."""
         hit = self._tensors
-        if hit is None or hit[0] is not model or hit[1] != _Structure.count:
+        if hit is None or hit[0] is not model or hit[1] != structure_version():
             ema, own = list(self.model.parameters()), list(model.parameters())
             ema_buffers, buffers = list(self.model.buffers()), list(model.buffers())
             if len(ema) != len(own) or len(ema_buffers) != len(buffers):
                 raise CondloraError("EMA.update: the model's tensors are not those of the copy")
-            hit = self._tensors = (model, _Structure.count, (ema, own, ema_buffers, buffers))
+            hit = self._tensors = (model, structure_version(), (ema, own, ema_buffers, buffers))
         return hit[2]
 
     @torch.no_grad()
