@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from condlora.cli import main
+from condlora.core.safetensors_io import load_torch_weights_only
 from condlora.lora.formats import write_lora
 from condlora.synthesis import bigfile
 from condlora.synthesis.collection import LoRADataset
@@ -157,7 +158,7 @@ def test_plain_reads_equal_the_memory_map_and_other_dtypes_are_read(
     }
     for name, tensor in sources.items():
         torch.save(tensor, tmp_path / f"{name}.pt")
-        loaded = w2w.load_pt(tmp_path / f"{name}.pt", "weights")
+        loaded = load_torch_weights_only(tmp_path / f"{name}.pt", "weights", mmap=True)
         offset = w2w._data_offset(tmp_path / f"{name}.pt", loaded)
         assert (offset is None) == (name == "view")
         w2w.import_w2w(tmp_path / f"{name}.pt", tmp_path / f"{name}.ds", dims, alpha=1.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import struct
 from collections.abc import Iterable, Mapping
 from collections.abc import Set as AbstractSet
@@ -21,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from condlora.core.errors import CondloraError
+from condlora.core.errors import CondloraError, DataError
 from condlora.core.files import replace_atomically
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
@@ -212,3 +213,22 @@ def load_state_checked(
     if problems:
         raise error(f"{where} does not fit the model: {problems}")
     module.load_state_dict(state, strict=not skip)
+
+
+def load_torch_weights_only(path: str | os.PathLike, what: str, mmap: bool = False) -> object:
+    """A foreign .pt file's content (weights2weights' collection, MTCNN's nets), read with
+    torch's weights-only unpickler (no pickled code runs), memory-mapped with `mmap`;
+    DataError in one line for a missing, refused or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise DataError(
+            f"{path}: refused, it holds Python objects other than tensors, numbers and "
+            "containers (read weights-only, no pickled code is run)"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path} is not a readable torch file ({first})") from None

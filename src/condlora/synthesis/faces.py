@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condlora.core.errors import ConfigError, DataError
+from condlora.core.safetensors_io import load_torch_weights_only
 
 DETECTOR_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
 CROP = 112
@@ -311,13 +311,7 @@ class MTCNN:
 
 def _load_state(net: nn.Module, path: Path) -> None:
     """A net's weights from a state-dict file, read weights-only; DataError in one line."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise DataError(f"{path}: refused, it holds Python objects other than tensors") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path} is not a readable torch file ({first})") from None
+    state = load_torch_weights_only(path, f"MTCNN's {type(net).__name__} weights")
     want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
     if got != want:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
 import struct
 import zipfile
@@ -39,6 +38,7 @@ from tqdm import tqdm
 
 from condlora.core.errors import DataError
 from condlora.core.reporting import progress_bar
+from condlora.core.safetensors_io import load_torch_weights_only
 from condlora.lora.formats import BaseModules, LoRAWeights, make_module
 from condlora.lora.formats.keys import ParsedKey, parse_key
 from condlora.lora.formats.kohya import resolve, stem_table
@@ -68,23 +68,6 @@ class Part:
     module: str
     factor: str
     shape: tuple[int, ...]
-
-
-def load_pt(path: str | os.PathLike, what: str) -> object:
-    """A .pt file's content, loaded weights-only and memory-mapped; DataError in one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        raise DataError(
-            f"{path}: refused, it holds Python objects other than tensors, numbers and "
-            "containers (read weights-only, no pickled code is run)"
-        ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path} is not a readable torch file ({first})") from None
 
 
 def _stem_module(parsed: ParsedKey, table: dict[str, list[str]] | None, where: str) -> str:
@@ -253,14 +236,18 @@ def import_w2w(
     if not (math.isfinite(alpha) and alpha > 0):
         raise DataError(f"--alpha must be a finite number > 0, got {alpha}")
     if dims is not None:
-        parts = parts_from_dims(load_pt(dims, "weight dimensions file"), base_modules, str(dims))
+        parts = parts_from_dims(
+            load_torch_weights_only(dims, "weight dimensions file", mmap=True),
+            base_modules,
+            str(dims),
+        )
         what = Path(dims).name
     elif base_modules is not None:
         parts, what = parts_from_unet(base_modules), "the U-Net's to_q / to_v at rank 1"
     else:
         raise DataError("give --dims weight_dimensions.pt or --base-modules (the U-Net's layout)")
     spec, source = layout(parts, str(dims or "the U-Net"))
-    weights = load_pt(weights_path, "weights file")
+    weights = load_torch_weights_only(weights_path, "weights file", mmap=True)
     if not isinstance(weights, Tensor) or weights.dim() != 2 or not weights.is_floating_point():
         kind = f"a {weights.dim()}-d tensor" if isinstance(weights, Tensor) else "no tensor"
         raise DataError(f"{weights_path} holds {kind}: expected one 2-d float tensor [N, D]")
