@@ -1,6 +1,7 @@
 """The embedded synthesis demo: styles, the per-sample LoRA zoo, peft export, the subject
 encoder, the simple methods and scores, and a tiny end-to-end run of `condlora synth demo`."""
 
+import dataclasses
 import json
 import math
 
@@ -425,6 +426,37 @@ def test_tiny_demo_end_to_end_then_reused(tiny_demo, one_thread):
     assert ((out / "scores.json").stat().st_mtime_ns, (out / "stages.json").read_text()) == before
     with pytest.raises(CondloraError, match="another demo config"):
         run_demo(out, DemoConfig(num_train=7, num_heldout=2), base_cfg, base_candidates=[])
+
+
+@pytest.mark.slow
+def test_redrawn_zoos_give_every_seed_its_own_loras(tiny_demo, tmp_path, one_thread):
+    src, cfg, base_cfg = tiny_demo
+    cfg = dataclasses.replace(cfg, redraw_zoo=True, score_seeds=(0, 1), curve_sizes=())
+    out = tmp_path / "demo"
+    run_demo(out, cfg, base_cfg, base_candidates=[src / "base"], extra_methods=[], progress=False)
+    names = make_subjects(cfg).names
+    assert sorted(p.name for p in (out / "seed1" / "zoo").glob("s*")) == names
+    for name in names:
+        zoo0, shared, own = (
+            read_lora(folder / name).modules
+            for folder in (out / "zoo", src / "zoo", out / "seed1" / "zoo")
+        )
+        for key, module in zoo0.items():  # the first seed's zoo is the shared zoo's
+            assert torch.allclose(module.B, shared[key].B, atol=1e-6)
+        moved = sum((own[k].B - m.B).norm() ** 2 for k, m in zoo0.items()) ** 0.5
+        size = sum(m.B.norm() ** 2 for m in zoo0.values()) ** 0.5
+        assert moved > 0.1 * size, name  # seed 1's own init and draws: another LoRA
+    # seed 1 collects from its own zoo: its training rows are those LoRAs' vectors
+    split = make_subjects(cfg, 1)
+    train = LoRADataset(out / "seed1" / "dataset" / "train.safetensors")
+    shared = LoRADataset(src / "seed1" / "dataset" / "train.safetensors")
+    assert train.names == shared.names == [split.names[i] for i in split.train]
+    assert not torch.allclose(
+        torch.from_numpy(train.vectors[:].copy()),
+        torch.from_numpy(shared.vectors[:].copy()),
+        atol=1e-3,
+    )
+    assert "fine-tunes its own zoo" in (out / "report.md").read_text()
 
 
 def test_cli_refuses_a_folder_of_another_demo_in_one_line(tmp_path, capsys):

@@ -76,8 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from condlora.apps.synthesis_demo.run import default_out, demo_configs, run_demo
 
-    cfg, base_cfg = demo_configs(args.quick, args.setting, args.split)
-    out = args.out or default_out(args.quick, args.setting, args.split)
+    cfg, base_cfg = demo_configs(args.quick, args.setting, args.split, args.redraw_zoo)
+    out = args.out or default_out(args.quick, args.setting, args.split, args.redraw_zoo)
     if args.workers < 1:
         raise CondloraError(f"--workers must be >= 1, got {args.workers}")
     report = run_demo(out, cfg, base_cfg, workers=args.workers)
@@ -117,5 +117,11 @@ def add_synth_demo(synth_sub: argparse._SubParsersAction) -> None:
         type=int,
         default=2,
         help="generative models trained side by side, one thread each (default 2)",
+    )
+    p.add_argument(
+        "--redraw-zoo",
+        action="store_true",
+        help="every seed fine-tunes its own zoo (own LoRA init and noise draws) instead of "
+        "sharing one: the zoo's time times the seeds",
     )
     p.set_defaults(func=_demo)

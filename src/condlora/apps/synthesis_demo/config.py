@@ -84,6 +84,9 @@ class DemoConfig(Checked):
     rank: int = 4  # LoRA rank
     alpha: float = 4.0  # peft lora_alpha (scale alpha / rank)
     targets: tuple[str, ...] = TARGETS  # target module names (suffixes)
+    # each seed of the table fine-tunes its own zoo (its own LoRA init and draws of digits
+    # and noise) instead of sharing the first seed's: the zoo's cost times the seeds
+    redraw_zoo: bool = False
     subjects_per_batch: int = 40  # subjects fine-tuned together (per-sample LoRA in one batch)
     images_per_subject: int = 4  # styled digits of each subject in every step
     # fine-tuning steps per subject: 300, chosen on 8 validation subjects by

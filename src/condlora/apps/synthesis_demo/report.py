@@ -142,7 +142,12 @@ def _setting(info: dict) -> list[str]:
 
 def _seeds_draw(info: dict) -> str:
     """What each seed of the table draws anew."""
-    own = "its own subject encoder, generative models and samples; the zoo is fine-tuned once."
+    zoo = (
+        " and fine-tunes its own zoo (its own LoRA init and draws of digits and noise)."
+        if info.get("redraw_zoo")
+        else "; the zoo is fine-tuned once."
+    )
+    own = f"its own subject encoder, generative models and samples{zoo}"
     if info.get("setting", "box") == "box":
         return (
             "Each seed draws its own split of the subjects into training and test (so its "

@@ -3,7 +3,8 @@
 out/demo.json              the demo and base configs (a folder holds one demo)
 out/base/                  the base model, unless the quickstart's baseline is reused
 out/judge.safetensors      digits judge (DigitsClassifier on plain and styled digits)
-out/zoo/                   peft LoRAs of every subject (zoo.py), fine-tuned once
+out/zoo/                   peft LoRAs of every subject (zoo.py), fine-tuned once (with
+                           `redraw_zoo`: the first seed's; out/seed<S>/zoo/ the others')
 out/encoder.safetensors    the first seed's subject encoder,
 out/embeddings.safetensors its reference embeddings of every subject (name -> vector),
 out/dataset/               its train.safetensors and heldout.safetensors (`collect`: the
@@ -140,12 +141,17 @@ def run_demo(
     base = base_model(base_cfg, out, candidates, clock, progress)
     (train_x, train_y), (hold_x, hold_y) = build_data(base_cfg)
     judge = digits_judge(out / "judge.safetensors", train_x, train_y, cfg, clock)
-    zoo_dir = out / "zoo"
-    print("[demo] zoo")
-    per_subject = build_zoo(base, train_x, train_y, cfg, zoo_dir, progress)
-    clock.record("zoo", f"{per_subject * cfg.num_subjects:.0f} s ({per_subject:.2f} s per subject)")
+    zoos = {s: zoo_of_seed(out, cfg, s) for s in cfg.score_seeds}
+    print(f"[demo] zoo{'s' if len(set(zoos.values())) > 1 else ''}")
+    per_zoo = [
+        build_zoo(base, train_x, train_y, cfg, folder, progress, zoo_seed=zoo_seed)
+        for folder, zoo_seed in sorted(set(zoos.values()))
+    ]
+    per_subject = sum(per_zoo) / len(per_zoo)
+    total = sum(per_zoo) * cfg.num_subjects
+    clock.record("zoo", f"{total:.0f} s ({per_subject:.2f} s per subject and zoo)")
     seeds = {
-        s: prepare_seed(out, s, cfg, base, judge, (train_x, hold_x), zoo_dir, clock)
+        s: prepare_seed(out, s, cfg, base, judge, (train_x, hold_x), zoos[s][0], clock)
         for s in cfg.score_seeds
     }
     first = seeds[cfg.score_seeds[0]]
@@ -163,6 +169,15 @@ def run_demo(
     _score_all(store, seeds, methods, out / "samples", cfg, clock, progress, workers)
     info = _report_info(cfg, first, judge, per_subject, hold_x, hold_y)
     return _write_report(out, store, methods, first, hold_x, hold_y, info, clock)
+
+
+def zoo_of_seed(out: Path, cfg: DemoConfig, seed: int) -> tuple[Path, int]:
+    """(folder, zoo seed) of the zoo a seed of the table collects from: out/zoo (zoo 0) for
+    every seed, or with `cfg.redraw_zoo` each seed's own zoo (out/zoo for the first)."""
+    if not cfg.redraw_zoo:
+        return out / "zoo", 0
+    first = seed == cfg.score_seeds[0]
+    return (out / "zoo" if first else out / f"seed{seed}" / "zoo"), seed
 
 
 def _sample_file(folder: Path, method: str) -> Path:
@@ -244,6 +259,7 @@ def _report_info(
         "num_heldout": len(subs.heldout),
         "split": cfg.split,
         "setting": cfg.setting,
+        "redraw_zoo": cfg.redraw_zoo,
         "corner": cfg.corner,
         "rank": cfg.rank,
         "targets": ", ".join(cfg.targets),
@@ -304,19 +320,22 @@ def _write_report(
 
 
 def demo_configs(
-    quick: bool, setting: str = "box", split: str = "test"
+    quick: bool, setting: str = "box", split: str = "test", redraw_zoo: bool = False
 ) -> tuple[DemoConfig, Config]:
-    """The demo config (full or quick, in a setting, scoring a split) and the quickstart's
-    baseline config."""
+    """The demo config (full or quick, in a setting, scoring a split, a zoo per seed or one)
+    and the quickstart's baseline config."""
     cfg = quick_config() if quick else DemoConfig()
     if setting == "unseen-corner":
         cfg = unseen_corner(cfg)
-    cfg = dataclasses.replace(cfg, split=split)
+    cfg = dataclasses.replace(cfg, split=split, redraw_zoo=redraw_zoo)
     return cfg, load_config(find_config(BASE_CONFIG))
 
 
-def default_out(quick: bool, setting: str = "box", split: str = "test") -> str:
-    """runs/synth-demo[-quick][-unseen-corner][-val]."""
+def default_out(
+    quick: bool, setting: str = "box", split: str = "test", redraw_zoo: bool = False
+) -> str:
+    """runs/synth-demo[-quick][-unseen-corner][-val][-redraw-zoo]."""
     parts = ["runs/synth-demo", "-quick" if quick else ""]
     parts += ["" if setting == "box" else f"-{setting}", "" if split == "test" else f"-{split}"]
+    parts += ["-redraw-zoo" if redraw_zoo else ""]
     return "".join(parts)

@@ -137,10 +137,12 @@ def fine_tune(
     cfg: DemoConfig,
     seeds: list[int],
     progress: bool = False,
+    zoo_seed: int = 0,
 ) -> list[LoRAWeights]:
     """One plain LoRA per style, fine-tuned together on the frozen base model; subject k
-    draws its digits and noise with seeds[k]."""
-    bank = bank_denoiser(base, len(styles), cfg.rank, list(cfg.targets), cfg.scale, cfg.seed)
+    draws its digits and noise with seeds[k], the LoRAs start from zoo_seed's init."""
+    init_seed = cfg.seed + 1_000_003 * zoo_seed  # zoo_seed 0: cfg.seed, as it always was
+    bank = bank_denoiser(base, len(styles), cfg.rank, list(cfg.targets), cfg.scale, init_seed)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def next_batch() -> dict:
@@ -152,9 +154,10 @@ def fine_tune(
     return [subject_lora(bank, k) for k in range(len(styles))]
 
 
-def draw_seed(cfg: DemoConfig, i: int) -> int:
-    """The seed of subject i's fine-tuning draws (its own: no two subjects share noise)."""
-    return cfg.seed * 1_000_003 + 7919 * (i + 1)
+def draw_seed(cfg: DemoConfig, i: int, zoo_seed: int = 0) -> int:
+    """The seed of subject i's fine-tuning draws in zoo `zoo_seed` (its own: no two
+    subjects, and no two zoos, share noise; zoo 0 is the demo's first zoo)."""
+    return cfg.seed * 1_000_003 + 7919 * (i + 1) + 15_485_863 * zoo_seed
 
 
 def _done(folder: Path) -> bool:
@@ -178,8 +181,11 @@ def build_zoo(
     zoo_dir: str | Path,
     progress: bool = True,
     needed: set[int] | None = None,
+    zoo_seed: int = 0,
 ) -> float:
     """Fine-tune every subject's LoRA that is not on disk yet; returns seconds per subject.
+
+    zoo_seed: which zoo (its LoRA init and every subject's draws; 0 the demo's first).
 
     needed: only the batches holding one of these subjects (default: all); a batch is
     always fine-tuned whole, so its LoRAs are the full zoo's. timing.json keeps {batch
@@ -199,8 +205,9 @@ def build_zoo(
         if all(_done(subs.folder(zoo_dir, i)) for i in members):
             continue
         start = time.perf_counter()
-        seeds = [draw_seed(cfg, i) for i in members]
-        loras = fine_tune(base, subs.styles[members], images, labels, cfg, seeds, progress)
+        seeds = [draw_seed(cfg, i, zoo_seed) for i in members]
+        styles = subs.styles[members]
+        loras = fine_tune(base, styles, images, labels, cfg, seeds, progress, zoo_seed)
         for i, weights in zip(members, loras, strict=True):
             write_lora(weights, subs.folder(zoo_dir, i), "peft")
         timing[str(b)] = [time.perf_counter() - start, len(members)]
