@@ -183,7 +183,7 @@ def test_captions_are_read_beside_the_images_or_from_metadata(tmp_path, how):
     assert load_captions(data) == ["a red cat", "a blue dog", "a red cat"]
 
 
-def test_a_latent_text_model_trains_samples_a_prompt_and_bakes(tmp_path, capsys):
+def test_a_latent_text_model_trains_samples_a_prompt_and_bakes(tmp_path, capsys, monkeypatch):
     from peft.tuners.lora import LoraLayer
 
     from condlora.image.bake import bake
@@ -203,6 +203,18 @@ def test_a_latent_text_model_trains_samples_a_prompt_and_bakes(tmp_path, capsys)
     lora = {k: v for k, v in denoiser.state_dict().items() if "lora_B" in k}
     assert lora and any(v.abs().sum() > 0 for v in lora.values())  # the LoRA trained
     assert not any("text_encoder" in k or "vae" in k for k in load_file(run / "ema.safetensors"))
+    # the run's grid: one row per training caption (in order of first use), listed beside it
+    rows = (run / "samples" / "step_0000002.txt").read_text().splitlines()
+    assert rows == [f"row {r + 1}: {('a red cat', 'a blue dog')[r % 2]}" for r in range(10)]
+    from condlora.image import generate as generate_mod
+
+    drawn_labels = []
+    fake = lambda *args, **kw: drawn_labels.append(args[3]) or torch.zeros(100, 3, 8, 8)  # noqa: E731
+    with monkeypatch.context() as patch:
+        patch.setattr(generate_mod, "generate", fake)
+        denoiser.net.net.text.set_prompts(["x", "y", "z"])
+        generate_mod.save_sample_grid(denoiser, cfg, tmp_path / "grid.png", seed=0)
+    assert torch.equal(drawn_labels[0], torch.arange(100) // 10 % 3)  # row r: caption r mod 3
     # sampled with a prompt: latents of the U-Net's shape, decoded by the pipeline's VAE
     args = ["sample", "--run", str(run), "--num", "2", "--steps", "3", "--out"]
     assert main([*args, str(tmp_path / "cat.png"), "--prompt", "a red cat"]) == 0

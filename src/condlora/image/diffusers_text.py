@@ -78,6 +78,7 @@ class TextEncoder(Frozen):
         self._parts: tuple | None = None
         self._empty: tuple[Tensor, Tensor] | None = None  # the empty prompt's encoding
         self.hidden = self.pooled = None  # the table: (n, L, D) and (n, P)
+        self.prompts: list[str] = []  # the captions the table's rows encode
 
     def width(self) -> int:
         """Width of the pooled text embedding (the projection's with a projection)."""
@@ -89,6 +90,8 @@ class TextEncoder(Frozen):
             import transformers
 
             name = self.config.get("architectures", ["CLIPTextModel"])[0]
+            bars = transformers.utils.logging.is_progress_bar_enabled()
+            transformers.utils.logging.disable_progress_bar()  # a bar per load of a local file
             try:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(
                     self.root / "tokenizer", local_files_only=True
@@ -98,6 +101,9 @@ class TextEncoder(Frozen):
                 )
             except (OSError, ValueError, AttributeError) as err:
                 raise ConfigError(f"{self.root}: the text encoder does not load ({err})") from None
+            finally:
+                if bars:
+                    transformers.utils.logging.enable_progress_bar()
             self._parts = (tokenizer, encoder.requires_grad_(False).eval())
         return self._parts
 
@@ -125,6 +131,7 @@ class TextEncoder(Frozen):
     def set_prompts(self, prompts: list[str]) -> None:
         """The captions that the backbone's labels 0..n-1 name from now on."""
         self.hidden, self.pooled = self.encode(prompts)
+        self.prompts = list(prompts)
 
     def lookup(self, labels: Tensor | None, n: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """(encoder_hidden_states, pooled) of a batch: the table's rows `labels` (-1: the

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from condlora.core.errors import CondloraError, DataError
+from condlora.core.files import write_text_atomic
 from condlora.core.images import save_grid
 from condlora.core.reporting import progress_bar
 from condlora.diffusion import Denoiser, GuidedDenoiser, sample
@@ -168,11 +169,28 @@ def class_groups(labels: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return groups
 
 
+def caption_rows(denoiser: Denoiser, num: int, per_row: int = 10) -> torch.Tensor | None:
+    """A text model's grid labels: row r of `per_row` samples draws its r-th caption (cycled
+    over its first ten); None without a text model or captions."""
+    text = text_encoder(denoiser)
+    if text is None or not text.prompts:
+        return None
+    return torch.arange(num) // per_row % min(len(text.prompts), 10)
+
+
 def save_sample_grid(
     denoiser: Denoiser, cfg: Config, path: str | Path, seed: int, num: int = GRID_SAMPLES
 ) -> Path:
-    """A grid of `num` samples, one row per class when class-conditional (labels sorted)."""
+    """A grid of `num` samples, one row per class when class-conditional (labels sorted), one
+    per training caption for a text model (listed in a .txt beside the grid)."""
     labels = labels_for(cfg, num)
     if labels is not None:  # row r holds class r: sort the cycled labels
         labels = labels.sort().values
+    else:
+        labels = caption_rows(denoiser, num)
+        if labels is not None:
+            prompts = text_encoder(denoiser).prompts
+            rows = [f"row {r + 1}: {prompts[int(k)]}" for r, k in enumerate(labels[::10])]
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(Path(path).with_suffix(".txt"), "\n".join(rows) + "\n")
     return save_grid(generate(denoiser, cfg, num, labels, seed=seed), path)
