@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
             f"normalised to real {norm:.2f}"
         )
     print(f"real styled digits: subject score {real_score:.3f}")
-    print(f"fine-tuning: {seconds:.1f} s for {len(picked)} subjects  overrides: {args.set}")
+    print(
+        f"fine-tuning: {seconds:.1f} s for {len(picked)} subjects, "
+        f"{loras[0].num_parameters():,} numbers per LoRA  overrides: {args.set}"
+    )
 
 
 if __name__ == "__main__":
