@@ -40,7 +40,7 @@ from condlora.lora.formats.peft import WEIGHTS_NAME
 from condlora.synthesis import bank as bank_mod
 from condlora.synthesis.collection import LoRADataset
 from condlora.synthesis.flatten import FlatSpec
-from condlora.synthesis.zoo import zoo_loss
+from condlora.synthesis.zoo import train_bank, zoo_loss
 
 from .conftest import CONFIGS, TINY, assert_same_function
 
@@ -226,6 +226,38 @@ def test_fine_tuning_a_subject_in_company_or_alone_gives_the_same_lora(base):
     assert relative(together[0].modules[name].B, module.B) > 0.1  # another subject's LoRA
 
 
+def test_averaged_fine_tuning_ends_at_the_mean_of_the_last_iterates(base):
+    """average_last = 0.5 of 6 steps: the LoRAs are the plain mean of the iterates after
+    steps 4, 5 and 6 of the same run without averaging (Polyak)."""
+    g = torch.Generator().manual_seed(3)
+    batch = {
+        "x0": torch.randn(4, 1, 16, 16, generator=g),
+        "labels": torch.tensor([1, 2, 3, 4]),
+        "ids": torch.tensor([0, 0, 1, 1]),
+        "sigma": torch.tensor([0.2, 1.0, 3.0, 0.5]),
+        "noise": torch.randn(4, 1, 16, 16, generator=g),
+    }
+
+    def run(average_last, seen):
+        bank = bank_mod.bank_denoiser(base, 2, 2, TARGETS, scale=0.5)
+        params = [p for p in bank.parameters() if p.requires_grad]
+
+        def next_batch():  # called before each step: the iterate after the previous one
+            seen.append([p.detach().clone() for p in params])
+            return batch
+
+        train_bank(bank, 6, 1e-2, next_batch, average_last=average_last)
+        seen.append([p.detach().clone() for p in params])  # what the run ends with
+        return seen
+
+    plain = run(0.0, [])  # the iterates after steps 0 (the start), 1, ..., 6
+    averaged = run(0.5, [])[-1]
+    for k, got in enumerate(averaged):
+        want = sum(plain[step][k] for step in (4, 5, 6)) / 3
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(plain[-1][-1], plain[4][-1])  # the iterates do move
+
+
 def test_a_zoo_of_some_subjects_fine_tunes_only_their_batches_and_the_rest_later(base, tmp_path):
     from condlora.data import load_digits_images
 
@@ -281,7 +313,8 @@ def test_a_banks_3x3_conv_lora_loads_in_peft_as_the_same_function(base, tmp_path
     backbone, pass_labels = bank_mod.base_backbone(base)
     model = peft.PeftModel.from_pretrained(copy.deepcopy(backbone), tmp_path / "s1").eval()
     loaded = {n for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.Conv2d)}
-    assert {n.removeprefix("base_model.model.") for n in loaded} >= {"enc.0.res.conv1", "enc.1.down.conv"}
+    names = {n.removeprefix("base_model.model.") for n in loaded}
+    assert names >= {"enc.0.res.conv1", "enc.1.down.conv"}
     in_peft = Denoiser(bank_mod.SubjectNet(model, pass_labels, None), base.precond)
     x, y = torch.randn(4, 1, 16, 16), torch.tensor([2, 5, 7, 0])
     with torch.no_grad(), bank_mod.subjects(bank, torch.ones(4)):

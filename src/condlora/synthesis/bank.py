@@ -2,7 +2,10 @@
 
 Every target layer (a Linear or 1x1 conv, matched by name as `condlora.lora.inject` matches)
 gets factors A [S, r, in] and B [S, out, r] for S subjects; sample i of a batch adds
-s * B_k A_k x_i with k = subjects[i], gathered per sample. This is ClassLoRA's one-hot
+s * B_k A_k x_i with k = subjects[i], gathered per sample. A k x k conv (any stride and
+zero padding) takes a LoRA as peft's Conv2d LoRA and LyCORIS' LoCon do: A a k x k conv
+in -> r with the base conv's stride and padding (stored flat, [S, r, in*k*k]), B a 1x1
+conv r -> out; every sample's A is one group of a grouped conv. This is ClassLoRA's one-hot
 selection computed by gathering each sample's own factors instead of a rank S*r matmul
 over all subjects, so the cost per sample does not grow with the number of subjects in
 the bank (at 40 subjects: half the time per fine-tuning step).
@@ -41,7 +44,7 @@ class SubjectLoRA(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Module,  # nn.Linear or 1x1 nn.Conv2d, kept as is (frozen)
+        base_layer: nn.Module,  # nn.Linear or nn.Conv2d, kept as is (frozen)
         num_subjects: int,  # S
         rank: int,  # r
         scale: float,  # s = alpha / r
@@ -76,7 +79,6 @@ class SubjectLoRA(nn.Module):
         if not self.is_conv and x.dim() > 2:
             return self.base_layer(x) + delta.transpose(1, 2).reshape(*x.shape[:-1], -1)
         return self.base_layer(x) + delta.reshape(len(x), -1, *x.shape[2:])
-
 
     def _conv_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
         """s * B_k conv(x, A_k) for a k x k conv (LoCon / peft's Conv2d LoRA: A a k x k conv
