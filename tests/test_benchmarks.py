@@ -130,13 +130,26 @@ def test_synth_demo_zoo_smoke(tiny_demo, tmp_path, capsys, one_thread):
     try:
         importlib.import_module("synth_demo_zoo").main(
             [*argv, "--cache", str(tmp_path / "cache"), "--set", "steps=4"]
+            + ["--set", "targets=qkv,conv1", "--set", "average_last=0.5", "--time-steps", "2"]
         )
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     out = capsys.readouterr().out
     for row in ("fine-tuned: class accuracy", "no LoRA: class accuracy", "real styled digits"):
         assert row in out
-    assert "fine-tuning: " in out and "['steps=4']" in out
+    assert "zoo cost: " in out and "s per step of 4 subjects" in out  # tiny(): 4 per batch
+    assert "fine-tuning: " in out and "['steps=4', 'targets=qkv,conv1', 'average_last=0.5']" in out
+    from condlora.apps.synthesis_demo.config import tiny
+    from condlora.image.task import load_run
+
+    layers = [
+        m
+        for n, m in load_run(folder / "base")[1].net.net.named_modules()
+        if n.endswith(("qkv", "conv1"))
+    ]
+    # r (in k k + out) numbers per layer: the 3x3 conv1 layers count their kernels
+    count = sum(tiny().rank * (m.weight[0].numel() + m.weight.shape[0]) for m in layers)
+    assert f"{count:,} numbers per LoRA" in out
 
 
 def test_every_benchmark_has_a_smoke_test():

@@ -110,6 +110,29 @@ def test_stopped_zoo_resumes_without_retraining_and_collect_reads_it(base_run, t
     assert "took 3 LoRAs, skipped 0" in capsys.readouterr().out
 
 
+def test_a_zoo_on_3x3_convs_writes_conv_loras_that_collect_keeps(base_run, tmp_path, capsys):
+    """LoRAs on the residual blocks' 3x3 convs (LoCon) through the zoo and `synth collect`:
+    peft's conv shapes on disk, and every collected row is its subject's dW."""
+    from condlora.synthesis.collection import LoRADataset
+
+    subjects = write_subjects(tmp_path / "subjects", count=2)
+    out = tmp_path / "loras"
+    assert zoo(base_run, subjects, out, "targets=[qkv, conv1]") == 0
+    capsys.readouterr()
+    assert main(["synth", "collect", "--loras", str(out), "--out", str(tmp_path / "ds")]) == 0
+    assert "took 2 LoRAs, skipped 0" in capsys.readouterr().out
+    dataset = LoRADataset(tmp_path / "ds")
+    for i, name in enumerate(dataset.names):
+        written = read_lora(out / name)
+        convs = [m for n, m in written.modules.items() if n.endswith("conv1")]
+        assert convs and all(m.A.shape[2:] == (3, 3) and m.B.shape[2:] == (1, 1) for m in convs)
+        row = dataset.lora(i)
+        assert set(row.modules) == set(written.modules)
+        for module, m in written.modules.items():
+            torch.testing.assert_close(row.modules[module].delta(), m.delta(), atol=1e-5, rtol=1e-4)
+        assert max(m.delta().abs().max() for m in convs) > 1e-4  # the conv LoRAs trained
+
+
 def test_zoo_with_other_settings_in_the_same_folder_is_refused(base_run, tmp_path, capsys):
     subjects = write_subjects(tmp_path / "subjects", count=1)
     assert zoo(base_run, subjects, tmp_path / "loras") == 0

@@ -2,7 +2,10 @@
 
 Every target layer (a Linear or 1x1 conv, matched by name as `condlora.lora.inject` matches)
 gets factors A [S, r, in] and B [S, out, r] for S subjects; sample i of a batch adds
-s * B_k A_k x_i with k = subjects[i], gathered per sample. This is ClassLoRA's one-hot
+s * B_k A_k x_i with k = subjects[i], gathered per sample. A k x k conv (any stride and
+zero padding) takes a LoRA as peft's Conv2d LoRA and LyCORIS' LoCon do: A a k x k conv
+in -> r with the base conv's stride and padding (stored flat, [S, r, in*k*k]), B a 1x1
+conv r -> out; every sample's A is one group of a grouped conv. This is ClassLoRA's one-hot
 selection computed by gathering each sample's own factors instead of a rank S*r matmul
 over all subjects, so the cost per sample does not grow with the number of subjects in
 the bank (at 40 subjects: half the time per fine-tuning step).
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from condlora.core.errors import CondloraError
@@ -40,17 +44,19 @@ class SubjectLoRA(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Module,  # nn.Linear or 1x1 nn.Conv2d, kept as is (frozen)
+        base_layer: nn.Module,  # nn.Linear or nn.Conv2d, kept as is (frozen)
         num_subjects: int,  # S
         rank: int,  # r
         scale: float,  # s = alpha / r
         current: SubjectIds,  # where the batch's subject ids are read from
     ) -> None:
         super().__init__()
-        check_target(type(base_layer).__name__, base_layer)
+        self.spatial = is_spatial_conv(base_layer)
+        if not self.spatial:
+            check_target(type(base_layer).__name__, base_layer)
         self.base_layer = base_layer
         self.is_conv = not isinstance(base_layer, nn.Linear)
-        d_out, d_in = base_layer.weight.shape[:2]
+        d_out, d_in = base_layer.weight.shape[0], base_layer.weight[0].numel()
         self.rank, self.scale, self.current = rank, scale, current
         self.lora_A = nn.Parameter(torch.zeros(num_subjects, rank, d_in))
         self.lora_B = nn.Parameter(torch.zeros(num_subjects, d_out, rank))
@@ -61,6 +67,8 @@ class SubjectLoRA(nn.Module):
         if ids is None or len(ids) != len(x):
             raise CondloraError("set the subject of every sample first: `with subjects(...)`")
         a, b = self.lora_A[ids], self.lora_B[ids]  # (batch, r, in), (batch, out, r)
+        if self.spatial:
+            return self.base_layer(x) + self._conv_delta(x, a, b)
         if self.is_conv:  # (batch, in, *spatial)
             h = x.flatten(2)
         elif x.dim() == 2:  # (batch, in)
@@ -71,6 +79,32 @@ class SubjectLoRA(nn.Module):
         if not self.is_conv and x.dim() > 2:
             return self.base_layer(x) + delta.transpose(1, 2).reshape(*x.shape[:-1], -1)
         return self.base_layer(x) + delta.reshape(len(x), -1, *x.shape[2:])
+
+    def _conv_delta(self, x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """s * B_k conv(x, A_k) for a k x k conv (LoCon / peft's Conv2d LoRA: A a k x k conv
+        in -> r, B a 1x1 conv r -> out), every sample's A_k as one group of a grouped conv."""
+        conv, n = self.base_layer, len(x)
+        kernels = a.reshape(n * self.rank, *conv.weight.shape[1:])  # (batch*r, in, kh, kw)
+        h = F.conv2d(
+            x.reshape(1, -1, *x.shape[2:]),
+            kernels,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=n,
+        )  # (1, batch*r, H', W')
+        delta = torch.bmm(b, h.reshape(n, self.rank, -1)) * self.scale
+        return delta.reshape(n, -1, *h.shape[2:])
+
+
+def is_spatial_conv(module: nn.Module) -> bool:
+    """A Conv2d that is not pointwise (k x k kernel, stride or padding), groups 1, zero pads."""
+    if not isinstance(module, nn.Conv2d) or module.groups != 1:
+        return False
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return False
+    pointwise = all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
+    return not (pointwise and all(p == 0 for p in module.padding))
 
 
 class SubjectNet(nn.Module):
@@ -154,8 +188,9 @@ def subject_lora(denoiser: Denoiser, k: int) -> LoRAWeights:
         a = layer.lora_A[k].detach().clone()
         b = layer.lora_B[k].detach().clone()
         if layer.is_conv:
-            extra = (1,) * (layer.base_layer.weight.dim() - 2)
-            a, b = a.reshape(*a.shape, *extra), b.reshape(*b.shape, *extra)
+            kernel = layer.base_layer.weight.shape[1:]  # (in, kh, kw)
+            extra = (1,) * (len(kernel) - 1)
+            a, b = a.reshape(a.shape[0], *kernel), b.reshape(*b.shape, *extra)
         modules[name] = ModuleLoRA(a, b, layer.scale)
     return LoRAWeights(modules)
 

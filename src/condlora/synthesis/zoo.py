@@ -72,31 +72,53 @@ def zoo_loss(
 
 
 def zoo_sigma(
-    precond: Preconditioner, n: int, generator: torch.Generator, log_mean: float | None
+    precond: Preconditioner,
+    n: int,
+    generator: torch.Generator,
+    log_mean: float | None,
+    log_std: float | None = None,
 ) -> Tensor:
-    """Noise levels for fine-tuning: the base's own, or for EDM ln(sigma) ~ N(log_mean, P_std^2)."""
+    """Noise levels for fine-tuning: the base's own, or for EDM ln(sigma) ~ N(log_mean, std^2)
+    with std = log_std (None: the base's P_std)."""
     if log_mean is None or not isinstance(precond, EDMPrecond):
         return precond.sample_sigma(n, generator=generator)
-    return (torch.randn(n, generator=generator) * precond.P_std + log_mean).exp()
+    std = precond.P_std if log_std is None else log_std
+    return (torch.randn(n, generator=generator) * std + log_mean).exp()
 
 
 def train_bank(
-    bank: Denoiser, steps: int, lr: float, next_batch: Callable[[], dict], progress: bool = False
+    bank: Denoiser,
+    steps: int,
+    lr: float,
+    next_batch: Callable[[], dict],
+    progress: bool = False,
+    average_last: float = 0.0,
 ) -> None:
     """Adam on the bank's LoRAs for `steps` steps of `zoo_loss` on next_batch(); the learning
-    rate is constant, then decays linearly to 0 over the second half."""
+    rate is constant, then decays linearly to 0 over the second half. average_last > 0: the
+    LoRAs end as the mean of their iterates over that fraction of the last steps (Polyak)."""
     params = [p for p in bank.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     decay = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, 2.0 * (1.0 - step / steps))
     )
+    first_averaged = steps - round(average_last * steps)
+    mean = [p.detach().clone() for p in params]
     bank.train()
-    for _ in tqdm(range(steps), desc="fine-tuning", leave=False, disable=not progress):
+    for step in tqdm(range(steps), desc="fine-tuning", leave=False, disable=not progress):
         loss = zoo_loss(bank, **next_batch())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         decay.step()
+        if step >= first_averaged:  # running mean of the iterates: m += (p - m) / count
+            with torch.no_grad():
+                for m, p in zip(mean, params, strict=True):
+                    m.add_(p - m, alpha=1.0 / (step - first_averaged + 1))
+    if first_averaged < steps:
+        with torch.no_grad():
+            for m, p in zip(mean, params, strict=True):
+                p.copy_(m)
 
 
 @dataclass(frozen=True)

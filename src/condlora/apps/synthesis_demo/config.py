@@ -17,7 +17,10 @@ from condlora.core.config import FRACTION, NON_NEGATIVE, POSITIVE, Checked, Each
 
 # What the LoRAs adapt (DESIGN.md section 4): attention qkv / proj, the residual blocks'
 # 1x1 skip convolutions and their embedding projections: 20,864 numbers per rank-4 LoRA
-# on the digits baseline, enough to carry a handwriting style.
+# on the digits baseline, enough to carry a handwriting style. Adding the blocks' first
+# 3x3 convs ("conv1": LoCon) gains about 3 points of class accuracy at the same steps for
+# 1.29x the zoo's time and 55,552 numbers; with 600 steps 91.4% (docs/RESULTS.md,
+# validation subjects), too long for the 30-minute demo.
 TARGETS = ("qkv", "proj", "skip", "emb_proj")
 
 
@@ -94,8 +97,11 @@ class DemoConfig(Checked):
     # illegible one time in four, 300 kept them legible more often and the style stronger
     steps: int = 300
     lr: float = 5e-3  # Adam learning rate (linear decay to 0 over the last half)
+    average_last: float = 0.0  # > 0: each LoRA is the mean of its iterates over this
+    # fraction of the last steps (Polyak averaging; 0: the last iterate)
     log_sigma_mean: float | None = 0.0  # EDM base: mean of ln(sigma) while fine-tuning (None:
     # the base's own P_mean); noisier levels than the base's -0.8 keep the digits legible
+    log_sigma_std: float | None = None  # its std (None: the base's P_std, 1.2)
     judge_steps: int = 600  # training steps of the digits judge (plain and styled digits)
     # subject encoder (stand-in for ArcFace)
     encoder_steps: int = 800  # training steps (batch 64, fresh random styles)
@@ -119,6 +125,8 @@ class DemoConfig(Checked):
         **{name: Range(1, 10**7) for name in ("steps", "images_per_subject", "reference_images")},
         "alpha": POSITIVE,
         "lr": POSITIVE,
+        "average_last": FRACTION,
+        "log_sigma_std": POSITIVE,
         "targets": Each(),
         "score_seeds": Each(Range(0, 2**63 - 1)),
         "curve_sizes": Each(Range(2, 10**6), allow_empty=True),

@@ -109,6 +109,7 @@ def subject_draws(
     per_subject: int,
     generators: list[torch.Generator],
     log_mean: float | None,
+    log_std: float | None = None,
 ) -> dict[str, Tensor]:
     """One step's batch: `per_subject` digits, noise levels and noise of each subject, drawn
     with its own generator (independent draws), each in its own style."""
@@ -116,7 +117,7 @@ def subject_draws(
     index, sigma, noise = [], [], []
     for g in generators:
         index.append(torch.randint(0, len(images), (per_subject,), generator=g))
-        sigma.append(zoo_sigma(base.precond, per_subject, g, log_mean))
+        sigma.append(zoo_sigma(base.precond, per_subject, g, log_mean, log_std))
         noise.append(torch.randn((per_subject, *images.shape[1:]), generator=g))
     index = torch.cat(index)
     ids = torch.arange(k).repeat_interleave(per_subject)
@@ -146,11 +147,10 @@ def fine_tune(
     generators = [torch.Generator().manual_seed(s) for s in seeds]
 
     def next_batch() -> dict:
-        return subject_draws(
-            base, images, labels, styles, cfg.images_per_subject, generators, cfg.log_sigma_mean
-        )
+        per_subject, sigmas = cfg.images_per_subject, (cfg.log_sigma_mean, cfg.log_sigma_std)
+        return subject_draws(base, images, labels, styles, per_subject, generators, *sigmas)
 
-    train_bank(bank, cfg.steps, cfg.lr, next_batch, progress)
+    train_bank(bank, cfg.steps, cfg.lr, next_batch, progress, cfg.average_last)
     return [subject_lora(bank, k) for k in range(len(styles))]
 
 
