@@ -267,6 +267,62 @@ def test_merging_only_where_it_is_cheaper():
     assert layer_module.merge_pays(4, small.in_features, small.out_features)
 
 
+class SameShapes(nn.Module):
+    """Three Linear(8, 8) (one merge group) and a 1x1 Conv1d of the same width (another)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.d = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.c = nn.Conv1d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(self.a(x))  # (B, L, 8)
+        return self.d(self.c(h.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("bias_per_rank", [False, True])
+def test_merged_weights_of_a_group_match_each_layer_alone(bias_per_rank, monkeypatch):
+    """In a forward pass the wrappers of one shape form W + dW and b + db together (one
+    batched call per group); each equals what the wrapper forms alone and the plain formula
+    W + s B diag(w ⊗ 1_r) A, b + s (w ⊗ 1_r or w) E, to float64 rounding."""
+    torch.manual_seed(0)
+    model = SameShapes().double()
+    config = LoRAConfig(
+        method="time+class", targets=["a", "b", "c", "d"], rank=2, num_bases=3, scale=0.7,
+        bias=True, bias_per_rank=bias_per_rank, num_time_rows=20, num_classes=4,
+    )  # fmt: skip
+    inject(model, config)
+    randomize_lora(model)
+    layers = lora_layers(model)
+    groups = []
+    merged_group = CondLoRALayer.merged_group
+
+    def recording(group, *args):
+        groups.append(sorted(n for n, layer in layers.items() if layer in group))
+        return merged_group(group, *args)
+
+    monkeypatch.setattr(CondLoRALayer, "merged_group", staticmethod(recording))
+    state = layers["a"].state
+    with torch.no_grad(), conditioning(model, t=0.35, y=2):
+        out = model(torch.randn(2, 5, 8, dtype=torch.float64))  # a sampling pass merges
+        state.begin_pass()  # the weights of one pass, as the layers take them
+        batched = {n: state.merged_weights(layer.index) for n, layer in layers.items()}
+        state.end_pass()
+        alone = {n: state.merged_weights(layer.index) for n, layer in layers.items()}
+        composed = {n: layer.composer(t=state.t, y=state.y)[0] for n, layer in layers.items()}
+    assert out.shape == (2, 5, 8)
+    assert sorted(groups[:2]) == [["a", "b", "d"], ["c"]]  # the pass: one call per group
+    for name, layer in layers.items():
+        w, r, s = composed[name], layer.rank, layer.scale
+        ws = w.repeat_interleave(r)
+        base = layer.base_layer
+        weight = base.weight.flatten(1) + s * layer.lora_B @ torch.diag(ws) @ layer.lora_A
+        bias = base.bias + s * (ws if bias_per_rank else w) @ layer.lora_E
+        for got in (batched[name], alone[name]):
+            torch.testing.assert_close(got[0].flatten(1), weight, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got[1], bias, rtol=1e-12, atol=1e-12)
+
+
 METHOD_OVERRIDES = {
     "time": ["lora.method=time"],
     "class": ["lora.method=class"],
