@@ -191,17 +191,24 @@ def test_weights_of_one_pass_are_not_reused_by_the_next():
 
 
 def test_parameter_stacks_are_reused_only_while_the_parameters_are_unchanged():
-    a, b = nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.randn(2, 3))
+    first_layer, second_layer = nn.Linear(3, 2), nn.Linear(3, 2)
+    layers = [first_layer, second_layer]
+    a, b = first_layer.weight, second_layer.weight
     stacks = ParameterStacks()
     with torch.no_grad():
-        first = stacks([a, b])
-        assert stacks([a, b]) is first and torch.equal(first, torch.stack([a, b]))
-        assert torch.equal(stacks([a, b], cat=True), torch.cat([a, b]))
+        first = stacks(layers, "weight")
+        assert stacks(layers, "weight") is first and torch.equal(first, torch.stack([a, b]))
+        assert torch.equal(stacks(layers, "weight", cat=True), torch.cat([a, b]))
+        assert torch.equal(stacks(layers, "bias"), torch.stack([l.bias for l in layers]))
         a.add_(1.0)  # an optimizer or EMA step: in place, a new version
-        assert torch.equal(stacks([a, b]), torch.stack([a, b]))
+        assert torch.equal(stacks(layers, "weight"), torch.stack([a, b]))
         b.data = torch.zeros(2, 3)  # new storage
-        assert torch.equal(stacks([a, b])[1], torch.zeros(2, 3))
-    stacked = stacks([a, b])  # with gradients: a fresh stack in the graph
+        assert torch.equal(stacks(layers, "weight")[1], torch.zeros(2, 3))
+        second_layer.weight = nn.Parameter(torch.ones(2, 3))  # a new parameter object
+        assert torch.equal(stacks(layers, "weight")[1], torch.ones(2, 3))
+        nested = [nn.Sequential(first_layer), nn.Sequential(second_layer)]  # a path of names
+        assert torch.equal(stacks(nested, "0.weight"), torch.stack([a, second_layer.weight]))
+    stacked = stacks(layers, "weight")  # with gradients: a fresh stack in the graph
     assert stacked.requires_grad and stacked.grad_fn is not None
     assert copy.deepcopy(stacks)._cache == {}
 

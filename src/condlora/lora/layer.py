@@ -288,11 +288,11 @@ class CondLoRALayer(nn.Module):
         bases = [layer.base_layer for layer in layers]
         if first.scale != 1.0:  # (x * 1.0 is exact: skipped)
             w = w * first.scale
-        lora_b = stacks([layer.lora_B for layer in layers])  # (L, d_out, m*r)
+        lora_b = stacks(layers, "lora_B")  # (L, d_out, m*r)
         # B diag(w ⊗ 1_r): columns i*r .. i*r + r-1 of B times w_i, without forming w ⊗ 1_r
         w_cols = w.to(lora_b.dtype).view(count, 1, m, 1)
         scaled_b = (lora_b.view(count, -1, m, r) * w_cols).view(lora_b.shape)
-        delta = torch.bmm(scaled_b, stacks([layer.lora_A for layer in layers]))
+        delta = torch.bmm(scaled_b, stacks(layers, "lora_A"))
         delta = delta.view(count, *first.base_layer.weight.shape).unbind(0)
         weights = torch._foreach_add([base.weight for base in bases], delta)
         if not first.is_conv:  # torch's matmul picks its kernel by the weight's requires_grad,
@@ -302,13 +302,13 @@ class CondLoRALayer(nn.Module):
                     weight.requires_grad_(base.weight.requires_grad)
         biases = [base.bias for base in bases]
         if first.lora_E is not None:
-            lora_e = stacks([layer.lora_E for layer in layers])  # (L, m or m*r, d_out)
+            lora_e = stacks(layers, "lora_E")  # (L, m or m*r, d_out)
             bias_w = w if lora_e.shape[1] == m else w.repeat_interleave(r, dim=-1)
             bias_w = bias_w.to(lora_e.dtype).unsqueeze(1)  # (L, 1, rows of E); bf16 (autocast)
             if biases[0] is None:
                 biases = torch.bmm(bias_w, lora_e).view(count, -1).unbind(0)
             else:
-                bias = torch.baddbmm(stacks(biases).unsqueeze(1), bias_w, lora_e)
+                bias = torch.baddbmm(stacks(layers, "base_layer.bias").unsqueeze(1), bias_w, lora_e)
                 biases = bias.view(count, -1).unbind(0)
         return list(zip(weights, biases, strict=True))
 
