@@ -195,6 +195,16 @@ def test_merge_threshold_smoke(capsys, one_thread):
     assert set(result["results"]["agreement"]) == {"0", "12500", "25000", "50000", "100000"}
 
 
+def test_lora_call_cost_smoke(capsys, one_thread):
+    result = run_benchmark("lora_call_cost", ["--smoke", "--batch", "1,2"], capsys)
+    assert result["benchmark"] == "lora_call_cost" and result["smoke"]
+    assert set(result["results"]) == {"1", "2"}
+    for rows in result["results"].values():
+        assert set(rows) == {"plain", "time", "time+class", "uc"}
+        assert rows["plain"]["lora_ms"] == 0.0  # the plain net against itself
+        assert all(r["p10_ms"] > 0 and r["median_ms"] >= r["p10_ms"] for r in rows.values())
+
+
 @pytest.mark.slow
 def test_schedule_demo_smoke(capsys, one_thread, tmp_path):
     argv = ["--smoke", "--demo", str(tmp_path / "demo"), "--out", str(tmp_path / "out")]

@@ -191,17 +191,24 @@ def test_weights_of_one_pass_are_not_reused_by_the_next():
 
 
 def test_parameter_stacks_are_reused_only_while_the_parameters_are_unchanged():
-    a, b = nn.Parameter(torch.randn(2, 3)), nn.Parameter(torch.randn(2, 3))
+    first_layer, second_layer = nn.Linear(3, 2), nn.Linear(3, 2)
+    layers = [first_layer, second_layer]
+    a, b = first_layer.weight, second_layer.weight
     stacks = ParameterStacks()
     with torch.no_grad():
-        first = stacks([a, b])
-        assert stacks([a, b]) is first and torch.equal(first, torch.stack([a, b]))
-        assert torch.equal(stacks([a, b], cat=True), torch.cat([a, b]))
+        first = stacks(layers, "weight")
+        assert stacks(layers, "weight") is first and torch.equal(first, torch.stack([a, b]))
+        assert torch.equal(stacks(layers, "weight", cat=True), torch.cat([a, b]))
+        assert torch.equal(stacks(layers, "bias"), torch.stack([l.bias for l in layers]))
         a.add_(1.0)  # an optimizer or EMA step: in place, a new version
-        assert torch.equal(stacks([a, b]), torch.stack([a, b]))
+        assert torch.equal(stacks(layers, "weight"), torch.stack([a, b]))
         b.data = torch.zeros(2, 3)  # new storage
-        assert torch.equal(stacks([a, b])[1], torch.zeros(2, 3))
-    stacked = stacks([a, b])  # with gradients: a fresh stack in the graph
+        assert torch.equal(stacks(layers, "weight")[1], torch.zeros(2, 3))
+        second_layer.weight = nn.Parameter(torch.ones(2, 3))  # a new parameter object
+        assert torch.equal(stacks(layers, "weight")[1], torch.ones(2, 3))
+        nested = [nn.Sequential(first_layer), nn.Sequential(second_layer)]  # a path of names
+        assert torch.equal(stacks(nested, "0.weight"), torch.stack([a, second_layer.weight]))
+    stacked = stacks(layers, "weight")  # with gradients: a fresh stack in the graph
     assert stacked.requires_grad and stacked.grad_fn is not None
     assert copy.deepcopy(stacks)._cache == {}
 
@@ -265,6 +272,62 @@ def test_merging_only_where_it_is_cheaper():
         assert merged
     small = nn.Linear(64, 64)  # narrow layers merge even for a few rows (the small ops cost)
     assert layer_module.merge_pays(4, small.in_features, small.out_features)
+
+
+class SameShapes(nn.Module):
+    """Three Linear(8, 8) (one merge group) and a 1x1 Conv1d of the same width (another)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.d = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.c = nn.Conv1d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(self.a(x))  # (B, L, 8)
+        return self.d(self.c(h.transpose(1, 2)).transpose(1, 2))
+
+
+@pytest.mark.parametrize("bias_per_rank", [False, True])
+def test_merged_weights_of_a_group_match_each_layer_alone(bias_per_rank, monkeypatch):
+    """In a forward pass the wrappers of one shape form W + dW and b + db together (one
+    batched call per group); each equals what the wrapper forms alone and the plain formula
+    W + s B diag(w ⊗ 1_r) A, b + s (w ⊗ 1_r or w) E, to float64 rounding."""
+    torch.manual_seed(0)
+    model = SameShapes().double()
+    config = LoRAConfig(
+        method="time+class", targets=["a", "b", "c", "d"], rank=2, num_bases=3, scale=0.7,
+        bias=True, bias_per_rank=bias_per_rank, num_time_rows=20, num_classes=4,
+    )  # fmt: skip
+    inject(model, config)
+    randomize_lora(model)
+    layers = lora_layers(model)
+    groups = []
+    merged_group = CondLoRALayer.merged_group
+
+    def recording(group, *args):
+        groups.append(sorted(n for n, layer in layers.items() if layer in group))
+        return merged_group(group, *args)
+
+    monkeypatch.setattr(CondLoRALayer, "merged_group", staticmethod(recording))
+    state = layers["a"].state
+    with torch.no_grad(), conditioning(model, t=0.35, y=2):
+        out = model(torch.randn(2, 5, 8, dtype=torch.float64))  # a sampling pass merges
+        state.begin_pass()  # the weights of one pass, as the layers take them
+        batched = {n: state.merged_weights(layer.index) for n, layer in layers.items()}
+        state.end_pass()
+        alone = {n: state.merged_weights(layer.index) for n, layer in layers.items()}
+        composed = {n: layer.composer(t=state.t, y=state.y)[0] for n, layer in layers.items()}
+    assert out.shape == (2, 5, 8)
+    assert sorted(groups[:2]) == [["a", "b", "d"], ["c"]]  # the pass: one call per group
+    for name, layer in layers.items():
+        w, r, s = composed[name], layer.rank, layer.scale
+        ws = w.repeat_interleave(r)
+        base = layer.base_layer
+        weight = base.weight.flatten(1) + s * layer.lora_B @ torch.diag(ws) @ layer.lora_A
+        bias = base.bias + s * (ws if bias_per_rank else w) @ layer.lora_E
+        for got in (batched[name], alone[name]):
+            torch.testing.assert_close(got[0].flatten(1), weight, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(got[1], bias, rtol=1e-12, atol=1e-12)
 
 
 METHOD_OVERRIDES = {

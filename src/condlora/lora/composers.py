@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 
 from condlora.core import labels
 from condlora.core.errors import CondloraError, LoRAError
+from condlora.core.structure import structure_version
 from condlora.lora.config import LoRAConfig, mlp_group_count
 
 
@@ -86,31 +88,43 @@ def hat_table(num_rows: int, num_bases: int) -> Tensor:
     return table.float()
 
 
-def stack(tensors: list[Tensor], cat: bool = False) -> Tensor:
+def _stack(tensors: list[Tensor], cat: bool) -> Tensor:
     """torch.stack (or torch.cat), without a copy for a single tensor."""
     if len(tensors) == 1:
         return tensors[0] if cat else tensors[0].unsqueeze(0)
     return torch.cat(tensors) if cat else torch.stack(tensors)
 
 
+def stack(items: list, name: str, cat: bool = False) -> Tensor:
+    """Parameter `name` (an attribute path such as "mlp.0.weight") of every item, stacked
+    along a new first dim (or concatenated along the first with `cat`)."""
+    return _stack(list(map(attrgetter(name), items)), cat)
+
+
 class ParameterStacks:
-    """`stack` of the same parameter lists, kept between calls without gradients until one of
-    the parameters changes (its version counter or its storage): sampling then does not copy
-    every layer's parameters at every denoiser call. With gradients it stacks anew."""
+    """`stack`, kept between calls: the list of each parameter while no module's structure
+    changes (a walk of the modules costs as much as a small op per item), and without
+    gradients the stack itself until one of the parameters changes (its version counter or
+    its storage), so sampling neither walks nor copies the layers' parameters at every
+    denoiser call. With gradients it stacks anew."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, tuple[tuple, Tensor]] = {}
+        self._cache: dict[tuple, list] = {}
 
-    def __call__(self, tensors: list[Tensor], cat: bool = False) -> Tensor:
-        """stack(tensors, cat), from the cache where it is still valid."""
-        if torch.is_grad_enabled():
-            return stack(tensors, cat)
-        key = (cat, *map(id, tensors))
-        stamp = tuple((t._version, t.data_ptr()) for t in tensors)
+    def __call__(self, items: list, name: str, cat: bool = False) -> Tensor:
+        """stack(items, name, cat), from the cache where it is still valid."""
+        key = (name, cat, *map(id, items))
         hit = self._cache.get(key)
-        if hit is None or hit[0] != stamp:
-            hit = self._cache[key] = (stamp, stack(tensors, cat))
-        return hit[1]
+        if hit is None or hit[0] != structure_version():
+            tensors = list(map(attrgetter(name), items))  # the entry holds the items: ids stay
+            hit = self._cache[key] = [structure_version(), tuple(items), tensors, None, None]
+        tensors = hit[2]
+        if torch.is_grad_enabled():
+            return _stack(tensors, cat)
+        stamp = ([t._version for t in tensors], [t.data_ptr() for t in tensors])
+        if hit[3] != stamp:
+            hit[3], hit[4] = stamp, _stack(tensors, cat)
+        return hit[4]
 
     def __getstate__(self) -> dict:
         """Copies and pickles start empty (their parameters are other tensors)."""
@@ -157,7 +171,7 @@ class TimeComposer(Composer):
         """Interpolated table rows for normalised times t in [0, 1], every table at once."""
         if t is None:
             raise _missing("TimeLoRA", "t")
-        omega = stacks([c.omega for c in composers])  # (L, T, m)
+        omega = stacks(composers, "omega")  # (L, T, m)
         rows = omega.shape[1]
         pos = time_input(t).to(omega.device) * (rows - 1)
         # Snap positions within 1e-3 of an integer, so t = k/(T-1) in float32 hits row k exactly.
@@ -198,7 +212,7 @@ class ClassComposer(Composer):
         w = class_weights(y, composers[0].num_classes)
         if composers[0].mix is None:  # one-hot selection: the same weights for every layer
             return w.expand(len(composers), -1, -1)
-        mix = stacks([c.mix for c in composers])  # (L, num_classes, class_bases)
+        mix = stacks(composers, "mix")  # (L, num_classes, class_bases)
         return w.to(mix.device, mix.dtype) @ mix
 
 
@@ -253,33 +267,31 @@ class UCComposer(Composer):
             raise LoRAError(
                 f"UC-LoRA emb must have shape (batch, {emb_dim}), got {tuple(emb.shape)}"
             )
-        mlps = [list(c.mlp) for c in composers]  # lists: a Sequential's [i] is slow per call
-        first = mlps[0][0].weight
+        mlp = list(composers[0].mlp)  # the depth, the same in every layer's MLP
+        first = mlp[0].weight
         # first Linear: the L weights stacked along the output, one matmul -> (batch, L*width)
         h = F.linear(
             emb.to(first.device, first.dtype),
-            stacks([mlp[0].weight for mlp in mlps], cat=True),
-            stacks([mlp[0].bias for mlp in mlps], cat=True),
+            stacks(composers, "mlp.0.weight", cat=True),
+            stacks(composers, "mlp.0.bias", cat=True),
         )
-        h = h.view(emb.shape[0], len(mlps), -1).transpose(0, 1)  # (L, batch, width)
-        for i, module in enumerate(mlps[0][1:], start=1):  # the depth, not the layers
+        h = h.view(emb.shape[0], len(composers), -1).transpose(0, 1)  # (L, batch, width)
+        for i, module in enumerate(mlp[1:], start=1):
             if isinstance(module, nn.SiLU):
                 h = F.silu(h)
-            elif isinstance(module, nn.GroupNorm):
-                h = _stacked_group_norm(h, [mlp[i] for mlp in mlps], stacks)
+                continue
+            weight, bias = stacks(composers, f"mlp.{i}.weight"), stacks(composers, f"mlp.{i}.bias")
+            if isinstance(module, nn.GroupNorm):  # each layer's norm on its slice, at once
+                num, batch, width = h.shape
+                normed = F.group_norm(
+                    h.reshape(num * batch, width), module.num_groups, eps=module.eps
+                )
+                h = torch.addcmul(
+                    bias.unsqueeze(1), normed.view(num, batch, width), weight.unsqueeze(1)
+                )
             else:  # Linear: (L, batch, width) @ (L, width, width') + bias, one batched matmul
-                weight = stacks([mlp[i].weight for mlp in mlps]).transpose(1, 2)
-                h = torch.baddbmm(stacks([mlp[i].bias for mlp in mlps]).unsqueeze(1), h, weight)
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
         return h
-
-
-def _stacked_group_norm(h: Tensor, norms: list[nn.GroupNorm], stacks: Callable = stack) -> Tensor:
-    """GroupNorm of each of the L layers on its slice of h (L, batch, width), at once."""
-    num, batch, width = h.shape
-    normed = F.group_norm(h.reshape(num * batch, width), norms[0].num_groups, eps=norms[0].eps)
-    gamma = stacks([n.weight for n in norms]).unsqueeze(1)
-    beta = stacks([n.bias for n in norms]).unsqueeze(1)
-    return torch.addcmul(beta, normed.view(num, batch, width), gamma)
 
 
 class ConcatComposer(Composer):

@@ -12,6 +12,8 @@ Two paths compute the same function:
 - merged (no gradients, every row of w(c) equal, e.g. a sampling batch that shares its
   noise level and class): W + s B diag(w ⊗ 1_r) A is formed once per call and applied as
   the base layer's weight, so the LoRA costs one small matmul per call, not per position.
+  In a forward pass of the injected model the wrappers of one shape form theirs together
+  (`CondLoRALayer.merged_group`, a few batched ops for the group, none per layer).
 
 With `bias_per_rank` E has m*r rows and the bias term is (w ⊗ 1_r) E, as the paper's code
 parametrises it: the same functions (basis i's bias is the sum of its r rows), with r
@@ -20,12 +22,15 @@ times the parameters. The low-rank path is one autograd function, `StackedLoRA` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from condlora.core.errors import LoRAError
+from condlora.lora.composers import stack
 from condlora.lora.runtime import ConditionState
 
 
@@ -181,7 +186,7 @@ class CondLoRALayer(nn.Module):
         self.rank, self.num_bases, self.scale = rank, m, scale
         self.composer = composer.to(device=weight.device, dtype=weight.dtype)
         self.state = state
-        self.index = state.register(self.composer)  # this wrapper's row of the state's w
+        self.index = state.register(self)  # this wrapper's place in the state
         kw = {"device": weight.device, "dtype": weight.dtype}
         # A ~ N(0, (1/r)^2), B = 0, E = 0: a fresh wrapper computes the base layer. On the
         # meta device (a parameter count) nothing is drawn: torch's first random op there
@@ -216,22 +221,26 @@ class CondLoRALayer(nn.Module):
         """
         if self.merged:
             return self.base_layer(x)
-        ws, w = self.state.lora_weights(self.index)  # w ⊗ 1_r, w
-        self._check(x, w)
         d_out, d_in = self.lora_B.shape[0], self.lora_A.shape[1]
         cheaper = merge_pays(x.numel() // d_in, d_in, d_out)
         if not torch.is_grad_enabled() and cheaper and self.state.shared():
-            return self._forward_merged(x, ws[0], w[0])
+            self._check_input(x)
+            return self._forward_merged(x)
+        ws, w = self.state.lora_weights(self.index)  # w ⊗ 1_r, w
+        self._check_input(x)
+        self._check_weights(x, w)
         return self._forward_lowrank(x, ws, w)
 
-    def _check(self, x: Tensor, w: Tensor) -> None:
+    def _check_input(self, x: Tensor) -> None:
+        needed = self.base_layer.weight.dim() if self.is_conv else 2  # (B, C, *spatial)
+        if x.dim() < needed or (self.is_conv and x.dim() != needed):
+            raise LoRAError(f"{self._kind()} LoRA needs batched input, got shape {tuple(x.shape)}")
+
+    def _check_weights(self, x: Tensor, w: Tensor) -> None:
         if w.dim() != 2 or w.shape[1] != self.num_bases:
             raise LoRAError(
                 f"basis weights must be (batch, {self.num_bases}), got {tuple(w.shape)}"
             )
-        needed = self.base_layer.weight.dim() if self.is_conv else 2  # (B, C, *spatial)
-        if x.dim() < needed or (self.is_conv and x.dim() != needed):
-            raise LoRAError(f"{self._kind()} LoRA needs batched input, got shape {tuple(x.shape)}")
         if w.shape[0] not in (1, x.shape[0]):
             raise LoRAError(f"condition batch {w.shape[0]} does not match input batch {x.shape[0]}")
 
@@ -248,29 +257,60 @@ class CondLoRALayer(nn.Module):
             x, self.is_conv, base.weight, base.bias, self.lora_A, self.lora_B, ws, extra
         )
 
-    def _forward_merged(self, x: Tensor, ws: Tensor, w: Tensor) -> Tensor:
-        """The base layer's op with weight W + s B diag(w ⊗ 1_r) A and bias b + s w E at
-        one condition (ws = w ⊗ 1_r (m*r,), w (m,)): formed once per call, so the LoRA
-        costs nothing per position."""
-        base = self.base_layer
-        d_out, s = self.lora_B.shape[0], self.scale
-        # one op each; exactly W and b while B = 0 and E = 0
-        weight = torch.addmm(base.weight.reshape(d_out, -1), self.lora_B * ws, self.lora_A, alpha=s)
-        if self.is_conv:
-            weight = weight.view(base.weight.shape)
-        else:  # torch's matmul picks its kernel by the weight's requires_grad, even without
-            # gradients: W's flag, so that a fresh LoRA (dW = 0) gives the base layer's bits
-            weight.requires_grad_(base.weight.requires_grad)
-        bias = base.bias
-        if self.lora_E is not None:
-            bias_w = self._bias_weights(ws, w).to(self.lora_E.dtype)  # bf16 under autocast
-            if bias is None:
-                bias = torch.mv(self.lora_E.t(), bias_w) * s
-            else:
-                bias = torch.addmv(bias, self.lora_E.t(), bias_w, alpha=s)
+    def _forward_merged(self, x: Tensor) -> Tensor:
+        """The base layer's op with weight W + s B diag(w ⊗ 1_r) A and bias b + s w E at the
+        batch's one condition (`ConditionState.merged_weights`: formed once per call, with
+        the other wrappers of this shape), so the LoRA costs nothing per position."""
+        weight, bias = self.state.merged_weights(self.index)
         if not self.is_conv:
             return F.linear(x, weight, bias)
         return _CONV[x.dim()](x, weight, bias)
+
+    def merge_key(self) -> tuple:
+        """Wrappers with equal keys can form their merged weights together (`merged_group`)."""
+        e_shape = None if self.lora_E is None else tuple(self.lora_E.shape)
+        base = self.base_layer
+        return (self.is_conv, tuple(base.weight.shape), tuple(self.lora_A.shape), e_shape) + (
+            base.bias is None,
+            self.scale,
+        )
+
+    @staticmethod
+    def merged_group(
+        layers: list[CondLoRALayer], w: Tensor, stacks: Callable = stack
+    ) -> list[tuple[Tensor, Tensor | None]]:
+        """(W + s B diag(w ⊗ 1_r) A, b + s w E) of each of L wrappers with one `merge_key`, at
+        one condition each (w (L, m)), in a few batched ops whatever L: the updates dW as one
+        batched matmul, added to the L base weights in one foreach op (the base weights are
+        not copied or stacked). Exactly W and b while B = 0 and E = 0."""
+        first, count = layers[0], len(layers)
+        m, r = first.num_bases, first.rank
+        bases = [layer.base_layer for layer in layers]
+        if first.scale != 1.0:  # (x * 1.0 is exact: skipped)
+            w = w * first.scale
+        lora_b = stacks(layers, "lora_B")  # (L, d_out, m*r)
+        # B diag(w ⊗ 1_r): columns i*r .. i*r + r-1 of B times w_i, without forming w ⊗ 1_r
+        w_cols = w.to(lora_b.dtype).view(count, 1, m, 1)
+        scaled_b = (lora_b.view(count, -1, m, r) * w_cols).view(lora_b.shape)
+        delta = torch.bmm(scaled_b, stacks(layers, "lora_A"))
+        delta = delta.view(count, *first.base_layer.weight.shape).unbind(0)
+        weights = torch._foreach_add([base.weight for base in bases], delta)
+        if not first.is_conv:  # torch's matmul picks its kernel by the weight's requires_grad,
+            # even without gradients: W's flag, so that a fresh LoRA (dW = 0) gives W's bits
+            for weight, base in zip(weights, bases, strict=True):
+                if not weight.requires_grad:
+                    weight.requires_grad_(base.weight.requires_grad)
+        biases = [base.bias for base in bases]
+        if first.lora_E is not None:
+            lora_e = stacks(layers, "lora_E")  # (L, m or m*r, d_out)
+            bias_w = w if lora_e.shape[1] == m else w.repeat_interleave(r, dim=-1)
+            bias_w = bias_w.to(lora_e.dtype).unsqueeze(1)  # (L, 1, rows of E); bf16 (autocast)
+            if biases[0] is None:
+                biases = torch.bmm(bias_w, lora_e).view(count, -1).unbind(0)
+            else:
+                bias = torch.baddbmm(stacks(layers, "base_layer.bias").unsqueeze(1), bias_w, lora_e)
+                biases = bias.view(count, -1).unbind(0)
+        return list(zip(weights, biases, strict=True))
 
     def single_condition_weights(self, w: Tensor) -> Tensor:
         """Basis weights (m,) of a single condition: w of shape (m,), (1, m) or equal rows."""

@@ -15,7 +15,9 @@ A forward pass of an injected model, step by step:
    condition agrees and no gradient is needed, it computes one row for the whole batch.
 5. Merge or low-rank. Each layer then applies W x + s B((w ⊗ 1_r) ⊙ A x) + w E: merged into
    one weight when the batch shares its condition (sampling), else on the low-rank path
-   (`condlora.lora.layer`).
+   (`condlora.lora.layer`). The merged weights are formed by group: the first layer of a
+   shape to merge has the state form W + dW and b + db of every wrapper of that shape in a
+   few batched ops, and the others take theirs, so no op runs per layer but its own.
 6. Pass ends. A post-forward hook (always called, also on errors) drops the pass's tensors,
    so no graph is held and the model stays deep-copyable.
 7. Recomputation. Under gradient checkpointing a block runs again in the backward pass,
@@ -60,16 +62,58 @@ class ConditionState:
         self.y: Tensor | None = None  # (batch, num_classes) float class weights
         self.emb: Tensor | None = None  # (batch, emb_dim), given explicitly
         self.captured_emb: Tensor | None = None  # (batch, emb_dim), from the emb_module hook
-        self.composers: list[nn.Module] = []  # every wrapper's composer, in wrapping order
+        self.layers: list[nn.Module] = []  # every wrapper, in wrapping order
+        self.composers: list[nn.Module] = []  # their composers (row `layer.index` of a batch)
         self.stacks = ParameterStacks()  # stacked parameters, reused while unchanged
         self.in_pass = False  # inside a forward pass of the injected model
-        self._weights: tuple[tuple, tuple] | None = None  # `lora_weights` of the L wrappers
+        self._plan: tuple | None = None  # (structure count, `_batch_plan`)
+        self._w: Tensor | None = None  # this pass's w of the L wrappers, in batch order
+        self._weights: tuple | None = None  # this pass's (ws, w) of each wrapper
+        self._merged: dict[int, tuple] = {}  # this pass's merged (weight, bias) by wrapper
         self._shared: bool | None = None  # do all rows of the condition agree?
 
-    def register(self, composer: nn.Module) -> int:
-        """Add a wrapper's composer; returns its row in `lora_weights`."""
-        self.composers.append(composer)
-        return len(self.composers) - 1
+    def register(self, layer: nn.Module) -> int:
+        """Add a wrapper (it has `composer` and `merge_key`); returns its index here."""
+        self.layers.append(layer)
+        self.composers.append(layer.composer)
+        self._plan = None
+        return len(self.layers) - 1
+
+    def _batch_plan(self) -> tuple[list, list[int], list[int], list[tuple[int, int]]]:
+        """(composers in batch order, the wrappers in batch order, each wrapper's row in the
+        batch, the rows of the group it merges with): wrappers of one shape (`merge_key`) sit
+        side by side, so a group's weights are one slice. Kept while no module's structure
+        changes."""
+        if self._plan is None or self._plan[0] != structure_version():
+            groups: dict[tuple, list[int]] = {}
+            for i, layer in enumerate(self.layers):
+                groups.setdefault(layer.merge_key(), []).append(i)
+            order = [i for members in groups.values() for i in members]
+            row, span, start = [0] * len(order), [(0, 0)] * len(order), 0
+            for members in groups.values():
+                for j, i in enumerate(members):
+                    row[i], span[i] = start + j, (start, start + len(members))
+                start += len(members)
+            composers = [self.layers[i].composer for i in order]
+            self._plan = (structure_version(), (composers, order, row, span))
+        return self._plan[1]
+
+    def _inputs_for_pass(self) -> dict[str, Tensor | None]:
+        """`inputs`, cut to one row where one stands for all (no gradients, shared rows)."""
+        inputs = self.inputs()
+        if not torch.is_grad_enabled() and self.shared():
+            # one condition for the whole batch (sampling): compute it once, for one row
+            inputs = {k: None if v is None else v[:1] for k, v in inputs.items()}
+        return inputs
+
+    def _composed(self) -> Tensor:
+        """w of every wrapper, (L, batch or 1, m) in batch order: one batched composer call
+        per pass."""
+        if self._w is None:
+            composers = self._batch_plan()[0]
+            inputs = self._inputs_for_pass()
+            self._w = type(composers[0]).batched(composers, stacks=self.stacks, **inputs)
+        return self._w
 
     def lora_weights(self, index: int) -> tuple[Tensor, Tensor]:
         """(w ⊗ 1_r, w) of wrapper `index` at the current condition, shapes (batch or 1,
@@ -80,18 +124,32 @@ class ConditionState:
         each runs alone.
         """
         if not self.in_pass:
-            w = self.composers[index](**self.inputs())
+            w = self.layers[index].composer(**self.inputs())
             return w.repeat_interleave(self.config.rank, dim=-1), w
         if self._weights is None:
-            inputs = self.inputs()
-            if not torch.is_grad_enabled() and self.shared():
-                # one condition for the whole batch (sampling): compute it once, for one row
-                inputs = {k: None if v is None else v[:1] for k, v in inputs.items()}
-            w = type(self.composers[0]).batched(self.composers, stacks=self.stacks, **inputs)
+            w = self._composed()
             ws = w.repeat_interleave(self.config.rank, dim=-1)
             self._weights = (ws.unbind(0), w.unbind(0))  # one op each, not one per wrapper
-        ws, w = self._weights
-        return ws[index], w[index]
+        row = self._batch_plan()[2][index]
+        return self._weights[0][row], self._weights[1][row]
+
+    def merged_weights(self, index: int) -> tuple[Tensor, Tensor | None]:
+        """(W + dW, b + db) of wrapper `index` at the condition, which the batch shares. In a
+        forward pass the first wrapper of a shape to ask has them formed for its whole
+        group at once (`merged_group` of its class) and kept for the pass; outside one each
+        wrapper forms its own."""
+        layer = self.layers[index]
+        if not self.in_pass:
+            w = layer.composer(**self._inputs_for_pass())
+            return type(layer).merged_group([layer], w[:1])[0]
+        if index not in self._merged:
+            _, order, _, span = self._batch_plan()
+            start, stop = span[index]
+            group = [self.layers[i] for i in order[start:stop]]
+            w = self._composed()[start:stop, 0]  # row 0 stands for the batch
+            merged = type(layer).merged_group(group, w, self.stacks)
+            self._merged.update(zip(order[start:stop], merged, strict=True))
+        return self._merged[index]
 
     def shared(self) -> bool:
         """True if every row of the condition is the same, up to float rounding (then so is
@@ -106,7 +164,7 @@ class ConditionState:
         return self._shared
 
     def _changed(self) -> None:
-        self._weights, self._shared = None, None
+        self._w, self._weights, self._shared, self._merged = None, None, None, {}
 
     def begin_pass(self) -> None:
         """A forward pass of the injected model starts: nothing of an earlier pass is kept."""
@@ -128,12 +186,13 @@ class ConditionState:
     def pass_state(self) -> tuple:
         """All that a forward pass has set so far (condition, captured emb, the weights
         computed, in_pass): what a recomputation under gradient checkpointing must see."""
-        return (*self.snapshot(), self.captured_emb, self._weights, self._shared, self.in_pass)
+        computed = (self._w, self._weights, self._shared, self._merged)
+        return (*self.snapshot(), self.captured_emb, *computed, self.in_pass)
 
     def set_pass_state(self, saved: tuple) -> None:
         """Put back what `pass_state` took, as it was (nothing recomputed or checked)."""
-        self.t, self.y, self.emb, self.captured_emb, self._weights, self._shared = saved[:6]
-        self.in_pass = saved[6]
+        self.t, self.y, self.emb, self.captured_emb = saved[:4]
+        self._w, self._weights, self._shared, self._merged, self.in_pass = saved[4:]
 
     def snapshot(self) -> tuple[Any, Any, Any]:
         """The explicit condition as stored (already checked), for `restore`."""
