@@ -536,6 +536,19 @@ def test_cli_refuses_a_folder_of_another_demo_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and "holds a demo of another demo and base config" in err[0]
 
 
+def test_a_demo_folder_from_before_a_new_knob_is_still_reused(tmp_path):
+    from condlora.apps.synthesis_demo.stages import check_out_dir
+
+    cfg, base_cfg = DemoConfig(), load_config(CONFIGS / "digits-baseline.yaml")
+    check_out_dir(tmp_path, cfg, base_cfg)
+    record = json.loads((tmp_path / "demo.json").read_text())
+    del record["demo"]["redraw_zoo"], record["demo"]["generative"]["vae_steps"]
+    (tmp_path / "demo.json").write_text(json.dumps(record))
+    check_out_dir(tmp_path, cfg, base_cfg)  # missing knobs read as their defaults
+    with pytest.raises(CondloraError, match="another demo config"):
+        check_out_dir(tmp_path, dataclasses.replace(cfg, redraw_zoo=True), base_cfg)
+
+
 def test_report_states_the_papers_two_claims_from_the_rows():
     from condlora.apps.synthesis_demo.report import claims
 

@@ -64,12 +64,26 @@ class StageClock:
         return result
 
 
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """`saved` with the keys it lacks taken from `defaults`, nested dicts alike (a demo
+    folder written before a knob existed computed what the knob's default computes)."""
+    merged = dict(saved)
+    for key, value in defaults.items():
+        if key not in merged:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(merged[key], dict):
+            merged[key] = with_defaults(merged[key], value)
+    return merged
+
+
 def check_out_dir(out: Path, cfg: DemoConfig, base_cfg: Config) -> None:
     """Write demo.json, or check that the folder holds a demo of the same configs."""
     record = {"demo": json.loads(cfg.to_json()), "base": to_dict(base_cfg)}
     path = out / "demo.json"
     if path.is_file():
         saved = json.loads(path.read_text())
+        if isinstance(saved.get("demo"), dict):  # knobs added since: their defaults
+            saved["demo"] = with_defaults(saved["demo"], json.loads(DemoConfig().to_json()))
         changed = [k for k in ("demo", "base") if saved.get(k) != json.loads(json.dumps(record[k]))]
         if changed:
             raise CondloraError(
