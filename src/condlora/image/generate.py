@@ -18,6 +18,7 @@ from condlora.image.diffusers_net import model_shape, text_encoder, to_images
 from condlora.lora.runtime import lora_layers
 
 GRID_SAMPLES = 100  # a 10 x 10 grid
+GRID_ROW = 10  # samples per row of a grid
 
 
 def labels_for(cfg: Config, num: int, label: int | None = None) -> torch.Tensor | None:
@@ -169,13 +170,10 @@ def class_groups(labels: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return groups
 
 
-def caption_rows(denoiser: Denoiser, num: int, per_row: int = 10) -> torch.Tensor | None:
-    """A text model's grid labels: row r of `per_row` samples draws its r-th caption (cycled
-    over its first ten); None without a text model or captions."""
-    text = text_encoder(denoiser)
-    if text is None or not text.prompts:
-        return None
-    return torch.arange(num) // per_row % min(len(text.prompts), 10)
+def caption_rows(prompts: list[str], num: int) -> torch.Tensor:
+    """A text model's grid labels: row r of GRID_ROW samples draws caption r (cycled over
+    the first ten)."""
+    return torch.arange(num) // GRID_ROW % min(len(prompts), 10)
 
 
 def save_sample_grid(
@@ -184,13 +182,12 @@ def save_sample_grid(
     """A grid of `num` samples, one row per class when class-conditional (labels sorted), one
     per training caption for a text model (listed in a .txt beside the grid)."""
     labels = labels_for(cfg, num)
+    text = text_encoder(denoiser)
     if labels is not None:  # row r holds class r: sort the cycled labels
         labels = labels.sort().values
-    else:
-        labels = caption_rows(denoiser, num)
-        if labels is not None:
-            prompts = text_encoder(denoiser).prompts
-            rows = [f"row {r + 1}: {prompts[int(k)]}" for r, k in enumerate(labels[::10])]
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(Path(path).with_suffix(".txt"), "\n".join(rows) + "\n")
-    return save_grid(generate(denoiser, cfg, num, labels, seed=seed), path)
+    elif text is not None and text.prompts:
+        labels = caption_rows(text.prompts, num)
+        rows = [f"row {r + 1}: {text.prompts[int(k)]}" for r, k in enumerate(labels[::GRID_ROW])]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(path).with_suffix(".txt"), "\n".join(rows) + "\n")
+    return save_grid(generate(denoiser, cfg, num, labels, seed=seed), path, nrow=GRID_ROW)

@@ -128,14 +128,19 @@ def _sum_to(grad: Tensor, batch: int, dtype: torch.dtype) -> Tensor:
 _CONV = {3: F.conv1d, 4: F.conv2d}  # 1x1 conv by input dimensions
 
 
+def is_pointwise(conv: nn.Module) -> bool:
+    """A 1x1 conv with stride 1, no padding and groups 1: a Linear layer at every position."""
+    pointwise = all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
+    no_pad = conv.padding in ("valid", "same") or all(p == 0 for p in conv.padding)
+    return pointwise and no_pad and conv.groups == 1
+
+
 def check_target(name: str, module: nn.Module) -> None:
     """Raise LoRAError unless `module` is a Linear or a plain 1x1 Conv1d/Conv2d."""
     if isinstance(module, nn.Linear):
         return
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        pointwise = all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
-        no_pad = module.padding in ("valid", "same") or all(p == 0 for p in module.padding)
-        if pointwise and no_pad and module.groups == 1:
+        if is_pointwise(module):
             return
         raise LoRAError(
             f"target {name!r} is {module}: only 1x1 convs with stride 1, no padding and "

@@ -29,7 +29,7 @@ from condlora.diffusion import Denoiser
 from condlora.image.build import ConditionedNet
 from condlora.lora.formats import LoRAWeights, ModuleLoRA
 from condlora.lora.inject import matches
-from condlora.lora.layer import check_target
+from condlora.lora.layer import check_target, is_pointwise
 
 
 class SubjectIds:
@@ -103,8 +103,7 @@ def is_spatial_conv(module: nn.Module) -> bool:
         return False
     if module.padding_mode != "zeros" or isinstance(module.padding, str):
         return False
-    pointwise = all(k == 1 for k in module.kernel_size) and all(s == 1 for s in module.stride)
-    return not (pointwise and all(p == 0 for p in module.padding))
+    return not is_pointwise(module)
 
 
 class SubjectNet(nn.Module):

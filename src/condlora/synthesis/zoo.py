@@ -103,7 +103,7 @@ def train_bank(
         optimizer, lambda step: min(1.0, 2.0 * (1.0 - step / steps))
     )
     first_averaged = steps - round(average_last * steps)
-    mean = [p.detach().clone() for p in params]
+    mean = [p.detach().clone() for p in params] if first_averaged < steps else []
     bank.train()
     for step in tqdm(range(steps), desc="fine-tuning", leave=False, disable=not progress):
         loss = zoo_loss(bank, **next_batch())
